@@ -1,0 +1,355 @@
+/*
+ * probe: a tiny freestanding PVH test guest.
+ *
+ * Modes (from the PVH command line, whitespace-separated key=value words):
+ *   mode=probe (default)  dump bus 0 config space via CF8/CFC and via ECAM
+ *                         in `lspci -xxxx` format (decode with `lspci -F`)
+ *   mode=bench op=cf8|ecam|null n=N [port=0x..]
+ *   mode=hello
+ *   ecam=0x...            ECAM base (default 0xE0000000; 0 skips ECAM)
+ *
+ * Built -m32 -ffreestanding -mgeneral-regs-only: no SSE, no int3, no libgcc.
+ * Every instruction at CPL0 is emulated on this machine's KVM (~1M insn/s),
+ * so the code below is kept simple and lean.
+ */
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define COM1 0x3f8
+
+extern void probe_stop(void) __attribute__((noreturn));
+
+static inline void outb(u16 port, u8 v)
+{
+	asm volatile("outb %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline u8 inb(u16 port)
+{
+	u8 v;
+	asm volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+
+static inline void outl(u16 port, u32 v)
+{
+	asm volatile("outl %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline u32 inl(u16 port)
+{
+	u32 v;
+	asm volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+
+static inline u32 mmio_read32(u32 addr)
+{
+	u32 v;
+	asm volatile("movl (%1), %0" : "=r"(v) : "r"(addr) : "memory");
+	return v;
+}
+
+/* ---- serial output (8250 THR, no LSR polling: QEMU and our VMM never
+ * report a full transmitter, and every poll would be another exit) ---- */
+
+static void putc(char c)
+{
+	outb(COM1, (u8)c);
+}
+
+static void puts(const char *s)
+{
+	while (*s)
+		putc(*s++);
+}
+
+static const char hexdig[] = "0123456789abcdef";
+
+static void puthex(u32 v, int digits)
+{
+	while (digits--)
+		putc(hexdig[(v >> (digits * 4)) & 0xf]);
+}
+
+static void putdec(u32 v)
+{
+	char buf[11];
+	int i = 0;
+	do {
+		buf[i++] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v);
+	while (i)
+		putc(buf[--i]);
+}
+
+/* ---- command line ---- */
+
+struct opts {
+	const char *mode;	/* points into the cmdline, terminated by space/NUL */
+	const char *op;
+	u32 n;
+	u32 ecam;
+	u32 port;
+};
+
+static int is_space(char c)
+{
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+/* Does word w (terminated by space/NUL) equal s? */
+static int word_eq(const char *w, const char *s)
+{
+	if (!w)
+		return 0;
+	while (*s && *w == *s)
+		w++, s++;
+	return !*s && (!*w || is_space(*w));
+}
+
+static u32 parse_num(const char *s)
+{
+	u32 v = 0;
+	if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+		s += 2;
+		for (;; s++) {
+			char c = *s;
+			if (c >= '0' && c <= '9')
+				v = (v << 4) | (u32)(c - '0');
+			else if (c >= 'a' && c <= 'f')
+				v = (v << 4) | (u32)(c - 'a' + 10);
+			else if (c >= 'A' && c <= 'F')
+				v = (v << 4) | (u32)(c - 'A' + 10);
+			else
+				break;
+		}
+	} else {
+		for (; *s >= '0' && *s <= '9'; s++)
+			v = v * 10 + (u32)(*s - '0');
+	}
+	return v;
+}
+
+/* If word w starts with "key=", return the value, else 0. */
+static const char *match_key(const char *w, const char *key)
+{
+	while (*key && *w == *key)
+		w++, key++;
+	if (*key || *w != '=')
+		return 0;
+	return w + 1;
+}
+
+static void parse_cmdline(const char *p, struct opts *o)
+{
+	o->mode = 0;
+	o->op = 0;
+	o->n = 0;
+	o->ecam = 0xE0000000u;
+	o->port = 0x2f0;
+	if (!p)
+		return;
+	for (;;) {
+		const char *v;
+		while (is_space(*p))
+			p++;
+		if (!*p)
+			return;
+		if ((v = match_key(p, "mode")))
+			o->mode = v;
+		else if ((v = match_key(p, "op")))
+			o->op = v;
+		else if ((v = match_key(p, "n")))
+			o->n = parse_num(v);
+		else if ((v = match_key(p, "ecam")))
+			o->ecam = parse_num(v);
+		else if ((v = match_key(p, "port")))
+			o->port = parse_num(v) & 0xffff;
+		while (*p && !is_space(*p))
+			p++;
+	}
+}
+
+static void put_word(const char *w)
+{
+	while (w && *w && !is_space(*w))
+		putc(*w++);
+}
+
+/* ---- PCI config access ---- */
+
+static u32 cf8_read(u32 bdf, u32 off)
+{
+	outl(0xcf8, 0x80000000u | (bdf << 8) | (off & 0xfc));
+	return inl(0xcfc);
+}
+
+static u32 ecam_base;
+
+static u32 ecam_read(u32 bdf, u32 off)
+{
+	return mmio_read32(ecam_base + (bdf << 12) + (off & 0xffc));
+}
+
+typedef u32 (*cfg_read_fn)(u32 bdf, u32 off);
+
+static int present(u32 id)
+{
+	u16 vendor = (u16)id;
+	return vendor != 0xffff && vendor != 0x0000;
+}
+
+/*
+ * One function in `lspci -xxxx` layout:
+ *   "BB:DD.F VVVV:DDDD\n" then "xx: b0 b1 ... b15\n" (offset printed "%02x",
+ *   i.e. 00..f0 then 100..ff0) and a blank line.
+ */
+static void dump_function(cfg_read_fn rd, u32 bdf, u32 id, u32 size)
+{
+	u32 off;
+
+	puthex(bdf >> 8, 2);
+	putc(':');
+	puthex((bdf >> 3) & 0x1f, 2);
+	putc('.');
+	puthex(bdf & 7, 1);
+	putc(' ');
+	puthex(id & 0xffff, 4);
+	putc(':');
+	puthex(id >> 16, 4);
+	putc('\n');
+
+	for (off = 0; off < size; off += 4) {
+		u32 v = off ? rd(bdf, off) : id;
+		if (!(off & 15)) {
+			puthex(off, off < 0x100 ? 2 : 3);
+			putc(':');
+		}
+		putc(' '); puthex(v & 0xff, 2);
+		putc(' '); puthex((v >> 8) & 0xff, 2);
+		putc(' '); puthex((v >> 16) & 0xff, 2);
+		putc(' '); puthex(v >> 24, 2);
+		if ((off & 15) == 12)
+			putc('\n');
+	}
+	putc('\n');
+}
+
+/* Scan bus 0 like Linux: function 0 first, 1..7 only if multifunction. */
+static void scan_bus0(cfg_read_fn rd, u32 size)
+{
+	u32 dev, fn;
+
+	for (dev = 0; dev < 32; dev++) {
+		u32 id = rd(dev << 3, 0);
+		u32 multi;
+		if (!present(id))
+			continue;
+		multi = (rd(dev << 3, 0x0c) >> 16) & 0x80;
+		dump_function(rd, dev << 3, id, size);
+		if (!multi)
+			continue;
+		for (fn = 1; fn < 8; fn++) {
+			u32 bdf = (dev << 3) | fn;
+			id = rd(bdf, 0);
+			if (present(id))
+				dump_function(rd, bdf, id, size);
+		}
+	}
+}
+
+/* ---- modes ---- */
+
+static void mode_probe(const struct opts *o)
+{
+	puts("=== PROBE-CF8-BEGIN ===\n");
+	scan_bus0(cf8_read, 256);
+	puts("=== PROBE-CF8-END ===\n");
+	if (o->ecam) {
+		ecam_base = o->ecam;
+		puts("probe: ecam base=0x");
+		puthex(o->ecam, 8);
+		puts("\n=== PROBE-ECAM-BEGIN ===\n");
+		scan_bus0(ecam_read, 4096);
+		puts("=== PROBE-ECAM-END ===\n");
+	}
+}
+
+static void mode_bench(const struct opts *o)
+{
+	u32 i, n = o->n;
+	volatile u32 sink;
+
+	puts("=== BENCH op=");
+	put_word(o->op);
+	puts(" n=");
+	putdec(n);
+	puts(" start ===\n");
+
+	if (word_eq(o->op, "cf8")) {
+		for (i = 0; i < n; i++) {
+			outl(0xcf8, 0x80000000u);
+			sink = inl(0xcfc);
+		}
+	} else if (word_eq(o->op, "ecam")) {
+		u32 a = o->ecam;
+		for (i = 0; i < n; i++)
+			sink = mmio_read32(a);
+	} else if (word_eq(o->op, "null")) {
+		u16 port = (u16)o->port;
+		for (i = 0; i < n; i++)
+			sink = inb(port);
+	} else {
+		puts("=== BENCH unknown op ===\n");
+	}
+	(void)sink;
+
+	puts("=== BENCH op=");
+	put_word(o->op);
+	puts(" n=");
+	putdec(n);
+	puts(" done ===\n");
+}
+
+struct hvm_start_info {
+	u32 magic;		/* 0x336ec578 */
+	u32 version;
+	u32 flags;
+	u32 nr_modules;
+	u32 modlist_paddr_lo, modlist_paddr_hi;
+	u32 cmdline_paddr_lo, cmdline_paddr_hi;
+	u32 rsdp_paddr_lo, rsdp_paddr_hi;
+};
+
+void probe_main(const struct hvm_start_info *si) __attribute__((noreturn));
+
+void probe_main(const struct hvm_start_info *si)
+{
+	struct opts o;
+	const char *cmdline = 0;
+
+	if (si && si->magic == 0x336ec578u && si->cmdline_paddr_lo &&
+	    !si->cmdline_paddr_hi)
+		cmdline = (const char *)si->cmdline_paddr_lo;
+	parse_cmdline(cmdline, &o);
+	putc('\n');	/* firmware may have left the cursor mid-line */
+
+	if (word_eq(o.mode, "hello")) {
+		puts("Hello from the probe guest\n");
+	} else if (word_eq(o.mode, "bench")) {
+		mode_bench(&o);
+	} else {
+		if (o.mode && !word_eq(o.mode, "probe")) {
+			puts("probe: unknown mode '");
+			put_word(o.mode);
+			puts("', probing\n");
+		}
+		mode_probe(&o);
+	}
+	puts("=== PROBE-DONE ===\n");
+	probe_stop();
+}
