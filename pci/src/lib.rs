@@ -1,1 +1,13 @@
-//! placeholder
+//! PCI logic for the VMM: function addresses, the lock-free configuration
+//! space, MSI-X tables, the slot allocator and the root complex's
+//! configuration-access decoding (type-1 ports and ECAM).
+//!
+//! The guest-visible behaviour (register masks, sizing, error wording)
+//! follows QEMU so that guests see a stable PCI ABI.
+
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod address;
+
+pub use address::{parse_qemu_addr, AddressError, PciAddress};
