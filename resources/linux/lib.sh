@@ -73,16 +73,18 @@ install_busybox() {
     [ "$(id -u)" = 0 ] && mknod -m 600 "$1/dev/console" c 5 1 2>/dev/null || true
 }
 
-# mkcpio DIR OUT: gzip'd newc archive of DIR's contents, written atomically and size-checked.
+# mkcpio DIR OUT: gzip'd newc archive of DIR's contents, written atomically and checked by
+# listing it back (a broken pipeline once produced a 20-byte archive).
 mkcpio() {
-    local dir=$1 out=$2 size
+    local dir=$1 out=$2 want got
+    want=$(cd "$dir" && find . -mindepth 1 | wc -l)
     (cd "$dir" && find . -mindepth 1 | LC_ALL=C sort | "$BUSYBOX" cpio -o -H newc 2>/dev/null) \
         | gzip -6 > "$out.tmp"
-    size=$(stat -c %s "$out.tmp")
-    if [ "$size" -lt 512 ]; then
-        echo "mkcpio: $out.tmp is only $size bytes: archive failed" >&2
+    got=$(gzip -dc "$out.tmp" | "$BUSYBOX" cpio -t 2>/dev/null | wc -l)
+    if [ "$want" -eq 0 ] || [ "$got" -ne "$want" ]; then
+        echo "mkcpio: $out.tmp holds $got of $want entries: archive failed" >&2
         rm -f "$out.tmp"; return 1
     fi
     mv "$out.tmp" "$out"
-    echo "  wrote $out ($((size / 1024)) KiB)" >&2
+    echo "  wrote $out ($(( $(stat -c %s "$out") / 1024 )) KiB, $got entries)" >&2
 }

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# run-scenario.sh [--vmm PATH] HOST_SCRIPT
+# Run HOST_SCRIPT (sh; sees VMM, GUEST_KERNEL, GUEST_INITRD, and mkguestinitrd on PATH) on a
+# host with a real KVM: directly on this machine when it has hardware virtualisation (svm/vmx,
+# not PVM), else inside the L1 image booted by qemu TCG with emulated SVM. Output goes to stdout;
+# exit status is the scenario's rc (or non-zero with a loud message if it never finished).
+# Env: VMM_CACHE (cache dir), SCENARIO_TIMEOUT (s, default 600), VMM_GROUND=direct|l1 (force).
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+VMM_BIN=$REPO_ROOT/target/release/vmm
+if [ "${1:-}" = --vmm ]; then VMM_BIN=$2; shift 2; fi
+SCRIPT=${1:?usage: run-scenario.sh [--vmm PATH] HOST_SCRIPT}
+[ -f "$SCRIPT" ] || { echo "run-scenario: no such script $SCRIPT" >&2; exit 2; }
+[ -x "$VMM_BIN" ] || { echo "run-scenario: vmm binary $VMM_BIN missing (cargo build --release -p vmm)" >&2; exit 2; }
+VMM_BIN=$(readlink -f "$VMM_BIN")
+TIMEOUT=${SCENARIO_TIMEOUT:-600}
+
+MODE=${VMM_GROUND:-}
+if [ -z "$MODE" ]; then
+    if grep -qwE 'svm|vmx' /proc/cpuinfo && [ ! -d /sys/module/kvm_pvm ] && [ -w /dev/kvm ]; then
+        MODE=direct
+    else
+        MODE=l1
+    fi
+fi
+
+"$LINUX_DIR/fetch.sh"
+"$LINUX_DIR/build-guest-initramfs.sh"
+load_versions
+start=$(date +%s)
+
+if [ "$MODE" = direct ]; then
+    echo "##### run-scenario: DIRECT mode: this host's /dev/kvm (hardware virtualisation) #####"
+    echo "=== HOST-SCENARIO-BEGIN ==="
+    set +e
+    VMM=$VMM_BIN GUEST_KERNEL=$R/boot/vmlinuz-$KVER_GUEST GUEST_INITRD=$CACHE/guest-initramfs.cpio.gz \
+        PATH=$LINUX_DIR:$PATH timeout "$TIMEOUT" bash "$SCRIPT"
+    rc=$?
+    set -e
+    echo "=== HOST-SCENARIO-END rc=$rc ==="
+else
+    echo "##### run-scenario: L1 mode: scenario runs inside qemu TCG (-cpu max, emulated SVM) with nested KVM #####"
+    command -v qemu-system-x86_64 >/dev/null || {
+        apt-get update -qq && apt-get install -y -qq qemu-system-x86 >&2; }
+    "$LINUX_DIR/build-host-image.sh" "$VMM_BIN"
+    W=$(mktemp -d); trap 'rm -rf "$W"' EXIT
+    mkdir "$W/s"
+    install -m 755 "$SCRIPT" "$W/s/host-scenario"
+    mkcpio "$W/s" "$W/scenario.cpio.gz"
+    cat "$CACHE/host-image.cpio.gz" "$W/scenario.cpio.gz" > "$W/l1.cpio.gz"
+    set +e
+    timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -m 2048 -smp 1 -nographic \
+        -no-reboot -vga none -nic none -kernel "$R/boot/vmlinuz-$KVER_HOST" -initrd "$W/l1.cpio.gz" \
+        -append 'console=ttyS0 panic=-1 quiet' </dev/null 2>&1 | tr -d '\r' | tee "$W/log"
+    qrc=${PIPESTATUS[0]}
+    set -e
+    rc=$(sed -n 's/.*=== HOST-SCENARIO-END rc=\([0-9]*\) ===.*/\1/p' "$W/log" | tail -n1)
+    if [ -z "$rc" ]; then
+        echo "##### run-scenario: the host scenario did not finish (qemu rc=$qrc; 124 = timeout after ${TIMEOUT}s) #####"
+        rc=$(( qrc ? qrc : 1 ))
+    fi
+fi
+echo "##### run-scenario: mode=$MODE rc=$rc after $(( $(date +%s) - start ))s #####"
+exit "$rc"
