@@ -11,3 +11,9 @@
 pub mod address;
 
 pub use address::{parse_qemu_addr, AddressError, PciAddress};
+pub mod config;
+
+pub use config::{
+    BarInfo, BarKind, CapInfo, ConfigError, ConfigSpace, ConfigSpaceBuilder, MsixCapInfo,
+    WriteEffect,
+};
