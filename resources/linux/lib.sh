@@ -76,15 +76,15 @@ install_busybox() {
 # mkcpio DIR OUT: gzip'd newc archive of DIR's contents, written atomically and checked by
 # listing it back (a broken pipeline once produced a 20-byte archive).
 mkcpio() {
-    local dir=$1 out=$2 want got
+    local dir=$1 out=$2 want got tmp=$2.tmp.$$
     want=$(cd "$dir" && find . -mindepth 1 | wc -l)
     (cd "$dir" && find . -mindepth 1 | LC_ALL=C sort | "$BUSYBOX" cpio -o -H newc 2>/dev/null) \
-        | gzip -6 > "$out.tmp"
-    got=$(gzip -dc "$out.tmp" | "$BUSYBOX" cpio -t 2>/dev/null | wc -l)
+        | gzip -6 > "$tmp"
+    got=$(gzip -dc "$tmp" | "$BUSYBOX" cpio -t 2>/dev/null | wc -l)
     if [ "$want" -eq 0 ] || [ "$got" -ne "$want" ]; then
-        echo "mkcpio: $out.tmp holds $got of $want entries: archive failed" >&2
-        rm -f "$out.tmp"; return 1
+        echo "mkcpio: $tmp holds $got of $want entries: archive failed" >&2
+        rm -f "$tmp"; return 1
     fi
-    mv "$out.tmp" "$out"
+    mv "$tmp" "$out"
     echo "  wrote $out ($(( $(stat -c %s "$out") / 1024 )) KiB, $got entries)" >&2
 }

@@ -4,7 +4,8 @@
 # host with a real KVM: directly on this machine when it has hardware virtualisation (svm/vmx,
 # not PVM), else inside the L1 image booted by qemu TCG with emulated SVM. Output goes to stdout;
 # exit status is the scenario's rc (or non-zero with a loud message if it never finished).
-# Env: VMM_CACHE (cache dir), SCENARIO_TIMEOUT (s, default 600), VMM_GROUND=direct|l1 (force).
+# Env: VMM_CACHE (cache dir), SCENARIO_TIMEOUT (s, default 600), VMM_GROUND=direct|l1 (force),
+#      L1_EXTRA_CPIO (L1 mode: extra .cpio.gz files appended to the L1 initramfs, e.g. tools).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 VMM_BIN=$REPO_ROOT/target/release/vmm
@@ -24,30 +25,40 @@ if [ -z "$MODE" ]; then
     fi
 fi
 
+# Build steps hold a lock: tests may call this script in parallel.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.build.lock"
+flock 9
 "$LINUX_DIR/fetch.sh"
 "$LINUX_DIR/build-guest-initramfs.sh"
+[ "$MODE" = direct ] || "$LINUX_DIR/build-host-image.sh" "$VMM_BIN"
 load_versions
+W=$(mktemp -d); trap 'rm -rf "$W"' EXIT
+cp "$CACHE/guest-initramfs.cpio.gz" "$W/guest-initramfs.cpio.gz"
+[ "$MODE" = direct ] || cp "$CACHE/host-image.cpio.gz" "$W/host-image.cpio.gz"
+exec 9>&-
 start=$(date +%s)
+if [ "$MODE" = l1 ] && ! command -v qemu-system-x86_64 >/dev/null; then
+    apt-get update -qq >&2 && apt-get install -y -qq qemu-system-x86 >&2
+fi
 
 if [ "$MODE" = direct ]; then
     echo "##### run-scenario: DIRECT mode: this host's /dev/kvm (hardware virtualisation) #####"
     echo "=== HOST-SCENARIO-BEGIN ==="
     set +e
-    VMM=$VMM_BIN GUEST_KERNEL=$R/boot/vmlinuz-$KVER_GUEST GUEST_INITRD=$CACHE/guest-initramfs.cpio.gz \
-        PATH=$LINUX_DIR:$PATH timeout "$TIMEOUT" bash "$SCRIPT"
+    mkdir "$W/tmp"
+    VMM=$VMM_BIN GUEST_KERNEL=$R/boot/vmlinuz-$KVER_GUEST GUEST_INITRD=$W/guest-initramfs.cpio.gz \
+        TMPDIR=$W/tmp PATH=$LINUX_DIR:$PATH timeout "$TIMEOUT" bash "$SCRIPT"
     rc=$?
     set -e
     echo "=== HOST-SCENARIO-END rc=$rc ==="
 else
     echo "##### run-scenario: L1 mode: scenario runs inside qemu TCG (-cpu max, emulated SVM) with nested KVM #####"
-    command -v qemu-system-x86_64 >/dev/null || {
-        apt-get update -qq && apt-get install -y -qq qemu-system-x86 >&2; }
-    "$LINUX_DIR/build-host-image.sh" "$VMM_BIN"
-    W=$(mktemp -d); trap 'rm -rf "$W"' EXIT
     mkdir "$W/s"
     install -m 755 "$SCRIPT" "$W/s/host-scenario"
     mkcpio "$W/s" "$W/scenario.cpio.gz"
-    cat "$CACHE/host-image.cpio.gz" "$W/scenario.cpio.gz" > "$W/l1.cpio.gz"
+    # shellcheck disable=SC2086
+    cat "$W/host-image.cpio.gz" ${L1_EXTRA_CPIO:-} "$W/scenario.cpio.gz" > "$W/l1.cpio.gz"
     set +e
     timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -m 2048 -smp 1 -nographic \
         -no-reboot -vga none -nic none -kernel "$R/boot/vmlinuz-$KVER_HOST" -initrd "$W/l1.cpio.gz" \
