@@ -17,3 +17,6 @@ pub use config::{
     BarInfo, BarKind, CapInfo, ConfigError, ConfigSpace, ConfigSpaceBuilder, MsixCapInfo,
     WriteEffect,
 };
+pub mod msix;
+
+pub use msix::{Delivery, MsixMessage, MsixTable};
