@@ -1,1 +1,3 @@
-//! placeholder
+//! End-to-end test helpers: the probe guest on the local KVM, real Linux on the test ground.
+
+pub mod ground;

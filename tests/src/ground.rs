@@ -1,0 +1,249 @@
+//! The test ground for real Linux guests: runs a *host scenario* (a POSIX sh script that calls
+//! `$VMM` one or more times) on a host with a real KVM, via `resources/linux/run-scenario.sh`.
+//! That is this machine itself when it has hardware virtualisation, or else an L1 Linux booted
+//! under QEMU TCG with emulated SVM (nested KVM), see `/work/shared/TEST-GROUND.md`.
+//!
+//! Tests need the release binary first: `cargo build --release -p vmm` (or set `VMM_BIN`).
+//! Nothing here skips silently: when the ground cannot run, the functions return `Err` with the
+//! reason and tests are expected to panic on it (`.expect(...)`).
+//!
+//! The host scenario sees `VMM`, `GUEST_KERNEL`, `GUEST_INITRD` (the guest's base initramfs) and
+//! `TMPDIR`, and has `mkguestinitrd OUT SCRIPT` on its PATH. The guest's `/init` prints
+//! `=== GUEST-READY ===`, then runs the guest script between `=== SCENARIO-BEGIN ===` and
+//! `=== SCENARIO-END rc=N ===` (or, without one, `lspci -n`, `lspci -nn`, `lspci -vvv -nn` in the
+//! sections `LSPCI-N`, `LSPCI-NN`, `LSPCI-VVV`) and resets the machine (`reboot -f`).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Kernel command line used by [`guest_boot`].
+pub const DEFAULT_APPEND: &str = "console=ttyS0 quiet panic=-1";
+/// Guest memory (MiB) used by [`guest_boot`].
+pub const DEFAULT_MEMORY_MIB: u32 = 256;
+
+/// What a host scenario printed.
+#[derive(Debug, Clone)]
+pub struct ScenarioOutput {
+    /// Everything run-scenario.sh printed on stdout (serial console of L1 in L1 mode), `\r` removed.
+    pub stdout: String,
+    /// The host scenario's exit status.
+    pub rc: i32,
+    /// `direct` or `l1`.
+    pub mode: String,
+}
+
+impl ScenarioOutput {
+    /// The text between the `NAME` markers (see [`section`]).
+    pub fn section(&self, name: &str) -> Option<String> {
+        section(&self.stdout, name)
+    }
+}
+
+/// The repository root (`tests/..`).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The vmm binary: `$VMM_BIN`, else `target/release/vmm`. Err if it does not exist.
+pub fn vmm_binary() -> Result<PathBuf, String> {
+    let path = match std::env::var_os("VMM_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => repo_root().join("target/release/vmm"),
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "vmm binary {} not found: run `cargo build --release -p vmm` first (or set VMM_BIN)",
+            path.display()
+        ))
+    }
+}
+
+/// Run `script` as a host scenario and return its output. Err when the ground could not run it
+/// (no vmm binary, build failure, no /dev/kvm in L1, L1 timeout, scenario never finished); a
+/// scenario that ran and failed is Ok with a non-zero `rc`.
+pub fn run_host_scenario(script: &str) -> Result<ScenarioOutput, String> {
+    let vmm = vmm_binary()?;
+    let runner = repo_root().join("resources/linux/run-scenario.sh");
+    if !runner.is_file() {
+        return Err(format!("{} missing", runner.display()));
+    }
+    let mut file = tempfile()?;
+    file.1
+        .write_all(script.as_bytes())
+        .map_err(|e| format!("writing {}: {e}", file.0.display()))?;
+    drop(file.1);
+    let result = Command::new("bash")
+        .arg(&runner)
+        .arg("--vmm")
+        .arg(&vmm)
+        .arg(&file.0)
+        .output();
+    let _ = std::fs::remove_file(&file.0);
+    let out = result.map_err(|e| format!("cannot run {}: {e}", runner.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Shown by `cargo test -- --nocapture` or when the test fails.
+    eprintln!("----- run-scenario stdout -----\n{stdout}----- stderr -----\n{stderr}-----");
+    let fail = |why: &str| Err(format!("{why}\n--- stderr ---\n{stderr}\n--- stdout (tail) ---\n{}", tail(&stdout, 60)));
+    if stdout.contains("/dev/kvm MISSING") {
+        return fail("the L1 host has no /dev/kvm");
+    }
+    let Some(rc) = end_rc(&stdout, "HOST-SCENARIO") else {
+        return fail(&format!("the host scenario did not finish (run-scenario exit {:?})", out.status.code()));
+    };
+    let mode = stdout
+        .lines()
+        .find_map(|l| l.split("run-scenario: mode=").nth(1))
+        .and_then(|m| m.split_whitespace().next())
+        .unwrap_or("unknown")
+        .to_string();
+    Ok(ScenarioOutput { stdout, rc, mode })
+}
+
+/// The lines between `=== NAME-BEGIN ===` and `=== NAME-END ===` / `=== NAME-END rc=N ===`
+/// (first occurrence), joined with `\n`. Markers may be preceded by other output on their line.
+pub fn section(text: &str, name: &str) -> Option<String> {
+    sections(text, name).into_iter().next()
+}
+
+/// Every `NAME` section in `text`, in order (e.g. one per guest boot).
+pub fn sections(text: &str, name: &str) -> Vec<String> {
+    let begin = format!("=== {name}-BEGIN ===");
+    let mut found = Vec::new();
+    let mut current: Option<Vec<&str>> = None;
+    for line in text.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(lines) = current.as_mut() {
+            if is_end(line, name) {
+                found.push(lines.join("\n"));
+                current = None;
+            } else {
+                lines.push(line);
+            }
+        } else if line.contains(&begin) {
+            current = Some(Vec::new());
+        }
+    }
+    found
+}
+
+/// The `rc=N` of the first `=== NAME-END rc=N ===` marker.
+pub fn end_rc(text: &str, name: &str) -> Option<i32> {
+    let end = format!("=== {name}-END rc=");
+    text.lines().find_map(|l| l.split(&end).nth(1)?.split_whitespace().next()?.parse().ok())
+}
+
+fn is_end(line: &str, name: &str) -> bool {
+    line.contains(&format!("=== {name}-END ===")) || line.contains(&format!("=== {name}-END rc="))
+}
+
+/// A host-scenario fragment that boots the guest once, in a section `BOOT-<label>`:
+/// `$VMM run --kernel $GUEST_KERNEL --initrd <initrd> --append DEFAULT_APPEND --memory 256 <vmm_args>`.
+/// With `guest_script`, the initrd is the base one plus that script as /scenario (its output lands
+/// in the `SCENARIO` section inside `BOOT-<label>`); without, the guest prints the LSPCI sections.
+/// `vmm_args` is shell text (e.g. `--device virtio-rng-pci,id=rng0,addr=05.0`).
+pub fn guest_boot(label: &str, vmm_args: &str, guest_script: Option<&str>) -> String {
+    guest_boot_with(label, DEFAULT_APPEND, DEFAULT_MEMORY_MIB, vmm_args, guest_script)
+}
+
+/// [`guest_boot`] with an explicit kernel command line and memory size.
+pub fn guest_boot_with(
+    label: &str,
+    append: &str,
+    memory_mib: u32,
+    vmm_args: &str,
+    guest_script: Option<&str>,
+) -> String {
+    let mut s = format!("echo '=== BOOT-{label}-BEGIN ==='\n");
+    let initrd = match guest_script {
+        Some(g) => {
+            s += &format!(
+                "cat > \"$TMPDIR/guest-{label}.sh\" <<'GUEST_SCRIPT_EOF'\n{g}\nGUEST_SCRIPT_EOF\n\
+                 mkguestinitrd \"$TMPDIR/guest-{label}.cpio.gz\" \"$TMPDIR/guest-{label}.sh\" || exit 90\n"
+            );
+            format!("\"$TMPDIR/guest-{label}.cpio.gz\"")
+        }
+        None => "\"$GUEST_INITRD\"".to_string(),
+    };
+    s += &format!(
+        "\"$VMM\" run --kernel \"$GUEST_KERNEL\" --initrd {initrd} --append {} --memory {memory_mib} {vmm_args}\n\
+         echo \"=== BOOT-{label}-END rc=$? ===\"\n",
+        shell_quote(append)
+    );
+    s
+}
+
+/// A whole host script: the given fragments (e.g. from [`guest_boot`]) in order. The script's
+/// rc is 0; each boot's vmm exit status is in its `BOOT-<label>-END rc=N` marker ([`end_rc`]).
+pub fn host_script(fragments: &[String]) -> String {
+    let mut s = String::from("# generated by tests/src/ground.rs\nTMPDIR=${TMPDIR:-/tmp}\n");
+    for f in fragments {
+        s += f;
+    }
+    s
+}
+
+/// Single-quote `s` for sh.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn tempfile() -> Result<(PathBuf, std::fs::File), String> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "vmm-host-scenario-{}-{}.sh",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let f = std::fs::File::create(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+    Ok((path, f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OUT: &str = "noise\n\x1b[2J=== LSPCI-N-BEGIN ===\n00:00.0 0600: 1b36:0008\r\n\
+        00:05.0 00ff: 1af4:1005\n=== LSPCI-N-END rc=0 ===\n=== LSPCI-NN-BEGIN ===\nx\n\
+        === LSPCI-NN-END ===\n=== HOST-SCENARIO-END rc=3 ===\n";
+
+    #[test]
+    fn sections_are_cut_exactly() {
+        assert_eq!(section(OUT, "LSPCI-N").unwrap(), "00:00.0 0600: 1b36:0008\n00:05.0 00ff: 1af4:1005");
+        assert_eq!(section(OUT, "LSPCI-NN").unwrap(), "x");
+        assert_eq!(section(OUT, "LSPCI-VVV"), None);
+        assert_eq!(end_rc(OUT, "HOST-SCENARIO"), Some(3));
+        assert_eq!(end_rc(OUT, "LSPCI-N"), Some(0));
+    }
+
+    #[test]
+    fn guest_boot_fragment() {
+        let s = host_script(&[guest_boot("a", "--device virtio-rng-pci,id=r0", Some("lspci -n"))]);
+        assert!(s.contains("mkguestinitrd \"$TMPDIR/guest-a.cpio.gz\""));
+        assert!(s.contains("--append 'console=ttyS0 quiet panic=-1' --memory 256 --device virtio-rng-pci,id=r0\n"));
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    /// The ground itself: a host with /dev/kvm, the guest kernel and initramfs, mkguestinitrd.
+    /// Needs the vmm binary to exist (it is packed into the L1 image) but does not run it.
+    #[test]
+    fn ground_runs_a_host_scenario() {
+        let script = "set -e\ntest -c /dev/kvm\ntest -s \"$GUEST_KERNEL\"\ntest -x \"$VMM\"\n\
+            echo 'echo hi' > \"$TMPDIR/g.sh\"\nmkguestinitrd \"$TMPDIR/g.gz\" \"$TMPDIR/g.sh\"\n\
+            test \"$(wc -c < \"$TMPDIR/g.gz\")\" -gt \"$(wc -c < \"$GUEST_INITRD\")\"\n\
+            echo '=== CHECK-BEGIN ==='\necho ground ok\necho '=== CHECK-END ==='\nexit 7\n";
+        let out = run_host_scenario(script).expect("test ground");
+        assert_eq!(out.rc, 7, "{}", out.stdout);
+        assert_eq!(out.section("CHECK").as_deref(), Some("ground ok"));
+        assert!(out.mode == "l1" || out.mode == "direct", "mode {}", out.mode);
+    }
+}
