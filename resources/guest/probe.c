@@ -20,6 +20,9 @@ typedef unsigned int u32;
 #define COM1 0x3f8
 
 extern void probe_stop(void) __attribute__((noreturn));
+extern void enter_user(void (*fn)(void *), void *arg, void *stack_top)
+	__attribute__((noreturn));
+extern char user_stack_top[];
 
 static inline void outb(u16 port, u8 v)
 {
@@ -94,6 +97,7 @@ struct opts {
 	u32 n;
 	u32 ecam;
 	u32 port;
+	u32 ring;
 };
 
 static int is_space(char c)
@@ -151,6 +155,7 @@ static void parse_cmdline(const char *p, struct opts *o)
 	o->n = 0;
 	o->ecam = 0xE0000000u;
 	o->port = 0x2f0;
+	o->ring = 0;
 	if (!p)
 		return;
 	for (;;) {
@@ -167,6 +172,8 @@ static void parse_cmdline(const char *p, struct opts *o)
 			o->n = parse_num(v);
 		else if ((v = match_key(p, "ecam")))
 			o->ecam = parse_num(v);
+		else if ((v = match_key(p, "ring")))
+			o->ring = parse_num(v);
 		else if ((v = match_key(p, "port")))
 			o->port = parse_num(v) & 0xffff;
 		while (*p && !is_space(*p))
@@ -281,6 +288,7 @@ static void mode_probe(const struct opts *o)
 
 static void mode_bench(const struct opts *o)
 {
+	const char *ring = o->ring == 3 ? " ring=3" : "";
 	u32 i, n = o->n;
 	volatile u32 sink;
 
@@ -288,6 +296,7 @@ static void mode_bench(const struct opts *o)
 	put_word(o->op);
 	puts(" n=");
 	putdec(n);
+	puts(ring);
 	puts(" start ===\n");
 
 	if (word_eq(o->op, "cf8")) {
@@ -312,7 +321,16 @@ static void mode_bench(const struct opts *o)
 	put_word(o->op);
 	puts(" n=");
 	putdec(n);
+	puts(ring);
 	puts(" done ===\n");
+}
+
+/* ring=3: the loop (and everything after it) runs at CPL3, IOPL 3. */
+static void bench_user(void *arg)
+{
+	mode_bench((const struct opts *)arg);
+	puts("=== PROBE-DONE ===\n");
+	/* returns into probe_stop */
 }
 
 struct hvm_start_info {
@@ -341,6 +359,8 @@ void probe_main(const struct hvm_start_info *si)
 	if (word_eq(o.mode, "hello")) {
 		puts("Hello from the probe guest\n");
 	} else if (word_eq(o.mode, "bench")) {
+		if (o.ring == 3)
+			enter_user(bench_user, &o, user_stack_top);
 		mode_bench(&o);
 	} else {
 		if (o.mode && !word_eq(o.mode, "probe")) {
