@@ -1,0 +1,74 @@
+//! Legacy PC devices: the 8250 UART, the i8042 reset line and the ACPI power-management port.
+
+mod pm;
+mod serial;
+
+pub use pm::{
+    AcpiPm, PowerEvent, ACPI_PM_PORT, ACPI_PM_PORT_LEN, RESET_OFFSET, RESET_VALUE, S5_SLEEP_TYPE,
+};
+pub use serial::{Serial, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN};
+
+use std::sync::Mutex;
+
+use vm_superio::I8042Device;
+
+use crate::bus::BusDevice;
+
+/// Called when the guest asks to power off or reset.
+pub type PowerCallback = std::sync::Arc<dyn Fn(PowerEvent) + Send + Sync>;
+
+/// A vm-superio trigger that reports a reset through a [`PowerCallback`].
+pub struct ResetTrigger(PowerCallback);
+
+impl vm_superio::Trigger for ResetTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        (self.0)(PowerEvent::Reset);
+        Ok(())
+    }
+}
+
+/// The i8042 controller, reduced to what a guest uses to reset the machine (command 0xFE).
+///
+/// Registered at port 0x60 (data) and 0x64 (command/status).
+pub struct I8042 {
+    inner: Mutex<I8042Device<ResetTrigger>>,
+}
+
+/// The i8042 data port.
+pub const I8042_DATA_PORT: u64 = 0x60;
+/// The i8042 command/status port.
+pub const I8042_COMMAND_PORT: u64 = 0x64;
+
+impl I8042 {
+    /// An i8042 whose reset command calls `power`.
+    pub fn new(power: PowerCallback) -> Self {
+        I8042 {
+            inner: Mutex::new(I8042Device::new(ResetTrigger(power))),
+        }
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&self, base: u64, offset: u64, data: &mut [u8]) {
+        let port = base + offset;
+        let value = match self.inner.lock() {
+            Ok(mut d) => d.read((port - I8042_DATA_PORT) as u8),
+            Err(_) => 0xff,
+        };
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = value;
+        }
+    }
+
+    fn write(&self, base: u64, offset: u64, data: &[u8]) {
+        let port = base + offset;
+        if let (Some(&v), Ok(mut d)) = (data.first(), self.inner.lock()) {
+            if let Err(e) = d.write((port - I8042_DATA_PORT) as u8, v) {
+                tracing::warn!("i8042: failed to signal reset: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Why and how the VM stops: the one place vCPU threads, devices and signals report to.
+//!
+//! The first reported reason wins; the main thread waits on [`Stop::event`] and ends the process
+//! with [`Stop::exit_code`].
+
+use std::sync::Mutex;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest reset (i8042, triple fault, ACPI reset): like QEMU with -no-reboot.
+    Reset(&'static str),
+    /// The guest powered off.
+    PowerOff(&'static str),
+    /// SIGINT / SIGTERM.
+    Signal(i32),
+    /// A KVM error or an exit we cannot handle; the message says what and where.
+    Error(String),
+}
+
+impl StopReason {
+    /// The process exit status for this reason.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StopReason::Error(_) => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// The stop signal shared by everything that can end the VM.
+pub struct Stop {
+    event: EventFd,
+    reason: Mutex<Option<StopReason>>,
+}
+
+impl Stop {
+    /// A stop signal nobody has raised yet.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Stop {
+            event: EventFd::new(EFD_NONBLOCK)?,
+            reason: Mutex::new(None),
+        })
+    }
+
+    /// Reports `reason`; only the first report is kept.
+    pub fn stop(&self, reason: StopReason) {
+        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        let _ = self.event.write(1);
+    }
+
+    /// The event the main thread waits on.
+    pub fn event(&self) -> &EventFd {
+        &self.event
+    }
+
+    /// The first reported reason, if any.
+    pub fn reason(&self) -> Option<StopReason> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_reason_wins() {
+        let s = Stop::new().unwrap();
+        assert_eq!(s.reason(), None);
+        s.stop(StopReason::Error("boom".into()));
+        s.stop(StopReason::Reset("i8042"));
+        assert_eq!(s.reason(), Some(StopReason::Error("boom".into())));
+        assert_eq!(s.reason().unwrap().exit_code(), 1);
+        assert_eq!(s.event().read().unwrap(), 2);
+    }
+}

@@ -1,0 +1,125 @@
+//! The vCPU run loop: one exit from KVM to a device.
+//!
+//! `KVM_RUN` returns an exit; port and MMIO accesses go straight to the lock-free
+//! [`devices::bus::Bus`] (no lock, no allocation on this path); anything that ends the VM is
+//! reported to [`crate::stop::Stop`].
+
+use std::sync::Arc;
+
+use devices::bus::Bus;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::stop::{Stop, StopReason};
+
+/// What a vCPU thread needs to run.
+pub struct Vcpu {
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+    /// Its index.
+    pub id: u8,
+    /// The port I/O bus.
+    pub pio: Arc<Bus>,
+    /// The MMIO bus (BARs, ECAM).
+    pub mmio: Arc<Bus>,
+    /// Guest memory, to show the faulting instruction in error reports.
+    pub mem: GuestMemoryMmap,
+    /// Where to report the end of the VM.
+    pub stop: Arc<Stop>,
+}
+
+impl Vcpu {
+    /// Runs the guest until something ends the VM; reports why to `stop`.
+    pub fn run(mut self) {
+        let reason = loop {
+            match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if !self.pio.read(u64::from(port), data) {
+                        data.fill(0xff);
+                        tracing::debug!("unclaimed port read {port:#x}");
+                    }
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    if !self.pio.write(u64::from(port), data) {
+                        tracing::debug!("unclaimed port write {port:#x}");
+                    }
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if !self.mmio.read(addr, data) {
+                        data.fill(0xff);
+                        tracing::debug!("unclaimed MMIO read {addr:#x}");
+                    }
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if !self.mmio.write(addr, data) {
+                        tracing::debug!("unclaimed MMIO write {addr:#x}");
+                    }
+                }
+                Ok(VcpuExit::Shutdown) => break StopReason::Reset("triple fault"),
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    break match kind {
+                        kvm_bindings::KVM_SYSTEM_EVENT_RESET => StopReason::Reset("system event"),
+                        _ => StopReason::PowerOff("system event"),
+                    }
+                }
+                Ok(VcpuExit::Hlt) => break StopReason::PowerOff("hlt"),
+                Ok(VcpuExit::Intr) => continue,
+                Ok(VcpuExit::InternalError) => {
+                    let suberror = self.fd.get_kvm_run().__bindgen_anon_1;
+                    // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the exit
+                    // union is the one KVM filled in.
+                    let sub = unsafe { suberror.internal.suberror };
+                    break StopReason::Error(self.describe(&format!(
+                        "KVM internal error (suberror {sub}{})",
+                        if sub == 1 { ": emulation failure" } else { "" }
+                    )));
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    break StopReason::Error(self.describe(&format!(
+                        "KVM entry failed (hardware reason {reason:#x}, cpu {cpu})"
+                    )))
+                }
+                Ok(other) => {
+                    let what = format!("unhandled exit {other:?}");
+                    break StopReason::Error(self.describe(&what));
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => break StopReason::Error(self.describe(&format!("KVM_RUN failed: {e}"))),
+            }
+        };
+        self.stop.stop(reason);
+    }
+
+    /// "what: vCPU n at RIP (instruction bytes)".
+    fn describe(&self, what: &str) -> String {
+        let Ok(regs) = self.fd.get_regs() else {
+            return format!("{what} on vCPU {}", self.id);
+        };
+        let sregs = self.fd.get_sregs().ok();
+        let linear = regs.rip.wrapping_add(sregs.map_or(0, |s| s.cs.base));
+        let bytes = self
+            .fd
+            .translate_gva(linear)
+            .ok()
+            .filter(|t| t.valid != 0)
+            .and_then(|t| {
+                let mut b = [0u8; 15];
+                self.mem
+                    .read_slice(&mut b, GuestAddress(t.physical_address))
+                    .ok()
+                    .map(|_| b)
+            });
+        let insn = match bytes {
+            Some(b) => b
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            None => "unreadable".into(),
+        };
+        format!(
+            "{what} on vCPU {} at RIP {:#x} (instruction bytes: {insn})",
+            self.id, regs.rip
+        )
+    }
+}

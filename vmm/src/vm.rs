@@ -1,0 +1,147 @@
+//! The KVM VM: guest memory, the in-kernel irqchip and PIT, GSI routing for MSI, irqfds.
+
+use std::sync::Mutex;
+
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::layout::*;
+use crate::Error;
+
+/// First GSI handed out for MSI vectors (the IO-APIC owns 0..24).
+pub const FIRST_MSI_GSI: u32 = IOAPIC_PINS;
+
+/// A KVM VM with its memory.
+pub struct Vm {
+    /// The KVM system handle.
+    pub kvm: Kvm,
+    /// The VM.
+    pub fd: VmFd,
+    /// Guest RAM.
+    pub mem: GuestMemoryMmap,
+    routing: Mutex<Routing>,
+}
+
+struct Routing {
+    msi: Vec<(u32, Option<(u64, u32)>)>,
+    next_gsi: u32,
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
+    move |e| Error::Kvm(format!("{what}: {e}"))
+}
+
+impl Vm {
+    /// Opens /dev/kvm, creates the VM with `mem_size` bytes of RAM, the irqchip and the PIT.
+    pub fn new(mem_size: u64) -> Result<Vm, Error> {
+        let kvm = Kvm::new().map_err(|e| Error::Kvm(format!("cannot open /dev/kvm: {e}")))?;
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_size)
+            .into_iter()
+            .map(|(a, s)| (GuestAddress(a), s as usize))
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges)
+            .map_err(|e| Error::Memory(format!("cannot allocate guest memory: {e}")))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| Error::Memory(e.to_string()))?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mmap owned by `mem`, which the Vm keeps for as long
+            // as the VM fd exists; the guest range does not overlap another slot.
+            unsafe { fd.set_user_memory_region(r) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        fd.set_tss_address(KVM_TSS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        Ok(Vm {
+            kvm,
+            fd,
+            mem,
+            routing: Mutex::new(Routing {
+                msi: Vec::new(),
+                next_gsi: FIRST_MSI_GSI,
+            }),
+        })
+    }
+
+    /// Reserves a GSI for an MSI vector (routed nowhere until [`Vm::set_msi_route`]).
+    pub fn allocate_msi_gsi(&self) -> u32 {
+        let mut r = self.routing.lock().unwrap_or_else(|p| p.into_inner());
+        let gsi = r.next_gsi;
+        r.next_gsi += 1;
+        r.msi.push((gsi, None));
+        gsi
+    }
+
+    /// Routes `gsi` to the MSI message (`address`, `data`), or removes its route with `None`,
+    /// and publishes the whole routing table to KVM.
+    pub fn set_msi_route(&self, gsi: u32, msg: Option<(u64, u32)>) -> Result<(), Error> {
+        let mut r = self.routing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = r.msi.iter_mut().find(|(g, _)| *g == gsi) {
+            e.1 = msg;
+        }
+        let mut entries = Vec::new();
+        // The default irqchip routes: KVM_SET_GSI_ROUTING replaces the whole table.
+        for pin in 0..IOAPIC_PINS {
+            if pin < 16 && pin != 2 {
+                let (chip, p) = if pin < 8 {
+                    (KVM_IRQCHIP_PIC_MASTER, pin)
+                } else {
+                    (KVM_IRQCHIP_PIC_SLAVE, pin - 8)
+                };
+                entries.push(irqchip_route(pin, chip, p));
+            }
+            entries.push(irqchip_route(pin, KVM_IRQCHIP_IOAPIC, pin));
+        }
+        for (gsi, msg) in &r.msi {
+            if let Some((address, data)) = msg {
+                let mut e = kvm_irq_routing_entry {
+                    gsi: *gsi,
+                    type_: KVM_IRQ_ROUTING_MSI,
+                    ..Default::default()
+                };
+                e.u.msi.address_lo = *address as u32;
+                e.u.msi.address_hi = (*address >> 32) as u32;
+                e.u.msi.data = *data;
+                entries.push(e);
+            }
+        }
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|e| Error::Kvm(format!("routing table: {e:?}")))?;
+        self.fd
+            .set_gsi_routing(&table)
+            .map_err(kvm_err("KVM_SET_GSI_ROUTING"))
+    }
+}
+
+fn irqchip_route(gsi: u32, irqchip: u32, pin: u32) -> kvm_irq_routing_entry {
+    let mut e = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        ..Default::default()
+    };
+    e.u.irqchip.irqchip = irqchip;
+    e.u.irqchip.pin = pin;
+    e
+}
