@@ -20,3 +20,6 @@ pub use config::{
 pub mod msix;
 
 pub use msix::{Delivery, MsixMessage, MsixTable};
+pub mod slots;
+
+pub use slots::{Owner, SlotAllocator, SlotError, SlotState};
