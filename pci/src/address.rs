@@ -62,6 +62,13 @@ pub struct PciAddress {
 }
 
 impl PciAddress {
+    /// 00:00.0, the host bridge.
+    pub const HOST_BRIDGE: PciAddress = PciAddress {
+        bus: 0,
+        device: 0,
+        function: 0,
+    };
+
     /// Builds an address, checking `device <= 0x1f` and `function <= 7`.
     pub fn new(bus: u8, device: u8, function: u8) -> Result<Self, AddressError> {
         if device > MAX_DEVICE {

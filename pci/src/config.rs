@@ -562,6 +562,12 @@ impl ConfigSpaceBuilder {
             self.check_msix_region(m.table_bar, m.table_offset, n * 16)?;
             self.check_msix_region(m.pba_bar, m.pba_offset, n.div_ceil(64) * 8)?;
         }
+        Ok(self.finish())
+    }
+
+    /// Builds without the MSI-X layout checks (for headers without MSI-X,
+    /// where building cannot fail).
+    pub(crate) fn finish(&self) -> ConfigSpace {
         let dword = |a: &[u8; HEADER_SIZE], i: usize| {
             u32::from_le_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
         };
@@ -569,7 +575,7 @@ impl ConfigSpaceBuilder {
         let regs = (0..CONFIG_DWORDS)
             .map(|i| AtomicU32::new(init.get(i).copied().unwrap_or(0)))
             .collect();
-        Ok(ConfigSpace {
+        ConfigSpace {
             regs,
             wmask: (0..HEADER_DWORDS).map(|i| dword(&self.wmask, i)).collect(),
             w1cmask: (0..HEADER_DWORDS)
@@ -579,7 +585,7 @@ impl ConfigSpaceBuilder {
             bars: self.bars.clone(),
             caps: self.caps.clone(),
             msix: self.msix,
-        })
+        }
     }
 }
 

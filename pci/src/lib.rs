@@ -23,3 +23,6 @@ pub use msix::{Delivery, MsixMessage, MsixTable};
 pub mod slots;
 
 pub use slots::{Owner, SlotAllocator, SlotError, SlotState};
+pub mod root;
+
+pub use root::{HostBridge, PciFunction, PciRoot, RootError};

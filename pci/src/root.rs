@@ -1,0 +1,568 @@
+//! The root complex of bus 0: the function table and configuration access
+//! decoding (type-1 ports 0xcf8/0xcfc and an ECAM window), lock-free on the
+//! read side.
+//!
+//! Invariants:
+//! - The 256-entry function table of bus 0 is immutable once published in
+//!   an [`ArcSwap`]; readers (vCPU threads decoding config accesses) take a
+//!   `load()` guard: no lock, no `Arc` clone, and they see either the table
+//!   before or after a concurrent [`PciRoot::add`]/[`PciRoot::remove`],
+//!   never a partial one.
+//! - Writers (`add`, `remove`) copy the table, change the copy and publish
+//!   it; a mutex serializes writers only, so concurrent adds never lose each
+//!   other's updates. Readers never touch that mutex.
+//! - A function may still receive an access through a guard loaded just
+//!   before its removal; functions must tolerate that (they are `Arc`s and
+//!   stay alive while referenced).
+//! - Absent functions and other buses read all-ones; writes to them are
+//!   dropped. Config writes to present functions go through the function's
+//!   [`ConfigSpace`] masks, then [`PciFunction::config_written`] is called,
+//!   then the [`WriteEffect`] is returned so the VMM can move BARs.
+//! - The `CONFIG_ADDRESS` latch is one `AtomicU32` shared by all vCPUs, as on
+//!   hardware: the guest serializes 0xcf8/0xcfc pairs itself.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use thiserror::Error;
+
+use crate::address::PciAddress;
+use crate::config::{ConfigSpace, ConfigSpaceBuilder, WriteEffect};
+
+/// Size of the ECAM window covering bus 0 (1 MiB).
+pub const ECAM_BUS0_SIZE: u64 = 1 << 20;
+/// Size of the type-1 port range starting at 0xcf8.
+pub const PIO_CONFIG_SIZE: u64 = 8;
+const TABLE_SIZE: usize = 256;
+
+/// A PCI function on the root bus.
+pub trait PciFunction: Send + Sync {
+    /// The function's configuration space.
+    fn config(&self) -> &ConfigSpace;
+
+    /// Called after a guest configuration write was applied (including
+    /// writes that changed nothing), so the device can react to its own
+    /// capability registers (e.g. MSI-X message control).
+    fn config_written(&self, _effect: &WriteEffect) {}
+
+    /// Guest read at `offset` in BAR `bar`; defaults to all-ones.
+    fn bar_read(&self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+
+    /// Guest write at `offset` in BAR `bar`; defaults to dropping it.
+    fn bar_write(&self, _bar: usize, _offset: u64, _data: &[u8]) {}
+
+    /// Name for logs and errors (QEMU driver name).
+    fn name(&self) -> &str;
+}
+
+/// Errors from changing the function table.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RootError {
+    /// Only bus 0 exists.
+    #[error("PCI bus {0:#04x} does not exist")]
+    NoSuchBus(u8),
+    /// The address already holds a function.
+    #[error("PCI address {addr} already holds {name}")]
+    InUse {
+        /// The address.
+        addr: PciAddress,
+        /// The present function's name.
+        name: String,
+    },
+}
+
+/// The host bridge at 00:00.0, like QEMU's PCIe host bridge (gpex-root):
+/// vendor 1b36, device 0008, class 0600, revision 0, no BARs.
+pub struct HostBridge {
+    config: ConfigSpace,
+}
+
+impl HostBridge {
+    /// Address of the host bridge.
+    pub const ADDRESS: PciAddress = PciAddress::HOST_BRIDGE;
+
+    /// A host bridge with QEMU's identity.
+    pub fn new() -> Self {
+        let mut b = ConfigSpaceBuilder::new(0x1b36, 0x0008);
+        b.class(0x06, 0x00, 0x00).revision(0);
+        Self { config: b.finish() }
+    }
+}
+
+impl Default for HostBridge {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for HostBridge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostBridge").finish_non_exhaustive()
+    }
+}
+
+impl PciFunction for HostBridge {
+    fn config(&self) -> &ConfigSpace {
+        &self.config
+    }
+
+    fn name(&self) -> &str {
+        "gpex-root"
+    }
+}
+
+/// An immutable snapshot of bus 0's functions, indexed by devfn.
+#[derive(Clone)]
+struct Table {
+    funcs: Vec<Option<Arc<dyn PciFunction>>>,
+}
+
+impl Table {
+    fn get(&self, addr: PciAddress) -> Option<&Arc<dyn PciFunction>> {
+        if addr.bus() != 0 {
+            return None;
+        }
+        self.funcs.get(usize::from(addr.devfn()))?.as_ref()
+    }
+}
+
+/// The root complex of bus 0. See the module docs for the invariants.
+pub struct PciRoot {
+    table: ArcSwap<Table>,
+    /// Serializes writers of `table`; never taken by readers.
+    writer: Mutex<()>,
+    /// The type-1 `CONFIG_ADDRESS` latch (port 0xcf8).
+    config_address: AtomicU32,
+}
+
+impl fmt::Debug for PciRoot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let funcs: Vec<_> = self
+            .functions()
+            .into_iter()
+            .map(|(a, func)| format!("{a} {}", func.name()))
+            .collect();
+        f.debug_struct("PciRoot")
+            .field("functions", &funcs)
+            .field(
+                "config_address",
+                &self.config_address.load(Ordering::Relaxed),
+            )
+            .finish()
+    }
+}
+
+impl Default for PciRoot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PciRoot {
+    /// A root complex with the [`HostBridge`] at 00:00.0.
+    pub fn new() -> Self {
+        let root = Self::empty();
+        let mut funcs = vec![None; TABLE_SIZE];
+        funcs[0] = Some(Arc::new(HostBridge::new()) as Arc<dyn PciFunction>);
+        root.table.store(Arc::new(Table { funcs }));
+        root
+    }
+
+    /// A root complex with no function at all (not even the host bridge).
+    pub fn empty() -> Self {
+        Self {
+            table: ArcSwap::from_pointee(Table {
+                funcs: vec![None; TABLE_SIZE],
+            }),
+            writer: Mutex::new(()),
+            config_address: AtomicU32::new(0),
+        }
+    }
+
+    /// Publishes a copy of the table changed by `f` (writers serialized).
+    fn update<R>(&self, f: impl FnOnce(&mut Table) -> R) -> R {
+        let _guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut table = Table::clone(&self.table.load());
+        let r = f(&mut table);
+        self.table.store(Arc::new(table));
+        r
+    }
+
+    /// Adds `function` at `addr` (bus 0 only, address must be free).
+    pub fn add(&self, addr: PciAddress, function: Arc<dyn PciFunction>) -> Result<(), RootError> {
+        if addr.bus() != 0 {
+            return Err(RootError::NoSuchBus(addr.bus()));
+        }
+        self.update(|t| match t.funcs.get_mut(usize::from(addr.devfn())) {
+            Some(Some(present)) => Err(RootError::InUse {
+                addr,
+                name: present.name().to_string(),
+            }),
+            Some(slot) => {
+                *slot = Some(function);
+                Ok(())
+            }
+            None => Err(RootError::NoSuchBus(addr.bus())),
+        })
+    }
+
+    /// Removes and returns the function at `addr`, if any.
+    pub fn remove(&self, addr: PciAddress) -> Option<Arc<dyn PciFunction>> {
+        if addr.bus() != 0 {
+            return None;
+        }
+        self.update(|t| t.funcs.get_mut(usize::from(addr.devfn()))?.take())
+    }
+
+    /// The function at `addr`, if any.
+    pub fn get(&self, addr: PciAddress) -> Option<Arc<dyn PciFunction>> {
+        self.table.load().get(addr).cloned()
+    }
+
+    /// All functions in address order.
+    pub fn functions(&self) -> Vec<(PciAddress, Arc<dyn PciFunction>)> {
+        let table = self.table.load();
+        table
+            .funcs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| Some((PciAddress::from_devfn(0, i as u8), f.clone()?)))
+            .collect()
+    }
+
+    /// Reads configuration register `register` of `addr`; absent functions
+    /// and other buses read all-ones.
+    pub fn config_read(&self, addr: PciAddress, register: usize, data: &mut [u8]) {
+        let table = self.table.load();
+        match table.get(addr) {
+            Some(f) => f.config().read(register, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// Writes configuration register `register` of `addr`, notifies the
+    /// function and returns the effect; `None` (write dropped) for absent
+    /// functions and other buses.
+    pub fn config_write(
+        &self,
+        addr: PciAddress,
+        register: usize,
+        data: &[u8],
+    ) -> Option<(PciAddress, WriteEffect)> {
+        let table = self.table.load();
+        let f = table.get(addr)?;
+        let effect = f.config().write(register, data);
+        f.config_written(&effect);
+        Some((addr, effect))
+    }
+
+    /// The current `CONFIG_ADDRESS` latch value.
+    pub fn config_address(&self) -> u32 {
+        self.config_address.load(Ordering::Acquire)
+    }
+
+    /// Resolves a data-port access to (function, register), or `None` when
+    /// the latch's enable bit is clear or the access crosses the data port.
+    fn data_target(&self, port_offset: u64, len: usize) -> Option<(PciAddress, usize)> {
+        let lane = port_offset.checked_sub(4)?;
+        if lane.checked_add(len as u64)? > 4 {
+            return None;
+        }
+        let (addr, register) = PciAddress::from_config_address(self.config_address())?;
+        Some((addr, usize::from(register) + lane as usize))
+    }
+
+    /// Guest read of the type-1 ports; `port_offset` is relative to 0xcf8
+    /// (0..4 `CONFIG_ADDRESS`, 4..8 `CONFIG_DATA`).
+    ///
+    /// Like QEMU, a read of `CONFIG_ADDRESS` of any size returns the low
+    /// bytes of the latch. A data read with the enable bit clear, or crossing
+    /// the data port, reads all-ones.
+    pub fn pio_read(&self, port_offset: u64, data: &mut [u8]) {
+        if port_offset < 4 {
+            let v = self.config_address();
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = if i < 4 { (v >> (8 * i)) as u8 } else { 0xff };
+            }
+            return;
+        }
+        match self.data_target(port_offset, data.len()) {
+            Some((addr, register)) => self.config_read(addr, register, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// Guest write of the type-1 ports. `CONFIG_ADDRESS` takes only 32-bit
+    /// writes at offset 0 (others are dropped, as QEMU); data writes go to
+    /// the latched register plus the byte lane (`port_offset - 4`).
+    pub fn pio_write(&self, port_offset: u64, data: &[u8]) -> Option<(PciAddress, WriteEffect)> {
+        if port_offset < 4 {
+            if let (0, Ok(bytes)) = (port_offset, <[u8; 4]>::try_from(data)) {
+                self.config_address
+                    .store(u32::from_le_bytes(bytes), Ordering::Release);
+            }
+            return None;
+        }
+        let (addr, register) = self.data_target(port_offset, data.len())?;
+        self.config_write(addr, register, data)
+    }
+
+    /// Guest read of the ECAM window (bus 0 only: offsets from 1 MiB read
+    /// all-ones).
+    pub fn ecam_read(&self, offset: u64, data: &mut [u8]) {
+        if offset >= ECAM_BUS0_SIZE {
+            data.fill(0xff);
+            return;
+        }
+        let (addr, register) = PciAddress::from_ecam_offset(offset);
+        self.config_read(addr, usize::from(register), data);
+    }
+
+    /// Guest write of the ECAM window (bus 0 only).
+    pub fn ecam_write(&self, offset: u64, data: &[u8]) -> Option<(PciAddress, WriteEffect)> {
+        if offset >= ECAM_BUS0_SIZE {
+            return None;
+        }
+        let (addr, register) = PciAddress::from_ecam_offset(offset);
+        self.config_write(addr, usize::from(register), data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BarKind, COMMAND_MEMORY, PCI_COMMAND};
+    use std::sync::atomic::AtomicUsize;
+
+    struct Dev {
+        config: ConfigSpace,
+        written: AtomicUsize,
+    }
+
+    impl Dev {
+        fn new(device: u16) -> Arc<Self> {
+            let mut b = ConfigSpaceBuilder::new(0x1af4, device);
+            b.class(0x02, 0, 0);
+            b.bar(
+                0,
+                BarKind::Mem32 {
+                    prefetchable: false,
+                },
+                0x1000,
+            )
+            .unwrap();
+            Arc::new(Self {
+                config: b.build().unwrap(),
+                written: AtomicUsize::new(0),
+            })
+        }
+    }
+
+    impl PciFunction for Dev {
+        fn config(&self) -> &ConfigSpace {
+            &self.config
+        }
+        fn config_written(&self, _effect: &WriteEffect) {
+            self.written.fetch_add(1, Ordering::SeqCst);
+        }
+        fn name(&self) -> &str {
+            "test-dev"
+        }
+    }
+
+    fn a(d: u8, f: u8) -> PciAddress {
+        PciAddress::new(0, d, f).unwrap()
+    }
+
+    fn pio_read32(root: &PciRoot, off: u64) -> u32 {
+        let mut d = [0; 4];
+        root.pio_read(off, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    #[test]
+    fn host_bridge() {
+        let root = PciRoot::new();
+        let hb = root.get(HostBridge::ADDRESS).unwrap();
+        let c = hb.config();
+        assert_eq!((c.vendor_id(), c.device_id()), (0x1b36, 0x0008));
+        assert_eq!(c.class_code(), 0x06_0000);
+        assert_eq!(c.revision(), 0);
+        assert_eq!(c.header_type(), 0);
+        assert!(PciRoot::empty().get(HostBridge::ADDRESS).is_none());
+    }
+
+    #[test]
+    fn table_changes() {
+        let root = PciRoot::new();
+        let dev = Dev::new(0x1041);
+        root.add(a(5, 0), dev.clone()).unwrap();
+        assert_eq!(
+            root.add(a(5, 0), Dev::new(1)).unwrap_err().to_string(),
+            "PCI address 00:05.0 already holds test-dev"
+        );
+        let other_bus = PciAddress::new(1, 0, 0).unwrap();
+        assert_eq!(
+            root.add(other_bus, Dev::new(1)),
+            Err(RootError::NoSuchBus(1))
+        );
+        root.add(a(2, 1), Dev::new(2)).unwrap();
+        let addrs: Vec<_> = root.functions().into_iter().map(|(a, _)| a).collect();
+        assert_eq!(addrs, vec![a(0, 0), a(2, 1), a(5, 0)]);
+        assert!(root.remove(a(2, 1)).is_some());
+        assert!(root.remove(a(2, 1)).is_none());
+        assert!(root.remove(other_bus).is_none());
+        assert!(root.get(a(2, 1)).is_none());
+        assert_eq!(root.functions().len(), 2);
+    }
+
+    #[test]
+    fn type1_decoding() {
+        let root = PciRoot::new();
+        let dev = Dev::new(0x1041);
+        root.add(a(5, 0), dev.clone()).unwrap();
+        // Latch: 32-bit at offset 0 only.
+        root.pio_write(0, &a(5, 0).config_address(0).to_le_bytes());
+        assert_eq!(pio_read32(&root, 0), 0x8000_2800);
+        root.pio_write(1, &[0; 2]);
+        root.pio_write(0, &[0; 2]);
+        root.pio_write(3, &[0x1]);
+        assert_eq!(pio_read32(&root, 0), 0x8000_2800);
+        let mut b = [0u8; 1];
+        root.pio_read(3, &mut b);
+        assert_eq!(b[0], 0x00); // QEMU: low byte of the latch, unshifted
+                                // Dword, word and byte data reads.
+        assert_eq!(pio_read32(&root, 4), 0x1041_1af4);
+        let mut w = [0u8; 2];
+        root.pio_read(6, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x1041);
+        root.pio_read(7, &mut b);
+        assert_eq!(b[0], 0x10);
+        // Crossing the data port.
+        root.pio_read(7, &mut w);
+        assert_eq!(w, [0xff; 2]);
+        // Class dword via register 8.
+        root.pio_write(0, &a(5, 0).config_address(8).to_le_bytes());
+        root.pio_read(7, &mut b);
+        assert_eq!(b[0], 0x02);
+        // Writes: command word at register 4.
+        root.pio_write(0, &a(5, 0).config_address(4).to_le_bytes());
+        let (addr, e) = root.pio_write(4, &[COMMAND_MEMORY as u8, 0]).unwrap();
+        assert_eq!(addr, a(5, 0));
+        assert!(e.decode_changed);
+        assert!(dev.config.mem_enabled());
+        assert_eq!(dev.written.load(Ordering::SeqCst), 1);
+        // BAR sizing through the data port.
+        root.pio_write(0, &a(5, 0).config_address(0x10).to_le_bytes());
+        let (_, e) = root.pio_write(4, &u32::MAX.to_le_bytes()).unwrap();
+        assert!(e.bar_changed(0));
+        assert_eq!(pio_read32(&root, 4), 0xffff_f000);
+        // Enable bit clear: all-ones, writes dropped.
+        root.pio_write(0, &0x0000_2810u32.to_le_bytes());
+        assert_eq!(pio_read32(&root, 4), u32::MAX);
+        assert!(root.pio_write(4, &[0; 4]).is_none());
+        // Absent function and other bus.
+        root.pio_write(0, &a(6, 0).config_address(0).to_le_bytes());
+        assert_eq!(pio_read32(&root, 4), u32::MAX);
+        assert!(root.pio_write(4, &[0; 4]).is_none());
+        root.pio_write(
+            0,
+            &PciAddress::new(1, 5, 0)
+                .unwrap()
+                .config_address(0)
+                .to_le_bytes(),
+        );
+        assert_eq!(pio_read32(&root, 4), u32::MAX);
+        // Out-of-range port offsets never panic.
+        assert_eq!(pio_read32(&root, 8), u32::MAX);
+        assert_eq!(pio_read32(&root, u64::MAX), u32::MAX);
+        assert!(root.pio_write(u64::MAX, &[0; 4]).is_none());
+    }
+
+    #[test]
+    fn ecam_decoding() {
+        let root = PciRoot::new();
+        let dev = Dev::new(0x1042);
+        root.add(a(3, 2), dev.clone()).unwrap();
+        let base = a(3, 2).ecam_offset();
+        let mut d = [0u8; 4];
+        root.ecam_read(base, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x1042_1af4);
+        let mut w = [0u8; 2];
+        root.ecam_read(base + 2, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x1042);
+        // Host bridge at offset 0.
+        root.ecam_read(0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x0008_1b36);
+        // Extended space reads 0 on present functions.
+        root.ecam_read(base + 0x100, &mut d);
+        assert_eq!(d, [0; 4]);
+        let (addr, e) = root
+            .ecam_write(base + PCI_COMMAND as u64, &[COMMAND_MEMORY as u8])
+            .unwrap();
+        assert_eq!(addr, a(3, 2));
+        assert!(e.decode_changed);
+        assert_eq!(dev.written.load(Ordering::SeqCst), 1);
+        // Absent function, other bus, beyond the window.
+        root.ecam_read(a(3, 3).ecam_offset(), &mut d);
+        assert_eq!(d, [0xff; 4]);
+        assert!(root.ecam_write(a(3, 3).ecam_offset() + 4, &[1]).is_none());
+        root.ecam_read(1 << 20, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        root.ecam_read(u64::MAX, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        assert!(root.ecam_write(1 << 20 | 4, &[1]).is_none());
+    }
+
+    #[test]
+    fn concurrent_reader_while_adding() {
+        let root = Arc::new(PciRoot::new());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (root, stop) = (root.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut seen = 0u64;
+                    while !stop.load(Ordering::Acquire) {
+                        for slot in 1..=4u8 {
+                            let mut d = [0u8; 4];
+                            root.ecam_read(a(slot, 0).ecam_offset(), &mut d);
+                            let v = u32::from_le_bytes(d);
+                            let expected = 0x1000_1af4 | (u32::from(slot) << 16);
+                            assert!(v == u32::MAX || v == expected, "{v:#x}");
+                            seen += u64::from(v != u32::MAX);
+                        }
+                    }
+                    seen
+                })
+            })
+            .collect();
+        let writers: Vec<_> = (1..=4u8)
+            .map(|slot| {
+                let root = root.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..500 {
+                        root.add(a(slot, 0), Dev::new(0x1000 | u16::from(slot)))
+                            .unwrap();
+                        root.remove(a(slot, 0)).unwrap();
+                    }
+                    root.add(a(slot, 0), Dev::new(0x1000 | u16::from(slot)))
+                        .unwrap();
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        stop.store(true, Ordering::Release);
+        for r in readers {
+            r.join().unwrap();
+        }
+        // Serialized writers lost no update.
+        assert_eq!(root.functions().len(), 5);
+    }
+}
