@@ -24,6 +24,9 @@
 //! 8 and 11..15 are write-1-to-clear; cache line size and interrupt line are
 //! writable; the expansion ROM BAR reads 0. BARs are sized by the mask alone:
 //! writing all-ones and reading back yields `!(size - 1) | type bits`.
+//! Bytes of the device-specific area (0x40..0x100) that no capability covers
+//! are guest-writable scratch, and capabilities are linked newest first, both
+//! as QEMU does.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -374,6 +377,9 @@ impl ConfigSpaceBuilder {
         b.w1cmask[PCI_STATUS..PCI_STATUS + 2].copy_from_slice(&w1c);
         b.wmask[PCI_CACHE_LINE_SIZE] = 0xff;
         b.wmask[PCI_INTERRUPT_LINE] = 0xff;
+        // As QEMU's pci_init_wmask: the device-specific area is writable
+        // until a capability claims its bytes.
+        b.wmask[FIRST_CAPABILITY..].fill(0xff);
         b
     }
 
@@ -461,9 +467,13 @@ impl ConfigSpaceBuilder {
         Ok(self)
     }
 
-    /// Appends a capability to the list (first at 0x40, each dword aligned)
-    /// and returns its offset. `body` is the capability after the ID/next
-    /// bytes; `writable` is the guest-writable bit mask of each body byte.
+    /// Adds a capability and returns its offset. Capabilities are placed in
+    /// memory one after the other from 0x40 (each dword aligned), but, like
+    /// QEMU's `pci_add_capability`, each new one is linked at the *head* of
+    /// the list: the capability pointer (0x34) points to the last one added
+    /// and the guest walks them newest first. `body` is the capability after
+    /// the ID/next bytes; `writable` is the guest-writable bit mask of each
+    /// body byte (the ID/next bytes are read-only).
     pub fn capability(&mut self, id: u8, body: &[u8], writable: &[u8]) -> Result<u8, ConfigError> {
         if body.len() != writable.len() {
             return Err(ConfigError::CapabilityMaskLength {
@@ -480,19 +490,22 @@ impl ConfigSpaceBuilder {
         self.bytes[offset] = id;
         self.bytes[offset + 1] = 0;
         self.bytes[offset + 2..end].copy_from_slice(body);
+        self.wmask[offset] = 0;
+        self.wmask[offset + 1] = 0;
         self.wmask[offset + 2..end].copy_from_slice(writable);
         // offset < 0x100 and len <= 0xc0 were checked above.
         let (offset8, len8) = (offset as u8, len as u8);
-        match self.caps.last() {
-            Some(prev) => self.bytes[usize::from(prev.offset) + 1] = offset8,
-            None => self.bytes[PCI_CAPABILITY_LIST] = offset8,
-        }
+        self.bytes[offset + 1] = self.bytes[PCI_CAPABILITY_LIST];
+        self.bytes[PCI_CAPABILITY_LIST] = offset8;
         self.bytes[PCI_STATUS] |= STATUS_CAP_LIST as u8;
-        self.caps.push(CapInfo {
-            id,
-            offset: offset8,
-            len: len8,
-        });
+        self.caps.insert(
+            0,
+            CapInfo {
+                id,
+                offset: offset8,
+                len: len8,
+            },
+        );
         self.next_cap = (end + 3) & !3;
         Ok(offset8)
     }
@@ -789,7 +802,7 @@ impl ConfigSpace {
         Some(raw & bar.kind.addr_mask())
     }
 
-    /// The capabilities, in list order.
+    /// The capabilities, in guest list order (newest first, as QEMU).
     pub fn capabilities(&self) -> &[CapInfo] {
         &self.caps
     }
@@ -1135,7 +1148,9 @@ mod tests {
             found.push((c.read_u8(ptr.into()), ptr));
             ptr = c.read_u8(usize::from(ptr) + 1);
         }
-        assert_eq!(found, vec![(0x09, 0x40), (0x11, 0x48), (0x09, 0x54)]);
+        // Newest first, like QEMU.
+        assert_eq!(found, vec![(0x09, 0x54), (0x11, 0x48), (0x09, 0x40)]);
+        assert_eq!(c.read_u8(PCI_CAPABILITY_LIST), 0x54);
         let caps: Vec<_> = c
             .capabilities()
             .iter()
@@ -1143,15 +1158,23 @@ mod tests {
             .collect();
         assert_eq!(
             caps,
-            vec![(0x09, 0x40, 5), (0x11, 0x48, 12), (0x09, 0x54, 16)]
+            vec![(0x09, 0x54, 16), (0x11, 0x48, 12), (0x09, 0x40, 5)]
         );
+        // ID/next bytes are read-only; the padding after the 5-byte
+        // capability at 0x40 and the free area are writable, as QEMU.
+        c.write(0x40, &[0xff, 0xff]);
+        c.write(0x45, &[0x77]);
+        c.write(0xfc, &0x1234_5678u32.to_le_bytes());
+        assert_eq!(c.read_u16(0x40), 0x0009);
+        assert_eq!(c.read_u8(0x45), 0x77);
+        assert_eq!(c.read_u32(0xfc / 4), 0x1234_5678);
         // Per-byte writable mask of a capability body.
         let e = c.write(0x42, &[0x12]);
         assert!(e.touches(0x42, 1) && !e.touches(0x43, 2));
         c.write(0x43, &[0x34]);
-        assert_eq!(c.read_u32(0x40 / 4), 0xbb12_4809);
+        assert_eq!(c.read_u32(0x40 / 4), 0xbb12_0009);
         // MSI-X layout and control bits.
-        assert_eq!(c.read_u32(0x48 / 4), 0x0002_5411);
+        assert_eq!(c.read_u32(0x48 / 4), 0x0002_4011);
         assert_eq!(c.read_u32(0x4c / 4), 2);
         assert_eq!(c.read_u32(0x50 / 4), 0x2002);
         let e = c.write(0x4a, &0xffffu16.to_le_bytes());
@@ -1161,7 +1184,8 @@ mod tests {
         // Reset restores everything written.
         c.reset();
         assert_eq!(c.read_u16(0x4a), 2);
-        assert_eq!(c.read_u32(0x40 / 4), 0xbb_aa_48_09);
+        assert_eq!(c.read_u32(0x40 / 4), 0xbb_aa_00_09);
+        assert_eq!(c.read_u8(0x45), 0);
     }
 
     #[test]
