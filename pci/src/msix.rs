@@ -254,6 +254,20 @@ impl MsixTable {
             .is_some_and(|(q, bit)| q.fetch_and(!bit, Ordering::AcqRel) & bit != 0)
     }
 
+    /// [`take_pending_if_unmasked`](Self::take_pending_if_unmasked) for every
+    /// vector: the messages the caller must deliver now, in vector order.
+    /// Call it when the guest clears the function mask or enables MSI-X
+    /// (QEMU's `msix_write_config`).
+    pub fn take_all_pending_unmasked(&self, function_masked: bool) -> Vec<(u16, MsixMessage)> {
+        if function_masked {
+            return Vec::new();
+        }
+        (0..self.vectors)
+            .filter(|v| self.take_pending_if_unmasked(*v, false))
+            .filter_map(|v| Some((v, self.entry(v)?)))
+            .collect()
+    }
+
     /// The signalling decision for an interrupt on vector `v`, given the
     /// MSI-X enable and function mask bits of message control.
     ///
@@ -466,7 +480,14 @@ mod tests {
         cfg.write(ctrl, &0x8000u16.to_le_bytes());
         assert!(matches!(t.signal(0, &cfg), Delivery::Now(_)));
         // The earlier pending bit is still there for the unmask handler.
-        assert!(t.take_pending_if_unmasked(0, cfg.msix_function_masked()));
+        assert!(t.pending(0));
+        assert_eq!(t.take_all_pending_unmasked(true), vec![]);
+        let msg = t.entry(0).unwrap();
+        assert_eq!(
+            t.take_all_pending_unmasked(cfg.msix_function_masked()),
+            vec![(0, msg)]
+        );
+        assert!(!t.pending(0));
     }
 
     #[test]
