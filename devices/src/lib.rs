@@ -2,10 +2,14 @@
 //!
 //! - [`bus`]: the lock-free bus (PIO and MMIO) every exit goes through.
 //! - [`legacy`]: the 8250 UART, the i8042 reset line, the ACPI PM port.
+//! - [`pci_host`]: PCI config access from the buses, BAR mapping.
+//! - [`virtio`]: the virtio-pci transport and the virtio devices.
 #![deny(missing_docs)]
 
 pub mod bus;
 pub mod legacy;
+pub mod pci_host;
+pub mod virtio;
 
 use vmm_sys_util::eventfd::EventFd;
 

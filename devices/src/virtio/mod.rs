@@ -1,0 +1,110 @@
+//! Virtio devices: the modern virtio-pci transport ([`pci`]) and one file per device.
+//!
+//! A device ([`VirtioDevice`]) knows its type, features, queues and config; the transport
+//! owns everything guest-visible on PCI (config space, capabilities, MSI-X, the common config
+//! registers, ISR, notifications). When the driver sets DRIVER_OK the transport hands the
+//! device its queues; the device processes them on a worker thread of its own (never on a vCPU
+//! thread), woken by the queues' ioeventfds, and signals used buffers through
+//! [`VirtioInterrupt`].
+
+pub mod pci;
+pub mod rng;
+mod worker;
+
+pub use worker::{QueueHandler, QueueWorker};
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// `VIRTIO_F_VERSION_1`: a modern (virtio 1.x) device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_F_RING_EVENT_IDX`.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// Device status bits (virtio 1.x, 2.1).
+pub mod status {
+    /// The guest noticed the device.
+    pub const ACKNOWLEDGE: u8 = 1;
+    /// The guest has a driver for it.
+    pub const DRIVER: u8 = 2;
+    /// The driver is ready: queues may be used.
+    pub const DRIVER_OK: u8 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u8 = 8;
+    /// The device hit an error and needs a reset.
+    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
+    /// The driver gave up on the device.
+    pub const FAILED: u8 = 0x80;
+}
+
+/// Virtio device types (virtio 1.x, 5).
+pub mod types {
+    /// Network card.
+    pub const NET: u32 = 1;
+    /// Block device.
+    pub const BLOCK: u32 = 2;
+    /// Console.
+    pub const CONSOLE: u32 = 3;
+    /// Entropy source.
+    pub const RNG: u32 = 4;
+}
+
+/// How a device tells the driver about used buffers or a config change.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Signals that queue `index` has new used buffers.
+    fn signal_queue(&self, index: u16);
+    /// Signals a configuration change.
+    fn signal_config(&self);
+    /// Marks the device DEVICE_NEEDS_RESET (it met something it cannot go on from, such as
+    /// a queue in bad guest memory) and tells the driver.
+    fn needs_reset(&self);
+}
+
+/// A queue handed to an activated device.
+pub struct ActiveQueue {
+    /// Index of the queue.
+    pub index: u16,
+    /// The queue, validated against guest memory.
+    pub queue: Queue,
+    /// Signalled when the driver notifies the queue.
+    pub event: EventFd,
+}
+
+/// What a device gets at DRIVER_OK.
+pub struct Activation {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The queues the driver enabled.
+    pub queues: Vec<ActiveQueue>,
+    /// The features the driver accepted.
+    pub driver_features: u64,
+    /// Where to signal used buffers.
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+/// A virtio device behind a transport. Methods take `&self`; state lives inside.
+pub trait VirtioDevice: Send + Sync {
+    /// The virtio device type ([`types`]).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Feature bits offered (must include [`VIRTIO_F_VERSION_1`]).
+    fn features(&self) -> u64;
+    /// Size of the device-specific config area (0: none).
+    fn config_size(&self) -> u64 {
+        0
+    }
+    /// Reads the device-specific config.
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    /// Writes the device-specific config.
+    fn write_config(&self, _offset: u64, _data: &[u8]) {}
+    /// Starts the device with the queues the driver set up.
+    fn activate(&self, activation: Activation) -> Result<(), String>;
+    /// Stops the device (driver reset); it may be activated again later.
+    fn reset(&self);
+}
