@@ -337,7 +337,9 @@ impl WriteEffect {
 
     /// Whether the access overlapped the byte range `start..start + len`.
     pub fn touches(&self, start: usize, len: usize) -> bool {
-        self.len != 0 && self.offset < start.saturating_add(len) && start < self.offset + self.len
+        self.len != 0
+            && self.offset < start.saturating_add(len)
+            && start < self.offset.saturating_add(self.len)
     }
 }
 
@@ -442,7 +444,7 @@ impl ConfigSpaceBuilder {
         } else {
             1
         };
-        if index + regs > NUM_BARS {
+        if index.checked_add(regs).is_none_or(|end| end > NUM_BARS) {
             return Err(ConfigError::BarIndex(index));
         }
         if self.bar_used[index..index + regs].iter().any(|u| *u) {
@@ -1038,6 +1040,13 @@ mod tests {
             b.bar(6, BarKind::Io, 4).err(),
             Some(ConfigError::BarIndex(6))
         );
+        let wide = BarKind::Mem64 {
+            prefetchable: false,
+        };
+        assert_eq!(
+            b.bar(usize::MAX, wide, 16).err(),
+            Some(ConfigError::BarIndex(usize::MAX))
+        );
         assert_eq!(
             b.bar(
                 5,
@@ -1269,6 +1278,7 @@ mod tests {
         assert_eq!(c.read_u32(1024), u32::MAX);
         let e = c.write(usize::MAX - 1, &[1, 2]);
         assert!(!e.changed());
+        assert!(e.touches(usize::MAX - 1, 1) && !e.touches(0, 4));
         let e = c.write(5, &[0xff, 0xff]);
         assert!(!e.changed());
         assert_eq!(c.command(), 0);

@@ -519,6 +519,47 @@ mod tests {
     }
 
     #[test]
+    fn hostile_accesses_never_panic() {
+        let root = PciRoot::new();
+        let dev = Dev::new(0x1041);
+        root.add(a(1, 0), dev.clone()).unwrap();
+        let table = crate::msix::MsixTable::new(3);
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..100_000 {
+            let r = next();
+            let len = [0usize, 1, 2, 3, 4, 8, 16][(r % 7) as usize];
+            let data = next().to_le_bytes().repeat(2);
+            let off = match (r >> 3) % 4 {
+                0 => next(),
+                1 => next() % 0x1_0000,
+                2 => a(1, 0).ecam_offset() + next() % 0x1000,
+                _ => next() % 16,
+            };
+            let mut buf = vec![0u8; len];
+            root.ecam_write(off, &data[..len]);
+            root.ecam_read(off, &mut buf);
+            root.pio_write(off % 16, &data[..len]);
+            root.pio_read(off, &mut buf);
+            table.write_table(off % 64, &data[..len]);
+            table.read_table(off, &mut buf);
+            table.read_pba(off % 16, &mut buf);
+            dev.config.write(off as usize, &data[..len]);
+        }
+        let c = dev.config();
+        assert_eq!(
+            (c.vendor_id(), c.device_id(), c.class_code()),
+            (0x1af4, 0x1041, 0x02_0000)
+        );
+        assert_eq!(root.get(a(0, 0)).unwrap().config().device_id(), 0x0008);
+    }
+
+    #[test]
     fn concurrent_reader_while_adding() {
         let root = Arc::new(PciRoot::new());
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
