@@ -17,6 +17,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot a guest.
+    #[command(after_help = crate::device_manager::device_help())]
     Run(RunArgs),
 }
 
@@ -38,4 +39,8 @@ pub struct RunArgs {
     /// Number of vCPUs (1 to 32).
     #[arg(long, default_value_t = 1)]
     pub cpus: u8,
+    /// Add a PCI device, QEMU syntax: DRIVER[,id=ID][,addr=SS[.F]][,PROP=VALUE...]
+    /// (repeatable; drivers and properties are listed below).
+    #[arg(long = "device", value_name = "DEVICE")]
+    pub devices: Vec<String>,
 }

@@ -8,6 +8,7 @@ pub mod acpi;
 pub mod boot;
 pub mod cli;
 pub mod cpu;
+pub mod device_manager;
 pub mod layout;
 pub mod machine;
 pub mod stop;
@@ -56,6 +57,9 @@ pub enum Error {
     /// Guest memory could not be set up or written.
     #[error("guest memory: {0}")]
     Memory(String),
+    /// A device option or placement error (QEMU's wording).
+    #[error("{0}")]
+    Device(#[from] device_manager::DeviceError),
     /// A host I/O error.
     #[error("{0}")]
     Io(#[from] std::io::Error),

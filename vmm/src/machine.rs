@@ -14,6 +14,8 @@ use devices::legacy::{
     AcpiPm, PowerCallback, PowerEvent, Serial, ACPI_PM_PORT, ACPI_PM_PORT_LEN, I8042,
     I8042_COMMAND_PORT, I8042_DATA_PORT, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN,
 };
+use devices::pci_host::{BarMapper, ConfigPorts, Ecam};
+use pci::PciRoot;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -24,7 +26,7 @@ use crate::layout::*;
 use crate::stop::{Stop, StopReason};
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
-use crate::{acpi, cpu, Error};
+use crate::{acpi, cpu, device_manager, Error};
 
 /// Smallest guest memory we accept, in MiB.
 pub const MIN_MEMORY_MIB: u64 = 16;
@@ -71,6 +73,12 @@ impl MachineConfig {
 /// Boots the guest described by `args` and runs it to the end. Returns the exit status.
 pub fn run(args: &RunArgs) -> Result<i32, Error> {
     let config = MachineConfig::from_args(args)?;
+    let specs = args
+        .devices
+        .iter()
+        .map(|d| device_manager::parse_device(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let placed = device_manager::place(&specs, &Default::default())?;
     // Check the files before the (comparatively slow) VM creation, so bad input fails fast.
     let initrd = match &args.initrd {
         Some(p) => Some(std::fs::read(p).map_err(|e| Error::Initrd {
@@ -86,7 +94,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
 
     let stop = Arc::new(Stop::new()?);
     block_stop_signals(&stop)?;
-    let vm = Vm::new(config.mem_size)?;
+    let vm = Arc::new(Vm::new(config.mem_size)?);
     let pio = Arc::new(Bus::new());
     let mmio = Arc::new(Bus::new());
 
@@ -113,6 +121,30 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
     pio.insert(I8042_COMMAND_PORT, 1, i8042).map_err(bus_err)?;
     pio.insert(ACPI_PM_PORT, ACPI_PM_PORT_LEN, Arc::new(AcpiPm::new(power)))
         .map_err(bus_err)?;
+
+    let root = Arc::new(PciRoot::new());
+    let mapper = Arc::new(BarMapper::new(root.clone(), &pio, &mmio));
+    pio.insert(
+        PCI_CONFIG_PORT,
+        PCI_CONFIG_PORT_LEN,
+        Arc::new(ConfigPorts::new(root.clone(), mapper.clone())),
+    )
+    .map_err(bus_err)?;
+    mmio.insert(
+        ECAM_START,
+        ECAM_SIZE,
+        Arc::new(Ecam::new(root.clone(), mapper.clone())),
+    )
+    .map_err(|e| Error::Config(format!("MMIO bus: {e}")))?;
+    let realized = device_manager::realize(&placed, &root, &vm.mem, vm.clone())?;
+    for r in &realized {
+        tracing::info!(
+            "{} {} at {}",
+            r.placed.spec.driver,
+            r.placed.id,
+            r.placed.addr
+        );
+    }
 
     let kernel = boot::load_kernel(&vm.mem, &args.kernel)?;
     boot::write_cmdline(&vm.mem, &args.append)?;
@@ -270,6 +302,7 @@ mod tests {
             append: String::new(),
             memory,
             cpus,
+            devices: vec![],
         }
     }
 

@@ -2,13 +2,15 @@
 
 use std::sync::Mutex;
 
+use devices::virtio::pci::VirtioHost;
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
     KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::layout::*;
 use crate::Error;
@@ -144,4 +146,32 @@ fn irqchip_route(gsi: u32, irqchip: u32, pin: u32) -> kvm_irq_routing_entry {
     e.u.irqchip.irqchip = irqchip;
     e.u.irqchip.pin = pin;
     e
+}
+
+/// KVM-backed host services for virtio-pci: ioeventfds, MSI GSIs with irqfds, MSI routes.
+impl VirtioHost for Vm {
+    fn register_ioevent(&self, event: &EventFd, addr: u64) -> std::io::Result<()> {
+        self.fd
+            .register_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn unregister_ioevent(&self, event: &EventFd, addr: u64) -> std::io::Result<()> {
+        self.fd
+            .unregister_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn allocate_msi(&self) -> std::io::Result<(u32, EventFd)> {
+        let gsi = self.allocate_msi_gsi();
+        let fd = EventFd::new(0)?;
+        self.fd
+            .register_irqfd(&fd, gsi)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        Ok((gsi, fd))
+    }
+
+    fn set_msi_route(&self, gsi: u32, msg: Option<(u64, u32)>) -> std::io::Result<()> {
+        Vm::set_msi_route(self, gsi, msg).map_err(std::io::Error::other)
+    }
 }

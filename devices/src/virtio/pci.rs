@@ -225,7 +225,7 @@ impl VirtioPciDevice {
             super::types::NET => (0x02, 0x00),
             super::types::BLOCK => (0x01, 0x00),
             super::types::CONSOLE => (0x07, 0x80),
-            _ => (0xff, 0x00),
+            _ => (0x00, 0xff), // "unclassified", as QEMU for virtio-rng
         };
         b.class(class, sub, 0)
             .revision(1)

@@ -1,0 +1,591 @@
+//! Devices from the command line to the PCI bus.
+//!
+//! `--device` strings -> [`DeviceSpec`]s ([`parse_device`]) -> ids and addresses
+//! ([`place`]: explicit addresses first, then hinted ones, then the first free slot in
+//! command-line order) -> realized functions on the root complex ([`realize`]).
+//!
+//! Device ids: `id=` when given; a device without one is `device[N]`, N counting the id-less
+//! devices in command-line order (QEMU's `/machine/peripheral-anon/device[N]`). An anonymous
+//! device keeps its identity only as long as its position does: give ids to devices whose
+//! address must survive edits of the command line.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use devices::virtio::pci::{TransportProps, VirtioHost, VirtioPciDevice};
+use devices::virtio::rng::Rng;
+use devices::virtio::VirtioDevice;
+use pci::config::{BarKind, PCI_INTERRUPT_LINE};
+use pci::{parse_qemu_addr, Owner, PciAddress, PciFunction, PciRoot, SlotAllocator};
+use vm_memory::GuestMemoryMmap;
+
+use crate::layout::{PCI_MMIO32_SIZE, PCI_MMIO32_START};
+
+/// Errors in device options and placement. Texts follow QEMU's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    /// Unknown driver.
+    #[error("'{0}' is not a valid device model name")]
+    UnknownDriver(String),
+    /// Unknown property.
+    #[error("Property '{driver}.{prop}' not found")]
+    UnknownProperty {
+        /// Driver.
+        driver: String,
+        /// Property.
+        prop: String,
+    },
+    /// A property value that does not parse.
+    #[error("Property '{driver}.{prop}' can't take value '{value}': {reason}")]
+    BadValue {
+        /// Driver.
+        driver: String,
+        /// Property.
+        prop: String,
+        /// The value given.
+        value: String,
+        /// Why not.
+        reason: String,
+    },
+    /// The same id twice.
+    #[error("Duplicate ID '{0}' for device")]
+    DuplicateId(String),
+    /// An id that is not an identifier.
+    #[error("Parameter 'id' expects an identifier")]
+    BadId,
+    /// A bus other than pci.0.
+    #[error("Bus '{0}' not found")]
+    NoBus(String),
+    /// A property given twice in one --device.
+    #[error("Parameter '{0}' given more than once")]
+    RepeatedProperty(String),
+    /// The slot allocator refused.
+    #[error("{0}")]
+    Slot(#[from] pci::SlotError),
+    /// BARs do not fit in the PCI window.
+    #[error("PCI: no room for BAR {bar} of {device} in the 32-bit PCI window")]
+    NoBarSpace {
+        /// Device id.
+        device: String,
+        /// BAR index.
+        bar: usize,
+    },
+    /// The device could not be built.
+    #[error("{id}: {reason}")]
+    Realize {
+        /// Device id.
+        id: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// A driver property.
+#[derive(Debug, Clone, Copy)]
+pub struct PropInfo {
+    /// Name.
+    pub name: &'static str,
+    /// What it does, for `--help`.
+    pub help: &'static str,
+    /// Whether it shapes the guest-visible ABI (recorded and pinned by compat records).
+    pub abi: bool,
+}
+
+/// A device driver we can realize.
+#[derive(Debug, Clone, Copy)]
+pub struct DriverInfo {
+    /// QEMU's driver name.
+    pub name: &'static str,
+    /// One line for `--help`.
+    pub help: &'static str,
+    /// Its own properties (besides id, addr, multifunction, bus).
+    pub props: &'static [PropInfo],
+}
+
+/// Properties every PCI device has.
+pub const COMMON_PROPS: &[PropInfo] = &[
+    PropInfo {
+        name: "id",
+        help: "stable device id (an identifier)",
+        abi: false,
+    },
+    PropInfo {
+        name: "addr",
+        help: "PCI slot[.function] on bus 0, hex: 5, 05, 5.0, 0x5.0x1, 1f.7",
+        abi: false,
+    },
+    PropInfo {
+        name: "multifunction",
+        help: "on|off: function 0 announces more functions in its slot",
+        abi: true,
+    },
+    PropInfo {
+        name: "bus",
+        help: "pci.0 (the only bus)",
+        abi: false,
+    },
+];
+
+const VECTORS: PropInfo = PropInfo {
+    name: "vectors",
+    help: "number of MSI-X vectors (0 disables MSI-X; default 2)",
+    abi: true,
+};
+
+/// Every driver.
+pub const DRIVERS: &[DriverInfo] = &[DriverInfo {
+    name: "virtio-rng-pci",
+    help: "virtio entropy source (1af4:1044), fed by the host's getrandom",
+    props: &[VECTORS],
+}];
+
+/// The driver called `name`.
+pub fn driver(name: &str) -> Option<&'static DriverInfo> {
+    DRIVERS.iter().find(|d| d.name == name)
+}
+
+/// One `--device` option, parsed and checked against its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// Driver name.
+    pub driver: String,
+    /// `id=`, if given.
+    pub id: Option<String>,
+    /// `addr=`: slot and optional function.
+    pub addr: Option<(u8, Option<u8>)>,
+    /// `multifunction=`.
+    pub multifunction: bool,
+    /// Driver-specific properties as given (name -> value), already validated.
+    pub props: BTreeMap<String, String>,
+}
+
+fn parse_bool(driver: &str, prop: &str, v: &str) -> Result<bool, DeviceError> {
+    match v {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(DeviceError::BadValue {
+            driver: driver.into(),
+            prop: prop.into(),
+            value: v.into(),
+            reason: "expected 'on' or 'off'".into(),
+        }),
+    }
+}
+
+/// Parses a number the way QEMU's integer properties do (decimal, or hex with 0x).
+fn parse_u16(driver: &str, prop: &str, v: &str, max: u16) -> Result<u16, DeviceError> {
+    let n = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16).ok(),
+        None => v.parse::<u32>().ok(),
+    };
+    match n {
+        Some(n) if n <= u32::from(max) => Ok(n as u16),
+        _ => Err(DeviceError::BadValue {
+            driver: driver.into(),
+            prop: prop.into(),
+            value: v.into(),
+            reason: format!("expected a number from 0 to {max}"),
+        }),
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    let mut c = id.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic())
+        && c.all(|x| x.is_ascii_alphanumeric() || matches!(x, '-' | '.' | '_'))
+}
+
+/// Checks the value of a driver-specific property.
+fn check_prop(driver: &str, prop: &str, v: &str) -> Result<(), DeviceError> {
+    match prop {
+        "vectors" => parse_u16(driver, prop, v, devices::virtio::pci::MAX_VECTORS).map(|_| ()),
+        _ => Ok(()),
+    }
+}
+
+/// Parses `DRIVER[,id=ID][,addr=SS[.F]][,multifunction=on|off][,bus=pci.0][,PROP=VALUE...]`
+/// (also `driver=DRIVER,...`).
+pub fn parse_device(s: &str) -> Result<DeviceSpec, DeviceError> {
+    let mut parts = s.split(',');
+    let first = parts.next().unwrap_or_default();
+    let name = first.strip_prefix("driver=").unwrap_or(first);
+    let info = driver(name).ok_or_else(|| DeviceError::UnknownDriver(name.to_string()))?;
+    let mut spec = DeviceSpec {
+        driver: info.name.to_string(),
+        id: None,
+        addr: None,
+        multifunction: false,
+        props: BTreeMap::new(),
+    };
+    let mut seen = HashSet::new();
+    for kv in parts {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, "on"));
+        if !seen.insert(k.to_string()) {
+            return Err(DeviceError::RepeatedProperty(k.to_string()));
+        }
+        match k {
+            "id" => {
+                if !valid_id(v) {
+                    return Err(DeviceError::BadId);
+                }
+                spec.id = Some(v.to_string());
+            }
+            "addr" => {
+                let a = parse_qemu_addr(v).map_err(|_| DeviceError::BadValue {
+                    driver: info.name.into(),
+                    prop: "addr".into(),
+                    value: v.into(),
+                    reason: "invalid PCI address".into(),
+                })?;
+                spec.addr = Some(a);
+            }
+            "multifunction" => spec.multifunction = parse_bool(info.name, k, v)?,
+            "bus" => {
+                if v != "pci.0" {
+                    return Err(DeviceError::NoBus(v.to_string()));
+                }
+            }
+            _ if info.props.iter().any(|p| p.name == k) => {
+                check_prop(info.name, k, v)?;
+                spec.props.insert(k.to_string(), v.to_string());
+            }
+            _ => {
+                return Err(DeviceError::UnknownProperty {
+                    driver: info.name.into(),
+                    prop: k.into(),
+                })
+            }
+        }
+    }
+    Ok(spec)
+}
+
+/// A device with its id and address decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// The spec it came from.
+    pub spec: DeviceSpec,
+    /// Its id (given, or `device[N]`).
+    pub id: String,
+    /// Where it sits.
+    pub addr: PciAddress,
+}
+
+/// Gives every spec an id and an address.
+///
+/// Order: explicit `addr=` first, then devices whose id has a hinted address (from a compat
+/// record) when that address is still free, then everything else in command-line order, each
+/// at function 0 of the first free slot from 1 up.
+pub fn place(
+    specs: &[DeviceSpec],
+    hints: &HashMap<String, PciAddress>,
+) -> Result<Vec<Placed>, DeviceError> {
+    let mut ids = Vec::with_capacity(specs.len());
+    let mut seen = HashSet::new();
+    let mut anon = 0;
+    for s in specs {
+        let id = match &s.id {
+            Some(id) => id.clone(),
+            None => {
+                anon += 1;
+                format!("device[{}]", anon - 1)
+            }
+        };
+        if !seen.insert(id.clone()) {
+            return Err(DeviceError::DuplicateId(id));
+        }
+        ids.push(id);
+    }
+    let owner = |s: &DeviceSpec| Owner {
+        driver: s.driver.clone(),
+        id: s.id.clone(),
+        multifunction: s.multifunction,
+    };
+    let mut slots = SlotAllocator::new();
+    let mut addrs: Vec<Option<PciAddress>> = vec![None; specs.len()];
+    for (i, s) in specs.iter().enumerate() {
+        if let Some((slot, func)) = s.addr {
+            addrs[i] = Some(slots.claim(slot, func.unwrap_or(0), &owner(s))?);
+        }
+    }
+    for (i, s) in specs.iter().enumerate() {
+        if addrs[i].is_some() {
+            continue;
+        }
+        if let Some(h) = hints.get(&ids[i]) {
+            match slots.claim(h.device(), h.function(), &owner(s)) {
+                Ok(a) => addrs[i] = Some(a),
+                Err(e) => tracing::warn!("{}: recorded address {h} not usable ({e})", ids[i]),
+            }
+        }
+    }
+    for (i, s) in specs.iter().enumerate() {
+        if addrs[i].is_none() {
+            addrs[i] = Some(slots.auto(&owner(s))?);
+        }
+    }
+    slots.validate()?;
+    Ok(specs
+        .iter()
+        .zip(ids)
+        .zip(addrs)
+        .filter_map(|((s, id), a)| {
+            a.map(|addr| Placed {
+                spec: s.clone(),
+                id,
+                addr,
+            })
+        })
+        .collect())
+}
+
+/// A device realized on the bus.
+pub struct Realized {
+    /// Its placement.
+    pub placed: Placed,
+    /// The function on the root complex.
+    pub function: Arc<dyn PciFunction>,
+}
+
+fn transport_props(p: &Placed) -> TransportProps {
+    let vectors = p
+        .spec
+        .props
+        .get("vectors")
+        .and_then(|v| parse_u16(&p.spec.driver, "vectors", v, u16::MAX).ok())
+        .unwrap_or(2);
+    TransportProps {
+        vectors,
+        multifunction: p.spec.multifunction,
+    }
+}
+
+/// Builds every placed device, gives its BARs addresses in the 32-bit PCI window (in address
+/// order, each aligned to its size) and adds it to `root`.
+pub fn realize(
+    placed: &[Placed],
+    root: &PciRoot,
+    mem: &GuestMemoryMmap,
+    host: Arc<dyn VirtioHost>,
+) -> Result<Vec<Realized>, DeviceError> {
+    let mut sorted: Vec<&Placed> = placed.iter().collect();
+    sorted.sort_by_key(|p| p.addr);
+    let mut next_bar = PCI_MMIO32_START;
+    let mut out = Vec::new();
+    for p in sorted {
+        let realize_err = |reason: String| DeviceError::Realize {
+            id: p.id.clone(),
+            reason,
+        };
+        let device: Arc<dyn VirtioDevice> = match p.spec.driver.as_str() {
+            "virtio-rng-pci" => Arc::new(Rng::new()),
+            other => return Err(DeviceError::UnknownDriver(other.to_string())),
+        };
+        let f = VirtioPciDevice::new(
+            &p.spec.driver,
+            device,
+            transport_props(p),
+            mem.clone(),
+            host.clone(),
+        )
+        .map_err(|e| realize_err(e.to_string()))?;
+        let cfg = f.config();
+        for bar in cfg.bars() {
+            let base = next_bar.next_multiple_of(bar.size);
+            if matches!(bar.kind, BarKind::Io)
+                || base + bar.size > PCI_MMIO32_START + PCI_MMIO32_SIZE
+            {
+                return Err(DeviceError::NoBarSpace {
+                    device: p.id.clone(),
+                    bar: bar.index,
+                });
+            }
+            cfg.set_bar_address(bar.index, base)
+                .map_err(|e| realize_err(e.to_string()))?;
+            next_bar = base + bar.size;
+        }
+        let pin = cfg.interrupt_pin();
+        if pin > 0 {
+            let gsi = crate::acpi::intx_gsi(p.addr.device(), pin - 1);
+            cfg.set_raw(PCI_INTERRUPT_LINE, &[gsi as u8]);
+        }
+        let function: Arc<dyn PciFunction> = Arc::new(f);
+        root.add(p.addr, function.clone())
+            .map_err(|e| realize_err(e.to_string()))?;
+        out.push(Realized {
+            placed: p.clone(),
+            function,
+        });
+    }
+    Ok(out)
+}
+
+/// The `--help` text describing `--device`.
+pub fn device_help() -> String {
+    let mut s = String::from(
+        "Devices (--device DRIVER[,id=ID][,addr=SS[.F]][,multifunction=on|off][,bus=pci.0][,PROP=VALUE...]):\n",
+    );
+    s.push_str("  Properties of every device:\n");
+    for p in COMMON_PROPS {
+        s.push_str(&format!("    {:<14} {}\n", p.name, p.help));
+    }
+    for d in DRIVERS {
+        s.push_str(&format!("  {}: {}\n", d.name, d.help));
+        for p in d.props {
+            s.push_str(&format!("    {:<14} {}\n", p.name, p.help));
+        }
+    }
+    s.push_str(
+        "  Devices without addr= take function 0 of the first free slot from 1 up, in\n  \
+         command-line order, after every explicit address is reserved. Devices without id=\n  \
+         are called device[0], device[1], ... in command-line order.\n",
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn specs(list: &[&str]) -> Vec<DeviceSpec> {
+        list.iter().map(|s| parse_device(s).unwrap()).collect()
+    }
+
+    fn placed(list: &[&str]) -> Result<Vec<(String, String)>, String> {
+        place(&specs(list), &HashMap::new())
+            .map(|v| v.into_iter().map(|p| (p.id, p.addr.to_string())).collect())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn parses_qemu_device_syntax() {
+        let s = parse_device(
+            "virtio-rng-pci,id=rng0,addr=0x5.0x1,multifunction=on,bus=pci.0,vectors=4",
+        )
+        .unwrap();
+        assert_eq!(s.driver, "virtio-rng-pci");
+        assert_eq!(s.id.as_deref(), Some("rng0"));
+        assert_eq!(s.addr, Some((5, Some(1))));
+        assert!(s.multifunction);
+        assert_eq!(s.props.get("vectors").map(String::as_str), Some("4"));
+        assert_eq!(
+            parse_device("driver=virtio-rng-pci").unwrap().driver,
+            "virtio-rng-pci"
+        );
+    }
+
+    #[test]
+    fn bad_device_options_have_qemu_messages() {
+        let err = |s: &str| parse_device(s).unwrap_err().to_string();
+        assert_eq!(
+            err("virtio-rng-pci,addr=zz"),
+            "Property 'virtio-rng-pci.addr' can't take value 'zz': invalid PCI address"
+        );
+        assert_eq!(
+            err("virtio-rng-pci,addr=20"),
+            "Property 'virtio-rng-pci.addr' can't take value '20': invalid PCI address"
+        );
+        assert_eq!(
+            err("virtio-rng-pci,foo=1"),
+            "Property 'virtio-rng-pci.foo' not found"
+        );
+        assert_eq!(
+            err("nosuch-pci"),
+            "'nosuch-pci' is not a valid device model name"
+        );
+        assert_eq!(err("virtio-rng-pci,bus=pci.1"), "Bus 'pci.1' not found");
+        assert_eq!(
+            err("virtio-rng-pci,id=0bad"),
+            "Parameter 'id' expects an identifier"
+        );
+        assert!(err("virtio-rng-pci,vectors=9999")
+            .starts_with("Property 'virtio-rng-pci.vectors' can't take value '9999'"));
+        assert!(err("virtio-rng-pci,multifunction=maybe").contains("multifunction"));
+    }
+
+    #[test]
+    fn explicit_addresses_first_then_first_free_slot_in_order() {
+        let p = placed(&[
+            "virtio-rng-pci,id=rng0,addr=05.0",
+            "virtio-rng-pci,id=rng1",
+            "virtio-rng-pci,id=rng2,addr=1f.0",
+            "virtio-rng-pci",
+            "virtio-rng-pci,addr=1",
+        ])
+        .unwrap();
+        let got: Vec<(&str, &str)> = p.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                ("rng0", "00:05.0"),
+                ("rng1", "00:02.0"),
+                ("rng2", "00:1f.0"),
+                ("device[0]", "00:03.0"),
+                ("device[1]", "00:01.0"),
+            ]
+        );
+    }
+
+    #[test]
+    fn placement_errors_have_qemu_messages() {
+        assert_eq!(
+            placed(&["virtio-rng-pci,id=disk0,addr=5", "virtio-rng-pci,addr=5"]).unwrap_err(),
+            "PCI: slot 5 function 0 not available for virtio-rng-pci, in use by virtio-rng-pci,id=disk0"
+        );
+        assert_eq!(
+            placed(&["virtio-rng-pci,id=a", "virtio-rng-pci,id=a"]).unwrap_err(),
+            "Duplicate ID 'a' for device"
+        );
+        assert_eq!(
+            placed(&["virtio-rng-pci,addr=5", "virtio-rng-pci,addr=5.1"]).unwrap_err(),
+            "PCI: single function device can't be populated in function 5.1"
+        );
+        assert_eq!(
+            placed(&["virtio-rng-pci,addr=5.1"]).unwrap_err(),
+            "PCI: function 0 missing for 5.1: a multifunction slot needs function 0"
+        );
+        assert!(placed(&["virtio-rng-pci,addr=0"])
+            .unwrap_err()
+            .contains("host bridge"));
+        let full: Vec<String> = (0..32).map(|_| "virtio-rng-pci".to_string()).collect();
+        let full: Vec<&str> = full.iter().map(String::as_str).collect();
+        assert_eq!(
+            placed(&full).unwrap_err(),
+            "PCI: no slot/function available for virtio-rng-pci, all in use or reserved"
+        );
+    }
+
+    #[test]
+    fn multifunction_slot() {
+        let p = placed(&[
+            "virtio-rng-pci,id=f0,addr=6.0,multifunction=on",
+            "virtio-rng-pci,id=f1,addr=6.1",
+            "virtio-rng-pci,id=x",
+        ])
+        .unwrap();
+        assert_eq!(p[1].1, "00:06.1");
+        assert_eq!(p[2].1, "00:01.0");
+        assert!(placed(&["virtio-rng-pci,id=f1,addr=6.1"]).is_err());
+    }
+
+    #[test]
+    fn hints_are_honoured_and_new_devices_go_around_them() {
+        let mut hints = HashMap::new();
+        hints.insert("b".to_string(), PciAddress::new(0, 1, 0).unwrap());
+        hints.insert("c".to_string(), PciAddress::new(0, 3, 0).unwrap());
+        let p = place(
+            &specs(&[
+                "virtio-rng-pci,id=new",
+                "virtio-rng-pci,id=c",
+                "virtio-rng-pci,id=b",
+            ]),
+            &hints,
+        )
+        .unwrap();
+        let got: Vec<String> = p.iter().map(|p| format!("{}@{}", p.id, p.addr)).collect();
+        assert_eq!(got, ["new@00:02.0", "c@00:03.0", "b@00:01.0"]);
+        // An explicit address wins over a hint.
+        let p = place(&specs(&["virtio-rng-pci,id=b,addr=7"]), &hints).unwrap();
+        assert_eq!(p[0].addr.to_string(), "00:07.0");
+    }
+}
