@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# run-scenario.sh [--vmm PATH] HOST_SCRIPT
+# run-scenario.sh [--vmm PATH] [--with-qemu] HOST_SCRIPT
 # Run HOST_SCRIPT (sh; sees VMM, GUEST_KERNEL, GUEST_INITRD, and mkguestinitrd on PATH) on a
 # host with a real KVM: directly on this machine when it has hardware virtualisation (svm/vmx,
 # not PVM), else inside the L1 image booted by qemu TCG with emulated SVM. Output goes to stdout;
 # exit status is the scenario's rc (or non-zero with a loud message if it never finished).
 # Env: VMM_CACHE (cache dir), SCENARIO_TIMEOUT (s, default 600), VMM_GROUND=direct|l1 (force),
 #      L1_EXTRA_CPIO (L1 mode: extra .cpio.gz files appended to the L1 initramfs, e.g. tools).
+# --with-qemu: qemu-system-x86_64 is available to the scenario too (reference L2 monitor).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 VMM_BIN=$REPO_ROOT/target/release/vmm
-if [ "${1:-}" = --vmm ]; then VMM_BIN=$2; shift 2; fi
-SCRIPT=${1:?usage: run-scenario.sh [--vmm PATH] HOST_SCRIPT}
+WITH_QEMU=
+while [ $# -gt 1 ]; do
+    case $1 in
+        --vmm) VMM_BIN=$2; shift 2 ;;
+        --with-qemu) WITH_QEMU=1; shift ;;
+        *) break ;;
+    esac
+done
+SCRIPT=${1:?usage: run-scenario.sh [--vmm PATH] [--with-qemu] HOST_SCRIPT}
 [ -f "$SCRIPT" ] || { echo "run-scenario: no such script $SCRIPT" >&2; exit 2; }
 [ -x "$VMM_BIN" ] || { echo "run-scenario: vmm binary $VMM_BIN missing (cargo build --release -p vmm)" >&2; exit 2; }
 VMM_BIN=$(readlink -f "$VMM_BIN")
@@ -29,18 +37,25 @@ fi
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.build.lock"
 flock 9
+if { [ "$MODE" = l1 ] || [ -n "$WITH_QEMU" ]; } && ! command -v qemu-system-x86_64 >/dev/null; then
+    apt-get update -qq >&2 && apt-get install -y -qq qemu-system-x86 >&2
+fi
 "$LINUX_DIR/fetch.sh"
 "$LINUX_DIR/build-guest-initramfs.sh"
 [ "$MODE" = direct ] || "$LINUX_DIR/build-host-image.sh" "$VMM_BIN"
 load_versions
 W=$(mktemp -d); trap 'rm -rf "$W"' EXIT
 cp "$CACHE/guest-initramfs.cpio.gz" "$W/guest-initramfs.cpio.gz"
-[ "$MODE" = direct ] || cp "$CACHE/host-image.cpio.gz" "$W/host-image.cpio.gz"
+if [ "$MODE" = l1 ]; then
+    cp "$CACHE/host-image.cpio.gz" "$W/host-image.cpio.gz"
+    if [ -n "$WITH_QEMU" ]; then
+        "$LINUX_DIR/build-qemu-part.sh"
+        L1_EXTRA_CPIO="${L1_EXTRA_CPIO:-} $W/qemu.cpio.gz"
+        cp "$CACHE/l1-qemu.cpio.gz" "$W/qemu.cpio.gz"
+    fi
+fi
 exec 9>&-
 start=$(date +%s)
-if [ "$MODE" = l1 ] && ! command -v qemu-system-x86_64 >/dev/null; then
-    apt-get update -qq >&2 && apt-get install -y -qq qemu-system-x86 >&2
-fi
 
 if [ "$MODE" = direct ]; then
     echo "##### run-scenario: DIRECT mode: this host's /dev/kvm (hardware virtualisation) #####"
@@ -62,7 +77,7 @@ else
     set +e
     timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -m 2048 -smp 1 -nographic \
         -no-reboot -vga none -nic none -kernel "$R/boot/vmlinuz-$KVER_HOST" -initrd "$W/l1.cpio.gz" \
-        -append 'console=ttyS0 panic=-1 quiet' </dev/null 2>&1 | tr -d '\r' | tee "$W/log"
+        -append 'console=ttyS0 panic=-1 quiet' </dev/null 2>&1 | sed -u 's/\r//g' | tee "$W/log"
     qrc=${PIPESTATUS[0]}
     set -e
     rc=$(sed -n 's/.*=== HOST-SCENARIO-END rc=\([0-9]*\) ===.*/\1/p' "$W/log" | tail -n1)
