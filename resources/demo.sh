@@ -10,7 +10,7 @@ cargo build --release -p vmm
 
 DEVICES='--device virtio-rng-pci,id=rng0,addr=05.0 --device virtio-rng-pci,id=rng1 --device virtio-rng-pci,id=rng2,addr=1f.0'
 APPEND='console=ttyS0 quiet panic=-1 reboot=t'
-SCRIPT=$(mktemp); trap 'rm -f "$SCRIPT"' EXIT
+SCRIPT=$(mktemp); LOG=$(mktemp); trap 'rm -f "$SCRIPT" "$LOG"' EXIT
 if [ "${1:-}" = --qemu ]; then
     ARGS=--with-qemu
     echo "qemu-system-x86_64 -accel kvm -M microvm,pcie=on -cpu host,-xsave -m 256 -nodefaults -nographic" \
@@ -20,4 +20,14 @@ else
     echo "\"\$VMM\" run --kernel \"\$GUEST_KERNEL\" --initrd \"\$GUEST_INITRD\" --append '$APPEND' --memory 256 $DEVICES" > "$SCRIPT"
 fi
 echo "demo: host scenario: $(cat "$SCRIPT")"
-resources/linux/run-scenario.sh $ARGS "$SCRIPT"
+rc=0
+resources/linux/run-scenario.sh $ARGS "$SCRIPT" | tee "$LOG" || rc=$?
+echo
+if grep -q '=== LSPCI-NN-END rc=0 ===' "$LOG"; then
+    echo "demo: the guest's lspci -nn:"
+    sed -n '/=== LSPCI-NN-BEGIN ===/,/=== LSPCI-NN-END/p' "$LOG" | sed '1d;$d'
+else
+    echo "demo: FAILED: the guest did not print its lspci output (scenario rc=$rc)"
+    exit $(( rc ? rc : 1 ))
+fi
+exit "$rc"

@@ -4,9 +4,11 @@
 #
 # Result:  $CACHE/root/...            all packages unpacked into one tree
 #          $CACHE/versions.env        KVER_HOST=6.1.0-NN-amd64  KVER_GUEST=6.1.0-NN-cloud-amd64
+# The kernel ABI (NN) is resolved once; VMM_REFETCH=1 resolves it again (new Debian kernel).
 set -euo pipefail
 CACHE=${VMM_CACHE:-$HOME/.cache/vmm-pci}
 mkdir -p "$CACHE/debs"
+find "$CACHE/debs" -maxdepth 1 -name '.dl.*' -mmin +30 -exec rm -rf {} + # interrupted downloads
 
 # Library packages lspci needs (`ldd lspci`: libpci, libkmod, libz, libudev, libzstd, liblzma,
 # libcrypto from libssl3, libc and the loader from libc6).
