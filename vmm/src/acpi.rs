@@ -60,6 +60,13 @@ fn madt(cpus: u8) -> Sdt {
     ioapic.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     ioapic.extend_from_slice(&0u32.to_le_bytes()); // GSI base
     t.append_slice(&ioapic);
+    // A hardware-reduced ACPI machine has no legacy PIC in Linux's eyes, so ISA IRQs get no
+    // identity mapping: name the serial port's IRQ explicitly (bus 0, source 4 -> GSI 4,
+    // flags 0: as the ISA bus, edge and active high).
+    let mut iso = vec![2, 10, 0, devices::legacy::SERIAL_IRQ as u8];
+    iso.extend_from_slice(&devices::legacy::SERIAL_IRQ.to_le_bytes());
+    iso.extend_from_slice(&0u16.to_le_bytes());
+    t.append_slice(&iso);
     t.update_checksum();
     t
 }
@@ -128,7 +135,22 @@ fn dsdt() -> Sdt {
     let res_uid = aml::Name::new("_UID".into(), &aml::ONE);
     let res = aml::Device::new("RES0".into(), vec![&res_hid, &res_uid, &res_crs]);
 
-    let sb = aml::Scope::new("\\_SB_".into(), vec![&pci0, &res]);
+    // COM1 as an ACPI device: on a hardware-reduced machine Linux maps no legacy ISA IRQs by
+    // itself, so the UART's interrupt must come from here (8250_pnp binds to it).
+    let com_io = aml::IO::new(
+        devices::legacy::SERIAL_PORT as u16,
+        devices::legacy::SERIAL_PORT as u16,
+        1,
+        devices::legacy::SERIAL_PORT_LEN as u8,
+    );
+    let com_irq = aml::Interrupt::new(true, true, false, false, devices::legacy::SERIAL_IRQ);
+    let com_crs = aml::ResourceTemplate::new(vec![&com_io, &com_irq]);
+    let com_crs = aml::Name::new("_CRS".into(), &com_crs);
+    let com_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let com_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let com1 = aml::Device::new("COM1".into(), vec![&com_hid, &com_uid, &com_crs]);
+
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&pci0, &res, &com1]);
     sb.to_aml_bytes(&mut t);
     let s5 = aml::Package::new(vec![&S5_SLEEP_TYPE, &S5_SLEEP_TYPE, &aml::ZERO, &aml::ZERO]);
     aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut t);
@@ -235,17 +257,20 @@ mod tests {
         let b = m.as_slice();
         let mut apic_ids = Vec::new();
         let mut ioapics = 0;
+        let mut overrides = Vec::new();
         let mut off = 44;
         while off < b.len() {
             match b[off] {
                 0 => apic_ids.push(b[off + 3]),
                 1 => ioapics += 1,
+                2 => overrides.push((b[off + 3], b[off + 4])),
                 _ => {}
             }
             off += b[off + 1] as usize;
         }
         assert_eq!(apic_ids, [0, 1, 2]);
         assert_eq!(ioapics, 1);
+        assert_eq!(overrides, [(4, 4)], "the serial IRQ is mapped explicitly");
     }
 
     #[test]

@@ -48,6 +48,7 @@ impl Stop {
     /// Reports `reason`; only the first report is kept.
     pub fn stop(&self, reason: StopReason) {
         let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        tracing::info!("stop requested: {reason:?}");
         if r.is_none() {
             *r = Some(reason);
         }

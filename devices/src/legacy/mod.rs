@@ -65,6 +65,7 @@ impl BusDevice for I8042 {
 
     fn write(&self, base: u64, offset: u64, data: &[u8]) {
         let port = base + offset;
+        tracing::debug!("i8042: write {data:x?} to port {port:#x}");
         if let (Some(&v), Ok(mut d)) = (data.first(), self.inner.lock()) {
             if let Err(e) = d.write((port - I8042_DATA_PORT) as u8, v) {
                 tracing::warn!("i8042: failed to signal reset: {e}");

@@ -57,6 +57,7 @@ impl BusDevice for AcpiPm {
 
     fn write(&self, _base: u64, offset: u64, data: &[u8]) {
         let Some(&v) = data.first() else { return };
+        tracing::debug!("acpi pm: write {v:#x} at offset {offset}");
         if let Some(event) = Self::decode(offset, v) {
             (self.power)(event);
         }
