@@ -240,6 +240,20 @@ pub fn write_pvh_info(
     Ok(())
 }
 
+/// The only "firmware" we have: real-mode code at the reset vector that resets the machine
+/// through the i8042 (`mov al, 0xfe; out 0x64, al; hlt; jmp $-1`).
+///
+/// Linux on a hardware-reduced ACPI machine without EFI reboots by jumping to the BIOS reset
+/// vector (its EFI reboot falls back to BOOT_BIOS); with this stub that ends in a reset the VMM
+/// sees, instead of a vCPU running through zeroed memory forever.
+pub const RESET_STUB: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+
+/// Writes [`RESET_STUB`] at [`RESET_VECTOR`].
+pub fn write_reset_vector(mem: &GuestMemoryMmap) -> Result<(), Error> {
+    mem.write_slice(&RESET_STUB, GuestAddress(RESET_VECTOR))?;
+    Ok(())
+}
+
 /// Writes the NUL-terminated command line.
 pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), Error> {
     if cmdline.len() >= CMDLINE_MAX || cmdline.contains('\0') {

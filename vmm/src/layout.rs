@@ -47,6 +47,8 @@ pub const ACPI_START: u64 = 0xe_0000;
 pub const ACPI_END: u64 = 0x10_0000;
 /// End of the low conventional memory (EBDA and BIOS area above it).
 pub const EBDA_START: u64 = 0x9_fc00;
+/// The x86 reset vector (CS:IP F000:FFF0). A guest that "reboots through the BIOS" jumps here.
+pub const RESET_VECTOR: u64 = 0xf_fff0;
 /// Where the kernel is loaded; also the start of "high" memory for the loaders.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Highest RAM address below 4 GiB (exclusive); RAM beyond it moves above 4 GiB.

@@ -148,6 +148,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
 
     let kernel = boot::load_kernel(&vm.mem, &args.kernel)?;
     boot::write_cmdline(&vm.mem, &args.append)?;
+    boot::write_reset_vector(&vm.mem)?;
     let initrd = match initrd {
         Some(bytes) => {
             let max = kernel.header.map_or(0x7fff_ffff, |h| {
