@@ -13,12 +13,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use devices::virtio::pci::{TransportProps, VirtioHost, VirtioPciDevice};
-use devices::virtio::rng::Rng;
-use devices::virtio::VirtioDevice;
 use pci::config::{BarKind, PCI_INTERRUPT_LINE};
 use pci::{parse_qemu_addr, Owner, PciAddress, PciFunction, PciRoot, SlotAllocator};
 use vm_memory::GuestMemoryMmap;
 
+use crate::drivers::{self, check_prop, driver};
 use crate::layout::{PCI_MMIO32_SIZE, PCI_MMIO32_START};
 
 /// Errors in device options and placement. Texts follow QEMU's.
@@ -80,70 +79,6 @@ pub enum DeviceError {
     },
 }
 
-/// A driver property.
-#[derive(Debug, Clone, Copy)]
-pub struct PropInfo {
-    /// Name.
-    pub name: &'static str,
-    /// What it does, for `--help`.
-    pub help: &'static str,
-    /// Whether it shapes the guest-visible ABI (recorded and pinned by compat records).
-    pub abi: bool,
-}
-
-/// A device driver we can realize.
-#[derive(Debug, Clone, Copy)]
-pub struct DriverInfo {
-    /// QEMU's driver name.
-    pub name: &'static str,
-    /// One line for `--help`.
-    pub help: &'static str,
-    /// Its own properties (besides id, addr, multifunction, bus).
-    pub props: &'static [PropInfo],
-}
-
-/// Properties every PCI device has.
-pub const COMMON_PROPS: &[PropInfo] = &[
-    PropInfo {
-        name: "id",
-        help: "stable device id (an identifier)",
-        abi: false,
-    },
-    PropInfo {
-        name: "addr",
-        help: "PCI slot[.function] on bus 0, hex: 5, 05, 5.0, 0x5.0x1, 1f.7",
-        abi: false,
-    },
-    PropInfo {
-        name: "multifunction",
-        help: "on|off: function 0 announces more functions in its slot",
-        abi: true,
-    },
-    PropInfo {
-        name: "bus",
-        help: "pci.0 (the only bus)",
-        abi: false,
-    },
-];
-
-const VECTORS: PropInfo = PropInfo {
-    name: "vectors",
-    help: "number of MSI-X vectors (0 disables MSI-X; default 2)",
-    abi: true,
-};
-
-/// Every driver.
-pub const DRIVERS: &[DriverInfo] = &[DriverInfo {
-    name: "virtio-rng-pci",
-    help: "virtio entropy source (1af4:1044), fed by the host's getrandom",
-    props: &[VECTORS],
-}];
-
-/// The driver called `name`.
-pub fn driver(name: &str) -> Option<&'static DriverInfo> {
-    DRIVERS.iter().find(|d| d.name == name)
-}
-
 /// One `--device` option, parsed and checked against its driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSpec {
@@ -159,7 +94,7 @@ pub struct DeviceSpec {
     pub props: BTreeMap<String, String>,
 }
 
-fn parse_bool(driver: &str, prop: &str, v: &str) -> Result<bool, DeviceError> {
+pub(crate) fn parse_bool(driver: &str, prop: &str, v: &str) -> Result<bool, DeviceError> {
     match v {
         "on" | "yes" | "true" => Ok(true),
         "off" | "no" | "false" => Ok(false),
@@ -172,35 +107,10 @@ fn parse_bool(driver: &str, prop: &str, v: &str) -> Result<bool, DeviceError> {
     }
 }
 
-/// Parses a number the way QEMU's integer properties do (decimal, or hex with 0x).
-fn parse_u16(driver: &str, prop: &str, v: &str, max: u16) -> Result<u16, DeviceError> {
-    let n = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-        Some(h) => u32::from_str_radix(h, 16).ok(),
-        None => v.parse::<u32>().ok(),
-    };
-    match n {
-        Some(n) if n <= u32::from(max) => Ok(n as u16),
-        _ => Err(DeviceError::BadValue {
-            driver: driver.into(),
-            prop: prop.into(),
-            value: v.into(),
-            reason: format!("expected a number from 0 to {max}"),
-        }),
-    }
-}
-
 fn valid_id(id: &str) -> bool {
     let mut c = id.chars();
     c.next().is_some_and(|f| f.is_ascii_alphabetic())
         && c.all(|x| x.is_ascii_alphanumeric() || matches!(x, '-' | '.' | '_'))
-}
-
-/// Checks the value of a driver-specific property.
-fn check_prop(driver: &str, prop: &str, v: &str) -> Result<(), DeviceError> {
-    match prop {
-        "vectors" => parse_u16(driver, prop, v, devices::virtio::pci::MAX_VECTORS).map(|_| ()),
-        _ => Ok(()),
-    }
 }
 
 /// Parses `DRIVER[,id=ID][,addr=SS[.F]][,multifunction=on|off][,bus=pci.0][,PROP=VALUE...]`
@@ -348,14 +258,8 @@ pub struct Realized {
 }
 
 fn transport_props(p: &Placed) -> TransportProps {
-    let vectors = p
-        .spec
-        .props
-        .get("vectors")
-        .and_then(|v| parse_u16(&p.spec.driver, "vectors", v, u16::MAX).ok())
-        .unwrap_or(2);
     TransportProps {
-        vectors,
+        vectors: drivers::vectors(&p.spec.driver, &p.spec.props),
         multifunction: p.spec.multifunction,
     }
 }
@@ -377,10 +281,7 @@ pub fn realize(
             id: p.id.clone(),
             reason,
         };
-        let device: Arc<dyn VirtioDevice> = match p.spec.driver.as_str() {
-            "virtio-rng-pci" => Arc::new(Rng::new()),
-            other => return Err(DeviceError::UnknownDriver(other.to_string())),
-        };
+        let device = drivers::build(&p.spec.driver, &p.spec.props).map_err(realize_err)?;
         let f = VirtioPciDevice::new(
             &p.spec.driver,
             device,
@@ -426,10 +327,10 @@ pub fn device_help() -> String {
         "Devices (--device DRIVER[,id=ID][,addr=SS[.F]][,multifunction=on|off][,bus=pci.0][,PROP=VALUE...]):\n",
     );
     s.push_str("  Properties of every device:\n");
-    for p in COMMON_PROPS {
+    for p in drivers::COMMON_PROPS {
         s.push_str(&format!("    {:<14} {}\n", p.name, p.help));
     }
-    for d in DRIVERS {
+    for d in drivers::DRIVERS {
         s.push_str(&format!("  {}: {}\n", d.name, d.help));
         for p in d.props {
             s.push_str(&format!("    {:<14} {}\n", p.name, p.help));

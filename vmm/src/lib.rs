@@ -9,6 +9,7 @@ pub mod boot;
 pub mod cli;
 pub mod cpu;
 pub mod device_manager;
+pub mod drivers;
 pub mod layout;
 pub mod machine;
 pub mod stop;

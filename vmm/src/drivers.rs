@@ -1,0 +1,124 @@
+//! The device drivers `--device` knows: their properties and how each device is built.
+//!
+//! To add a driver: a [`DriverInfo`] entry in [`DRIVERS`], a value check in [`check_prop`] for
+//! each new property, and a case in [`build`]. Placement, ids, compat hints and the PCI
+//! transport are the device manager's business ([`crate::device_manager`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use devices::virtio::rng::Rng;
+use devices::virtio::VirtioDevice;
+
+use crate::device_manager::DeviceError;
+
+/// A driver property.
+#[derive(Debug, Clone, Copy)]
+pub struct PropInfo {
+    /// Name.
+    pub name: &'static str,
+    /// What it does, for `--help`.
+    pub help: &'static str,
+    /// Whether it shapes the guest-visible ABI (recorded and pinned by compat records).
+    pub abi: bool,
+}
+
+/// A device driver we can realize.
+#[derive(Debug, Clone, Copy)]
+pub struct DriverInfo {
+    /// QEMU's driver name.
+    pub name: &'static str,
+    /// One line for `--help`.
+    pub help: &'static str,
+    /// Its own properties (besides id, addr, multifunction, bus).
+    pub props: &'static [PropInfo],
+}
+
+/// Properties every PCI device has.
+pub const COMMON_PROPS: &[PropInfo] = &[
+    PropInfo {
+        name: "id",
+        help: "stable device id (an identifier)",
+        abi: false,
+    },
+    PropInfo {
+        name: "addr",
+        help: "PCI slot[.function] on bus 0, hex: 5, 05, 5.0, 0x5.0x1, 1f.7",
+        abi: false,
+    },
+    PropInfo {
+        name: "multifunction",
+        help: "on|off: function 0 announces more functions in its slot",
+        abi: true,
+    },
+    PropInfo {
+        name: "bus",
+        help: "pci.0 (the only bus)",
+        abi: false,
+    },
+];
+
+const VECTORS: PropInfo = PropInfo {
+    name: "vectors",
+    help: "number of MSI-X vectors (0 disables MSI-X; default 2)",
+    abi: true,
+};
+
+/// Every driver.
+pub const DRIVERS: &[DriverInfo] = &[DriverInfo {
+    name: "virtio-rng-pci",
+    help: "virtio entropy source (1af4:1044), fed by the host's getrandom",
+    props: &[VECTORS],
+}];
+
+/// The driver called `name`.
+pub fn driver(name: &str) -> Option<&'static DriverInfo> {
+    DRIVERS.iter().find(|d| d.name == name)
+}
+
+/// Parses a number the way QEMU's integer properties do (decimal, or hex with 0x).
+pub(crate) fn parse_u16(driver: &str, prop: &str, v: &str, max: u16) -> Result<u16, DeviceError> {
+    let n = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16).ok(),
+        None => v.parse::<u32>().ok(),
+    };
+    match n {
+        Some(n) if n <= u32::from(max) => Ok(n as u16),
+        _ => Err(DeviceError::BadValue {
+            driver: driver.into(),
+            prop: prop.into(),
+            value: v.into(),
+            reason: format!("expected a number from 0 to {max}"),
+        }),
+    }
+}
+
+/// Checks the value of a driver-specific property.
+pub fn check_prop(driver: &str, prop: &str, v: &str) -> Result<(), DeviceError> {
+    match prop {
+        "vectors" => parse_u16(driver, prop, v, devices::virtio::pci::MAX_VECTORS).map(|_| ()),
+        _ => Ok(()),
+    }
+}
+
+/// The MSI-X vector count of a device (`vectors=`, else the driver's default).
+pub fn vectors(driver: &str, props: &BTreeMap<String, String>) -> u16 {
+    props
+        .get("vectors")
+        .and_then(|v| parse_u16(driver, "vectors", v, u16::MAX).ok())
+        .unwrap_or(DEFAULT_VECTORS)
+}
+
+/// MSI-X vectors when `vectors=` is not given.
+pub const DEFAULT_VECTORS: u16 = 2;
+
+/// Builds the virtio device behind a `driver` with its (validated) properties.
+pub fn build(
+    driver: &str,
+    _props: &BTreeMap<String, String>,
+) -> Result<Arc<dyn VirtioDevice>, String> {
+    match driver {
+        "virtio-rng-pci" => Ok(Arc::new(Rng::new())),
+        other => Err(format!("'{other}' is not a valid device model name")),
+    }
+}
