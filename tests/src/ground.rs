@@ -89,12 +89,20 @@ pub fn run_host_scenario(script: &str) -> Result<ScenarioOutput, String> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Shown by `cargo test -- --nocapture` or when the test fails.
     eprintln!("----- run-scenario stdout -----\n{stdout}----- stderr -----\n{stderr}-----");
-    let fail = |why: &str| Err(format!("{why}\n--- stderr ---\n{stderr}\n--- stdout (tail) ---\n{}", tail(&stdout, 60)));
+    let fail = |why: &str| {
+        Err(format!(
+            "{why}\n--- stderr ---\n{stderr}\n--- stdout (tail) ---\n{}",
+            tail(&stdout, 60)
+        ))
+    };
     if stdout.contains("/dev/kvm MISSING") {
         return fail("the L1 host has no /dev/kvm");
     }
     let Some(rc) = end_rc(&stdout, "HOST-SCENARIO") else {
-        return fail(&format!("the host scenario did not finish (run-scenario exit {:?})", out.status.code()));
+        return fail(&format!(
+            "the host scenario did not finish (run-scenario exit {:?})",
+            out.status.code()
+        ));
     };
     let mode = stdout
         .lines()
@@ -135,7 +143,14 @@ pub fn sections(text: &str, name: &str) -> Vec<String> {
 /// The `rc=N` of the first `=== NAME-END rc=N ===` marker.
 pub fn end_rc(text: &str, name: &str) -> Option<i32> {
     let end = format!("=== {name}-END rc=");
-    text.lines().find_map(|l| l.split(&end).nth(1)?.split_whitespace().next()?.parse().ok())
+    text.lines().find_map(|l| {
+        l.split(&end)
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
 }
 
 fn is_end(line: &str, name: &str) -> bool {
@@ -148,7 +163,13 @@ fn is_end(line: &str, name: &str) -> bool {
 /// in the `SCENARIO` section inside `BOOT-<label>`); without, the guest prints the LSPCI sections.
 /// `vmm_args` is shell text (e.g. `--device virtio-rng-pci,id=rng0,addr=05.0`).
 pub fn guest_boot(label: &str, vmm_args: &str, guest_script: Option<&str>) -> String {
-    guest_boot_with(label, DEFAULT_APPEND, DEFAULT_MEMORY_MIB, vmm_args, guest_script)
+    guest_boot_with(
+        label,
+        DEFAULT_APPEND,
+        DEFAULT_MEMORY_MIB,
+        vmm_args,
+        guest_script,
+    )
 }
 
 /// [`guest_boot`] with an explicit kernel command line and memory size.
@@ -206,7 +227,8 @@ fn tempfile() -> Result<(PathBuf, std::fs::File), String> {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ));
-    let f = std::fs::File::create(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+    let f =
+        std::fs::File::create(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
     Ok((path, f))
 }
 
@@ -220,7 +242,10 @@ mod tests {
 
     #[test]
     fn sections_are_cut_exactly() {
-        assert_eq!(section(OUT, "LSPCI-N").unwrap(), "00:00.0 0600: 1b36:0008\n00:05.0 00ff: 1af4:1005");
+        assert_eq!(
+            section(OUT, "LSPCI-N").unwrap(),
+            "00:00.0 0600: 1b36:0008\n00:05.0 00ff: 1af4:1005"
+        );
         assert_eq!(section(OUT, "LSPCI-NN").unwrap(), "x");
         assert_eq!(section(OUT, "LSPCI-VVV"), None);
         assert_eq!(end_rc(OUT, "HOST-SCENARIO"), Some(3));
@@ -229,7 +254,11 @@ mod tests {
 
     #[test]
     fn guest_boot_fragment() {
-        let s = host_script(&[guest_boot("a", "--device virtio-rng-pci,id=r0", Some("lspci -n"))]);
+        let s = host_script(&[guest_boot(
+            "a",
+            "--device virtio-rng-pci,id=r0",
+            Some("lspci -n"),
+        )]);
         assert!(s.contains("mkguestinitrd \"$TMPDIR/guest-a.cpio.gz\""));
         assert!(s.contains("--append 'console=ttyS0 quiet panic=-1 reboot=t' --memory 256 --device virtio-rng-pci,id=r0\n"));
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
@@ -246,6 +275,10 @@ mod tests {
         let out = run_host_scenario(script).expect("test ground");
         assert_eq!(out.rc, 7, "{}", out.stdout);
         assert_eq!(out.section("CHECK").as_deref(), Some("ground ok"));
-        assert!(out.mode == "l1" || out.mode == "direct", "mode {}", out.mode);
+        assert!(
+            out.mode == "l1" || out.mode == "direct",
+            "mode {}",
+            out.mode
+        );
     }
 }

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# resources/test.sh: runs every test. Installs what the tests need on a fresh Debian machine
+# (as root: apt packages; guest images are built or fetched on first use and cached in
+# ~/.cache/vmm-pci), checks formatting and lints, builds the release vmm and the probe guest,
+# then runs the unit and integration tests of the whole workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v lspci >/dev/null || need+=(pciutils)
+command -v gcc >/dev/null || need+=(gcc)
+command -v flock >/dev/null || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "test.sh: installing ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [ ! -w /dev/kvm ]; then
+    echo "test.sh: /dev/kvm is missing or not writable: the probe-guest tests need it" >&2
+    exit 1
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo build --release -p vmm
+bash resources/guest/build.sh target/guest
+cargo test --workspace

@@ -1,0 +1,224 @@
+//! Issue "PCI root complex": the probe guest on the local KVM (decoded by the real `lspci -F`)
+//! and real Linux on the test ground see every device at its address with the right identity.
+
+use std::sync::OnceLock;
+
+use integration_tests::ground::{guest_boot, host_script, run_host_scenario, section, ScenarioOutput};
+use integration_tests::probe::{dumps, lspci_decode, parse_dump, run_probe, vmm};
+
+const DEVICES: &[&str] = &[
+    "--device",
+    "virtio-rng-pci,id=rng0,addr=05.0",
+    "--device",
+    "virtio-rng-pci,id=rng1",
+    "--device",
+    "virtio-rng-pci,id=f0,addr=6.0,multifunction=on",
+    "--device",
+    "virtio-rng-pci,id=f1,addr=6.1,vectors=4",
+    "--device",
+    "virtio-rng-pci,id=rng2,addr=1f.0",
+];
+
+fn probe_run() -> &'static str {
+    static OUT: OnceLock<String> = OnceLock::new();
+    OUT.get_or_init(|| run_probe("mode=probe", DEVICES))
+}
+
+#[test]
+fn cf8_and_ecam_enumerations_are_identical() {
+    let (cf8, ecam) = dumps(probe_run());
+    let a = parse_dump(&cf8);
+    let b = parse_dump(&ecam);
+    let addrs: Vec<&str> = a.iter().map(|f| f.addr.as_str()).collect();
+    assert_eq!(
+        addrs,
+        ["00:00.0", "00:01.0", "00:05.0", "00:06.0", "00:06.1", "00:1f.0"]
+    );
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.addr, y.addr);
+        assert_eq!(x.bytes.len(), 256, "{}", x.addr);
+        assert_eq!(y.bytes.len(), 4096, "{}", y.addr);
+        assert_eq!(x.bytes[..], y.bytes[..256], "{}: CF8 and ECAM differ", x.addr);
+        assert!(y.bytes[256..].iter().all(|&b| b == 0), "{}: extended space", y.addr);
+    }
+}
+
+#[test]
+fn lspci_decodes_host_bridge_and_devices_at_their_addresses() {
+    let (cf8, _) = dumps(probe_run());
+    let nn = lspci_decode(&cf8, &["-nn"]);
+    let lines: Vec<&str> = nn.lines().collect();
+    assert_eq!(lines.len(), 6, "{nn}");
+    assert!(lines[0].starts_with("00:00.0 Host bridge [0600]") && lines[0].contains("[1b36:0008]"), "{nn}");
+    for (line, addr) in lines[1..].iter().zip(["00:01.0", "00:05.0", "00:06.0", "00:06.1", "00:1f.0"]) {
+        assert!(line.starts_with(addr), "{nn}");
+        assert!(line.contains("Unclassified device [00ff]"), "{line}");
+        assert!(line.contains("[1af4:1044] (rev 01)"), "{line}");
+    }
+}
+
+#[test]
+fn lspci_decodes_bars_and_capabilities() {
+    let (_, ecam) = dumps(probe_run());
+    let v = lspci_decode(&ecam, &["-vvv", "-nn", "-s", "05.0"]);
+    assert!(v.contains("Subsystem: Red Hat, Inc. Device [1af4:1100]"), "{v}");
+    assert!(v.contains("Interrupt: pin A"), "{v}");
+    // Sizes come from the BAR sizing protocol as lspci sees it in the dump.
+    assert!(v.contains("Region 1: Memory at") && v.contains("(32-bit, non-prefetchable)"), "{v}");
+    assert!(v.contains("Region 4: Memory at") && v.contains("(64-bit, prefetchable)"), "{v}");
+    assert!(v.contains("MSI-X: Enable- Count=2 Masked-"), "{v}");
+    assert!(v.contains("Vector table: BAR=1 offset=00000000"), "{v}");
+    assert!(v.contains("PBA: BAR=1 offset=00000800"), "{v}");
+    for cap in ["CommonCfg", "ISR", "Notify"] {
+        assert!(v.contains(&format!("VirtIO: {cap}")), "missing {cap}: {v}");
+    }
+    let f1 = lspci_decode(&ecam, &["-vv", "-s", "06.1"]);
+    assert!(f1.contains("MSI-X: Enable- Count=4"), "vectors=4 on 06.1: {f1}");
+}
+
+#[test]
+fn multifunction_bit_is_set_on_function_0_only() {
+    let (cf8, _) = dumps(probe_run());
+    let d = parse_dump(&cf8);
+    let header = |a: &str| d.iter().find(|f| f.addr == a).unwrap().bytes[0x0e];
+    assert_eq!(header("00:06.0"), 0x80);
+    assert_eq!(header("00:06.1"), 0x00);
+    assert_eq!(header("00:05.0"), 0x00);
+}
+
+fn vmm_err(devices: &[&str]) -> (Option<i32>, String) {
+    let elf = integration_tests::probe::probe_elf();
+    let mut args = vec!["run", "--kernel", elf.to_str().unwrap()];
+    for d in devices {
+        args.push("--device");
+        args.push(d);
+    }
+    let out = vmm(&args, 30);
+    assert!(out.stdout.is_empty(), "nothing may run on a device error");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).trim().to_string())
+}
+
+#[test]
+fn device_errors_have_qemu_wording_and_stop_before_anything_runs() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["virtio-rng-pci,id=disk0,addr=5", "virtio-rng-pci,addr=5"],
+            "vmm: PCI: slot 5 function 0 not available for virtio-rng-pci, in use by virtio-rng-pci,id=disk0",
+        ),
+        (
+            &["virtio-rng-pci,addr=5", "virtio-rng-pci,addr=5.1"],
+            "vmm: PCI: single function device can't be populated in function 5.1",
+        ),
+        (
+            &["virtio-rng-pci,addr=zz"],
+            "vmm: Property 'virtio-rng-pci.addr' can't take value 'zz': invalid PCI address",
+        ),
+        (&["virtio-rng-pci,id=a", "virtio-rng-pci,id=a"], "vmm: Duplicate ID 'a' for device"),
+        (
+            &["virtio-rng-pci,addr=0"],
+            "vmm: PCI: slot 0 function 0 not available for virtio-rng-pci, reserved for the host bridge",
+        ),
+        (&["virtio-rng-pci,nosuch=1"], "vmm: Property 'virtio-rng-pci.nosuch' not found"),
+        (&["virtio-nosuch-pci"], "vmm: 'virtio-nosuch-pci' is not a valid device model name"),
+    ];
+    for (devices, want) in cases {
+        let (code, err) = vmm_err(devices);
+        assert_eq!(code, Some(1), "{devices:?}: {err}");
+        assert_eq!(&err, want, "{devices:?}");
+    }
+    let full: Vec<String> = (0..32).map(|_| "virtio-rng-pci".to_string()).collect();
+    let full: Vec<&str> = full.iter().map(String::as_str).collect();
+    let (code, err) = vmm_err(&full);
+    assert_eq!(code, Some(1));
+    assert_eq!(err, "vmm: PCI: no slot/function available for virtio-rng-pci, all in use or reserved");
+}
+
+#[test]
+fn help_documents_device_drivers_and_properties() {
+    let out = vmm(&["run", "--help"], 10);
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in ["--device", "virtio-rng-pci", "addr", "multifunction", "vectors", "device[0]"] {
+        assert!(help.contains(word), "help lacks {word}:\n{help}");
+    }
+}
+
+/// One KVM-host image, one Linux boot with the issue's device set plus a multifunction slot.
+fn linux() -> &'static ScenarioOutput {
+    static OUT: OnceLock<ScenarioOutput> = OnceLock::new();
+    OUT.get_or_init(|| {
+        let guest = r#"
+echo "=== LSPCI-N-BEGIN ==="; lspci -n; echo "=== LSPCI-N-END ==="
+echo "=== LSPCI-VV-BEGIN ==="; lspci -vv; echo "=== LSPCI-VV-END ==="
+echo "=== DRIVERS-BEGIN ==="
+for d in /sys/bus/pci/devices/*; do echo "$(basename $d) $(basename $(readlink $d/driver 2>/dev/null) 2>/dev/null)"; done
+ls /sys/bus/virtio/drivers/virtio_rng/ 2>&1
+echo "=== DRIVERS-END ==="
+echo "=== HWRNG-BEGIN ==="; cat /sys/class/misc/hw_random/rng_available; dd if=/dev/hwrng bs=32 count=1 2>/dev/null | od -An -tx1 | tr -d ' \n'; echo; echo "=== HWRNG-END ==="
+"#;
+        let script = host_script(&[
+            guest_boot(
+                "RNG",
+                "--device virtio-rng-pci,id=rng0,addr=05.0 --device virtio-rng-pci,id=rng1 --device virtio-rng-pci,id=rng2,addr=1f.0",
+                Some(guest),
+            ),
+            guest_boot(
+                "MF",
+                "--device virtio-rng-pci,id=f0,addr=6.0,multifunction=on --device virtio-rng-pci,id=f1,addr=6.1",
+                Some("lspci -n"),
+            ),
+        ]);
+        run_host_scenario(&script).unwrap_or_else(|e| panic!("test ground: {e}"))
+    })
+}
+
+fn boot_section(label: &str, name: &str) -> String {
+    let out = linux();
+    assert!(
+        out.stdout.contains(&format!("=== BOOT-{label}-END rc=0 ===")),
+        "vmm did not exit 0 for {label}:\n{}",
+        out.stdout
+    );
+    let boot = section(&out.stdout, &format!("BOOT-{label}")).expect("boot section");
+    section(&boot, name).unwrap_or_else(|| panic!("no {name} in boot {label}:\n{boot}"))
+}
+
+#[test]
+fn linux_lspci_lists_exactly_the_requested_addresses() {
+    let n = boot_section("RNG", "LSPCI-N");
+    let got: Vec<String> = n.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+    assert_eq!(
+        got,
+        [
+            "00:00.0 0600: 1b36:0008",
+            "00:01.0 00ff: 1af4:1044 (rev 01)",
+            "00:05.0 00ff: 1af4:1044 (rev 01)",
+            "00:1f.0 00ff: 1af4:1044 (rev 01)",
+        ]
+    );
+}
+
+#[test]
+fn linux_binds_virtio_rng_and_reads_entropy_over_msix() {
+    let drivers = boot_section("RNG", "DRIVERS");
+    for a in ["0000:00:01.0 virtio-pci", "0000:00:05.0 virtio-pci", "0000:00:1f.0 virtio-pci"] {
+        assert!(drivers.contains(a), "{a} not bound:\n{drivers}");
+    }
+    assert!(drivers.contains("virtio0"), "virtio_rng bound to no device:\n{drivers}");
+    let vv = boot_section("RNG", "LSPCI-VV");
+    assert_eq!(vv.matches("MSI-X: Enable+ Count=2").count(), 3, "{vv}");
+    let hw = boot_section("RNG", "HWRNG");
+    assert!(hw.contains("virtio_rng"), "{hw}");
+    let hex = hw.lines().last().unwrap_or_default().trim().to_string();
+    assert_eq!(hex.len(), 64, "32 bytes from /dev/hwrng: {hw}");
+    assert_ne!(hex, "0".repeat(64), "entropy is not all zero");
+}
+
+#[test]
+fn linux_sees_a_multifunction_slot() {
+    let out = linux();
+    let boot = section(&out.stdout, "BOOT-MF").expect("boot MF");
+    let scen = section(&boot, "SCENARIO").unwrap_or_else(|| panic!("{boot}"));
+    assert!(scen.contains("00:06.0 00ff: 1af4:1044"), "{scen}");
+    assert!(scen.contains("00:06.1 00ff: 1af4:1044"), "{scen}");
+}
