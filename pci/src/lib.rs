@@ -56,6 +56,7 @@
 pub mod address;
 pub mod config;
 pub mod msix;
+pub mod record;
 pub mod root;
 pub mod slots;
 
