@@ -1,7 +1,9 @@
 //! Issue "Foundation": the monitor boots our probe guest on the local KVM and a Debian Linux
 //! guest on the test ground; bad input gets a clear error and a non-zero status.
 
-use integration_tests::ground::{guest_boot_with, host_script, run_host_scenario, section, DEFAULT_APPEND};
+use integration_tests::ground::{
+    guest_boot_with, host_script, run_host_scenario, section, DEFAULT_APPEND,
+};
 use integration_tests::probe::{probe_elf, run_probe, vmm};
 
 #[test]
@@ -12,7 +14,10 @@ fn probe_guest_says_hello_and_resets() {
 
 fn stderr_of(args: &[&str]) -> (Option<i32>, String) {
     let out = vmm(args, 30);
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 #[test]
@@ -60,7 +65,10 @@ fn initrd_larger_than_memory_is_refused() {
     ]);
     let _ = std::fs::remove_file(&big);
     assert_eq!(code, Some(1));
-    assert!(err.contains("does not fit in 33554432 bytes of guest memory"), "{err}");
+    assert!(
+        err.contains("does not fit in 33554432 bytes of guest memory"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -81,7 +89,8 @@ fn missing_initrd_and_zero_memory_are_refused() {
 /// Real Linux under a real KVM: two boots in one KVM-host image (1 and 2 vCPUs).
 #[test]
 fn debian_linux_boots_to_its_init_with_one_and_two_cpus() {
-    let guest = "echo \"uname: $(uname -r)\"; echo \"processors: $(grep -c ^processor /proc/cpuinfo)\"";
+    let guest =
+        "echo \"uname: $(uname -r)\"; echo \"processors: $(grep -c ^processor /proc/cpuinfo)\"";
     let script = host_script(&[
         guest_boot_with("ONE", DEFAULT_APPEND, 256, "--cpus 1", Some(guest)),
         guest_boot_with("TWO", DEFAULT_APPEND, 256, "--cpus 2", Some(guest)),
@@ -91,11 +100,15 @@ fn debian_linux_boots_to_its_init_with_one_and_two_cpus() {
         let boot = section(&out.stdout, &format!("BOOT-{label}"))
             .unwrap_or_else(|| panic!("no BOOT-{label} section:\n{}", out.stdout));
         assert!(
-            boot.contains(&format!("BOOT-{label}-END rc=0")) || out.stdout.contains(&format!("=== BOOT-{label}-END rc=0 ===")),
+            boot.contains(&format!("BOOT-{label}-END rc=0"))
+                || out
+                    .stdout
+                    .contains(&format!("=== BOOT-{label}-END rc=0 ===")),
             "vmm did not exit 0 for {label}:\n{boot}"
         );
         assert!(boot.contains("=== GUEST-READY ==="), "{boot}");
-        let scen = section(&boot, "SCENARIO").unwrap_or_else(|| panic!("no scenario output:\n{boot}"));
+        let scen =
+            section(&boot, "SCENARIO").unwrap_or_else(|| panic!("no scenario output:\n{boot}"));
         assert!(scen.contains("uname: 6."), "{scen}");
         assert!(scen.contains("-cloud-amd64"), "{scen}");
         assert!(scen.contains(&format!("processors: {cpus}")), "{scen}");

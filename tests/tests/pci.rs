@@ -3,7 +3,9 @@
 
 use std::sync::OnceLock;
 
-use integration_tests::ground::{guest_boot, host_script, run_host_scenario, section, ScenarioOutput};
+use integration_tests::ground::{
+    guest_boot, host_script, run_host_scenario, section, ScenarioOutput,
+};
 use integration_tests::probe::{dumps, lspci_decode, parse_dump, run_probe, vmm};
 
 const DEVICES: &[&str] = &[
@@ -39,8 +41,17 @@ fn cf8_and_ecam_enumerations_are_identical() {
         assert_eq!(x.addr, y.addr);
         assert_eq!(x.bytes.len(), 256, "{}", x.addr);
         assert_eq!(y.bytes.len(), 4096, "{}", y.addr);
-        assert_eq!(x.bytes[..], y.bytes[..256], "{}: CF8 and ECAM differ", x.addr);
-        assert!(y.bytes[256..].iter().all(|&b| b == 0), "{}: extended space", y.addr);
+        assert_eq!(
+            x.bytes[..],
+            y.bytes[..256],
+            "{}: CF8 and ECAM differ",
+            x.addr
+        );
+        assert!(
+            y.bytes[256..].iter().all(|&b| b == 0),
+            "{}: extended space",
+            y.addr
+        );
     }
 }
 
@@ -50,8 +61,14 @@ fn lspci_decodes_host_bridge_and_devices_at_their_addresses() {
     let nn = lspci_decode(&cf8, &["-nn"]);
     let lines: Vec<&str> = nn.lines().collect();
     assert_eq!(lines.len(), 6, "{nn}");
-    assert!(lines[0].starts_with("00:00.0 Host bridge [0600]") && lines[0].contains("[1b36:0008]"), "{nn}");
-    for (line, addr) in lines[1..].iter().zip(["00:01.0", "00:05.0", "00:06.0", "00:06.1", "00:1f.0"]) {
+    assert!(
+        lines[0].starts_with("00:00.0 Host bridge [0600]") && lines[0].contains("[1b36:0008]"),
+        "{nn}"
+    );
+    for (line, addr) in lines[1..]
+        .iter()
+        .zip(["00:01.0", "00:05.0", "00:06.0", "00:06.1", "00:1f.0"])
+    {
         assert!(line.starts_with(addr), "{nn}");
         assert!(line.contains("Unclassified device [00ff]"), "{line}");
         assert!(line.contains("[1af4:1044] (rev 01)"), "{line}");
@@ -62,11 +79,20 @@ fn lspci_decodes_host_bridge_and_devices_at_their_addresses() {
 fn lspci_decodes_bars_and_capabilities() {
     let (_, ecam) = dumps(probe_run());
     let v = lspci_decode(&ecam, &["-vvv", "-nn", "-s", "05.0"]);
-    assert!(v.contains("Subsystem: Red Hat, Inc. Device [1af4:1100]"), "{v}");
+    assert!(
+        v.contains("Subsystem: Red Hat, Inc. Device [1af4:1100]"),
+        "{v}"
+    );
     assert!(v.contains("Interrupt: pin A"), "{v}");
     // Sizes come from the BAR sizing protocol as lspci sees it in the dump.
-    assert!(v.contains("Region 1: Memory at") && v.contains("(32-bit, non-prefetchable)"), "{v}");
-    assert!(v.contains("Region 4: Memory at") && v.contains("(64-bit, prefetchable)"), "{v}");
+    assert!(
+        v.contains("Region 1: Memory at") && v.contains("(32-bit, non-prefetchable)"),
+        "{v}"
+    );
+    assert!(
+        v.contains("Region 4: Memory at") && v.contains("(64-bit, prefetchable)"),
+        "{v}"
+    );
     assert!(v.contains("MSI-X: Enable- Count=2 Masked-"), "{v}");
     assert!(v.contains("Vector table: BAR=1 offset=00000000"), "{v}");
     assert!(v.contains("PBA: BAR=1 offset=00000800"), "{v}");
@@ -74,7 +100,10 @@ fn lspci_decodes_bars_and_capabilities() {
         assert!(v.contains(&format!("VirtIO: {cap}")), "missing {cap}: {v}");
     }
     let f1 = lspci_decode(&ecam, &["-vv", "-s", "06.1"]);
-    assert!(f1.contains("MSI-X: Enable- Count=4"), "vectors=4 on 06.1: {f1}");
+    assert!(
+        f1.contains("MSI-X: Enable- Count=4"),
+        "vectors=4 on 06.1: {f1}"
+    );
 }
 
 #[test]
@@ -96,7 +125,10 @@ fn vmm_err(devices: &[&str]) -> (Option<i32>, String) {
     }
     let out = vmm(&args, 30);
     assert!(out.stdout.is_empty(), "nothing may run on a device error");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).trim().to_string())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    )
 }
 
 #[test]
@@ -131,14 +163,24 @@ fn device_errors_have_qemu_wording_and_stop_before_anything_runs() {
     let full: Vec<&str> = full.iter().map(String::as_str).collect();
     let (code, err) = vmm_err(&full);
     assert_eq!(code, Some(1));
-    assert_eq!(err, "vmm: PCI: no slot/function available for virtio-rng-pci, all in use or reserved");
+    assert_eq!(
+        err,
+        "vmm: PCI: no slot/function available for virtio-rng-pci, all in use or reserved"
+    );
 }
 
 #[test]
 fn help_documents_device_drivers_and_properties() {
     let out = vmm(&["run", "--help"], 10);
     let help = String::from_utf8_lossy(&out.stdout);
-    for word in ["--device", "virtio-rng-pci", "addr", "multifunction", "vectors", "device[0]"] {
+    for word in [
+        "--device",
+        "virtio-rng-pci",
+        "addr",
+        "multifunction",
+        "vectors",
+        "device[0]",
+    ] {
         assert!(help.contains(word), "help lacks {word}:\n{help}");
     }
 }
@@ -175,7 +217,8 @@ echo "=== HWRNG-BEGIN ==="; cat /sys/class/misc/hw_random/rng_available; dd if=/
 fn boot_section(label: &str, name: &str) -> String {
     let out = linux();
     assert!(
-        out.stdout.contains(&format!("=== BOOT-{label}-END rc=0 ===")),
+        out.stdout
+            .contains(&format!("=== BOOT-{label}-END rc=0 ===")),
         "vmm did not exit 0 for {label}:\n{}",
         out.stdout
     );
@@ -186,7 +229,11 @@ fn boot_section(label: &str, name: &str) -> String {
 #[test]
 fn linux_lspci_lists_exactly_the_requested_addresses() {
     let n = boot_section("RNG", "LSPCI-N");
-    let got: Vec<String> = n.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+    let got: Vec<String> = n
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
     assert_eq!(
         got,
         [
@@ -201,10 +248,17 @@ fn linux_lspci_lists_exactly_the_requested_addresses() {
 #[test]
 fn linux_binds_virtio_rng_and_reads_entropy_over_msix() {
     let drivers = boot_section("RNG", "DRIVERS");
-    for a in ["0000:00:01.0 virtio-pci", "0000:00:05.0 virtio-pci", "0000:00:1f.0 virtio-pci"] {
+    for a in [
+        "0000:00:01.0 virtio-pci",
+        "0000:00:05.0 virtio-pci",
+        "0000:00:1f.0 virtio-pci",
+    ] {
         assert!(drivers.contains(a), "{a} not bound:\n{drivers}");
     }
-    assert!(drivers.contains("virtio0"), "virtio_rng bound to no device:\n{drivers}");
+    assert!(
+        drivers.contains("virtio0"),
+        "virtio_rng bound to no device:\n{drivers}"
+    );
     let vv = boot_section("RNG", "LSPCI-VV");
     assert_eq!(vv.matches("MSI-X: Enable+ Count=2").count(), 3, "{vv}");
     let hw = boot_section("RNG", "HWRNG");
