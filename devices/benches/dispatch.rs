@@ -103,7 +103,10 @@ impl Dispatch for Arc<Bus> {
 type Ranges = Vec<(u64, u64, Arc<dyn BusDevice>)>;
 
 /// rust-vmm reference VMM style: one lock around the whole table, held across the device call.
-struct MutexMapBus(Mutex<BTreeMap<u64, (u64, Arc<dyn BusDevice>)>>);
+/// Base -> (length, device).
+type Map<D> = BTreeMap<u64, (u64, D)>;
+
+struct MutexMapBus(Mutex<Map<Arc<dyn BusDevice>>>);
 
 impl MutexMapBus {
     fn new(ranges: &Ranges) -> Self {
@@ -143,7 +146,7 @@ impl Dispatch for MutexMapBus {
 /// Cloud Hypervisor / Firecracker style: a read-locked table, then the device's own mutex.
 type LockedDevice = Arc<Mutex<Arc<dyn BusDevice>>>;
 
-struct RwMapBus(RwLock<BTreeMap<u64, (u64, LockedDevice)>>);
+struct RwMapBus(RwLock<Map<LockedDevice>>);
 
 impl RwMapBus {
     fn new(ranges: &Ranges) -> Self {
