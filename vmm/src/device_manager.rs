@@ -281,7 +281,7 @@ pub fn realize(
             id: p.id.clone(),
             reason,
         };
-        let device = drivers::build(&p.spec.driver, &p.spec.props).map_err(realize_err)?;
+        let device = drivers::build(&p.spec.driver, &p.spec.props, &p.id).map_err(realize_err)?;
         let f = VirtioPciDevice::new(
             &p.spec.driver,
             device,

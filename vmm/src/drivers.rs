@@ -7,10 +7,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use devices::virtio::blk::{Block, BlockConfig};
 use devices::virtio::rng::Rng;
 use devices::virtio::VirtioDevice;
 
-use crate::device_manager::DeviceError;
+use crate::device_manager::{parse_bool, DeviceError};
 
 /// A driver property.
 #[derive(Debug, Clone, Copy)]
@@ -65,11 +66,35 @@ const VECTORS: PropInfo = PropInfo {
 };
 
 /// Every driver.
-pub const DRIVERS: &[DriverInfo] = &[DriverInfo {
-    name: "virtio-rng-pci",
-    help: "virtio entropy source (1af4:1044), fed by the host's getrandom",
-    props: &[VECTORS],
-}];
+pub const DRIVERS: &[DriverInfo] = &[
+    DriverInfo {
+        name: "virtio-rng-pci",
+        help: "virtio entropy source (1af4:1044), fed by the host's getrandom",
+        props: &[VECTORS],
+    },
+    DriverInfo {
+        name: "virtio-blk-pci",
+        help: "virtio block device (1af4:1042) over a raw image file",
+        props: &[
+            PropInfo {
+                name: "file",
+                help: "PATH of the raw disk image (required; opened when the VM starts)",
+                abi: false,
+            },
+            PropInfo {
+                name: "readonly",
+                help: "on|off: the guest sees a read-only disk and writes fail (default off)",
+                abi: true,
+            },
+            PropInfo {
+                name: "serial",
+                help: "STR returned by the get-id request (at most 20 bytes used)",
+                abi: true,
+            },
+            VECTORS,
+        ],
+    },
+];
 
 /// The driver called `name`.
 pub fn driver(name: &str) -> Option<&'static DriverInfo> {
@@ -97,6 +122,13 @@ pub(crate) fn parse_u16(driver: &str, prop: &str, v: &str, max: u16) -> Result<u
 pub fn check_prop(driver: &str, prop: &str, v: &str) -> Result<(), DeviceError> {
     match prop {
         "vectors" => parse_u16(driver, prop, v, devices::virtio::pci::MAX_VECTORS).map(|_| ()),
+        "readonly" => parse_bool(driver, prop, v).map(|_| ()),
+        "file" if v.is_empty() => Err(DeviceError::BadValue {
+            driver: driver.into(),
+            prop: prop.into(),
+            value: v.into(),
+            reason: "expected a file name".into(),
+        }),
         _ => Ok(()),
     }
 }
@@ -112,13 +144,33 @@ pub fn vectors(driver: &str, props: &BTreeMap<String, String>) -> u16 {
 /// MSI-X vectors when `vectors=` is not given.
 pub const DEFAULT_VECTORS: u16 = 2;
 
-/// Builds the virtio device behind a `driver` with its (validated) properties.
+fn flag(driver: &str, props: &BTreeMap<String, String>, name: &str) -> bool {
+    props
+        .get(name)
+        .is_some_and(|v| parse_bool(driver, name, v).unwrap_or(false))
+}
+
+fn required<'a>(props: &'a BTreeMap<String, String>, name: &str) -> Result<&'a str, String> {
+    props
+        .get(name)
+        .map(String::as_str)
+        .ok_or_else(|| format!("'{name}' property is required"))
+}
+
+/// Builds the virtio device behind a `driver` with its (validated) properties. `id` is the
+/// device's id (given or `device[N]`), from which defaults such as a MAC address derive.
 pub fn build(
     driver: &str,
-    _props: &BTreeMap<String, String>,
+    props: &BTreeMap<String, String>,
+    _id: &str,
 ) -> Result<Arc<dyn VirtioDevice>, String> {
     match driver {
         "virtio-rng-pci" => Ok(Arc::new(Rng::new())),
+        "virtio-blk-pci" => Ok(Arc::new(Block::new(&BlockConfig {
+            path: required(props, "file")?.into(),
+            readonly: flag(driver, props, "readonly"),
+            serial: props.get("serial").cloned(),
+        })?)),
         other => Err(format!("'{other}' is not a valid device model name")),
     }
 }

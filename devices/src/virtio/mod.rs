@@ -7,6 +7,7 @@
 //! thread), woken by the queues' ioeventfds, and signals used buffers through
 //! [`VirtioInterrupt`].
 
+pub mod blk;
 pub mod pci;
 pub mod rng;
 mod worker;

@@ -1,12 +1,16 @@
-//! A device's worker thread: waits on its queues' notification eventfds and runs the device's
-//! handler for each queue that was notified. Stopped (and joined) on reset or drop.
+//! A device's worker thread: waits on its queues' notification eventfds (and on any extra file
+//! descriptors of the device's backend, such as a tap) and runs the device's handler for each
+//! queue that was notified or fd that became ready. Stopped (and joined) on reset or drop.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
 
 use super::ActiveQueue;
 
@@ -14,6 +18,45 @@ use super::ActiveQueue;
 pub trait QueueHandler: Send + 'static {
     /// Processes what the driver made available on `queue`.
     fn process(&mut self, queue: &mut ActiveQueue);
+    /// Extra fd number `index` (its position in [`QueueWorker::start_with_fds`]'s list) is
+    /// ready; `queues` are all the device's active queues.
+    fn fd_ready(&mut self, _index: usize, _queues: &mut [ActiveQueue]) {}
+}
+
+/// Serves every chain available on `q`: `f` handles one chain and returns the number of bytes
+/// it wrote into the chain's device-writable buffers (the used length). Notifications are
+/// suppressed while the queue is drained. Ok(true): the driver should be interrupted.
+/// Err: the queue itself is unusable (bad ring, bad index): the device needs a reset.
+pub fn serve_queue<F>(
+    q: &mut ActiveQueue,
+    mem: &GuestMemoryMmap,
+    mut f: F,
+) -> Result<bool, virtio_queue::Error>
+where
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+{
+    let mut used_any = false;
+    loop {
+        q.queue.disable_notification(mem)?;
+        let mut progress = false;
+        loop {
+            let next = q.queue.iter(mem)?.next();
+            let Some(chain) = next else { break };
+            let head = chain.head_index();
+            let len = f(chain);
+            q.queue.add_used(mem, head, len)?;
+            used_any = true;
+            progress = true;
+        }
+        if !q.queue.enable_notification(mem)? {
+            break;
+        }
+        if !progress {
+            // More is announced but nothing can be popped (an unreadable avail ring entry).
+            return Err(virtio_queue::Error::InvalidAvailRingIndex);
+        }
+    }
+    Ok(used_any && q.queue.needs_notification(mem)?)
 }
 
 /// A running worker thread, or none.
@@ -27,7 +70,21 @@ impl QueueWorker {
     pub fn start<H: QueueHandler>(
         &self,
         name: &str,
+        queues: Vec<ActiveQueue>,
+        handler: H,
+    ) -> Result<(), String> {
+        self.start_with_fds(name, queues, &[], handler)
+    }
+
+    /// [`QueueWorker::start`], also waiting on `fds` (each with the epoll events wanted, e.g.
+    /// `EventSet::IN | EventSet::EDGE_TRIGGERED`): when one is ready the handler's
+    /// [`QueueHandler::fd_ready`] runs with its index in `fds`. The fds must stay open while
+    /// the worker runs (the handler usually owns them).
+    pub fn start_with_fds<H: QueueHandler>(
+        &self,
+        name: &str,
         mut queues: Vec<ActiveQueue>,
+        fds: &[(RawFd, EventSet)],
         mut handler: H,
     ) -> Result<(), String> {
         self.stop();
@@ -50,12 +107,23 @@ impl QueueWorker {
                 )
                 .map_err(|e| e.to_string())?;
         }
+        let first_fd = kill_token + 1;
+        for (i, &(fd, events)) in fds.iter().enumerate() {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(events, first_fd + i as u64),
+                )
+                .map_err(|e| e.to_string())?;
+        }
         let thread_kill = kill.try_clone().map_err(|e| e.to_string())?;
+        let fds_len = fds.len();
         let handle = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
                 let _keep = thread_kill;
-                let mut events = vec![EpollEvent::default(); queues.len() + 1];
+                let mut events = vec![EpollEvent::default(); queues.len() + 1 + fds_len];
                 // Buffers may already be waiting (a driver that notified before DRIVER_OK).
                 for q in queues.iter_mut() {
                     handler.process(q);
@@ -74,6 +142,8 @@ impl QueueWorker {
                         if let Some(q) = queues.get_mut(token as usize) {
                             let _ = q.event.read();
                             handler.process(q);
+                        } else if token >= first_fd {
+                            handler.fd_ready((token - first_fd) as usize, &mut queues);
                         }
                     }
                 }
