@@ -35,6 +35,10 @@ use crate::config::{ConfigSpace, ConfigSpaceBuilder, WriteEffect};
 pub const ECAM_BUS0_SIZE: u64 = 1 << 20;
 /// Size of the type-1 port range starting at 0xcf8.
 pub const PIO_CONFIG_SIZE: u64 = 8;
+/// Host bridge vendor ID (Red Hat, as QEMU's PCIe host bridge).
+pub const HOST_BRIDGE_VENDOR: u16 = 0x1b36;
+/// Host bridge device ID (QEMU PCIe host bridge).
+pub const HOST_BRIDGE_DEVICE: u16 = 0x0008;
 const TABLE_SIZE: usize = 256;
 
 /// A PCI function on the root bus.
@@ -87,7 +91,7 @@ impl HostBridge {
 
     /// A host bridge with QEMU's identity.
     pub fn new() -> Self {
-        let mut b = ConfigSpaceBuilder::new(0x1b36, 0x0008);
+        let mut b = ConfigSpaceBuilder::new(HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE);
         b.class(0x06, 0x00, 0x00).revision(0);
         Self { config: b.finish() }
     }

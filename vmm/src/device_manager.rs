@@ -55,6 +55,9 @@ pub enum DeviceError {
     /// A bus other than pci.0.
     #[error("Bus '{0}' not found")]
     NoBus(String),
+    /// A malformed `--global`.
+    #[error("Invalid --global '{0}': expected DRIVER.PROP=VALUE")]
+    BadGlobal(String),
     /// A property given twice in one --device.
     #[error("Parameter '{0}' given more than once")]
     RepeatedProperty(String),
@@ -255,6 +258,8 @@ pub struct Realized {
     pub placed: Placed,
     /// The function on the root complex.
     pub function: Arc<dyn PciFunction>,
+    /// The ABI-shaping properties the realized device has (recorded in fingerprints).
+    pub abi: BTreeMap<String, String>,
 }
 
 fn transport_props(p: &Placed) -> TransportProps {
@@ -264,8 +269,67 @@ fn transport_props(p: &Placed) -> TransportProps {
     }
 }
 
-/// Builds every placed device, gives its BARs addresses in the 32-bit PCI window (in address
-/// order, each aligned to its size) and adds it to `root`.
+/// Bytes of the 32-bit PCI window reserved for each function's BARs.
+///
+/// Each function's BARs live in a window of their own at `PCI_MMIO32_START + devfn * size`, so a
+/// device's BAR addresses depend on its address only: adding or removing other devices never
+/// moves them (the guest's `lspci -vvv` stays identical).
+pub const FUNCTION_BAR_WINDOW: u64 = 0x4_0000;
+
+/// Builds one placed device, gives its BARs their addresses in the function's own window, and
+/// adds it to `root`.
+pub fn realize_one(
+    p: &Placed,
+    root: &PciRoot,
+    mem: &GuestMemoryMmap,
+    host: Arc<dyn VirtioHost>,
+) -> Result<Realized, DeviceError> {
+    let realize_err = |reason: String| DeviceError::Realize {
+        id: p.id.clone(),
+        reason,
+    };
+    let device = drivers::build(&p.spec.driver, &p.spec.props, &p.id).map_err(realize_err)?;
+    let f = VirtioPciDevice::new(
+        &p.spec.driver,
+        device,
+        transport_props(p),
+        mem.clone(),
+        host,
+    )
+    .map_err(|e| realize_err(e.to_string()))?;
+    let abi = f.abi_props();
+    let cfg = f.config();
+    let window = PCI_MMIO32_START + u64::from(p.addr.devfn()) * FUNCTION_BAR_WINDOW;
+    let mut next = window;
+    for bar in cfg.bars() {
+        let base = next.next_multiple_of(bar.size);
+        if matches!(bar.kind, BarKind::Io) || base + bar.size > window + FUNCTION_BAR_WINDOW {
+            return Err(DeviceError::NoBarSpace {
+                device: p.id.clone(),
+                bar: bar.index,
+            });
+        }
+        cfg.set_bar_address(bar.index, base)
+            .map_err(|e| realize_err(e.to_string()))?;
+        next = base + bar.size;
+    }
+    debug_assert!(window + FUNCTION_BAR_WINDOW <= PCI_MMIO32_START + PCI_MMIO32_SIZE);
+    let pin = cfg.interrupt_pin();
+    if pin > 0 {
+        let gsi = crate::acpi::intx_gsi(p.addr.device(), pin - 1);
+        cfg.set_raw(PCI_INTERRUPT_LINE, &[gsi as u8]);
+    }
+    let function: Arc<dyn PciFunction> = Arc::new(f);
+    root.add(p.addr, function.clone())
+        .map_err(|e| realize_err(e.to_string()))?;
+    Ok(Realized {
+        placed: p.clone(),
+        function,
+        abi,
+    })
+}
+
+/// Realizes every placed device (in address order).
 pub fn realize(
     placed: &[Placed],
     root: &PciRoot,
@@ -274,51 +338,10 @@ pub fn realize(
 ) -> Result<Vec<Realized>, DeviceError> {
     let mut sorted: Vec<&Placed> = placed.iter().collect();
     sorted.sort_by_key(|p| p.addr);
-    let mut next_bar = PCI_MMIO32_START;
-    let mut out = Vec::new();
-    for p in sorted {
-        let realize_err = |reason: String| DeviceError::Realize {
-            id: p.id.clone(),
-            reason,
-        };
-        let device = drivers::build(&p.spec.driver, &p.spec.props, &p.id).map_err(realize_err)?;
-        let f = VirtioPciDevice::new(
-            &p.spec.driver,
-            device,
-            transport_props(p),
-            mem.clone(),
-            host.clone(),
-        )
-        .map_err(|e| realize_err(e.to_string()))?;
-        let cfg = f.config();
-        for bar in cfg.bars() {
-            let base = next_bar.next_multiple_of(bar.size);
-            if matches!(bar.kind, BarKind::Io)
-                || base + bar.size > PCI_MMIO32_START + PCI_MMIO32_SIZE
-            {
-                return Err(DeviceError::NoBarSpace {
-                    device: p.id.clone(),
-                    bar: bar.index,
-                });
-            }
-            cfg.set_bar_address(bar.index, base)
-                .map_err(|e| realize_err(e.to_string()))?;
-            next_bar = base + bar.size;
-        }
-        let pin = cfg.interrupt_pin();
-        if pin > 0 {
-            let gsi = crate::acpi::intx_gsi(p.addr.device(), pin - 1);
-            cfg.set_raw(PCI_INTERRUPT_LINE, &[gsi as u8]);
-        }
-        let function: Arc<dyn PciFunction> = Arc::new(f);
-        root.add(p.addr, function.clone())
-            .map_err(|e| realize_err(e.to_string()))?;
-        out.push(Realized {
-            placed: p.clone(),
-            function,
-        });
-    }
-    Ok(out)
+    sorted
+        .into_iter()
+        .map(|p| realize_one(p, root, mem, host.clone()))
+        .collect()
 }
 
 /// The `--help` text describing `--device`.

@@ -7,11 +7,13 @@
 pub mod acpi;
 pub mod boot;
 pub mod cli;
+pub mod compat;
 pub mod cpu;
 pub mod device_manager;
 pub mod drivers;
 pub mod layout;
 pub mod machine;
+pub mod machine_file;
 pub mod stop;
 pub mod vcpu;
 pub mod vm;

@@ -332,6 +332,18 @@ impl VirtioPciDevice {
         })
     }
 
+    /// The ABI-shaping properties of this function as realized: MSI-X vectors, queue count,
+    /// queue sizes and offered feature bits (recorded in compat fingerprints).
+    pub fn abi_props(&self) -> std::collections::BTreeMap<String, String> {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert("vectors".into(), self.irq.vectors.len().to_string());
+        m.insert("queues".into(), self.queue_max.len().to_string());
+        let sizes: Vec<String> = self.queue_max.iter().map(|s| s.to_string()).collect();
+        m.insert("queue_sizes".into(), sizes.join(","));
+        m.insert("features".into(), format!("{:#x}", self.device.features()));
+        m
+    }
+
     /// The device's current status byte.
     pub fn status(&self) -> u8 {
         self.irq.status.load(Ordering::Acquire)

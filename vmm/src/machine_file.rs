@@ -1,0 +1,260 @@
+//! The machine description file: a whole machine (kernel, initrd, command line, memory, vCPUs,
+//! devices with addresses and properties) as JSON.
+//!
+//! `vmm run --machine-file PATH` starts it; `--dump-machine PATH` writes the fully resolved
+//! description of the machine that runs (every device with its final address and every
+//! ABI-shaping property), so feeding a dump back reproduces the same machine.
+//!
+//! Options given beside `--machine-file` override it: `--kernel`, `--initrd`, `--append`,
+//! `--memory` and `--cpus` replace the file's values; each `--device` is added, and replaces the
+//! file's device with the same `id=`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::device_manager::{parse_device, DeviceSpec};
+
+/// The `format` field.
+pub const MACHINE_FORMAT: &str = "vmm-machine";
+/// The version this build reads and writes.
+pub const MACHINE_VERSION: u32 = 1;
+
+/// A device in a machine description.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceEntry {
+    /// Driver name.
+    pub driver: String,
+    /// `id=`; absent for an anonymous device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `addr=` in any QEMU form, e.g. `05.0`, or `00:05.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    /// `multifunction=on`.
+    #[serde(default)]
+    pub multifunction: bool,
+    /// Driver-specific properties.
+    #[serde(default)]
+    pub props: BTreeMap<String, String>,
+}
+
+impl DeviceEntry {
+    /// The `--device` string this entry stands for.
+    pub fn to_option(&self) -> String {
+        let mut s = self.driver.clone();
+        if let Some(id) = &self.id {
+            s += &format!(",id={id}");
+        }
+        if let Some(a) = &self.addr {
+            // Accept the lspci form too: "00:05.0" -> "05.0".
+            let a = a.strip_prefix("00:").unwrap_or(a);
+            s += &format!(",addr={a}");
+        }
+        if self.multifunction {
+            s += ",multifunction=on";
+        }
+        for (k, v) in &self.props {
+            s += &format!(",{k}={v}");
+        }
+        s
+    }
+}
+
+/// A machine description.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineFile {
+    /// Always [`MACHINE_FORMAT`].
+    pub format: String,
+    /// Always [`MACHINE_VERSION`].
+    pub version: u32,
+    /// Kernel path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    /// Initrd path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// Memory in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// vCPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u8>,
+    /// Devices.
+    #[serde(default)]
+    pub devices: Vec<DeviceEntry>,
+}
+
+/// A problem with a machine file; the message names the file.
+#[derive(Debug, thiserror::Error)]
+#[error("machine file '{path}': {reason}")]
+pub struct MachineFileError {
+    /// The file.
+    pub path: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl MachineFile {
+    /// An empty description of this build's format.
+    pub fn new() -> Self {
+        MachineFile {
+            format: MACHINE_FORMAT.into(),
+            version: MACHINE_VERSION,
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            memory_mib: None,
+            cpus: None,
+            devices: Vec::new(),
+        }
+    }
+
+    /// Reads and checks a machine file.
+    pub fn load(path: &Path) -> Result<Self, MachineFileError> {
+        let name = path.display().to_string();
+        let err = |reason: String| MachineFileError {
+            path: name.clone(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        Self::from_json(&text).map_err(err)
+    }
+
+    /// Parses and checks a description.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        let format = v.get("format").and_then(|f| f.as_str()).unwrap_or_default();
+        let version = v.get("version").and_then(|f| f.as_u64()).unwrap_or(0);
+        if format != MACHINE_FORMAT || version != u64::from(MACHINE_VERSION) {
+            return Err(format!(
+                "unsupported format '{format}' version {version} (this build reads '{MACHINE_FORMAT}' version {MACHINE_VERSION})"
+            ));
+        }
+        let m: MachineFile =
+            serde_json::from_value(v).map_err(|e| format!("not a machine description: {e}"))?;
+        m.device_specs()?;
+        Ok(m)
+    }
+
+    /// The devices as specs, checked like `--device` options, with duplicate ids and
+    /// addresses refused.
+    pub fn device_specs(&self) -> Result<Vec<DeviceSpec>, String> {
+        let mut ids = HashSet::new();
+        let mut addrs = HashSet::new();
+        let mut out = Vec::new();
+        for (i, d) in self.devices.iter().enumerate() {
+            let spec = parse_device(&d.to_option()).map_err(|e| format!("device {i}: {e}"))?;
+            if let Some(id) = &spec.id {
+                if !ids.insert(id.clone()) {
+                    return Err(format!("duplicate device id '{id}'"));
+                }
+            }
+            if let Some((slot, f)) = spec.addr {
+                if !addrs.insert((slot, f.unwrap_or(0))) {
+                    return Err(format!(
+                        "two devices at address {:02x}.{}",
+                        slot,
+                        f.unwrap_or(0)
+                    ));
+                }
+            }
+            out.push(spec);
+        }
+        Ok(out)
+    }
+
+    /// The description as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default() + "\n"
+    }
+}
+
+impl Default for MachineFile {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Merges `--device` options into the file's devices: a CLI device whose id matches replaces
+/// the file's entry in place; the others are appended.
+pub fn merge_devices(file: &[DeviceSpec], cli: Vec<DeviceSpec>) -> Vec<DeviceSpec> {
+    let mut out: Vec<DeviceSpec> = file.to_vec();
+    for d in cli {
+        match out.iter_mut().find(|f| f.id.is_some() && f.id == d.id) {
+            Some(slot) => *slot = d,
+            None => out.push(d),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(devs: &str) -> String {
+        format!(
+            r#"{{"format":"vmm-machine","version":1,"kernel":"/k","memory_mib":128,"devices":[{devs}]}}"#
+        )
+    }
+
+    #[test]
+    fn parses_and_round_trips() {
+        let m = MachineFile::from_json(&file(
+            r#"{"driver":"virtio-rng-pci","id":"a","addr":"00:05.0","props":{"vectors":"3"}},{"driver":"virtio-rng-pci"}"#,
+        ))
+        .unwrap();
+        assert_eq!(m.memory_mib, Some(128));
+        let specs = m.device_specs().unwrap();
+        assert_eq!(specs[0].addr, Some((5, Some(0))));
+        assert_eq!(specs[0].props["vectors"], "3");
+        assert_eq!(MachineFile::from_json(&m.to_json()).unwrap(), m);
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_the_reason() {
+        let e = |t: &str| MachineFile::from_json(t).unwrap_err();
+        assert!(e("{").contains("not valid JSON"));
+        assert!(e(r#"{"format":"vmm-machine","version":2}"#).contains("unsupported format"));
+        assert!(e(&file(
+            r#"{"driver":"virtio-rng-pci","id":"a"},{"driver":"virtio-rng-pci","id":"a"}"#
+        ))
+        .contains("duplicate device id 'a'"));
+        assert!(e(&file(
+            r#"{"driver":"virtio-rng-pci","addr":"5"},{"driver":"virtio-rng-pci","addr":"05.0"}"#
+        ))
+        .contains("two devices at address 05.0"));
+        assert!(
+            e(&file(r#"{"driver":"virtio-rng-pci","addr":"40"}"#)).contains("invalid PCI address")
+        );
+        assert!(e(&file(r#"{"driver":"nosuch"}"#)).contains("not a valid device model name"));
+        assert!(
+            e(r#"{"format":"vmm-machine","version":1,"memory_mib":"lots"}"#)
+                .contains("not a machine description")
+        );
+    }
+
+    #[test]
+    fn cli_devices_replace_by_id_or_append() {
+        let f: Vec<DeviceSpec> = ["virtio-rng-pci,id=a,addr=5", "virtio-rng-pci,id=b"]
+            .iter()
+            .map(|s| parse_device(s).unwrap())
+            .collect();
+        let c = vec![
+            parse_device("virtio-rng-pci,id=a,addr=7").unwrap(),
+            parse_device("virtio-rng-pci,id=c").unwrap(),
+        ];
+        let m = merge_devices(&f, c);
+        let got: Vec<String> = m
+            .iter()
+            .map(|d| format!("{}@{:?}", d.id.clone().unwrap(), d.addr))
+            .collect();
+        assert_eq!(got, ["a@Some((7, None))", "b@None", "c@None"]);
+    }
+}
