@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use devices::virtio::blk::{Block, BlockConfig};
+use devices::virtio::console::{Console, ConsoleBackend};
 use devices::virtio::rng::Rng;
 use devices::virtio::VirtioDevice;
 
@@ -94,6 +95,24 @@ pub const DRIVERS: &[DriverInfo] = &[
             VECTORS,
         ],
     },
+    DriverInfo {
+        name: "virtio-console-pci",
+        help: "virtio console (1af4:1043), one port: the guest's /dev/hvc0",
+        props: &[
+            PropInfo {
+                name: "path",
+                help: "PATH: guest output is written to this file (created or truncated)",
+                abi: false,
+            },
+            PropInfo {
+                name: "socket",
+                help: "PATH: the vmm listens on this unix socket (one client at a time: \
+                       guest output to it, its input to the guest); give path= or socket=",
+                abi: false,
+            },
+            VECTORS,
+        ],
+    },
 ];
 
 /// The driver called `name`.
@@ -123,7 +142,7 @@ pub fn check_prop(driver: &str, prop: &str, v: &str) -> Result<(), DeviceError> 
     match prop {
         "vectors" => parse_u16(driver, prop, v, devices::virtio::pci::MAX_VECTORS).map(|_| ()),
         "readonly" => parse_bool(driver, prop, v).map(|_| ()),
-        "file" if v.is_empty() => Err(DeviceError::BadValue {
+        "file" | "path" | "socket" if v.is_empty() => Err(DeviceError::BadValue {
             driver: driver.into(),
             prop: prop.into(),
             value: v.into(),
@@ -171,6 +190,14 @@ pub fn build(
             readonly: flag(driver, props, "readonly"),
             serial: props.get("serial").cloned(),
         })?)),
+        "virtio-console-pci" => {
+            let backend = match (props.get("path"), props.get("socket")) {
+                (Some(p), None) => ConsoleBackend::File(p.into()),
+                (None, Some(s)) => ConsoleBackend::Socket(s.into()),
+                _ => return Err("give exactly one of 'path' or 'socket'".into()),
+            };
+            Ok(Arc::new(Console::new(&backend)?))
+        }
         other => Err(format!("'{other}' is not a valid device model name")),
     }
 }

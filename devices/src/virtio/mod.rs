@@ -8,6 +8,7 @@
 //! [`VirtioInterrupt`].
 
 pub mod blk;
+pub mod console;
 pub mod pci;
 pub mod rng;
 mod worker;
