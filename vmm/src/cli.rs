@@ -1,4 +1,4 @@
-//! The command line: `vmm run ...`.
+//! The command line: `vmm run ...` and `vmm abi ...`.
 
 use std::path::PathBuf;
 
@@ -19,28 +19,79 @@ pub enum Command {
     /// Boot a guest.
     #[command(after_help = crate::device_manager::device_help())]
     Run(RunArgs),
+    /// Show or compare compat records.
+    #[command(subcommand)]
+    Abi(AbiCommand),
+}
+
+/// `vmm abi ...`.
+#[derive(Subcommand, Debug)]
+pub enum AbiCommand {
+    /// Show a record: an `lspci -n`-like view plus each device's fingerprint.
+    Show {
+        /// The record.
+        record: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare two records. Exit 0 when no device present in both changed, 1 when one did,
+    /// 2 on error.
+    Diff {
+        /// The old record.
+        old: PathBuf,
+        /// The new record.
+        new: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `vmm run`.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Default)]
 pub struct RunArgs {
-    /// Kernel: a bzImage, an ELF vmlinux, or an ELF with a Xen PVH note.
+    /// Kernel: a bzImage, an ELF vmlinux, or an ELF with a Xen PVH note (required unless the
+    /// machine file names one).
     #[arg(long)]
-    pub kernel: PathBuf,
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
-    #[arg(long, default_value = "")]
-    pub append: String,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    pub memory: u64,
-    /// Number of vCPUs (1 to 32).
-    #[arg(long, default_value_t = 1)]
-    pub cpus: u8,
+    #[arg(long)]
+    pub append: Option<String>,
+    /// Guest memory in MiB (default 256).
+    #[arg(long)]
+    pub memory: Option<u64>,
+    /// Number of vCPUs, 1 to 32 (default 1).
+    #[arg(long)]
+    pub cpus: Option<u8>,
     /// Add a PCI device, QEMU syntax: DRIVER[,id=ID][,addr=SS[.F]][,PROP=VALUE...]
     /// (repeatable; drivers and properties are listed below).
     #[arg(long = "device", value_name = "DEVICE")]
     pub devices: Vec<String>,
+    /// Change a property's default for every device of a driver: DRIVER.PROP=VALUE
+    /// (repeatable). Devices listed in the compat record keep their recorded value.
+    #[arg(long = "global", value_name = "DRIVER.PROP=VALUE")]
+    pub globals: Vec<String>,
+    /// Compat record: read as hints when it exists (recorded addresses and ABI properties),
+    /// rewritten atomically for the machine that starts.
+    #[arg(long, value_name = "PATH")]
+    pub compat: Option<PathBuf>,
+    /// Refuse to start when a device in the compat record would change address or fingerprint.
+    #[arg(long, requires = "compat")]
+    pub compat_strict: bool,
+    /// Start the machine described by this JSON file; other options add to or override it.
+    #[arg(long, value_name = "PATH")]
+    pub machine_file: Option<PathBuf>,
+    /// Write the fully resolved description of the machine that starts.
+    #[arg(long, value_name = "PATH")]
+    pub dump_machine: Option<PathBuf>,
+    /// QMP monitor: unix:PATH[,server=on,wait=off].
+    #[arg(long, value_name = "unix:PATH")]
+    pub qmp: Option<String>,
+    /// Start paused: devices are realized, vCPUs wait for the QMP command `cont`.
+    #[arg(short = 'S')]
+    pub paused: bool,
 }

@@ -55,6 +55,9 @@ pub enum DeviceError {
     /// A bus other than pci.0.
     #[error("Bus '{0}' not found")]
     NoBus(String),
+    /// No device with that id.
+    #[error("Device '{0}' not found")]
+    NotFound(String),
     /// A malformed `--global`.
     #[error("Invalid --global '{0}': expected DRIVER.PROP=VALUE")]
     BadGlobal(String),
@@ -184,24 +187,41 @@ pub struct Placed {
     pub addr: PciAddress,
 }
 
-/// Gives every spec an id and an address.
-///
-/// Order: explicit `addr=` first, then devices whose id has a hinted address (from a compat
-/// record) when that address is still free, then everything else in command-line order, each
-/// at function 0 of the first free slot from 1 up.
+/// Gives every spec an id and an address on an empty bus (see [`DeviceSet::add`]).
 pub fn place(
     specs: &[DeviceSpec],
     hints: &HashMap<String, PciAddress>,
 ) -> Result<Vec<Placed>, DeviceError> {
+    place_into(
+        &mut SlotAllocator::new(),
+        &mut 0,
+        &HashSet::new(),
+        specs,
+        hints,
+    )
+}
+
+/// Gives every spec an id and an address, claiming slots in `slots`.
+///
+/// Order: explicit `addr=` first, then devices whose id has a hinted address (from a compat
+/// record) when that address is still free, then everything else in command-line order, each
+/// at function 0 of the first free slot from 1 up. `anon` counts the id-less devices so far;
+/// `taken` holds the ids already in use.
+pub fn place_into(
+    slots: &mut SlotAllocator,
+    anon: &mut usize,
+    taken: &HashSet<String>,
+    specs: &[DeviceSpec],
+    hints: &HashMap<String, PciAddress>,
+) -> Result<Vec<Placed>, DeviceError> {
     let mut ids = Vec::with_capacity(specs.len());
-    let mut seen = HashSet::new();
-    let mut anon = 0;
+    let mut seen = taken.clone();
     for s in specs {
         let id = match &s.id {
             Some(id) => id.clone(),
             None => {
-                anon += 1;
-                format!("device[{}]", anon - 1)
+                *anon += 1;
+                format!("device[{}]", *anon - 1)
             }
         };
         if !seen.insert(id.clone()) {
@@ -214,7 +234,6 @@ pub fn place(
         id: s.id.clone(),
         multifunction: s.multifunction,
     };
-    let mut slots = SlotAllocator::new();
     let mut addrs: Vec<Option<PciAddress>> = vec![None; specs.len()];
     for (i, s) in specs.iter().enumerate() {
         if let Some((slot, func)) = s.addr {
@@ -250,6 +269,75 @@ pub fn place(
             })
         })
         .collect())
+}
+
+/// The devices of one machine: the slot allocator's state and every realized device.
+/// Changes are all-or-nothing: a failed [`DeviceSet::add`] leaves the set as it was.
+#[derive(Default)]
+pub struct DeviceSet {
+    slots: SlotAllocator,
+    anon: usize,
+    realized: Vec<Realized>,
+}
+
+impl DeviceSet {
+    /// An empty set (the host bridge's slot reserved).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Places and realizes `specs` onto `root`, around the devices already there.
+    pub fn add(
+        &mut self,
+        specs: &[DeviceSpec],
+        hints: &HashMap<String, PciAddress>,
+        root: &PciRoot,
+        mem: &GuestMemoryMmap,
+        host: Arc<dyn VirtioHost>,
+    ) -> Result<Vec<PciAddress>, DeviceError> {
+        let mut slots = self.slots.clone();
+        let mut anon = self.anon;
+        let taken: HashSet<String> = self.realized.iter().map(|r| r.placed.id.clone()).collect();
+        let placed = place_into(&mut slots, &mut anon, &taken, specs, hints)?;
+        let mut sorted: Vec<&Placed> = placed.iter().collect();
+        sorted.sort_by_key(|p| p.addr);
+        let mut new = Vec::new();
+        for p in sorted {
+            match realize_one(p, root, mem, host.clone()) {
+                Ok(r) => new.push(r),
+                Err(e) => {
+                    for r in &new {
+                        root.remove(r.placed.addr);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let addrs = new.iter().map(|r| r.placed.addr).collect();
+        self.slots = slots;
+        self.anon = anon;
+        self.realized.extend(new);
+        self.realized.sort_by_key(|r| r.placed.addr);
+        Ok(addrs)
+    }
+
+    /// Removes the device `id` from `root` and frees its slot.
+    pub fn remove(&mut self, id: &str, root: &PciRoot) -> Result<Realized, DeviceError> {
+        let i = self
+            .realized
+            .iter()
+            .position(|r| r.placed.id == id)
+            .ok_or_else(|| DeviceError::NotFound(id.to_string()))?;
+        let r = self.realized.remove(i);
+        root.remove(r.placed.addr);
+        self.slots.release(r.placed.addr);
+        Ok(r)
+    }
+
+    /// The realized devices in address order.
+    pub fn devices(&self) -> &[Realized] {
+        &self.realized
+    }
 }
 
 /// A device realized on the bus.

@@ -4,6 +4,7 @@
 //! ([`boot`]), describes the machine ([`acpi`]) and runs the vCPUs ([`vcpu`]).
 #![deny(missing_docs)]
 
+pub mod abi;
 pub mod acpi;
 pub mod boot;
 pub mod cli;

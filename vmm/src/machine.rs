@@ -1,13 +1,17 @@
 //! One machine from command line to running vCPUs.
 //!
-//! [`run`]: validate the configuration, create the VM, put the legacy devices on the buses,
-//! load the kernel and describe the machine to it, start one thread per vCPU, then wait on the
-//! console input and the stop signal.
+//! [`run`]: resolve the configuration (command line over machine file), read the compat record,
+//! build the [`Machine`] (VM, buses, legacy devices, PCI devices placed with the record's hints,
+//! kernel loaded, vCPUs created), then [`Machine::start`] it (strict check, record and machine
+//! dump written, vCPU threads started) unless `-S` leaves that to QMP's `cont`, and wait on the
+//! console and the stop signal.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use devices::bus::Bus;
 use devices::legacy::{
@@ -15,6 +19,7 @@ use devices::legacy::{
     I8042_COMMAND_PORT, I8042_DATA_PORT, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN,
 };
 use devices::pci_host::{BarMapper, ConfigPorts, Ecam};
+use pci::record::CompatRecord;
 use pci::PciRoot;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -22,190 +27,525 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, Entry};
 use crate::cli::RunArgs;
+use crate::compat::{self, Globals};
+use crate::device_manager::{self, DeviceSet, DeviceSpec};
 use crate::layout::*;
+use crate::machine_file::{merge_devices, DeviceEntry, MachineFile};
 use crate::stop::{Stop, StopReason};
-use crate::vcpu::Vcpu;
+use crate::vcpu::{install_kick_handler, RunGate, Vcpu};
 use crate::vm::Vm;
-use crate::{acpi, cpu, device_manager, Error};
+use crate::{acpi, cpu, drivers, Error};
 
 /// Smallest guest memory we accept, in MiB.
 pub const MIN_MEMORY_MIB: u64 = 16;
 /// Largest vCPU count.
 pub const MAX_CPUS: u8 = 32;
+/// Default guest memory in MiB.
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+/// Test-only switch: milliseconds to sleep between writing the compat record's temporary file
+/// and renaming it into place (lets a test kill the VMM at the worst moment).
+pub const RECORD_PAUSE_ENV: &str = "VMM_TEST_RECORD_WRITE_PAUSE_MS";
 
-/// The validated machine configuration.
+/// The validated machine configuration (command line over machine file).
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
-    /// RAM in bytes.
-    pub mem_size: u64,
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initrd.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// RAM in MiB.
+    pub memory_mib: u64,
     /// vCPU count.
     pub cpus: u8,
+    /// Devices, as specs (machine file devices merged with `--device`).
+    pub devices: Vec<DeviceSpec>,
 }
 
 impl MachineConfig {
-    /// Checks the sizes given on the command line.
+    /// Resolves and checks the configuration.
     pub fn from_args(args: &RunArgs) -> Result<Self, Error> {
-        if args.memory < MIN_MEMORY_MIB {
+        let file = match &args.machine_file {
+            Some(p) => MachineFile::load(p).map_err(|e| Error::Config(e.to_string()))?,
+            None => MachineFile::new(),
+        };
+        let file_devices = file.device_specs().map_err(Error::Config)?;
+        let cli_devices = args
+            .devices
+            .iter()
+            .map(|d| device_manager::parse_device(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let kernel = args.kernel.clone().or(file.kernel).ok_or_else(|| {
+            Error::Config("no kernel: give --kernel or a machine file that names one".into())
+        })?;
+        let memory_mib = args
+            .memory
+            .or(file.memory_mib)
+            .unwrap_or(DEFAULT_MEMORY_MIB);
+        let cpus = args.cpus.or(file.cpus).unwrap_or(1);
+        if memory_mib < MIN_MEMORY_MIB {
             return Err(Error::Config(format!(
-                "invalid memory size {} MiB: at least {MIN_MEMORY_MIB} MiB is needed",
-                args.memory
+                "invalid memory size {memory_mib} MiB: at least {MIN_MEMORY_MIB} MiB is needed"
             )));
         }
-        if args.memory > (1 << 20) {
+        if memory_mib > (1 << 20) {
             return Err(Error::Config(format!(
-                "invalid memory size {} MiB: at most 1 TiB",
-                args.memory
+                "invalid memory size {memory_mib} MiB: at most 1 TiB"
             )));
         }
-        if args.cpus == 0 || args.cpus > MAX_CPUS {
+        if cpus == 0 || cpus > MAX_CPUS {
             return Err(Error::Config(format!(
-                "invalid number of CPUs {}: between 1 and {MAX_CPUS}",
-                args.cpus
+                "invalid number of CPUs {cpus}: between 1 and {MAX_CPUS}"
             )));
         }
         Ok(MachineConfig {
-            mem_size: args.memory << 20,
-            cpus: args.cpus,
+            kernel,
+            initrd: args.initrd.clone().or(file.initrd),
+            cmdline: args.append.clone().or(file.cmdline).unwrap_or_default(),
+            memory_mib,
+            cpus,
+            devices: merge_devices(&file_devices, cli_devices),
         })
     }
+
+    /// RAM in bytes.
+    pub fn mem_size(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+/// QEMU's run states, as QMP reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Built, vCPUs never started (`-S`).
+    Prelaunch,
+    /// vCPUs running.
+    Running,
+    /// Stopped by `stop`.
+    Paused,
+    /// The guest is gone.
+    Shutdown,
+}
+
+/// Where the compat record lives and what it said when we started.
+struct CompatState {
+    path: PathBuf,
+    strict: bool,
+    old: Option<CompatRecord>,
+}
+
+/// A built machine.
+pub struct Machine {
+    config: MachineConfig,
+    vm: Arc<Vm>,
+    root: Arc<PciRoot>,
+    mapper: Arc<BarMapper>,
+    devices: Mutex<DeviceSet>,
+    serial: Arc<Serial>,
+    /// The stop signal.
+    pub stop: Arc<Stop>,
+    gate: Arc<RunGate>,
+    state: Mutex<RunState>,
+    vcpus: Mutex<Vec<Vcpu>>,
+    vcpu_threads: Mutex<Vec<libc::pthread_t>>,
+    compat: Option<CompatState>,
+    dump_machine: Option<PathBuf>,
+    globals: Globals,
+}
+
+impl Machine {
+    /// Builds the machine: everything but running the vCPUs.
+    pub fn build(args: &RunArgs) -> Result<Arc<Machine>, Error> {
+        let config = MachineConfig::from_args(args)?;
+        let globals = Globals::parse(&args.globals)?;
+        let compat = match &args.compat {
+            Some(path) => {
+                let old = if path.exists() {
+                    Some(CompatRecord::load(path).map_err(|e| Error::Config(e.to_string()))?)
+                } else {
+                    None
+                };
+                Some(CompatState {
+                    path: path.clone(),
+                    strict: args.compat_strict,
+                    old,
+                })
+            }
+            None => None,
+        };
+        let old = compat.as_ref().and_then(|c| c.old.as_ref());
+        let (specs, warnings) = compat::resolve_props(&config.devices, old, &globals);
+        for w in warnings {
+            eprintln!("vmm: warning: {w}");
+        }
+        let hints = compat::hints(&specs, old);
+        // Fail on bad placement before the (slower) VM creation; realizing places again.
+        device_manager::place(&specs, &hints)?;
+        // Check the files before creating the VM, so bad input fails fast.
+        let initrd = match &config.initrd {
+            Some(p) => Some(std::fs::read(p).map_err(|e| Error::Initrd {
+                path: p.display().to_string(),
+                reason: e.to_string(),
+            })?),
+            None => None,
+        };
+        File::open(&config.kernel).map_err(|e| Error::Kernel {
+            path: config.kernel.display().to_string(),
+            reason: e.to_string(),
+        })?;
+
+        let stop = Arc::new(Stop::new()?);
+        let vm = Arc::new(Vm::new(config.mem_size())?);
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let power: PowerCallback = {
+            let stop = stop.clone();
+            Arc::new(move |e| {
+                stop.stop(match e {
+                    PowerEvent::Reset => StopReason::Reset("guest reset"),
+                    PowerEvent::PowerOff => StopReason::PowerOff("ACPI S5"),
+                })
+            })
+        };
+        let serial_irq = EventFd::new(0)?;
+        vm.fd
+            .register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(|e| Error::Kvm(format!("irqfd for the serial port: {e}")))?;
+        let serial = Arc::new(Serial::new(serial_irq, Box::new(std::io::stdout())));
+        let i8042 = Arc::new(I8042::new(power.clone()));
+        let bus_err = |e| Error::Config(format!("port bus: {e}"));
+        pio.insert(SERIAL_PORT, SERIAL_PORT_LEN, serial.clone())
+            .map_err(bus_err)?;
+        pio.insert(I8042_DATA_PORT, 1, i8042.clone())
+            .map_err(bus_err)?;
+        pio.insert(I8042_COMMAND_PORT, 1, i8042).map_err(bus_err)?;
+        pio.insert(ACPI_PM_PORT, ACPI_PM_PORT_LEN, Arc::new(AcpiPm::new(power)))
+            .map_err(bus_err)?;
+
+        let root = Arc::new(PciRoot::new());
+        let mapper = Arc::new(BarMapper::new(root.clone(), &pio, &mmio));
+        pio.insert(
+            PCI_CONFIG_PORT,
+            PCI_CONFIG_PORT_LEN,
+            Arc::new(ConfigPorts::new(root.clone(), mapper.clone())),
+        )
+        .map_err(bus_err)?;
+        mmio.insert(
+            ECAM_START,
+            ECAM_SIZE,
+            Arc::new(Ecam::new(root.clone(), mapper.clone())),
+        )
+        .map_err(|e| Error::Config(format!("MMIO bus: {e}")))?;
+        let mut devices = DeviceSet::new();
+        devices.add(&specs, &hints, &root, &vm.mem, vm.clone())?;
+        for r in devices.devices() {
+            tracing::info!(
+                "{} {} at {}",
+                r.placed.spec.driver,
+                r.placed.id,
+                r.placed.addr
+            );
+        }
+
+        let kernel = boot::load_kernel(&vm.mem, &config.kernel)?;
+        boot::write_cmdline(&vm.mem, &config.cmdline)?;
+        boot::write_reset_vector(&vm.mem)?;
+        let initrd = match initrd {
+            Some(bytes) => {
+                let max = kernel.header.map_or(0x7fff_ffff, |h| {
+                    u64::from(h.initrd_addr_max).max(0x37ff_ffff)
+                });
+                let addr =
+                    boot::initrd_address(config.mem_size(), bytes.len() as u64, kernel.end, max)?;
+                vm.mem.write_slice(&bytes, GuestAddress(addr))?;
+                Some((addr, bytes.len() as u64))
+            }
+            None => None,
+        };
+        let rsdp = acpi::write_tables(&vm.mem, config.cpus)?;
+        let e820 = boot::e820_map(config.mem_size());
+        match kernel.entry {
+            Entry::Linux64 { .. } => {
+                let params =
+                    boot::zero_page(kernel.header, config.cmdline.len() + 1, initrd, &e820, rsdp);
+                vm.mem.write_obj(params, GuestAddress(ZERO_PAGE))?;
+            }
+            Entry::Pvh { .. } => boot::write_pvh_info(&vm.mem, initrd, &e820, rsdp)?,
+        }
+
+        let gate = Arc::new(RunGate::new());
+        let supported = vm
+            .kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::Kvm(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
+        let mut vcpus = Vec::new();
+        for id in 0..config.cpus {
+            let fd = vm
+                .fd
+                .create_vcpu(u64::from(id))
+                .map_err(|e| Error::Kvm(format!("KVM_CREATE_VCPU {id}: {e}")))?;
+            let mut cpuid = supported.clone();
+            cpu::filter_cpuid(&mut cpuid, id, config.cpus);
+            fd.set_cpuid2(&cpuid)
+                .map_err(|e| Error::Vcpu(format!("KVM_SET_CPUID2: {e}")))?;
+            cpu::set_msrs(&fd)?;
+            cpu::set_fpu(&fd)?;
+            cpu::set_lint(&fd)?;
+            if id == 0 {
+                cpu::set_boot_registers(&fd, &vm.mem, kernel.entry)?;
+            }
+            vcpus.push(Vcpu {
+                fd,
+                id,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                mem: vm.mem.clone(),
+                stop: stop.clone(),
+                gate: gate.clone(),
+            });
+        }
+        Ok(Arc::new(Machine {
+            config,
+            vm,
+            root,
+            mapper,
+            devices: Mutex::new(devices),
+            serial,
+            stop,
+            gate,
+            state: Mutex::new(RunState::Prelaunch),
+            vcpus: Mutex::new(vcpus),
+            vcpu_threads: Mutex::new(Vec::new()),
+            compat,
+            dump_machine: args.dump_machine.clone(),
+            globals,
+        }))
+    }
+
+    /// The run state.
+    pub fn run_state(&self) -> RunState {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The compat record of the devices as they are now.
+    pub fn record(&self) -> CompatRecord {
+        compat::record_of(
+            self.devices
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .devices(),
+        )
+    }
+
+    /// The fully resolved machine description.
+    pub fn description(&self) -> MachineFile {
+        let devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = MachineFile::new();
+        m.kernel = Some(absolute(&self.config.kernel));
+        m.initrd = self.config.initrd.as_deref().map(absolute);
+        m.cmdline = Some(self.config.cmdline.clone());
+        m.memory_mib = Some(self.config.memory_mib);
+        m.cpus = Some(self.config.cpus);
+        m.devices = devices
+            .devices()
+            .iter()
+            .map(|r| {
+                let spec = &r.placed.spec;
+                let mut props = spec.props.clone();
+                // Every ABI-shaping property with its value, defaults included.
+                if let Some(info) = drivers::driver(&spec.driver) {
+                    for p in info.props.iter().filter(|p| p.abi) {
+                        if let Some(v) = r.abi.get(p.name) {
+                            props.entry(p.name.to_string()).or_insert_with(|| v.clone());
+                        }
+                    }
+                }
+                DeviceEntry {
+                    driver: spec.driver.clone(),
+                    id: spec.id.clone(),
+                    addr: Some(r.placed.addr.to_string()),
+                    multifunction: spec.multifunction,
+                    props,
+                }
+            })
+            .collect();
+        m
+    }
+
+    /// Writes the compat record (atomically) to `path`.
+    pub fn save_record(&self, path: &Path) -> Result<(), Error> {
+        let pause = std::env::var(RECORD_PAUSE_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis);
+        self.record()
+            .save(path, pause)
+            .map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Writes the machine description to `path` (atomically).
+    pub fn save_description(&self, path: &Path) -> Result<(), Error> {
+        pci::record::write_atomically(path, self.description().to_json().as_bytes(), None).map_err(
+            |e| {
+                Error::Config(format!(
+                    "cannot write machine description '{}': {e}",
+                    path.display()
+                ))
+            },
+        )
+    }
+
+    /// Starts the guest: checks the compat record (`--compat-strict`), writes the record and
+    /// the machine dump, then runs the vCPUs. Only from prelaunch.
+    pub fn start(&self) -> Result<(), Error> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if *state != RunState::Prelaunch {
+            return Err(Error::Config("the machine was already started".into()));
+        }
+        if let Some(c) = &self.compat {
+            let new = self.record();
+            if let (true, Some(old)) = (c.strict, &c.old) {
+                if let Err(changes) = compat::strict_check(old, &new) {
+                    let list: Vec<String> = changes.iter().map(|c| format!("  {c}")).collect();
+                    return Err(Error::Config(format!(
+                        "--compat-strict: the guest-visible PCI ABI recorded in '{}' would change:\n{}",
+                        c.path.display(),
+                        list.join("\n")
+                    )));
+                }
+            }
+            self.save_record(&c.path)?;
+        }
+        if let Some(p) = &self.dump_machine {
+            self.save_description(p)?;
+        }
+        let vcpus = std::mem::take(&mut *self.vcpus.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut threads = self.vcpu_threads.lock().unwrap_or_else(|p| p.into_inner());
+        for v in vcpus {
+            let name = format!("vcpu{}", v.id);
+            let h = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || v.run())?;
+            threads.push(h.as_pthread_t());
+        }
+        self.gate.open();
+        *state = RunState::Running;
+        Ok(())
+    }
+
+    /// Resumes a paused machine, or starts a prelaunch one.
+    pub fn cont(&self) -> Result<(), Error> {
+        match self.run_state() {
+            RunState::Prelaunch => self.start(),
+            RunState::Paused => {
+                self.gate.open();
+                *self.state.lock().unwrap_or_else(|p| p.into_inner()) = RunState::Running;
+                Ok(())
+            }
+            RunState::Running => Ok(()),
+            RunState::Shutdown => Err(Error::Config("the guest has shut down".into())),
+        }
+    }
+
+    /// Pauses a running machine (every vCPU out of `KVM_RUN`, waiting).
+    pub fn pause(&self) -> Result<(), Error> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if *state != RunState::Running {
+            return Ok(());
+        }
+        let threads = self.vcpu_threads.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.gate.close(&threads, threads.len()) {
+            return Err(Error::Vcpu("vCPUs did not stop within a second".into()));
+        }
+        *state = RunState::Paused;
+        Ok(())
+    }
+
+    /// Adds a device (QMP `device_add`): only before the guest first runs (cold-plug).
+    pub fn device_add(&self, option: &str) -> Result<String, Error> {
+        if self.run_state() != RunState::Prelaunch {
+            return Err(Error::Config(
+                "device_add: hot-plug is not supported; add devices before the first 'cont' (-S)"
+                    .into(),
+            ));
+        }
+        let spec = device_manager::parse_device(option)?;
+        let old = self.compat.as_ref().and_then(|c| c.old.as_ref());
+        let (specs, warnings) = compat::resolve_props(&[spec], old, &self.globals);
+        for w in warnings {
+            eprintln!("vmm: warning: {w}");
+        }
+        let hints = compat::hints(&specs, old);
+        let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        let addrs = devices.add(&specs, &hints, &self.root, &self.vm.mem, self.vm.clone())?;
+        for a in &addrs {
+            self.mapper.remap(*a);
+        }
+        let id = devices
+            .devices()
+            .iter()
+            .find(|r| Some(r.placed.addr) == addrs.first().copied())
+            .map(|r| r.placed.id.clone())
+            .unwrap_or_default();
+        Ok(id)
+    }
+
+    /// Removes a device (QMP `device_del`): only before the guest first runs.
+    pub fn device_del(&self, id: &str) -> Result<(), Error> {
+        if self.run_state() != RunState::Prelaunch {
+            return Err(Error::Config(
+                "device_del: hot-unplug is not supported once the guest runs".into(),
+            ));
+        }
+        let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        let r = devices.remove(id, &self.root)?;
+        self.mapper.remap(r.placed.addr);
+        Ok(())
+    }
+
+    /// The root complex (for queries).
+    pub fn root(&self) -> &Arc<PciRoot> {
+        &self.root
+    }
+
+    /// The realized devices' ids by address (for queries).
+    pub fn device_ids(&self) -> Vec<(pci::PciAddress, String, String)> {
+        self.devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .devices()
+            .iter()
+            .map(|r| {
+                (
+                    r.placed.addr,
+                    r.placed.id.clone(),
+                    r.placed.spec.driver.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Marks the machine shut down.
+    pub fn set_shutdown(&self) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = RunState::Shutdown;
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// Boots the guest described by `args` and runs it to the end. Returns the exit status.
 pub fn run(args: &RunArgs) -> Result<i32, Error> {
-    let config = MachineConfig::from_args(args)?;
-    let specs = args
-        .devices
-        .iter()
-        .map(|d| device_manager::parse_device(d))
-        .collect::<Result<Vec<_>, _>>()?;
-    let placed = device_manager::place(&specs, &Default::default())?;
-    // Check the files before the (comparatively slow) VM creation, so bad input fails fast.
-    let initrd = match &args.initrd {
-        Some(p) => Some(std::fs::read(p).map_err(|e| Error::Initrd {
-            path: p.display().to_string(),
-            reason: e.to_string(),
-        })?),
-        None => None,
-    };
-    File::open(&args.kernel).map_err(|e| Error::Kernel {
-        path: args.kernel.display().to_string(),
-        reason: e.to_string(),
-    })?;
-
-    let stop = Arc::new(Stop::new()?);
-    block_stop_signals(&stop)?;
-    let vm = Arc::new(Vm::new(config.mem_size)?);
-    let pio = Arc::new(Bus::new());
-    let mmio = Arc::new(Bus::new());
-
-    let power: PowerCallback = {
-        let stop = stop.clone();
-        Arc::new(move |e| {
-            stop.stop(match e {
-                PowerEvent::Reset => StopReason::Reset("guest reset"),
-                PowerEvent::PowerOff => StopReason::PowerOff("ACPI S5"),
-            })
-        })
-    };
-    let serial_irq = EventFd::new(0)?;
-    vm.fd
-        .register_irqfd(&serial_irq, SERIAL_IRQ)
-        .map_err(|e| Error::Kvm(format!("irqfd for the serial port: {e}")))?;
-    let serial = Arc::new(Serial::new(serial_irq, Box::new(std::io::stdout())));
-    let i8042 = Arc::new(I8042::new(power.clone()));
-    let bus_err = |e| Error::Config(format!("port bus: {e}"));
-    pio.insert(SERIAL_PORT, SERIAL_PORT_LEN, serial.clone())
-        .map_err(bus_err)?;
-    pio.insert(I8042_DATA_PORT, 1, i8042.clone())
-        .map_err(bus_err)?;
-    pio.insert(I8042_COMMAND_PORT, 1, i8042).map_err(bus_err)?;
-    pio.insert(ACPI_PM_PORT, ACPI_PM_PORT_LEN, Arc::new(AcpiPm::new(power)))
-        .map_err(bus_err)?;
-
-    let root = Arc::new(PciRoot::new());
-    let mapper = Arc::new(BarMapper::new(root.clone(), &pio, &mmio));
-    pio.insert(
-        PCI_CONFIG_PORT,
-        PCI_CONFIG_PORT_LEN,
-        Arc::new(ConfigPorts::new(root.clone(), mapper.clone())),
-    )
-    .map_err(bus_err)?;
-    mmio.insert(
-        ECAM_START,
-        ECAM_SIZE,
-        Arc::new(Ecam::new(root.clone(), mapper.clone())),
-    )
-    .map_err(|e| Error::Config(format!("MMIO bus: {e}")))?;
-    let realized = device_manager::realize(&placed, &root, &vm.mem, vm.clone())?;
-    for r in &realized {
-        tracing::info!(
-            "{} {} at {}",
-            r.placed.spec.driver,
-            r.placed.id,
-            r.placed.addr
-        );
+    let machine = Machine::build(args)?;
+    install_kick_handler()?;
+    block_stop_signals(&machine.stop)?;
+    if !args.paused {
+        machine.start()?;
     }
-
-    let kernel = boot::load_kernel(&vm.mem, &args.kernel)?;
-    boot::write_cmdline(&vm.mem, &args.append)?;
-    boot::write_reset_vector(&vm.mem)?;
-    let initrd = match initrd {
-        Some(bytes) => {
-            let max = kernel.header.map_or(0x7fff_ffff, |h| {
-                u64::from(h.initrd_addr_max).max(0x37ff_ffff)
-            });
-            let addr = boot::initrd_address(config.mem_size, bytes.len() as u64, kernel.end, max)?;
-            vm.mem.write_slice(&bytes, GuestAddress(addr))?;
-            Some((addr, bytes.len() as u64))
-        }
-        None => None,
-    };
-    let rsdp = acpi::write_tables(&vm.mem, config.cpus)?;
-    let e820 = boot::e820_map(config.mem_size);
-    match kernel.entry {
-        Entry::Linux64 { .. } => {
-            let params = boot::zero_page(kernel.header, args.append.len() + 1, initrd, &e820, rsdp);
-            vm.mem.write_obj(params, GuestAddress(ZERO_PAGE))?;
-        }
-        Entry::Pvh { .. } => boot::write_pvh_info(&vm.mem, initrd, &e820, rsdp)?,
-    }
-
-    let supported = vm
-        .kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| Error::Kvm(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
-    let mut vcpus = Vec::new();
-    for id in 0..config.cpus {
-        let fd = vm
-            .fd
-            .create_vcpu(u64::from(id))
-            .map_err(|e| Error::Kvm(format!("KVM_CREATE_VCPU {id}: {e}")))?;
-        let mut cpuid = supported.clone();
-        cpu::filter_cpuid(&mut cpuid, id, config.cpus);
-        fd.set_cpuid2(&cpuid)
-            .map_err(|e| Error::Vcpu(format!("KVM_SET_CPUID2: {e}")))?;
-        cpu::set_msrs(&fd)?;
-        cpu::set_fpu(&fd)?;
-        cpu::set_lint(&fd)?;
-        if id == 0 {
-            cpu::set_boot_registers(&fd, &vm.mem, kernel.entry)?;
-        }
-        vcpus.push(Vcpu {
-            fd,
-            id,
-            pio: pio.clone(),
-            mmio: mmio.clone(),
-            mem: vm.mem.clone(),
-            stop: stop.clone(),
-        });
-    }
-    for v in vcpus {
-        let name = format!("vcpu{}", v.id);
-        std::thread::Builder::new()
-            .name(name)
-            .spawn(move || v.run())?;
-    }
-    let reason = console_loop(&serial, &stop)?;
+    let reason = console_loop(&machine.serial, &machine.stop)?;
+    machine.set_shutdown();
     let _ = std::io::stdout().flush();
     match &reason {
         StopReason::Error(msg) => eprintln!("vmm: {msg}"),
@@ -298,12 +638,10 @@ mod tests {
 
     fn args(memory: u64, cpus: u8) -> RunArgs {
         RunArgs {
-            kernel: "k".into(),
-            initrd: None,
-            append: String::new(),
-            memory,
-            cpus,
-            devices: vec![],
+            kernel: Some("k".into()),
+            memory: Some(memory),
+            cpus: Some(cpus),
+            ..Default::default()
         }
     }
 
@@ -316,6 +654,10 @@ mod tests {
         assert!(MachineConfig::from_args(&args(256, 0)).is_err());
         assert!(MachineConfig::from_args(&args(256, 33)).is_err());
         let c = MachineConfig::from_args(&args(256, 8)).unwrap();
-        assert_eq!(c.mem_size, 256 << 20);
+        assert_eq!(c.mem_size(), 256 << 20);
+        assert!(MachineConfig::from_args(&RunArgs::default())
+            .unwrap_err()
+            .to_string()
+            .contains("no kernel"));
     }
 }

@@ -1,5 +1,5 @@
 use clap::Parser;
-use vmm::cli::{Cli, Command};
+use vmm::cli::{AbiCommand, Cli, Command};
 
 fn main() {
     tracing_subscriber::fmt()
@@ -15,6 +15,10 @@ fn main() {
                 1
             }
         },
+        Command::Abi(AbiCommand::Show { record, json }) => vmm::abi::show(&record, json),
+        Command::Abi(AbiCommand::Diff { old, new, json }) => {
+            vmm::abi::diff_records(&old, &new, json)
+        }
     };
     std::process::exit(code);
 }

@@ -4,13 +4,100 @@
 //! [`devices::bus::Bus`] (no lock, no allocation on this path); anything that ends the VM is
 //! reported to [`crate::stop::Stop`].
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use devices::bus::Bus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::stop::{Stop, StopReason};
+
+/// Pauses and resumes the vCPUs (QMP `stop` / `cont`).
+///
+/// A vCPU checks [`RunGate::wait_running`] before every `KVM_RUN` (one atomic load while the
+/// machine runs). To pause, the gate is closed and every vCPU thread is kicked out of `KVM_RUN`
+/// with a signal until all of them report that they wait.
+#[derive(Default)]
+pub struct RunGate {
+    running: AtomicBool,
+    lock: Mutex<()>,
+    cv: Condvar,
+    waiting: AtomicUsize,
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+pub const KICK_SIGNAL: i32 = libc::SIGUSR1;
+
+extern "C" fn kick_handler(_: i32) {}
+
+/// Installs the (empty) handler of [`KICK_SIGNAL`], so the signal interrupts `KVM_RUN`
+/// instead of killing the process.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    // SAFETY: the handler is an empty extern "C" fn, async-signal-safe; the sigaction struct is
+    // fully initialised before use.
+    let rc = unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = kick_handler as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(KICK_SIGNAL, &sa, std::ptr::null_mut())
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+impl RunGate {
+    /// A closed gate.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Blocks while the gate is closed.
+    #[inline]
+    pub fn wait_running(&self) {
+        if self.running.load(Ordering::Acquire) {
+            return;
+        }
+        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        while !self.running.load(Ordering::Acquire) {
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Opens the gate: every waiting vCPU runs.
+    pub fn open(&self) {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.running.store(true, Ordering::Release);
+        self.cv.notify_all();
+    }
+
+    /// Closes the gate and kicks `threads` until `count` vCPUs wait (at most about a second).
+    pub fn close(&self, threads: &[libc::pthread_t], count: usize) -> bool {
+        self.running.store(false, Ordering::Release);
+        for _ in 0..1000 {
+            if self.waiting.load(Ordering::Acquire) >= count {
+                return true;
+            }
+            for t in threads {
+                // SAFETY: `t` is a live vCPU thread of this process (they never exit before
+                // the process does); the kick signal has a handler.
+                unsafe { libc::pthread_kill(*t, KICK_SIGNAL) };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        false
+    }
+
+    /// Whether the gate is open.
+    pub fn is_open(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+}
 
 /// What a vCPU thread needs to run.
 pub struct Vcpu {
@@ -26,12 +113,15 @@ pub struct Vcpu {
     pub mem: GuestMemoryMmap,
     /// Where to report the end of the VM.
     pub stop: Arc<Stop>,
+    /// Pause / resume.
+    pub gate: Arc<RunGate>,
 }
 
 impl Vcpu {
     /// Runs the guest until something ends the VM; reports why to `stop`.
     pub fn run(mut self) {
         let reason = loop {
+            self.gate.wait_running();
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !self.pio.read(u64::from(port), data) {
