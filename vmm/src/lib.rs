@@ -15,6 +15,7 @@ pub mod drivers;
 pub mod layout;
 pub mod machine;
 pub mod machine_file;
+pub mod monitor;
 pub mod stop;
 pub mod vcpu;
 pub mod vm;

@@ -1,0 +1,507 @@
+//! QMP request checking and command dispatch, with QEMU's error classes and texts.
+
+use serde_json::{json, Map, Value};
+
+use super::{hmp, CommandError, PciFunctionInfo, RegionKind, VmControl};
+
+/// Commands available after negotiation, in `query-commands` order.
+pub const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-status",
+    "cont",
+    "stop",
+    "system_reset",
+    "quit",
+    "query-pci",
+    "device_add",
+    "device_del",
+    "query-compat",
+    "save-compat",
+    "query-machine",
+    "dump-machine",
+    "human-monitor-command",
+    "query-version",
+    "query-commands",
+];
+
+/// The result of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// The reply (`{"return": ...}` or `{"error": ...}`, with `id` when given).
+    pub response: Value,
+    /// Capabilities negotiation just completed.
+    pub negotiated: bool,
+    /// `quit` succeeded: call [`VmControl::quit`] once the reply is written.
+    pub quit: bool,
+}
+
+/// `{"error": {"class", "desc"}}`, with `id` if given.
+pub fn error_response(e: &CommandError, id: Option<&Value>) -> Value {
+    let mut r = Map::new();
+    r.insert("error".into(), json!({"class": e.class, "desc": e.desc}));
+    if let Some(id) = id {
+        r.insert("id".into(), id.clone());
+    }
+    Value::Object(r)
+}
+
+fn return_response(v: Value, id: Option<&Value>) -> Value {
+    let mut r = Map::new();
+    r.insert("return".into(), v);
+    if let Some(id) = id {
+        r.insert("id".into(), id.clone());
+    }
+    Value::Object(r)
+}
+
+fn command_not_found(desc: impl Into<String>) -> CommandError {
+    CommandError::new("CommandNotFound", desc)
+}
+
+/// Checks the request's shape (QEMU's `qmp_dispatch_check_obj`), returns the command name and
+/// its arguments.
+fn check_request(req: &Map<String, Value>) -> Result<(&str, Map<String, Value>), CommandError> {
+    let mut exec = None;
+    let mut args = Map::new();
+    for (k, v) in req {
+        match k.as_str() {
+            "execute" => match v {
+                Value::String(s) => exec = Some(s.as_str()),
+                _ => {
+                    return Err(CommandError::generic(
+                        "QMP input member 'execute' must be a string",
+                    ))
+                }
+            },
+            "arguments" => match v {
+                Value::Object(m) => args = m.clone(),
+                _ => {
+                    return Err(CommandError::generic(
+                        "QMP input member 'arguments' must be an object",
+                    ))
+                }
+            },
+            "id" => {}
+            _ => {
+                return Err(CommandError::generic(format!(
+                    "QMP input member '{k}' is unexpected"
+                )))
+            }
+        }
+    }
+    let exec = exec.ok_or_else(|| CommandError::generic("QMP input lacks member 'execute'"))?;
+    Ok((exec, args))
+}
+
+/// Argument types, named as QEMU's input visitor names them in errors.
+#[derive(Clone, Copy)]
+enum Ty {
+    Str,
+    Int,
+    List,
+}
+
+impl Ty {
+    fn name(self) -> &'static str {
+        match self {
+            Ty::Str => "string",
+            Ty::Int => "integer",
+            Ty::List => "array",
+        }
+    }
+
+    fn matches(self, v: &Value) -> bool {
+        match self {
+            Ty::Str => v.is_string(),
+            Ty::Int => v.is_i64() || v.is_u64(),
+            Ty::List => v.is_array(),
+        }
+    }
+}
+
+/// Checks `args` against `(name, type, required)` members in schema order, then rejects
+/// members the schema does not have (QEMU's order and texts).
+fn check_args(args: &Map<String, Value>, schema: &[(&str, Ty, bool)]) -> Result<(), CommandError> {
+    for &(name, ty, required) in schema {
+        match args.get(name) {
+            None if required => {
+                return Err(CommandError::generic(format!(
+                    "Parameter '{name}' is missing"
+                )))
+            }
+            None => {}
+            Some(v) if !ty.matches(v) => {
+                return Err(CommandError::generic(format!(
+                    "Invalid parameter type for '{name}', expected: {}",
+                    ty.name()
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(k) = args
+        .keys()
+        .find(|k| !schema.iter().any(|s| s.0 == k.as_str()))
+    {
+        return Err(CommandError::generic(format!(
+            "Parameter '{k}' is unexpected"
+        )));
+    }
+    Ok(())
+}
+
+fn str_arg<'a>(args: &'a Map<String, Value>, name: &str) -> &'a str {
+    args.get(name).and_then(Value::as_str).unwrap_or_default()
+}
+
+/// Handles one parsed request (or the parse error) for a client that has (`negotiated`) or
+/// has not yet completed capabilities negotiation.
+pub fn dispatch(
+    backend: &dyn VmControl,
+    request: Result<Value, CommandError>,
+    negotiated: bool,
+) -> Outcome {
+    let mut out = Outcome {
+        response: Value::Null,
+        negotiated: false,
+        quit: false,
+    };
+    let req = match request {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            out.response = error_response(
+                &CommandError::generic("QMP input must be a JSON object"),
+                None,
+            );
+            return out;
+        }
+        Err(e) => {
+            out.response = error_response(&e, None);
+            return out;
+        }
+    };
+    let id = req.get("id");
+    let result = check_request(&req).and_then(|(name, args)| {
+        if !negotiated {
+            if name == "qmp_capabilities" {
+                check_capabilities(&args)?;
+                out.negotiated = true;
+                return Ok(json!({}));
+            }
+            return Err(command_not_found(
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+            ));
+        }
+        let r = run(backend, name, &args)?;
+        if name == "quit" {
+            out.quit = true;
+        }
+        Ok(r)
+    });
+    out.response = match result {
+        Ok(v) => return_response(v, id),
+        Err(e) => error_response(&e, id),
+    };
+    out
+}
+
+fn check_capabilities(args: &Map<String, Value>) -> Result<(), CommandError> {
+    check_args(args, &[("enable", Ty::List, false)])?;
+    if let Some(Value::Array(caps)) = args.get("enable") {
+        // The first entry decides: none is available.
+        if let Some(c) = caps.first() {
+            let i = 0;
+            match c.as_str() {
+                Some("oob") => return Err(CommandError::generic("Capability 'oob' not available")),
+                Some(other) => {
+                    return Err(CommandError::generic(format!(
+                        "Parameter 'enable[{i}]' does not accept value '{other}'"
+                    )))
+                }
+                None => {
+                    return Err(CommandError::generic(format!(
+                        "Invalid parameter type for 'enable[{i}]', expected: string"
+                    )))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run(
+    backend: &dyn VmControl,
+    name: &str,
+    args: &Map<String, Value>,
+) -> Result<Value, CommandError> {
+    let none: &[(&str, Ty, bool)] = &[];
+    let path = &[("path", Ty::Str, true)];
+    match name {
+        "qmp_capabilities" => {
+            check_capabilities(args)?;
+            Err(command_not_found(
+                "Capabilities negotiation is already complete, command ignored",
+            ))
+        }
+        "query-status" => {
+            check_args(args, none)?;
+            let s = backend.status();
+            Ok(json!({
+                "running": s == super::RunState::Running,
+                "singlestep": false,
+                "status": s.as_str(),
+            }))
+        }
+        "cont" => {
+            check_args(args, none)?;
+            backend.cont().map(|_| json!({}))
+        }
+        "stop" => {
+            check_args(args, none)?;
+            backend.stop().map(|_| json!({}))
+        }
+        "system_reset" => {
+            check_args(args, none)?;
+            backend.system_reset().map(|_| json!({}))
+        }
+        "quit" => {
+            check_args(args, none)?;
+            Ok(json!({}))
+        }
+        "query-pci" => {
+            check_args(args, none)?;
+            Ok(query_pci(&backend.pci_functions()))
+        }
+        "device_add" => device_add(backend, args).map(|_| json!({})),
+        "device_del" => {
+            check_args(args, &[("id", Ty::Str, true)])?;
+            backend.device_del(str_arg(args, "id")).map(|_| json!({}))
+        }
+        "query-compat" => {
+            check_args(args, none)?;
+            backend.query_compat()
+        }
+        "save-compat" => {
+            check_args(args, path)?;
+            backend
+                .save_compat(str_arg(args, "path"))
+                .map(|_| json!({}))
+        }
+        "query-machine" => {
+            check_args(args, none)?;
+            backend.query_machine()
+        }
+        "dump-machine" => {
+            check_args(args, path)?;
+            backend
+                .dump_machine(str_arg(args, "path"))
+                .map(|_| json!({}))
+        }
+        "human-monitor-command" => {
+            check_args(
+                args,
+                &[
+                    ("command-line", Ty::Str, true),
+                    ("cpu-index", Ty::Int, false),
+                ],
+            )?;
+            Ok(Value::String(hmp::run(
+                backend,
+                str_arg(args, "command-line"),
+            )))
+        }
+        "query-version" => {
+            check_args(args, none)?;
+            Ok(super::qmp::greeting()["QMP"]["version"].clone())
+        }
+        "query-commands" => {
+            check_args(args, none)?;
+            Ok(Value::Array(
+                COMMANDS.iter().map(|c| json!({"name": c})).collect(),
+            ))
+        }
+        _ => Err(command_not_found(format!(
+            "The command {name} has not been found"
+        ))),
+    }
+}
+
+/// `device_add`: `driver` (string, required), `id` and `bus` (strings), any other property
+/// as a string, number or boolean (passed on as text).
+fn device_add(backend: &dyn VmControl, args: &Map<String, Value>) -> Result<(), CommandError> {
+    let driver = match args.get("driver") {
+        None => return Err(CommandError::generic("Parameter 'driver' is missing")),
+        Some(Value::String(s)) => s.as_str(),
+        Some(_) => {
+            return Err(CommandError::generic(
+                "Invalid parameter type for 'driver', expected: string",
+            ))
+        }
+    };
+    let mut props = Vec::new();
+    for (k, v) in args {
+        if k == "driver" {
+            continue;
+        }
+        let text = match v {
+            Value::String(s) => s.clone(),
+            Value::Number(_) | Value::Bool(_) if k != "id" && k != "bus" => v.to_string(),
+            _ => {
+                let expected = if k == "id" || k == "bus" {
+                    "string"
+                } else {
+                    "string, number or boolean"
+                };
+                return Err(CommandError::generic(format!(
+                    "Invalid parameter type for '{k}', expected: {expected}"
+                )));
+            }
+        };
+        props.push((k.clone(), text));
+    }
+    backend.device_add(driver, &props)
+}
+
+/// QEMU's class descriptions (`hw/pci/pci.c`).
+pub const PCI_CLASS_DESCRIPTIONS: &[(u16, &str)] = &[
+    (0x0001, "VGA controller"),
+    (0x0100, "SCSI controller"),
+    (0x0101, "IDE controller"),
+    (0x0102, "Floppy controller"),
+    (0x0103, "IPI controller"),
+    (0x0104, "RAID controller"),
+    (0x0106, "SATA controller"),
+    (0x0107, "SAS controller"),
+    (0x0180, "Storage controller"),
+    (0x0200, "Ethernet controller"),
+    (0x0201, "Token Ring controller"),
+    (0x0202, "FDDI controller"),
+    (0x0203, "ATM controller"),
+    (0x0280, "Network controller"),
+    (0x0300, "VGA controller"),
+    (0x0301, "XGA controller"),
+    (0x0302, "3D controller"),
+    (0x0380, "Display controller"),
+    (0x0400, "Video controller"),
+    (0x0401, "Audio controller"),
+    (0x0402, "Phone"),
+    (0x0403, "Audio controller"),
+    (0x0480, "Multimedia controller"),
+    (0x0500, "RAM controller"),
+    (0x0501, "Flash controller"),
+    (0x0580, "Memory controller"),
+    (0x0600, "Host bridge"),
+    (0x0601, "ISA bridge"),
+    (0x0602, "EISA bridge"),
+    (0x0603, "MC bridge"),
+    (0x0604, "PCI bridge"),
+    (0x0605, "PCMCIA bridge"),
+    (0x0606, "NUBUS bridge"),
+    (0x0607, "CARDBUS bridge"),
+    (0x0608, "RACEWAY bridge"),
+    (0x0680, "Bridge"),
+    (0x0700, "Serial port"),
+    (0x0701, "Parallel port"),
+    (0x0800, "Interrupt controller"),
+    (0x0801, "DMA controller"),
+    (0x0802, "Timer"),
+    (0x0803, "RTC"),
+    (0x0900, "Keyboard"),
+    (0x0901, "Pen"),
+    (0x0902, "Mouse"),
+    (0x0A00, "Dock station"),
+    (0x0B00, "i386 cpu"),
+    (0x0c00, "Firewire controller"),
+    (0x0c01, "Access bus controller"),
+    (0x0c02, "SSA controller"),
+    (0x0c03, "USB controller"),
+    (0x0c04, "Fibre channel controller"),
+    (0x0c05, "SMBus"),
+];
+
+/// QEMU's description of a class word, if it has one.
+pub fn class_desc(class: u16) -> Option<&'static str> {
+    PCI_CLASS_DESCRIPTIONS
+        .iter()
+        .find(|(c, _)| *c == class)
+        .map(|(_, d)| *d)
+}
+
+/// Functions sorted by bus, slot, function.
+pub(crate) fn sorted(functions: &[PciFunctionInfo]) -> Vec<&PciFunctionInfo> {
+    let mut v: Vec<&PciFunctionInfo> = functions.iter().collect();
+    v.sort_by_key(|f| (f.bus, f.slot, f.function));
+    v
+}
+
+/// One `PciDeviceInfo` (qapi/pci.json).
+pub fn pci_device_info(f: &PciFunctionInfo) -> Value {
+    let mut class_info = Map::new();
+    if let Some(d) = class_desc(f.class) {
+        class_info.insert("desc".into(), Value::String(d.into()));
+    }
+    class_info.insert("class".into(), json!(f.class));
+    let regions: Vec<Value> = f
+        .regions
+        .iter()
+        .map(|r| {
+            let mut m = Map::new();
+            m.insert("bar".into(), json!(r.bar));
+            m.insert(
+                "type".into(),
+                json!(match r.kind {
+                    RegionKind::Io => "io",
+                    RegionKind::Memory => "memory",
+                }),
+            );
+            m.insert("address".into(), json!(r.address as i64));
+            m.insert("size".into(), json!(r.size as i64));
+            if r.kind == RegionKind::Memory {
+                m.insert("prefetch".into(), json!(r.prefetch));
+                m.insert("mem_type_64".into(), json!(r.mem_type_64));
+            }
+            Value::Object(m)
+        })
+        .collect();
+    let mut d = Map::new();
+    d.insert("bus".into(), json!(f.bus));
+    d.insert("slot".into(), json!(f.slot));
+    d.insert("function".into(), json!(f.function));
+    d.insert("class_info".into(), Value::Object(class_info));
+    d.insert(
+        "id".into(),
+        json!({
+            "device": f.device,
+            "vendor": f.vendor,
+            "subsystem": f.subsystem,
+            "subsystem-vendor": f.subsystem_vendor,
+        }),
+    );
+    if f.irq_pin != 0 {
+        d.insert("irq".into(), json!(f.irq_line));
+    }
+    d.insert("irq_pin".into(), json!(f.irq_pin));
+    d.insert("qdev_id".into(), json!(f.qdev_id));
+    d.insert("regions".into(), Value::Array(regions));
+    Value::Object(d)
+}
+
+/// `query-pci`: one `PciInfo` per bus, devices in devfn order.
+pub fn query_pci(functions: &[PciFunctionInfo]) -> Value {
+    let mut buses: Vec<(u8, Vec<Value>)> = Vec::new();
+    for f in sorted(functions) {
+        match buses.last_mut() {
+            Some((b, devs)) if *b == f.bus => devs.push(pci_device_info(f)),
+            _ => buses.push((f.bus, vec![pci_device_info(f)])),
+        }
+    }
+    if buses.is_empty() {
+        buses.push((0, Vec::new()));
+    }
+    Value::Array(
+        buses
+            .into_iter()
+            .map(|(bus, devices)| json!({"bus": bus, "devices": devices}))
+            .collect(),
+    )
+}

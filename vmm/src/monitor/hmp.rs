@@ -1,0 +1,300 @@
+//! `human-monitor-command`: the HMP commands this monitor knows, printing as QEMU's do.
+//!
+//! Like QEMU's, the output's line ends are `\r\n` (QEMU's monitor turns every `\n` into
+//! `\r\n`, also for output returned through QMP).
+
+use std::fmt::Write;
+
+use super::commands::{class_desc, sorted};
+use super::{split_opts, PciFunctionInfo, RegionKind, RunState, VmControl};
+
+/// `(name, params, help)`, as QEMU's `help` prints them.
+const COMMANDS: &[(&str, &str, &str)] = &[
+    ("cont|c", "", "resume emulation"),
+    (
+        "device_add",
+        "driver[,prop=value][,...]",
+        "add device, like -device on the command line",
+    ),
+    ("device_del", "device", "remove device"),
+    ("help|?", "[cmd]", "show the help"),
+    (
+        "info",
+        "[subcommand]",
+        "show various information about the system state",
+    ),
+    ("quit|q", "", "quit the emulator"),
+    ("stop", "", "stop emulation"),
+    ("system_reset", "", "reset the system"),
+];
+
+const INFO: &[(&str, &str, &str)] = &[
+    ("pci", "", "show PCI info"),
+    ("qtree", "", "show device tree"),
+    ("status", "", "show the current VM status (running|paused)"),
+];
+
+/// Runs one HMP command line, returns its output (`\r\n` line ends).
+pub fn run(backend: &dyn VmControl, line: &str) -> String {
+    let out = run_lf(backend, line);
+    out.replace('\n', "\r\n")
+}
+
+fn find<'a>(table: &'a [(&'a str, &'a str, &'a str)], name: &str) -> Option<&'a str> {
+    table
+        .iter()
+        .map(|c| c.0)
+        .find(|n| n.split('|').any(|a| a == name))
+}
+
+fn help_list(prefix: &str, table: &[(&str, &str, &str)], only: Option<&str>) -> String {
+    let mut s = String::new();
+    for (name, params, help) in table {
+        if only.is_some_and(|o| !name.split('|').any(|a| a == o)) {
+            continue;
+        }
+        let _ = writeln!(s, "{prefix}{name} {params} -- {help}");
+    }
+    s
+}
+
+fn run_lf(backend: &dyn VmControl, line: &str) -> String {
+    let line = line.trim_start();
+    let (cmd, rest) = match line.find(char::is_whitespace) {
+        Some(i) => (&line[..i], line[i..].trim()),
+        None => (line, ""),
+    };
+    if cmd.is_empty() {
+        return String::new();
+    }
+    let Some(name) = find(COMMANDS, cmd) else {
+        return format!("unknown command: '{cmd}'\n");
+    };
+    let done = |r: Result<(), super::CommandError>| match r {
+        Ok(()) => String::new(),
+        Err(e) => format!("Error: {}\n", e.desc),
+    };
+    match name {
+        "cont|c" => done(backend.cont()),
+        "stop" => done(backend.stop()),
+        "system_reset" => done(backend.system_reset()),
+        "quit|q" => {
+            backend.quit();
+            String::new()
+        }
+        "help|?" => {
+            if rest.is_empty() {
+                help_list("", COMMANDS, None)
+            } else if rest == "info" {
+                help_list("info ", INFO, None)
+            } else if let Some(sub) = rest.strip_prefix("info ") {
+                help_list("info ", INFO, Some(sub.trim()))
+            } else if find(COMMANDS, rest).is_some() {
+                help_list("", COMMANDS, Some(rest))
+            } else {
+                format!("unknown command: '{rest}'\n")
+            }
+        }
+        "device_add" => {
+            if rest.is_empty() {
+                return "Error: Parameter 'driver' is missing\n".to_string();
+            }
+            let mut parts = split_opts(rest).into_iter();
+            let first = parts.next().unwrap_or_default();
+            let driver = first
+                .strip_prefix("driver=")
+                .map(str::to_string)
+                .unwrap_or(first);
+            let mut props: Vec<(String, String)> = parts
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, v)) => (k.to_string(), v.to_string()),
+                    None => (kv, "on".to_string()),
+                })
+                .collect();
+            props.sort_by(|a, b| a.0.cmp(&b.0));
+            done(backend.device_add(&driver, &props))
+        }
+        "device_del" => {
+            if rest.is_empty() {
+                return "Error: Parameter 'id' is missing\n".to_string();
+            }
+            done(backend.device_del(rest))
+        }
+        "info" => {
+            if rest.is_empty() {
+                return help_list("info ", INFO, None);
+            }
+            match find(INFO, rest) {
+                Some("pci") => info_pci(&backend.pci_functions()),
+                Some("qtree") => info_qtree(&backend.pci_functions()),
+                Some("status") => info_status(backend.status()),
+                _ => format!("unknown command: 'info {rest}'\n"),
+            }
+        }
+        _ => format!("unknown command: '{cmd}'\n"),
+    }
+}
+
+/// `info status`.
+pub fn info_status(s: RunState) -> String {
+    match s {
+        RunState::Running => "VM status: running\n".to_string(),
+        RunState::Paused => "VM status: paused\n".to_string(),
+        other => format!("VM status: paused ({})\n", other.as_str()),
+    }
+}
+
+/// `info pci` (QEMU 7.2's layout; `\n` line ends).
+pub fn info_pci(functions: &[PciFunctionInfo]) -> String {
+    let mut s = String::new();
+    for f in sorted(functions) {
+        let _ = writeln!(
+            s,
+            "  Bus {:2}, device {:3}, function {}:",
+            f.bus, f.slot, f.function
+        );
+        match class_desc(f.class) {
+            Some(d) => s.push_str(&format!("    {d}")),
+            // QEMU prints the class in decimal here ("Class %04" PRId64).
+            None => s.push_str(&format!("    Class {:04}", f.class)),
+        }
+        let _ = writeln!(s, ": PCI device {:04x}:{:04x}", f.vendor, f.device);
+        let _ = writeln!(
+            s,
+            "      PCI subsystem {:04x}:{:04x}",
+            f.subsystem_vendor, f.subsystem
+        );
+        if f.irq_pin != 0 {
+            let pin = (b'A' + f.irq_pin.saturating_sub(1).min(25)) as char;
+            let _ = writeln!(s, "      IRQ {}, pin {pin}", f.irq_line);
+        }
+        for r in &f.regions {
+            let _ = write!(s, "      BAR{}: ", r.bar);
+            let end = r.address.wrapping_add(r.size).wrapping_sub(1);
+            let mapped = r.address != u64::MAX;
+            match (r.kind, mapped) {
+                (RegionKind::Io, true) => {
+                    let _ = writeln!(s, "I/O at 0x{:04x} [0x{end:04x}].", r.address);
+                }
+                (RegionKind::Io, false) => s.push_str("I/O (not mapped)\n"),
+                (RegionKind::Memory, m) => {
+                    let bits = if r.mem_type_64 { 64 } else { 32 };
+                    let pf = if r.prefetch { " prefetchable" } else { "" };
+                    if m {
+                        let _ = writeln!(
+                            s,
+                            "{bits} bit{pf} memory at 0x{:08x} [0x{end:08x}].",
+                            r.address
+                        );
+                    } else {
+                        let _ = writeln!(s, "{bits} bit{pf} memory (not mapped)");
+                    }
+                }
+            }
+        }
+        let _ = writeln!(s, "      id \"{}\"", f.qdev_id);
+    }
+    s
+}
+
+/// `info qtree`, simplified: the PCIe host with its bus and the PCI functions on it.
+pub fn info_qtree(functions: &[PciFunctionInfo]) -> String {
+    let mut s = String::new();
+    s.push_str("bus: main-system-bus\n  type System\n");
+    s.push_str("  dev: gpex-pcihost, id \"\"\n");
+    s.push_str("    bus: pci.0\n      type PCIE\n");
+    let ind = "        ";
+    for f in sorted(functions) {
+        let _ = writeln!(s, "      dev: {}, id \"{}\"", f.driver, f.qdev_id);
+        let _ = writeln!(s, "{ind}addr = {:02x}.{:x}", f.slot, f.function);
+        for (k, v) in &f.props {
+            if k != "addr" {
+                let _ = writeln!(s, "{ind}{k} = {v}");
+            }
+        }
+        let ctxt = match class_desc(f.class) {
+            Some(d) => d.to_string(),
+            None => format!("Class {:04x}", f.class),
+        };
+        let _ = writeln!(
+            s,
+            "{ind}class {ctxt}, addr {:02x}:{:02x}.{:x}, pci id {:04x}:{:04x} (sub {:04x}:{:04x})",
+            f.bus, f.slot, f.function, f.vendor, f.device, f.subsystem_vendor, f.subsystem
+        );
+        for r in &f.regions {
+            let kind = match r.kind {
+                RegionKind::Io => "i/o",
+                RegionKind::Memory => "mem",
+            };
+            let end = r.address.wrapping_add(r.size).wrapping_sub(1);
+            let _ = writeln!(
+                s,
+                "{ind}bar {}: {kind} at 0x{:x} [0x{end:x}]",
+                r.bar, r.address
+            );
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::monitor::PciRegionInfo;
+
+    fn rng() -> PciFunctionInfo {
+        PciFunctionInfo {
+            slot: 5,
+            class: 0x00ff,
+            vendor: 0x1af4,
+            device: 0x1044,
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x1100,
+            irq_pin: 1,
+            irq_line: 0,
+            qdev_id: "rng0".into(),
+            driver: "virtio-rng-pci".into(),
+            regions: vec![
+                PciRegionInfo {
+                    bar: 1,
+                    kind: RegionKind::Memory,
+                    address: 0xc000_8000,
+                    size: 0x1000,
+                    ..Default::default()
+                },
+                PciRegionInfo {
+                    bar: 4,
+                    kind: RegionKind::Memory,
+                    address: 0xc000_c000,
+                    size: 0x4000,
+                    prefetch: true,
+                    mem_type_64: true,
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn info_pci_layout() {
+        assert_eq!(
+            info_pci(&[rng()]),
+            "  Bus  0, device   5, function 0:\n    Class 0255: PCI device 1af4:1044\n      PCI subsystem 1af4:1100\n      IRQ 0, pin A\n      BAR1: 32 bit memory at 0xc0008000 [0xc0008fff].\n      BAR4: 64 bit prefetchable memory at 0xc000c000 [0xc000ffff].\n      id \"rng0\"\n"
+        );
+    }
+
+    #[test]
+    fn info_qtree_layout() {
+        let t = info_qtree(&[rng()]);
+        assert!(t.contains("      dev: virtio-rng-pci, id \"rng0\"\n        addr = 05.0\n        class Class 00ff, addr 00:05.0, pci id 1af4:1044 (sub 1af4:1100)\n        bar 1: mem at 0xc0008000 [0xc0008fff]\n        bar 4: mem at 0xc000c000 [0xc000ffff]\n"), "{t}");
+    }
+
+    #[test]
+    fn status_text() {
+        assert_eq!(
+            info_status(RunState::Prelaunch),
+            "VM status: paused (prelaunch)\n"
+        );
+        assert_eq!(info_status(RunState::Running), "VM status: running\n");
+    }
+}
