@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use devices::virtio::blk::{Block, BlockConfig};
 use devices::virtio::console::{Console, ConsoleBackend};
+use devices::virtio::net::{default_mac, parse_mac, valid_ifname, Net, Tap};
 use devices::virtio::rng::Rng;
 use devices::virtio::VirtioDevice;
 
@@ -113,6 +114,23 @@ pub const DRIVERS: &[DriverInfo] = &[
             VECTORS,
         ],
     },
+    DriverInfo {
+        name: "virtio-net-pci",
+        help: "virtio network card (1af4:1041) on a host TAP interface",
+        props: &[
+            PropInfo {
+                name: "tap",
+                help: "NAME of the tap interface, opened or created (needs CAP_NET_ADMIN)",
+                abi: false,
+            },
+            PropInfo {
+                name: "mac",
+                help: "MAC address xx:xx:xx:xx:xx:xx (default: 52:54:00 and a hash of the id)",
+                abi: true,
+            },
+            VECTORS,
+        ],
+    },
 ];
 
 /// The driver called `name`.
@@ -148,6 +166,18 @@ pub fn check_prop(driver: &str, prop: &str, v: &str) -> Result<(), DeviceError> 
             value: v.into(),
             reason: "expected a file name".into(),
         }),
+        "tap" if !valid_ifname(v) => Err(DeviceError::BadValue {
+            driver: driver.into(),
+            prop: prop.into(),
+            value: v.into(),
+            reason: "expected an interface name (1 to 15 characters, no '/')".into(),
+        }),
+        "mac" if parse_mac(v).is_none() => Err(DeviceError::BadValue {
+            driver: driver.into(),
+            prop: prop.into(),
+            value: v.into(),
+            reason: "expected a unicast MAC address such as 52:54:00:12:34:56".into(),
+        }),
         _ => Ok(()),
     }
 }
@@ -181,7 +211,7 @@ fn required<'a>(props: &'a BTreeMap<String, String>, name: &str) -> Result<&'a s
 pub fn build(
     driver: &str,
     props: &BTreeMap<String, String>,
-    _id: &str,
+    id: &str,
 ) -> Result<Arc<dyn VirtioDevice>, String> {
     match driver {
         "virtio-rng-pci" => Ok(Arc::new(Rng::new())),
@@ -197,6 +227,14 @@ pub fn build(
                 _ => return Err("give exactly one of 'path' or 'socket'".into()),
             };
             Ok(Arc::new(Console::new(&backend)?))
+        }
+        "virtio-net-pci" => {
+            let mac = props
+                .get("mac")
+                .and_then(|m| parse_mac(m))
+                .unwrap_or_else(|| default_mac(id));
+            let tap = Tap::open(required(props, "tap")?)?;
+            Ok(Arc::new(Net::new(tap, mac)))
         }
         other => Err(format!("'{other}' is not a valid device model name")),
     }

@@ -9,6 +9,7 @@
 
 pub mod blk;
 pub mod console;
+pub mod net;
 pub mod pci;
 pub mod rng;
 mod worker;
