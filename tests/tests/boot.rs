@@ -114,3 +114,99 @@ fn debian_linux_boots_to_its_init_with_one_and_two_cpus() {
         assert!(scen.contains(&format!("processors: {cpus}")), "{scen}");
     }
 }
+
+/// A minimal ELF64 with a Xen PVH note whose entry (in 32-bit protected mode at 1 MiB) runs
+/// `code`.
+fn tiny_pvh_elf(code: &[u8]) -> Vec<u8> {
+    const ENTRY: u64 = 0x10_0000;
+    let note_off = 64 + 2 * 56;
+    let mut note = Vec::new();
+    note.extend_from_slice(&4u32.to_le_bytes()); // namesz
+    note.extend_from_slice(&4u32.to_le_bytes()); // descsz
+    note.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&(ENTRY as u32).to_le_bytes());
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&ENTRY.to_le_bytes());
+    f.extend_from_slice(&64u64.to_le_bytes()); // phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    f.extend_from_slice(&0u32.to_le_bytes()); // flags
+    for v in [64u16, 56, 2, 64, 0, 0] {
+        f.extend_from_slice(&v.to_le_bytes());
+    }
+    let phdr =
+        |f: &mut Vec<u8>, kind: u32, flags: u32, off: u64, addr: u64, size: u64, align: u64| {
+            f.extend_from_slice(&kind.to_le_bytes());
+            f.extend_from_slice(&flags.to_le_bytes());
+            for v in [off, addr, addr, size, size, align] {
+                f.extend_from_slice(&v.to_le_bytes());
+            }
+        };
+    phdr(&mut f, 1, 5, 0x1000, ENTRY, code.len() as u64, 0x1000);
+    phdr(&mut f, 4, 4, note_off as u64, 0, note.len() as u64, 4);
+    f.extend_from_slice(&note);
+    f.resize(0x1000, 0);
+    f.extend_from_slice(code);
+    f
+}
+
+#[test]
+fn a_kvm_internal_error_is_reported_with_rip_and_status_1() {
+    // mov eax, 0xd0000000; jmp eax: execute from an address with no memory behind it (inside
+    // the PCI hole), which KVM cannot emulate.
+    let elf = tiny_pvh_elf(&[0xb8, 0x00, 0x00, 0x00, 0xd0, 0xff, 0xe0]);
+    let path = std::env::temp_dir().join(format!("vmm-crash-{}.elf", std::process::id()));
+    std::fs::write(&path, elf).unwrap();
+    integration_tests::probe::require_kvm();
+    let (code, err) = stderr_of(&["run", "--kernel", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("KVM internal error") || err.contains("unhandled exit"),
+        "{err}"
+    );
+    assert!(err.contains("on vCPU 0 at RIP 0xd0000000"), "{err}");
+    assert!(err.contains("instruction bytes:"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn sigterm_ends_the_vmm_cleanly() {
+    integration_tests::probe::require_kvm();
+    let vmm = integration_tests::ground::vmm_binary().unwrap();
+    let elf = probe_elf();
+    // A long benchmark loop keeps the guest busy until the signal.
+    let child = std::process::Command::new(&vmm)
+        .args([
+            "run",
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--append",
+            "mode=bench op=null n=100000000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("=== BENCH op=null"),
+        "the guest ran"
+    );
+}
