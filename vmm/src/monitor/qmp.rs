@@ -513,6 +513,14 @@ impl Streamer {
             if self.failed {
                 return;
             }
+            if self.in_str && b < 0x20 {
+                // A raw control character cannot be in a JSON string: end the broken message
+                // here (a newline resynchronizes after an unterminated string).
+                self.in_str = false;
+                self.esc = false;
+                self.emit(out);
+                continue;
+            }
             if self.in_str {
                 self.buf.push(b);
                 if self.esc {
@@ -608,6 +616,10 @@ mod tests {
             vec![msg("{\"a\": \"\\\"}\"}")]
         );
         assert_eq!(split(b"   \n\n  "), vec![]);
+        assert_eq!(
+            split(b"{\"a\": \"x\n{}"),
+            vec![msg("{\"a\": \"x"), msg("{}")]
+        );
         let big = vec![b'['; 100];
         assert_eq!(split(&big), vec![Chunk::TooBig]);
     }
