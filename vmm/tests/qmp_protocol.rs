@@ -801,3 +801,52 @@ fn garbage_never_kills_the_server() {
     );
     server.shutdown();
 }
+
+/// The Python helper `tests/qmp_e2e.py` (the `qemu.qmp` library) against the mock machine.
+/// Skipped when python3 or `qemu.qmp` is not installed.
+#[test]
+fn qemu_qmp_library_client() {
+    let has_lib = std::process::Command::new("python3")
+        .args(["-c", "import qemu.qmp"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_lib {
+        eprintln!("skipped: python3 with qemu.qmp not available");
+        return;
+    }
+    let (server, mock, path) = start("q.sock");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/qmp_e2e.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&path)
+        .args(["--id", "rng9", "--addr", "06.0", "--hmp", "info status"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["greeting"]["QMP"]["version"]["qemu"]["major"], 7);
+    assert_eq!(lines[1]["return"]["status"], "prelaunch");
+    assert_eq!(lines[2]["cmd"], "device_add");
+    assert_eq!(lines[2]["return"], json!({}));
+    assert_eq!(lines[3]["return"][0]["devices"][1]["qdev_id"], "rng0");
+    assert_eq!(lines[4]["return"], "VM status: paused (prelaunch)\r\n");
+    assert_eq!(lines[5]["cmd"], "cont");
+    assert_eq!(lines[6]["event"], "RESUME");
+    assert_eq!(lines[7]["return"]["status"], "running");
+    assert_eq!(
+        mock.added.lock().unwrap()[0].1,
+        vec![
+            ("addr".to_string(), "06.0".to_string()),
+            ("id".to_string(), "rng9".to_string())
+        ]
+    );
+    server.shutdown();
+}
