@@ -15,8 +15,9 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::Bus;
 use devices::legacy::{
-    AcpiPm, PowerCallback, PowerEvent, Serial, ACPI_PM_PORT, ACPI_PM_PORT_LEN, I8042,
-    I8042_COMMAND_PORT, I8042_DATA_PORT, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN,
+    AcpiPm, PowerCallback, PowerEvent, Rtc, Serial, ACPI_PM_PORT, ACPI_PM_PORT_LEN, I8042,
+    I8042_COMMAND_PORT, I8042_DATA_PORT, RTC_PORT, RTC_PORT_LEN, SERIAL_IRQ, SERIAL_PORT,
+    SERIAL_PORT_LEN,
 };
 use devices::pci_host::{BarMapper, ConfigPorts, Ecam};
 use pci::record::CompatRecord;
@@ -220,6 +221,8 @@ impl Machine {
         pio.insert(I8042_DATA_PORT, 1, i8042.clone())
             .map_err(bus_err)?;
         pio.insert(I8042_COMMAND_PORT, 1, i8042).map_err(bus_err)?;
+        pio.insert(RTC_PORT, RTC_PORT_LEN, Arc::new(Rtc::new()))
+            .map_err(bus_err)?;
         pio.insert(ACPI_PM_PORT, ACPI_PM_PORT_LEN, Arc::new(AcpiPm::new(power)))
             .map_err(bus_err)?;
 

@@ -1,11 +1,14 @@
-//! Legacy PC devices: the 8250 UART, the i8042 reset line and the ACPI power-management port.
+//! Legacy PC devices: the 8250 UART, the i8042 reset line, the CMOS clock and the ACPI
+//! power-management port.
 
 mod pm;
+mod rtc;
 mod serial;
 
 pub use pm::{
     AcpiPm, PowerEvent, ACPI_PM_PORT, ACPI_PM_PORT_LEN, RESET_OFFSET, RESET_VALUE, S5_SLEEP_TYPE,
 };
+pub use rtc::{Rtc, RTC_PORT, RTC_PORT_LEN};
 pub use serial::{Serial, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN};
 
 use std::sync::Mutex;
