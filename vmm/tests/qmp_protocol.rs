@@ -23,6 +23,8 @@ struct Mock {
     calls: Mutex<Vec<String>>,
     added: Mutex<Vec<Added>>,
     events: OnceLock<EventSink>,
+    /// When set, `quit` shuts the server down from the monitor's own thread.
+    server: Mutex<Option<QmpServer>>,
 }
 
 impl Mock {
@@ -62,6 +64,9 @@ impl VmControl for Mock {
         self.call("quit");
         *self.state.lock().unwrap() = Some(RunState::Shutdown);
         self.sink().shutdown(false, "host-qmp-quit");
+        if let Some(server) = self.server.lock().unwrap().take() {
+            server.shutdown();
+        }
     }
     fn pci_functions(&self) -> Vec<PciFunctionInfo> {
         vec![
@@ -849,4 +854,24 @@ fn qemu_qmp_library_client() {
         ]
     );
     server.shutdown();
+}
+
+#[test]
+fn hmp_quit_replies_first_and_quit_may_shut_the_server_down() {
+    let (server, mock, path) = start("q.sock");
+    *mock.server.lock().unwrap() = Some(server);
+    let mut c = Client::negotiated(&path);
+    c.send_raw(
+        b"{\"execute\": \"human-monitor-command\", \"arguments\": {\"command-line\": \"quit\"}}",
+    );
+    assert_eq!(c.recv(), json!({"return": ""}));
+    let e = c.event("SHUTDOWN");
+    assert_eq!(e["data"]["reason"], "host-qmp-quit");
+    c.assert_eof();
+    assert_eq!(mock.calls(), vec!["quit"]);
+    let t = Instant::now();
+    while path.exists() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!path.exists());
 }

@@ -192,11 +192,7 @@ pub fn dispatch(
                 "Expecting capabilities negotiation with 'qmp_capabilities'",
             ));
         }
-        let r = run(backend, name, &args)?;
-        if name == "quit" {
-            out.quit = true;
-        }
-        Ok(r)
+        run(backend, name, &args, &mut out.quit)
     });
     out.response = match result {
         Ok(v) => return_response(v, id),
@@ -233,6 +229,7 @@ fn run(
     backend: &dyn VmControl,
     name: &str,
     args: &Map<String, Value>,
+    quit: &mut bool,
 ) -> Result<Value, CommandError> {
     let none: &[(&str, Ty, bool)] = &[];
     let path = &[("path", Ty::Str, true)];
@@ -266,6 +263,7 @@ fn run(
         }
         "quit" => {
             check_args(args, none)?;
+            *quit = true;
             Ok(json!({}))
         }
         "query-pci" => {
@@ -308,6 +306,7 @@ fn run(
             Ok(Value::String(hmp::run(
                 backend,
                 str_arg(args, "command-line"),
+                quit,
             )))
         }
         "query-version" => {

@@ -34,9 +34,10 @@ const INFO: &[(&str, &str, &str)] = &[
     ("status", "", "show the current VM status (running|paused)"),
 ];
 
-/// Runs one HMP command line, returns its output (`\r\n` line ends).
-pub fn run(backend: &dyn VmControl, line: &str) -> String {
-    let out = run_lf(backend, line);
+/// Runs one HMP command line, returns its output (`\r\n` line ends). `quit` is not run here:
+/// it sets `*quit` so that the caller calls [`VmControl::quit`] once the reply is written.
+pub fn run(backend: &dyn VmControl, line: &str, quit: &mut bool) -> String {
+    let out = run_lf(backend, line, quit);
     out.replace('\n', "\r\n")
 }
 
@@ -58,7 +59,7 @@ fn help_list(prefix: &str, table: &[(&str, &str, &str)], only: Option<&str>) -> 
     s
 }
 
-fn run_lf(backend: &dyn VmControl, line: &str) -> String {
+fn run_lf(backend: &dyn VmControl, line: &str, quit: &mut bool) -> String {
     let line = line.trim_start();
     let (cmd, rest) = match line.find(char::is_whitespace) {
         Some(i) => (&line[..i], line[i..].trim()),
@@ -79,7 +80,7 @@ fn run_lf(backend: &dyn VmControl, line: &str) -> String {
         "stop" => done(backend.stop()),
         "system_reset" => done(backend.system_reset()),
         "quit|q" => {
-            backend.quit();
+            *quit = true;
             String::new()
         }
         "help|?" => {

@@ -144,7 +144,7 @@ impl EventSink {
         };
         let line = event_line(name, data, SystemTime::now());
         let mut st = lock(&shared.state);
-        if !st.negotiated || st.conn.is_none() {
+        if !st.negotiated || st.conn.is_none() || st.shutdown {
             return;
         }
         if st.queue.len() >= EVENT_QUEUE_CAPACITY {
@@ -303,7 +303,8 @@ impl QmpServer {
         // Wake the accept loop (blocked in accept()) with a connection of our own.
         let woke = UnixStream::connect(&self.path).is_ok();
         if let Some(a) = self.accept.take() {
-            if woke {
+            // Not when called from the monitor's own thread (e.g. by `VmControl::quit`).
+            if woke && a.thread().id() != std::thread::current().id() {
                 let _ = a.join();
             }
         }
@@ -400,11 +401,22 @@ fn serve(stream: UnixStream, shared: &Shared, backend: &dyn VmControl) {
                 }
             };
             let negotiated = lock(&shared.state).negotiated;
+            // A panicking backend must not take the monitor down.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                commands::dispatch(backend, request, negotiated)
+            }));
             let Outcome {
                 response,
                 negotiated: now_negotiated,
                 quit,
-            } = commands::dispatch(backend, request, negotiated);
+            } = outcome.unwrap_or_else(|_| Outcome {
+                response: commands::error_response(
+                    &CommandError::generic("internal error: the command failed"),
+                    None,
+                ),
+                negotiated: false,
+                quit: false,
+            });
             conn.flush(shared, Some(&response.to_string()));
             if now_negotiated {
                 lock(&shared.state).negotiated = true;
