@@ -16,6 +16,7 @@ pub mod layout;
 pub mod machine;
 pub mod machine_file;
 pub mod monitor;
+pub mod seccomp;
 pub mod stop;
 pub mod vcpu;
 pub mod vm;
