@@ -440,6 +440,14 @@ fn query_pci_and_hmp() {
     );
     assert_eq!(hmp(&mut c, "info frob"), "unknown command: 'info frob'\r\n");
     assert_eq!(hmp(&mut c, ""), "");
+    assert_eq!(
+        hmp(&mut c, "info pci extra"),
+        "pci: extraneous characters at the end of line\r\n"
+    );
+    assert_eq!(
+        hmp(&mut c, "stop now"),
+        "stop: extraneous characters at the end of line\r\n"
+    );
     assert!(hmp(&mut c, "info").contains("info pci  -- show PCI info\r\n"));
     assert!(hmp(&mut c, "help").contains("device_del device -- remove device\r\n"));
     assert_eq!(
@@ -781,6 +789,16 @@ fn stale_socket_is_replaced_and_other_files_are_not() {
     let e = QmpServer::start(&path, Arc::new(Mock::default())).unwrap_err();
     assert!(e.to_string().contains("Address already in use"), "{e}");
     assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+
+    let nowhere = path.with_file_name("no-such-dir").join("q.sock");
+    let e = QmpServer::start(&nowhere, Arc::new(Mock::default())).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "Failed to bind socket to {}: No such file or directory",
+            nowhere.display()
+        )
+    );
 }
 
 #[test]

@@ -75,6 +75,10 @@ fn run_lf(backend: &dyn VmControl, line: &str, quit: &mut bool) -> String {
         Ok(()) => String::new(),
         Err(e) => format!("Error: {}\n", e.desc),
     };
+    let no_args = ["cont|c", "stop", "system_reset", "quit|q"];
+    if no_args.contains(&name) && !rest.is_empty() {
+        return format!("{cmd}: extraneous characters at the end of line\n");
+    }
     match name {
         "cont|c" => done(backend.cont()),
         "stop" => done(backend.stop()),
@@ -125,11 +129,20 @@ fn run_lf(backend: &dyn VmControl, line: &str, quit: &mut bool) -> String {
             if rest.is_empty() {
                 return help_list("info ", INFO, None);
             }
-            match find(INFO, rest) {
-                Some("pci") => info_pci(&backend.pci_functions()),
-                Some("qtree") => info_qtree(&backend.pci_functions()),
-                Some("status") => info_status(backend.status()),
-                _ => format!("unknown command: 'info {rest}'\n"),
+            let (sub, extra) = match rest.find(char::is_whitespace) {
+                Some(i) => (&rest[..i], rest[i..].trim()),
+                None => (rest, ""),
+            };
+            let Some(found) = find(INFO, sub) else {
+                return format!("unknown command: 'info {sub}'\n");
+            };
+            if !extra.is_empty() {
+                return format!("{sub}: extraneous characters at the end of line\n");
+            }
+            match found {
+                "pci" => info_pci(&backend.pci_functions()),
+                "qtree" => info_qtree(&backend.pci_functions()),
+                _ => info_status(backend.status()),
             }
         }
         _ => format!("unknown command: '{cmd}'\n"),

@@ -241,9 +241,11 @@ impl QmpServer {
             }
         }
         let listener = UnixListener::bind(path).map_err(|e| {
+            let text = e.to_string();
+            let text = text.split(" (os error").next().unwrap_or_default();
             io::Error::new(
                 e.kind(),
-                format!("Failed to bind socket to {}: {e}", path.display()),
+                format!("Failed to bind socket to {}: {text}", path.display()),
             )
         })?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
