@@ -851,6 +851,7 @@ fn qemu_qmp_library_client() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    eprintln!("{stdout}");
     let lines: Vec<Value> = stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -870,6 +871,20 @@ fn qemu_qmp_library_client() {
             ("addr".to_string(), "06.0".to_string()),
             ("id".to_string(), "rng9".to_string())
         ]
+    );
+    // A refused device_add is reported, not fatal.
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&path)
+        .args(["--driver", "e1000", "--no-cont"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let add: Value = serde_json::from_str(stdout.lines().nth(2).unwrap()).unwrap();
+    assert_eq!(
+        add["error"],
+        json!({"class": "GenericError", "desc": "'e1000' is not a valid device model name"})
     );
     server.shutdown();
 }
