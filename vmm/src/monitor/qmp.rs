@@ -370,6 +370,11 @@ fn serve(stream: UnixStream, shared: &Shared, backend: &dyn VmControl) {
     });
     {
         let mut st = lock(&shared.state);
+        if st.shutdown {
+            // Shutting down: `stop` may already have looked for a client to close.
+            conn.kill();
+            return;
+        }
         st.conn = Some(conn.clone());
         st.negotiated = false;
         st.queue.clear();
