@@ -7,6 +7,7 @@
 //! - an ECAM dword read: `Bus` -> `Ecam` -> `PciRoot` -> `ConfigSpace`;
 //! - an MSI-X table read and a PBA read in BAR1: `Bus` -> `BarRegion` ->
 //!   `VirtioPciDevice::bar_read` -> `MsixTable`;
+//! - a config write through CF8/CFC that moves no BAR (the interrupt line register);
 //! - a read nobody claims (the bus miss).
 //!
 //! Only allocations made on the dispatching thread while the burst runs are counted. One warm-up
@@ -194,6 +195,13 @@ fn round(m: &Machine, latch: &[u8; 4], ecam: u64) -> u64 {
     sum += u64::from_le_bytes(q);
     assert!(m.mmio.read(BAR1_BASE + MSIX_PBA_OFFSET, &mut d));
     sum += u64::from(u32::from_le_bytes(d));
+    // A config write that changes nothing the VMM reacts to (interrupt line, byte lane 0):
+    // `WriteEffect` without BAR/decode changes, so `BarMapper::written` does nothing and
+    // `VirtioPciDevice::config_written` only reads its pci-cfg window registers.
+    assert!(m
+        .pio
+        .write(0xcf8, &m.rng.config_address(0x3c).to_le_bytes()));
+    assert!(m.pio.write(0xcfc, &[0x0b]));
     // Nobody there (what the vCPU loop answers with all-ones).
     assert!(!m.pio.read(0x2f0, &mut b));
     sum
