@@ -239,3 +239,69 @@ pub fn build(
         other => Err(format!("'{other}' is not a valid device model name")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props(list: &[(&str, &str)]) -> BTreeMap<String, String> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn new_properties_are_checked() {
+        let err = |d: &str, p: &str, v: &str| check_prop(d, p, v).unwrap_err().to_string();
+        assert!(check_prop("virtio-blk-pci", "readonly", "on").is_ok());
+        assert_eq!(
+            err("virtio-blk-pci", "readonly", "maybe"),
+            "Property 'virtio-blk-pci.readonly' can't take value 'maybe': expected 'on' or 'off'"
+        );
+        assert!(err("virtio-blk-pci", "file", "").contains("expected a file name"));
+        assert!(check_prop("virtio-net-pci", "tap", "tap0").is_ok());
+        assert!(err("virtio-net-pci", "tap", "a-very-long-interface").contains("interface name"));
+        assert!(check_prop("virtio-net-pci", "mac", "52:54:00:ab:cd:ef").is_ok());
+        assert!(err("virtio-net-pci", "mac", "ff:ff:ff:ff:ff:ff").contains("unicast MAC"));
+        for d in ["virtio-blk-pci", "virtio-net-pci", "virtio-console-pci"] {
+            let info = driver(d).unwrap();
+            assert!(info.props.iter().any(|p| p.name == "vectors"), "{d}");
+        }
+    }
+
+    #[test]
+    fn build_checks_backends() {
+        let e = |d: &str, p: &[(&str, &str)]| build(d, &props(p), "x").err().unwrap();
+        assert_eq!(e("virtio-blk-pci", &[]), "'file' property is required");
+        assert_eq!(
+            e("virtio-blk-pci", &[("file", "/nonexistent/a.img")]),
+            "Could not open '/nonexistent/a.img': No such file or directory"
+        );
+        assert_eq!(
+            e("virtio-console-pci", &[]),
+            "give exactly one of 'path' or 'socket'"
+        );
+        assert_eq!(
+            e("virtio-console-pci", &[("path", "/a"), ("socket", "/b")]),
+            "give exactly one of 'path' or 'socket'"
+        );
+        assert_eq!(e("virtio-net-pci", &[]), "'tap' property is required");
+        let img = std::env::temp_dir().join(format!("drivers-test-{}.img", std::process::id()));
+        std::fs::write(&img, vec![0u8; 4096]).unwrap();
+        let path = img.to_str().unwrap();
+        let rw = build("virtio-blk-pci", &props(&[("file", path)]), "d0").unwrap();
+        let ro = build(
+            "virtio-blk-pci",
+            &props(&[("file", path), ("readonly", "on")]),
+            "d1",
+        )
+        .unwrap();
+        let ro_bit = devices::virtio::blk::F_RO;
+        assert_eq!(rw.features() & ro_bit, 0);
+        assert_ne!(ro.features() & ro_bit, 0);
+        let mut cap = [0u8; 8];
+        rw.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 8);
+        std::fs::remove_file(img).unwrap();
+    }
+}

@@ -180,3 +180,65 @@ impl Drop for QueueWorker {
         self.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::{channel, Receiver, Sender};
+    use std::time::Duration;
+    use virtio_queue::Queue;
+
+    struct Recorder {
+        tx: Sender<(&'static str, usize)>,
+        extra: EventFd,
+    }
+
+    impl QueueHandler for Recorder {
+        fn process(&mut self, q: &mut ActiveQueue) {
+            let _ = self.tx.send(("queue", usize::from(q.index)));
+        }
+        fn fd_ready(&mut self, index: usize, queues: &mut [ActiveQueue]) {
+            let _ = self.extra.read();
+            let _ = self.tx.send(("fd", index + 10 * queues.len()));
+        }
+    }
+
+    fn next(rx: &Receiver<(&'static str, usize)>) -> (&'static str, usize) {
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("worker event")
+    }
+
+    #[test]
+    fn extra_fds_reach_the_handler_and_stop_joins() {
+        let event = EventFd::new(EFD_NONBLOCK).unwrap();
+        let notify = event.try_clone().unwrap();
+        let extra = EventFd::new(EFD_NONBLOCK).unwrap();
+        let (tx, rx) = channel();
+        let handler = Recorder {
+            tx,
+            extra: extra.try_clone().unwrap(),
+        };
+        let q = ActiveQueue {
+            index: 3,
+            queue: Queue::new(16).unwrap(),
+            event,
+        };
+        let w = QueueWorker::default();
+        w.start_with_fds(
+            "test-worker",
+            vec![q],
+            &[(extra.as_raw_fd(), EventSet::IN)],
+            handler,
+        )
+        .unwrap();
+        assert!(w.is_running());
+        assert_eq!(next(&rx), ("queue", 3), "initial pass");
+        notify.write(1).unwrap();
+        assert_eq!(next(&rx), ("queue", 3));
+        extra.write(1).unwrap();
+        assert_eq!(next(&rx), ("fd", 10), "fd 0 with the one queue");
+        w.stop();
+        assert!(!w.is_running());
+        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
+    }
+}
