@@ -1,7 +1,7 @@
 //! Issue "virtio block, network and console devices with real backends": a real Linux guest on
 //! the test ground (L1 KVM host) uses virtio-blk (a raw image in L1's tmpfs), virtio-net (a tap
-//! the vmm creates, configured by L1) and virtio-console (a file in L1), and L1 checks what
-//! arrived. One L1 boot, two guest boots: DEVICES (everything at once) and READBACK (the disk
+//! the vmm creates, configured by L1) and virtio-console (a file in L1; a second one on a unix
+//! socket without a client), and L1 checks what arrived. One L1 boot, two guest boots: DEVICES (everything at once) and READBACK (the disk
 //! again, read back by a fresh guest). Error texts are checked on the local KVM.
 
 use std::sync::OnceLock;
@@ -40,7 +40,9 @@ ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up
 ping -c 3 -W 3 10.0.2.1; echo "ping-rc $?"
 echo "=== NET-END ==="
 echo "=== CONSOLE-BEGIN ==="
+ls /dev/hvc0 /dev/hvc1
 echo "hello from the guest console 42" > /dev/hvc0; echo "hvc0-rc $?"
+echo "hello from the guest console 42" > /dev/hvc1; echo "hvc1-rc $?"
 echo "=== CONSOLE-END ==="
 "#;
 
@@ -57,7 +59,8 @@ fn host() -> &'static str {
             "--device virtio-blk-pci,id=disk0,addr=04.0,file=$TMPDIR/disk.img,serial=rw-disk \
              --device virtio-blk-pci,id=disk1,addr=05.0,file=$TMPDIR/ro.img,readonly=on,serial=ro-disk \
              --device virtio-net-pci,id=net0,addr=06.0,tap={TAP} \
-             --device virtio-console-pci,id=con0,addr=07.0,path=$TMPDIR/console.txt"
+             --device virtio-console-pci,id=con0,addr=07.0,path=$TMPDIR/console.txt \
+             --device virtio-console-pci,id=con1,addr=08.0,socket=$TMPDIR/console.sock"
         );
         // The DEVICES boot runs the vmm in the background: L1 configures the tap once the
         // vmm has created it.
@@ -76,6 +79,7 @@ timeout 300 "$VMM" run --kernel "$GUEST_KERNEL" --initrd "$TMPDIR/guest-devices.
 pid=$!
 i=0; while [ ! -e /sys/class/net/{TAP} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 ip addr add 10.0.2.1/24 dev {TAP} && ip link set {TAP} up && echo "L1: {TAP} up"
+test -S $TMPDIR/console.sock && echo "L1: console socket listening"
 wait $pid
 echo "=== BOOT-DEVICES-END rc=$? ==="
 echo '=== HOST-CHECK-BEGIN ==='
@@ -132,10 +136,11 @@ fn linux_binds_blk_net_and_console_at_the_requested_addresses() {
         "00:05.0 0100: 1af4:1042 (rev 01)",
         "00:06.0 0200: 1af4:1041 (rev 01)",
         "00:07.0 0780: 1af4:1043 (rev 01)",
+        "00:08.0 0780: 1af4:1043 (rev 01)",
     ] {
         assert!(d.contains(line), "lspci lacks {line}:\n{d}");
     }
-    for a in ["04.0", "05.0", "06.0", "07.0"] {
+    for a in ["04.0", "05.0", "06.0", "07.0", "08.0"] {
         assert!(
             d.contains(&format!("pci 0000:00:{a} virtio-pci")),
             "{a} not bound to virtio-pci:\n{d}"
@@ -220,6 +225,12 @@ fn guest_pings_the_host_end_of_the_tap() {
 fn guest_console_output_arrives_in_the_host_file() {
     let c = guest_section("DEVICES", "CONSOLE");
     assert_eq!(value(&c, "hvc0-rc"), "0", "{c}");
+    // The socket console has no client: its output is dropped, the guest is not held up.
+    assert_eq!(value(&c, "hvc1-rc"), "0", "{c}");
+    assert!(
+        host().contains("L1: console socket listening"),
+        "the vmm did not listen on the console socket"
+    );
     let h = host_check();
     let file = h.split("console-file:").nth(1).unwrap_or_default();
     assert_eq!(
