@@ -61,6 +61,8 @@ struct Io {
     out: Option<File>,
     listener: Option<UnixListener>,
     client: Option<UnixStream>,
+    /// The client was dropped while writing: the listener must be watched again.
+    dropped: bool,
 }
 
 impl Io {
@@ -73,6 +75,7 @@ impl Io {
             if c.write_all(data).is_err() {
                 // A client that hung up or does not read: drop it, take the next one.
                 self.client = None;
+                self.dropped = true;
             }
         }
     }
@@ -94,11 +97,13 @@ impl Console {
                 })?),
                 listener: None,
                 client: None,
+                dropped: false,
             },
             ConsoleBackend::Socket(p) => Io {
                 out: None,
                 listener: Some(listen(p)?),
                 client: None,
+                dropped: false,
             },
         };
         Ok(Console {
@@ -302,14 +307,21 @@ impl QueueHandler for ConsoleHandler {
     fn process(&mut self, q: &mut ActiveQueue) {
         let r = match q.index {
             RX => self.receive(q),
-            TX => match self.transmit(q) {
-                Ok(true) => {
-                    self.interrupt.signal_queue(q.index);
-                    Ok(())
+            TX => {
+                let r = self.transmit(q);
+                if std::mem::take(&mut self.io().dropped) {
+                    self.watch_listener(true);
+                    self.accept();
                 }
-                Ok(false) => Ok(()),
-                Err(e) => Err(e),
-            },
+                match r {
+                    Ok(true) => {
+                        self.interrupt.signal_queue(q.index);
+                        Ok(())
+                    }
+                    Ok(false) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
             _ => Ok(()),
         };
         if let Err(e) = r {
@@ -524,8 +536,21 @@ mod tests {
         let mut back = [0u8; 8];
         client.read_exact(&mut back).unwrap();
         assert_eq!(&back, b"hi there");
-        // The client leaves; a new one is accepted.
+        // The client hangs up; the next guest output notices, and a new client is accepted.
         drop(client);
+        let (_m, mut txq2) = queue_with(&mem, &[(0x8000, 8, 0, 0)], &[0]);
+        txq2.index = TX;
+        h.process(&mut txq2);
+        h.process(&mut txq2);
+        let mut c1 = UnixStream::connect(&p).unwrap();
+        h.fd_ready(0, std::slice::from_mut(&mut rxq));
+        assert!(
+            c.io.lock().unwrap().client.is_some(),
+            "accepted after a write error"
+        );
+        c1.write_all(b"!").unwrap();
+        // That one leaves too (noticed by reading); another is accepted.
+        drop(c1);
         h.fd_ready(0, std::slice::from_mut(&mut rxq));
         assert!(c.io.lock().unwrap().client.is_none());
         let mut c2 = UnixStream::connect(&p).unwrap();
