@@ -16,6 +16,7 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+python3 -c 'import qemu.qmp' 2>/dev/null || python3 -m pip install -q qemu.qmp
 if [ ! -w /dev/kvm ]; then
     echo "test.sh: /dev/kvm is missing or not writable: the probe-guest tests need it" >&2
     exit 1

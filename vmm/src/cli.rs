@@ -22,6 +22,14 @@ pub enum Command {
     /// Show or compare compat records.
     #[command(subcommand)]
     Abi(AbiCommand),
+    /// A minimal QMP client: negotiate, send each COMMAND (a JSON object, or a bare command
+    /// name), print the replies as JSON lines. Exit 1 if a command failed.
+    Qmp {
+        /// The monitor's unix socket.
+        socket: PathBuf,
+        /// Commands, in order.
+        commands: Vec<String>,
+    },
 }
 
 /// `vmm abi ...`.

@@ -32,6 +32,8 @@ use crate::compat::{self, Globals};
 use crate::device_manager::{self, DeviceSet, DeviceSpec};
 use crate::layout::*;
 use crate::machine_file::{merge_devices, DeviceEntry, MachineFile};
+use crate::monitor::backend::MachineControl;
+use crate::monitor::{parse_qmp_option, QmpServer, RunState};
 use crate::stop::{Stop, StopReason};
 use crate::vcpu::{install_kick_handler, RunGate, Vcpu};
 use crate::vm::Vm;
@@ -114,19 +116,6 @@ impl MachineConfig {
     pub fn mem_size(&self) -> u64 {
         self.memory_mib << 20
     }
-}
-
-/// QEMU's run states, as QMP reports them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunState {
-    /// Built, vCPUs never started (`-S`).
-    Prelaunch,
-    /// vCPUs running.
-    Running,
-    /// Stopped by `stop`.
-    Paused,
-    /// The guest is gone.
-    Shutdown,
 }
 
 /// Where the compat record lives and what it said when we started.
@@ -541,14 +530,46 @@ fn absolute(p: &Path) -> PathBuf {
 
 /// Boots the guest described by `args` and runs it to the end. Returns the exit status.
 pub fn run(args: &RunArgs) -> Result<i32, Error> {
+    let qmp_path = match &args.qmp {
+        Some(o) => Some(parse_qmp_option(o).map_err(Error::Config)?),
+        None => None,
+    };
+    if args.paused && qmp_path.is_none() {
+        return Err(Error::Config(
+            "-S needs --qmp: nothing else can start the guest".into(),
+        ));
+    }
     let machine = Machine::build(args)?;
     install_kick_handler()?;
+    // Before any other thread starts, so that they all inherit the signal mask.
     block_stop_signals(&machine.stop)?;
+    let control = Arc::new(MachineControl::new(machine.clone()));
+    let server = match &qmp_path {
+        Some(p) => {
+            let (server, sink) = QmpServer::start(p, control.clone())
+                .map_err(|e| Error::Config(format!("--qmp: {e}")))?;
+            control.set_events(sink);
+            Some(server)
+        }
+        None => None,
+    };
     if !args.paused {
         machine.start()?;
     }
     let reason = console_loop(&machine.serial, &machine.stop)?;
     machine.set_shutdown();
+    let (guest, why) = match &reason {
+        StopReason::Reset(w) if w.starts_with("QMP") => (false, "host-qmp-system-reset"),
+        StopReason::Reset(_) => (true, "guest-reset"),
+        StopReason::PowerOff(_) => (true, "guest-shutdown"),
+        StopReason::Signal(_) => (false, "host-signal"),
+        StopReason::Quit => (false, "host-qmp-quit"),
+        StopReason::Error(_) => (false, "host-error"),
+    };
+    control.events().shutdown(guest, why);
+    if let Some(s) = server {
+        s.shutdown();
+    }
     let _ = std::io::stdout().flush();
     match &reason {
         StopReason::Error(msg) => eprintln!("vmm: {msg}"),

@@ -19,6 +19,7 @@ fn main() {
         Command::Abi(AbiCommand::Diff { old, new, json }) => {
             vmm::abi::diff_records(&old, &new, json)
         }
+        Command::Qmp { socket, commands } => vmm::monitor::client::run(&socket, &commands),
     };
     std::process::exit(code);
 }

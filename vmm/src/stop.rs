@@ -16,6 +16,8 @@ pub enum StopReason {
     PowerOff(&'static str),
     /// SIGINT / SIGTERM.
     Signal(i32),
+    /// The QMP command `quit`.
+    Quit,
     /// A KVM error or an exit we cannot handle; the message says what and where.
     Error(String),
 }

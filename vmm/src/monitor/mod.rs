@@ -19,6 +19,8 @@
 //! One client at a time, like a QEMU socket chardev: a second client's connection waits in
 //! the listen backlog and is greeted when the first one leaves.
 
+pub mod backend;
+pub mod client;
 pub mod commands;
 pub mod hmp;
 pub mod qmp;

@@ -1,0 +1,353 @@
+//! Issue "QMP monitor": the real machine driven over its QMP socket, by the `qemu.qmp` Python
+//! library and by `vmm qmp`: start paused, cold-plug with device_add, query-pci, cont, and the
+//! guest (the probe on the local KVM, real Linux on the test ground) sees the added device.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use integration_tests::ground::{host_script, run_host_scenario, section, vmm_binary};
+use integration_tests::probe::{lspci_decode, probe_elf, require_kvm};
+use serde_json::{json, Value};
+
+struct Vm {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl Vm {
+    fn start(name: &str, cmdline: &str, extra: &[&str]) -> Vm {
+        require_kvm();
+        let dir = std::env::temp_dir().join(format!("vmm-qmp-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("qmp.sock");
+        let elf = probe_elf();
+        let child = Command::new(vmm_binary().unwrap())
+            .args([
+                "run",
+                "--kernel",
+                elf.to_str().unwrap(),
+                "--append",
+                cmdline,
+                "-S",
+            ])
+            .arg("--qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        for _ in 0..500 {
+            if sock.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(sock.exists(), "the QMP socket never appeared");
+        let mode = std::fs::metadata(&sock).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(mode.permissions().mode() & 0o777, 0o600, "socket mode 0600");
+        Vm { child, sock }
+    }
+
+    fn finish(self) -> (Option<i32>, String, String) {
+        let out = self.child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+}
+
+struct Client {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+    events: Vec<Value>,
+}
+
+impl Client {
+    fn connect(sock: &Path) -> Client {
+        let s = UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut c = Client {
+            w: s.try_clone().unwrap(),
+            r: BufReader::new(s),
+            events: vec![],
+        };
+        let g = c.line();
+        assert!(g["QMP"]["version"]["qemu"].is_object(), "{g}");
+        c
+    }
+    fn negotiated(sock: &Path) -> Client {
+        let mut c = Client::connect(sock);
+        assert_eq!(
+            c.cmd(json!({"execute": "qmp_capabilities"}))["return"],
+            json!({})
+        );
+        c
+    }
+    fn line(&mut self) -> Value {
+        let mut l = String::new();
+        self.r.read_line(&mut l).unwrap();
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{l:?}: {e}"))
+    }
+    fn raw(&mut self, s: &str) -> Value {
+        self.w.write_all(s.as_bytes()).unwrap();
+        loop {
+            let v = self.line();
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+    fn cmd(&mut self, v: Value) -> Value {
+        self.raw(&format!("{v}\n"))
+    }
+}
+
+fn error_class(v: &Value) -> &str {
+    v["error"]["class"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an error: {v}"))
+}
+
+#[test]
+fn qemu_qmp_library_cold_plugs_a_device_the_guest_then_sees() {
+    let vm = Vm::start(
+        "lib",
+        "mode=probe ecam=0",
+        &["--device", "virtio-rng-pci,id=rng0,addr=5"],
+    );
+    let out = Command::new("python3")
+        .arg(integration_tests::ground::repo_root().join("tests/qmp_e2e.py"))
+        .arg(&vm.sock)
+        .args([
+            "--driver",
+            "virtio-rng-pci",
+            "--id",
+            "plugged",
+            "--addr",
+            "0x9.0x0",
+        ])
+        .output()
+        .expect("python3 (with qemu.qmp, installed by resources/test.sh)");
+    let lines = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{lines}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replies: Vec<Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let find = |cmd: &str| {
+        replies
+            .iter()
+            .find(|v| v["cmd"] == cmd)
+            .unwrap_or_else(|| panic!("{cmd}: {lines}"))
+    };
+    assert_eq!(find("query-status")["return"]["status"], "prelaunch");
+    assert_eq!(find("device_add")["return"], json!({}));
+    let devs = &find("query-pci")["return"][0]["devices"];
+    let plugged = devs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["qdev_id"] == "plugged")
+        .expect("in query-pci");
+    assert_eq!(
+        (plugged["slot"].as_u64(), plugged["function"].as_u64()),
+        (Some(9), Some(0))
+    );
+    assert_eq!(plugged["id"]["vendor"], 0x1af4);
+    assert_eq!(plugged["id"]["device"], 0x1044);
+    assert!(replies.iter().any(|v| v["event"] == "RESUME"), "{lines}");
+    let (code, stdout, stderr) = vm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+    let cf8 = section(&stdout, "PROBE-CF8").expect("guest ran");
+    let n = lspci_decode(&cf8, &["-n"]);
+    assert!(n.contains("00:05.0 00ff: 1af4:1044"), "{n}");
+    assert!(
+        n.contains("00:09.0 00ff: 1af4:1044"),
+        "the cold-plugged device: {n}"
+    );
+}
+
+#[test]
+fn protocol_errors_get_qemu_classes_and_the_vm_keeps_going() {
+    let vm = Vm::start(
+        "errors",
+        "mode=bench op=null n=300000",
+        &["--device", "virtio-rng-pci,id=rng0,addr=5"],
+    );
+    let mut c = Client::connect(&vm.sock);
+    assert_eq!(
+        error_class(&c.cmd(json!({"execute": "query-status"}))),
+        "CommandNotFound"
+    );
+    assert_eq!(
+        c.cmd(json!({"execute": "qmp_capabilities"}))["return"],
+        json!({})
+    );
+    assert_eq!(error_class(&c.raw("{ not json }\n")), "GenericError");
+    assert_eq!(
+        error_class(&c.cmd(json!({"execute": "no-such-command"}))),
+        "CommandNotFound"
+    );
+    assert_eq!(error_class(&c.cmd(json!([1, 2]))), "GenericError");
+    assert_eq!(
+        error_class(&c.cmd(json!({"execute": "device_add", "arguments": {}}))),
+        "GenericError"
+    );
+    let taken = c.cmd(
+        json!({"execute": "device_add", "arguments": {"driver": "virtio-rng-pci", "addr": "5"}}),
+    );
+    assert_eq!(
+        taken["error"]["desc"],
+        "PCI: slot 5 function 0 not available for virtio-rng-pci, in use by virtio-rng-pci,id=rng0"
+    );
+    let bad = c.cmd(
+        json!({"execute": "device_add", "arguments": {"driver": "virtio-rng-pci", "addr": "zz"}}),
+    );
+    assert_eq!(
+        bad["error"]["desc"],
+        "Property 'virtio-rng-pci.addr' can't take value 'zz': invalid PCI address"
+    );
+    let dup = c.cmd(
+        json!({"execute": "device_add", "arguments": {"driver": "virtio-rng-pci", "id": "rng0"}}),
+    );
+    assert_eq!(dup["error"]["desc"], "Duplicate ID 'rng0' for device");
+    assert_eq!(
+        error_class(&c.cmd(json!({"execute": "device_del", "arguments": {"id": "nope"}}))),
+        "DeviceNotFound"
+    );
+    // Cold-plug then unplug before start.
+    assert_eq!(
+        c.cmd(
+            json!({"execute": "device_add", "arguments": {"driver": "virtio-rng-pci", "id": "tmp"}})
+        )["return"],
+        json!({})
+    );
+    assert_eq!(
+        c.cmd(json!({"execute": "device_del", "arguments": {"id": "tmp"}}))["return"],
+        json!({})
+    );
+    // A second client waits while this one is connected; drop this one mid-line.
+    c.w.write_all(b"{\"execute\": \"query-").unwrap();
+    drop(c);
+    let mut c = Client::negotiated(&vm.sock);
+    assert_eq!(c.cmd(json!({"execute": "cont"}))["return"], json!({}));
+    assert_eq!(
+        c.cmd(json!({"execute": "query-status"}))["return"]["status"],
+        "running"
+    );
+    let late = c.cmd(json!({"execute": "device_add", "arguments": {"driver": "virtio-rng-pci"}}));
+    assert_eq!(error_class(&late), "GenericError");
+    assert!(
+        late["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("hot-plug is not supported"),
+        "{late}"
+    );
+    assert_eq!(c.cmd(json!({"execute": "stop"}))["return"], json!({}));
+    assert_eq!(
+        c.cmd(json!({"execute": "query-status"}))["return"]["status"],
+        "paused"
+    );
+    assert_eq!(c.cmd(json!({"execute": "cont"}))["return"], json!({}));
+    let names: Vec<String> = c
+        .events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "STOP") && names.iter().any(|n| n == "RESUME"),
+        "{names:?}"
+    );
+    for e in &c.events {
+        assert!(e["timestamp"]["seconds"].as_u64().unwrap() > 0, "{e}");
+    }
+    let (code, stdout, stderr) = vm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("=== BENCH op=null n=300000 done ==="),
+        "the guest ran to its end"
+    );
+}
+
+#[test]
+fn query_compat_machine_and_quit() {
+    let vm = Vm::start(
+        "quit",
+        "mode=hello",
+        &["--device", "virtio-rng-pci,id=rng0,addr=5"],
+    );
+    let mut c = Client::negotiated(&vm.sock);
+    let rec = c.cmd(json!({"execute": "query-compat"}))["return"].clone();
+    assert_eq!(rec["devices"]["rng0"]["addr"], "00:05.0");
+    let m = c.cmd(json!({"execute": "query-machine"}))["return"].clone();
+    assert_eq!(m["devices"][0]["id"], "rng0");
+    let path = vm.sock.with_file_name("saved.json");
+    let r = c.cmd(json!({"execute": "save-compat", "arguments": {"path": path.to_str().unwrap()}}));
+    assert_eq!(r["return"], json!({}));
+    let out = Command::new(vmm_binary().unwrap())
+        .args(["abi", "show", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("00:05.0 00ff: 1af4:1044"));
+    let info = c.cmd(
+        json!({"execute": "human-monitor-command", "arguments": {"command-line": "info pci"}}),
+    );
+    let text = info["return"].as_str().unwrap();
+    assert!(text.contains("Bus  0, device   5, function 0:"), "{text}");
+    assert!(text.contains("PCI device 1af4:1044"), "{text}");
+    assert!(text.contains("id \"rng0\""), "{text}");
+    assert_eq!(c.cmd(json!({"execute": "quit"}))["return"], json!({}));
+    let ev = c.line();
+    assert_eq!(ev["event"], "SHUTDOWN", "{ev}");
+    assert_eq!(ev["data"]["reason"], "host-qmp-quit");
+    let (code, stdout, _) = vm.finish();
+    assert_eq!(code, Some(0));
+    assert!(
+        !stdout.contains("Hello"),
+        "quit before cont: the guest never ran"
+    );
+}
+
+/// Real Linux: start paused, cold-plug at an address with `vmm qmp`, cont; the guest's lspci
+/// shows the device there.
+#[test]
+fn linux_sees_a_device_cold_plugged_over_qmp() {
+    let script = host_script(&[r#"
+S="$TMPDIR/qmp.sock"
+"$VMM" run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --append 'console=ttyS0 quiet panic=-1' --memory 256 \
+    -S --qmp "unix:$S,server=on,wait=off" --device virtio-rng-pci,id=rng0,addr=05.0 > "$TMPDIR/guest.out" 2>&1 &
+pid=$!
+i=0; while [ ! -S "$S" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+echo "=== QMP-BEGIN ==="
+"$VMM" qmp "$S" query-status \
+  '{"execute":"device_add","arguments":{"driver":"virtio-rng-pci","id":"plugged","addr":"0x0b"}}' \
+  query-pci cont
+echo "=== QMP-END rc=$? ==="
+wait $pid
+echo "=== GUEST-BEGIN ==="; cat "$TMPDIR/guest.out"; echo "=== GUEST-END rc=$? ==="
+"#
+    .to_string()]);
+    let out = run_host_scenario(&script).unwrap_or_else(|e| panic!("test ground: {e}"));
+    let qmp = section(&out.stdout, "QMP").unwrap_or_else(|| panic!("{}", out.stdout));
+    assert!(out.stdout.contains("=== QMP-END rc=0 ==="), "{qmp}");
+    assert!(qmp.contains("\"status\":\"prelaunch\""), "{qmp}");
+    let guest = section(&out.stdout, "GUEST").unwrap();
+    let lspci = section(&guest, "LSPCI-N").unwrap_or_else(|| panic!("{guest}"));
+    assert!(lspci.contains("00:05.0 00ff: 1af4:1044"), "{lspci}");
+    assert!(lspci.contains("00:0b.0 00ff: 1af4:1044"), "{lspci}");
+}

@@ -1,0 +1,187 @@
+//! The machine as QMP sees it: [`MachineControl`] implements [`VmControl`] over
+//! [`crate::machine::Machine`] and emits the events.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use serde_json::Value;
+
+use super::{
+    CommandError, EventSink, PciFunctionInfo, PciRegionInfo, RegionKind, RunState, VmControl,
+};
+use crate::machine::Machine;
+use crate::stop::StopReason;
+
+/// QMP's handle on a machine.
+pub struct MachineControl {
+    machine: Arc<Machine>,
+    events: OnceLock<EventSink>,
+}
+
+impl MachineControl {
+    /// A backend for `machine`; events go nowhere until [`MachineControl::set_events`].
+    pub fn new(machine: Arc<Machine>) -> Self {
+        MachineControl {
+            machine,
+            events: OnceLock::new(),
+        }
+    }
+
+    /// Where events go (the server's sink, known once the server runs).
+    pub fn set_events(&self, sink: EventSink) {
+        let _ = self.events.set(sink);
+    }
+
+    /// The event sink (a disconnected one before [`MachineControl::set_events`]).
+    pub fn events(&self) -> EventSink {
+        self.events
+            .get()
+            .cloned()
+            .unwrap_or_else(EventSink::disconnected)
+    }
+}
+
+fn generic(e: impl std::fmt::Display) -> CommandError {
+    CommandError::generic(e.to_string())
+}
+
+impl VmControl for MachineControl {
+    fn status(&self) -> RunState {
+        self.machine.run_state()
+    }
+
+    fn cont(&self) -> Result<(), CommandError> {
+        let was = self.machine.run_state();
+        self.machine.cont().map_err(generic)?;
+        if was != RunState::Running {
+            self.events().resume();
+        }
+        Ok(())
+    }
+
+    fn stop(&self) -> Result<(), CommandError> {
+        let was = self.machine.run_state();
+        self.machine.pause().map_err(generic)?;
+        if was == RunState::Running {
+            self.events().stop();
+        }
+        Ok(())
+    }
+
+    fn system_reset(&self) -> Result<(), CommandError> {
+        // Like QEMU with -no-reboot: a reset ends the machine.
+        self.events().reset(false, "host-qmp-system-reset");
+        self.machine
+            .stop
+            .stop(StopReason::Reset("QMP system_reset"));
+        Ok(())
+    }
+
+    fn quit(&self) {
+        self.machine.stop.stop(StopReason::Quit);
+    }
+
+    fn pci_functions(&self) -> Vec<PciFunctionInfo> {
+        let ids = self.machine.device_ids();
+        self.machine
+            .root()
+            .functions()
+            .into_iter()
+            .map(|(addr, f)| {
+                let cfg = f.config();
+                let class = cfg.class_code();
+                let (qdev_id, driver) = ids
+                    .iter()
+                    .find(|(a, _, _)| *a == addr)
+                    .map(|(_, id, d)| (id.clone(), d.clone()))
+                    .unwrap_or_default();
+                let regions = cfg
+                    .bars()
+                    .iter()
+                    .map(|b| {
+                        let io = !b.kind.is_memory();
+                        let decoded = if io { cfg.io_enabled() } else { cfg.mem_enabled() };
+                        PciRegionInfo {
+                            bar: b.index as u8,
+                            kind: if io { RegionKind::Io } else { RegionKind::Memory },
+                            address: if decoded {
+                                cfg.bar_address(b.index).unwrap_or(u64::MAX)
+                            } else {
+                                u64::MAX
+                            },
+                            size: b.size,
+                            prefetch: matches!(
+                                b.kind,
+                                pci::config::BarKind::Mem32 { prefetchable: true }
+                                    | pci::config::BarKind::Mem64 { prefetchable: true }
+                            ),
+                            mem_type_64: matches!(b.kind, pci::config::BarKind::Mem64 { .. }),
+                        }
+                    })
+                    .collect();
+                PciFunctionInfo {
+                    bus: addr.bus(),
+                    slot: addr.device(),
+                    function: addr.function(),
+                    class: (class >> 8) as u16,
+                    prog_if: class as u8,
+                    revision: cfg.revision(),
+                    vendor: cfg.vendor_id(),
+                    device: cfg.device_id(),
+                    subsystem_vendor: cfg.subsystem_vendor_id(),
+                    subsystem: cfg.subsystem_id(),
+                    irq_pin: cfg.interrupt_pin(),
+                    irq_line: cfg.interrupt_line(),
+                    qdev_id,
+                    driver: if driver.is_empty() {
+                        f.name().to_string()
+                    } else {
+                        driver
+                    },
+                    regions,
+                    props: Vec::new(),
+                }
+            })
+            .collect()
+    }
+
+    fn device_add(&self, driver: &str, props: &[(String, String)]) -> Result<(), CommandError> {
+        let mut option = driver.to_string();
+        for (k, v) in props {
+            option += &format!(",{k}={v}");
+        }
+        self.machine.device_add(&option).map(|_| ()).map_err(generic)
+    }
+
+    fn device_del(&self, id: &str) -> Result<(), CommandError> {
+        match self.machine.device_del(id) {
+            Ok(()) => {
+                self.events()
+                    .device_deleted(Some(id), &format!("/machine/peripheral/{id}"));
+                Ok(())
+            }
+            Err(crate::Error::Device(crate::device_manager::DeviceError::NotFound(_))) => {
+                Err(CommandError::device_not_found(id))
+            }
+            Err(e) => Err(generic(e)),
+        }
+    }
+
+    fn query_compat(&self) -> Result<Value, CommandError> {
+        serde_json::to_value(self.machine.record()).map_err(generic)
+    }
+
+    fn save_compat(&self, path: &str) -> Result<(), CommandError> {
+        self.machine.save_record(Path::new(path)).map_err(generic)
+    }
+
+    fn query_machine(&self) -> Result<Value, CommandError> {
+        serde_json::to_value(self.machine.description()).map_err(generic)
+    }
+
+    fn dump_machine(&self, path: &str) -> Result<(), CommandError> {
+        self.machine
+            .save_description(Path::new(path))
+            .map_err(generic)
+    }
+}
