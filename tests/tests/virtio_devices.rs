@@ -1,12 +1,14 @@
 //! Issue "virtio block, network and console devices with real backends": a real Linux guest on
 //! the test ground (L1 KVM host) uses virtio-blk (a raw image in L1's tmpfs), virtio-net (a tap
 //! the vmm creates, configured by L1) and virtio-console (a file in L1; a second one on a unix
-//! socket without a client), and L1 checks what arrived. One L1 boot, two guest boots: DEVICES (everything at once) and READBACK (the disk
+//! socket, talked to by `usock`, resources/linux/usock.c), and L1 checks what arrived. One L1 boot, two guest boots: DEVICES (everything at once) and READBACK (the disk
 //! again, read back by a fresh guest). Error texts are checked on the local KVM.
 
 use std::sync::OnceLock;
 
-use integration_tests::ground::{guest_boot, host_script, run_host_scenario, section};
+use std::process::Command;
+
+use integration_tests::ground::{guest_boot, host_script, repo_root, run_host_scenario, section};
 use integration_tests::probe::{probe_elf, vmm};
 
 const TAP: &str = "vmmtap0";
@@ -42,7 +44,12 @@ echo "=== NET-END ==="
 echo "=== CONSOLE-BEGIN ==="
 ls /dev/hvc0 /dev/hvc1
 echo "hello from the guest console 42" > /dev/hvc0; echo "hvc0-rc $?"
-echo "hello from the guest console 42" > /dev/hvc1; echo "hvc1-rc $?"
+exec 3<>/dev/hvc1
+echo guest-ready >&3
+read -t 30 line <&3; echo "hvc1-read-rc $?"
+echo "guest-got: $line" >&3
+exec 3>&-
+echo "hvc1-line $line"
 echo "=== CONSOLE-END ==="
 "#;
 
@@ -51,6 +58,28 @@ echo "=== READBACK-BEGIN ==="
 echo "readback-md5 $(dd if=/dev/vda bs=4096 skip=1 count=2 2>/dev/null | md5sum | cut -d' ' -f1)"
 echo "=== READBACK-END ==="
 "#;
+
+/// Builds the unix-socket client `usock` (resources/linux/usock.c) and adds it to the L1 image
+/// (`L1_EXTRA_CPIO`); returns the host binary's path (used when the scenario runs directly).
+fn usock() -> String {
+    let script = repo_root().join("resources/linux/build-usock.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "build-usock.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cpio = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let extra = std::env::var("L1_EXTRA_CPIO").unwrap_or_default();
+    // Only this test binary's one scenario reads the variable.
+    std::env::set_var("L1_EXTRA_CPIO", format!("{extra} {cpio}").trim());
+    let bin = std::path::Path::new(&cpio).with_file_name("usock");
+    assert!(bin.is_file(), "{} missing", bin.display());
+    bin.display().to_string()
+}
 
 fn host() -> &'static str {
     static OUT: OnceLock<String> = OnceLock::new();
@@ -62,10 +91,12 @@ fn host() -> &'static str {
              --device virtio-console-pci,id=con0,addr=07.0,path=$TMPDIR/console.txt \
              --device virtio-console-pci,id=con1,addr=08.0,socket=$TMPDIR/console.sock"
         );
+        let usock = usock();
         // The DEVICES boot runs the vmm in the background: L1 configures the tap once the
-        // vmm has created it.
+        // vmm has created it, and connects to the console socket with usock.
         let setup = format!(
-            r#"dd if=/dev/zero of=$TMPDIR/disk.img bs=1M count=16 2>/dev/null
+            r#"USOCK=$(command -v usock || echo '{usock}')
+dd if=/dev/zero of=$TMPDIR/disk.img bs=1M count=16 2>/dev/null
 dd if=/dev/zero of=$TMPDIR/ro.img bs=1M count=1 2>/dev/null
 printf RO-DISK-ORIGINAL | dd of=$TMPDIR/ro.img conv=notrunc 2>/dev/null
 ro_md5=$(md5sum < $TMPDIR/ro.img)
@@ -80,8 +111,13 @@ pid=$!
 i=0; while [ ! -e /sys/class/net/{TAP} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 ip addr add 10.0.2.1/24 dev {TAP} && ip link set {TAP} up && echo "L1: {TAP} up"
 test -S $TMPDIR/console.sock && echo "L1: console socket listening"
+"$USOCK" $TMPDIR/console.sock guest-ready 'input-from-host\n' guest-got 120 > $TMPDIR/sock-out.txt 2>&1 &
+upid=$!
 wait $pid
 echo "=== BOOT-DEVICES-END rc=$? ==="
+wait $upid; echo "usock-rc $?"
+echo '=== SOCKET-OUT-BEGIN ==='; cat $TMPDIR/sock-out.txt; echo; echo '=== SOCKET-OUT-END ==='
+
 echo '=== HOST-CHECK-BEGIN ==='
 echo "host-md5 $(dd if=$TMPDIR/disk.img bs=4096 skip=1 count=2 2>/dev/null | md5sum | cut -d' ' -f1)"
 echo "ro-unchanged $(test "$(md5sum < $TMPDIR/ro.img)" = "$ro_md5" && echo yes || echo no) size $(wc -c < $TMPDIR/ro.img)"
@@ -225,12 +261,28 @@ fn guest_pings_the_host_end_of_the_tap() {
 fn guest_console_output_arrives_in_the_host_file() {
     let c = guest_section("DEVICES", "CONSOLE");
     assert_eq!(value(&c, "hvc0-rc"), "0", "{c}");
-    // The socket console has no client: its output is dropped, the guest is not held up.
-    assert_eq!(value(&c, "hvc1-rc"), "0", "{c}");
     assert!(
         host().contains("L1: console socket listening"),
         "the vmm did not listen on the console socket"
     );
+}
+
+#[test]
+fn a_socket_client_and_the_guest_talk_over_the_console() {
+    let c = guest_section("DEVICES", "CONSOLE");
+    assert_eq!(
+        value(&c, "hvc1-read-rc"),
+        "0",
+        "the guest got no input:\n{c}"
+    );
+    assert_eq!(value(&c, "hvc1-line"), "input-from-host", "{c}");
+    let out = section(host(), "SOCKET-OUT").expect("SOCKET-OUT section");
+    assert!(out.contains("guest-ready"), "client output:\n{out}");
+    assert!(
+        out.contains("guest-got: input-from-host"),
+        "client output:\n{out}"
+    );
+    assert_eq!(value(host(), "usock-rc"), "0", "client output:\n{out}");
     let h = host_check();
     let file = h.split("console-file:").nth(1).unwrap_or_default();
     assert_eq!(
