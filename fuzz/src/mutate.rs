@@ -1,0 +1,188 @@
+//! A small byte-level mutator (libFuzzer-style operations, no coverage feedback) and the
+//! xorshift PRNG that drives it.
+
+/// xorshift64* PRNG.
+#[derive(Debug, Clone)]
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// A generator from `seed` (any value; 0 is remapped).
+    pub fn new(seed: u64) -> Self {
+        XorShift(if seed == 0 {
+            0x9e37_79b9_7f4a_7c15
+        } else {
+            seed
+        })
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number below `n` (0 when n is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next_u64() % n
+        }
+    }
+}
+
+const INTERESTING: &[u64] = &[
+    0,
+    1,
+    2,
+    3,
+    4,
+    7,
+    8,
+    0x10,
+    0x20,
+    0x3f,
+    0x40,
+    0x7f,
+    0x80,
+    0xff,
+    0x100,
+    0x1000,
+    0x7fff,
+    0x8000,
+    0xffff,
+    0x1_0000,
+    0x7fff_ffff,
+    0x8000_0000,
+    0xe000_0000,
+    0xffff_fff0,
+    0xffff_ffff,
+    u64::MAX,
+    u64::MAX - 1,
+];
+
+/// Applies 1 to 4 random mutations to `data` (kept at most `max_len` bytes). `pool` gives
+/// material for splicing; `dict` tokens to insert.
+pub fn mutate(
+    data: &mut Vec<u8>,
+    rng: &mut XorShift,
+    pool: &[Vec<u8>],
+    dict: &[&[u8]],
+    max_len: usize,
+) {
+    let rounds = 1 + rng.below(4);
+    for _ in 0..rounds {
+        let len = data.len() as u64;
+        match rng.below(11) {
+            // Flip a bit.
+            0 if len > 0 => {
+                let i = rng.below(len) as usize;
+                data[i] ^= 1 << rng.below(8);
+            }
+            // Random byte.
+            1 if len > 0 => {
+                let i = rng.below(len) as usize;
+                data[i] = rng.next_u64() as u8;
+            }
+            // Insert random bytes.
+            2 => {
+                let i = rng.below(len + 1) as usize;
+                let n = 1 + rng.below(8) as usize;
+                for k in 0..n {
+                    data.insert(i + k, rng.next_u64() as u8);
+                }
+            }
+            // Delete a range.
+            3 if len > 0 => {
+                let i = rng.below(len) as usize;
+                let n = (1 + rng.below(16) as usize).min(data.len() - i);
+                data.drain(i..i + n);
+            }
+            // Duplicate a range.
+            4 if len > 0 => {
+                let i = rng.below(len) as usize;
+                let n = (1 + rng.below(32) as usize).min(data.len() - i);
+                let chunk: Vec<u8> = data[i..i + n].to_vec();
+                let at = rng.below(data.len() as u64 + 1) as usize;
+                data.splice(at..at, chunk);
+            }
+            // Overwrite with an interesting value (1, 2, 4 or 8 bytes, little-endian).
+            5 | 6 if len > 0 => {
+                let v = INTERESTING[rng.below(INTERESTING.len() as u64) as usize];
+                let w = [1usize, 2, 4, 8][rng.below(4) as usize];
+                let i = rng.below(len) as usize;
+                for (k, b) in v.to_le_bytes()[..w].iter().enumerate() {
+                    if let Some(x) = data.get_mut(i + k) {
+                        *x = *b;
+                    }
+                }
+            }
+            // Add to a byte.
+            7 if len > 0 => {
+                let i = rng.below(len) as usize;
+                data[i] = data[i].wrapping_add((rng.below(35) as u8).wrapping_sub(17));
+            }
+            // Insert a dictionary token.
+            8 if !dict.is_empty() => {
+                let tok = dict[rng.below(dict.len() as u64) as usize];
+                let i = rng.below(len + 1) as usize;
+                data.splice(i..i, tok.iter().copied());
+            }
+            // Splice with another input.
+            9 if !pool.is_empty() => {
+                let other = &pool[rng.below(pool.len() as u64) as usize];
+                if !other.is_empty() {
+                    let a = rng.below(other.len() as u64) as usize;
+                    let b = a + rng.below((other.len() - a) as u64 + 1) as usize;
+                    let i = rng.below(len + 1) as usize;
+                    let j = i + rng.below(len - i as u64 + 1) as usize;
+                    data.splice(i..j, other[a..b].iter().copied());
+                }
+            }
+            // Truncate.
+            10 if len > 1 => {
+                let n = rng.below(len) as usize;
+                data.truncate(n);
+            }
+            _ => {
+                data.push(rng.next_u64() as u8);
+            }
+        }
+    }
+    data.truncate(max_len);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mutations_stay_bounded_and_change_things() {
+        let mut rng = XorShift::new(42);
+        let pool = vec![b"hello".to_vec()];
+        let mut changed = 0;
+        for _ in 0..1000 {
+            let mut d = b"abcdefgh".to_vec();
+            mutate(&mut d, &mut rng, &pool, &[b"TOKEN"], 16);
+            assert!(d.len() <= 16);
+            changed += usize::from(d != b"abcdefgh");
+        }
+        assert!(changed > 900);
+    }
+
+    #[test]
+    fn the_prng_is_deterministic() {
+        let a: Vec<u64> = (0..4)
+            .scan(XorShift::new(7), |r, _| Some(r.next_u64()))
+            .collect();
+        let b: Vec<u64> = (0..4)
+            .scan(XorShift::new(7), |r, _| Some(r.next_u64()))
+            .collect();
+        assert_eq!(a, b);
+        assert_ne!(a[0], a[1]);
+    }
+}

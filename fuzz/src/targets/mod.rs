@@ -1,0 +1,6 @@
+//! The fuzz targets, by what they take in.
+
+pub mod pci;
+pub mod qmp;
+pub mod text;
+pub mod virtq;

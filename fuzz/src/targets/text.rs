@@ -1,0 +1,184 @@
+//! Text a user or a file gives the VMM: `--device` options, compat records, machine files.
+
+use std::collections::{HashMap, HashSet};
+
+use pci::record::{diff, CompatRecord};
+use pci::PciAddress;
+use vmm::device_manager::{parse_device, place, DeviceSpec};
+use vmm::machine_file::MachineFile;
+
+/// Tokens for `--device` strings.
+pub const DEVICE_DICT: &[&[u8]] = &[
+    b"virtio-rng-pci",
+    b"virtio-blk-pci",
+    b"virtio-console-pci",
+    b"virtio-net-pci",
+    b"driver=",
+    b",id=",
+    b",addr=",
+    b",multifunction=on",
+    b",multifunction=off",
+    b",bus=pci.0",
+    b",vectors=",
+    b",file=/dev/null",
+    b",readonly=on",
+    b",serial=",
+    b",path=",
+    b",socket=",
+    b",ifname=tap0",
+    b",mac=52:54:00:12:34:56",
+    b"\n",
+    b"0x1f.0x7",
+    b"1f.7",
+    b"05",
+    b".",
+    b"=",
+    b",",
+];
+
+/// Tokens for JSON documents.
+pub const JSON_DICT: &[&[u8]] = &[
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b",",
+    b":",
+    b"\"",
+    b"\"format\"",
+    b"\"version\"",
+    b"\"vmm-pci-compat\"",
+    b"\"vmm-machine\"",
+    b"\"devices\"",
+    b"\"machine\"",
+    b"\"driver\"",
+    b"\"addr\"",
+    b"\"00:05.0\"",
+    b"\"05.0\"",
+    b"\"fingerprint\"",
+    b"\"props\"",
+    b"\"id\"",
+    b"\"multifunction\"",
+    b"true",
+    b"null",
+    b"1",
+    b"-1",
+    b"4294967296",
+    b"1e999",
+    b"\"\\u0000\"",
+    b"\"virtio-rng-pci\"",
+];
+
+/// The `--device` string for `spec` (what a user would type to get it back).
+pub fn print_spec(spec: &DeviceSpec) -> String {
+    let mut s = spec.driver.clone();
+    if let Some(id) = &spec.id {
+        s += &format!(",id={id}");
+    }
+    match spec.addr {
+        Some((slot, None)) => s += &format!(",addr={slot:02x}"),
+        Some((slot, Some(f))) => s += &format!(",addr={slot:02x}.{f}"),
+        None => {}
+    }
+    if spec.multifunction {
+        s += ",multifunction=on";
+    }
+    for (k, v) in &spec.props {
+        s += &format!(",{k}={v}");
+    }
+    s
+}
+
+/// Target: `--device` options (one per line), round trip, then placement with hints.
+pub fn target_device_option(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut lines = text.split('\n');
+    // The first line, if it parses as hex pairs, gives compat hints: "id=SS.F ...".
+    let mut hints = HashMap::new();
+    let mut specs = Vec::new();
+    for (n, line) in lines.by_ref().enumerate() {
+        if let Some(h) = line.strip_prefix("#hints ") {
+            for w in h.split(' ') {
+                if let Some((id, a)) = w.split_once('=') {
+                    if let Ok((slot, f)) = pci::parse_qemu_addr(a) {
+                        if let Ok(addr) = PciAddress::new(0, slot, f.unwrap_or(0)) {
+                            hints.insert(id.to_string(), addr);
+                        }
+                    }
+                }
+            }
+            continue;
+        }
+        if n > 40 {
+            break;
+        }
+        let Ok(spec) = parse_device(line) else {
+            continue;
+        };
+        let printed = print_spec(&spec);
+        let again = parse_device(&printed)
+            .unwrap_or_else(|e| panic!("{line:?} parsed, its print {printed:?} does not: {e}"));
+        assert_eq!(again, spec, "round trip of {line:?} via {printed:?}");
+        specs.push(spec);
+    }
+    let Ok(placed) = place(&specs, &hints) else {
+        return;
+    };
+    assert_eq!(placed.len(), specs.len(), "place dropped devices");
+    let mut ids = HashSet::new();
+    let mut addrs = HashSet::new();
+    for p in &placed {
+        assert!(ids.insert(p.id.clone()), "id {} given twice", p.id);
+        assert!(addrs.insert(p.addr), "address {} given twice", p.addr);
+        assert!(
+            p.addr.device() != 0,
+            "{} placed on the host bridge's slot",
+            p.id
+        );
+        assert_eq!(p.addr.bus(), 0);
+        if let Some((slot, f)) = p.spec.addr {
+            assert_eq!(
+                (p.addr.device(), p.addr.function()),
+                (slot, f.unwrap_or(0)),
+                "explicit addr= not kept"
+            );
+        }
+    }
+}
+
+/// Target: compat records.
+pub fn target_compat_record(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let Ok(r) = CompatRecord::from_json(&text, "fuzz.json") else {
+        return;
+    };
+    let json = r.to_json();
+    let again = CompatRecord::from_json(&json, "fuzz.json")
+        .unwrap_or_else(|e| panic!("a valid record does not re-read after to_json: {e}\n{json}"));
+    assert_eq!(again, r, "compat record round trip");
+    assert!(diff(&r, &r).is_empty(), "a record differs from itself");
+    let _ = vmm::compat::strict_check(&r, &again);
+    let empty = CompatRecord::new(r.machine.clone(), Default::default());
+    for c in diff(&r, &empty).iter().chain(diff(&empty, &r).iter()) {
+        let _ = c.to_string();
+        let _ = c.breaks_abi();
+    }
+}
+
+/// Target: machine description files.
+pub fn target_machine_file(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let Ok(m) = MachineFile::from_json(&text) else {
+        return;
+    };
+    let json = m.to_json();
+    let again = MachineFile::from_json(&json).unwrap_or_else(|e| {
+        panic!("a valid machine file does not re-read after to_json: {e}\n{json}")
+    });
+    assert_eq!(again, m, "machine file round trip");
+    let specs = m
+        .device_specs()
+        .expect("device_specs of an accepted machine file");
+    let _ = place(&specs, &HashMap::new());
+    let _ = vmm::machine_file::merge_devices(&specs, specs.clone());
+}
