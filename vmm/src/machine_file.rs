@@ -185,12 +185,19 @@ impl Default for MachineFile {
 /// the file's entry in place; the others are appended.
 pub fn merge_devices(file: &[DeviceSpec], cli: Vec<DeviceSpec>) -> Vec<DeviceSpec> {
     let mut out: Vec<DeviceSpec> = file.to_vec();
+    let mut added = Vec::new();
     for d in cli {
-        match out.iter_mut().find(|f| f.id.is_some() && f.id == d.id) {
+        // Only the file's devices are replaced: two --device options with one id stay two
+        // devices, and placement reports the duplicate id.
+        match out[..file.len()]
+            .iter_mut()
+            .find(|f| f.id.is_some() && f.id == d.id)
+        {
             Some(slot) => *slot = d,
-            None => out.push(d),
+            None => added.push(d),
         }
     }
+    out.extend(added);
     out
 }
 
@@ -256,5 +263,11 @@ mod tests {
             .map(|d| format!("{}@{:?}", d.id.clone().unwrap(), d.addr))
             .collect();
         assert_eq!(got, ["a@Some((7, None))", "b@None", "c@None"]);
+        // Duplicates on the command line are not merged away.
+        let twice = vec![
+            parse_device("virtio-rng-pci,id=z").unwrap(),
+            parse_device("virtio-rng-pci,id=z").unwrap(),
+        ];
+        assert_eq!(merge_devices(&[], twice).len(), 2);
     }
 }
