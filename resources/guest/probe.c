@@ -6,6 +6,9 @@
  *                         in `lspci -xxxx` format (decode with `lspci -F`)
  *   mode=bench op=cf8|ecam|null n=N [port=0x..]
  *   mode=hello
+ *   mode=hostile seed=N n=N [spare=SS]
+ *                         N random hostile config/MMIO operations on every
+ *                         function but 00:00.0 and slot SS, then mode=probe
  *   ecam=0x...            ECAM base (default 0xE0000000; 0 skips ECAM)
  *
  * Built -m32 -ffreestanding -mgeneral-regs-only: no SSE, no int3, no libgcc.
@@ -46,6 +49,21 @@ static inline u32 inl(u16 port)
 	u32 v;
 	asm volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
 	return v;
+}
+
+static inline void outw(u16 port, u16 v)
+{
+	asm volatile("outw %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline void mmio_write32(u32 addr, u32 v)
+{
+	asm volatile("movl %0, (%1)" : : "r"(v), "r"(addr) : "memory");
+}
+
+static inline void mmio_write8(u32 addr, u8 v)
+{
+	asm volatile("movb %0, (%1)" : : "q"(v), "r"(addr) : "memory");
 }
 
 static inline u32 mmio_read32(u32 addr)
@@ -98,6 +116,8 @@ struct opts {
 	u32 ecam;
 	u32 port;
 	u32 ring;
+	u32 seed;	/* hostile: PRNG seed */
+	u32 spare;	/* hostile: slot not to touch (0xff: none) */
 };
 
 static int is_space(char c)
@@ -138,6 +158,27 @@ static u32 parse_num(const char *s)
 	return v;
 }
 
+/* Hex without a prefix (a PCI slot, as in addr=): "1f" -> 31. */
+static u32 parse_hex(const char *s)
+{
+	u32 v = 0;
+
+	if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X'))
+		s += 2;
+	for (;; s++) {
+		char c = *s;
+
+		if (c >= '0' && c <= '9')
+			v = (v << 4) | (u32)(c - '0');
+		else if (c >= 'a' && c <= 'f')
+			v = (v << 4) | (u32)(c - 'a' + 10);
+		else if (c >= 'A' && c <= 'F')
+			v = (v << 4) | (u32)(c - 'A' + 10);
+		else
+			return v;
+	}
+}
+
 /* If word w starts with "key=", return the value, else 0. */
 static const char *match_key(const char *w, const char *key)
 {
@@ -156,6 +197,8 @@ static void parse_cmdline(const char *p, struct opts *o)
 	o->ecam = 0xE0000000u;
 	o->port = 0x2f0;
 	o->ring = 0;
+	o->seed = 1;
+	o->spare = 0xff;
 	if (!p)
 		return;
 	for (;;) {
@@ -174,6 +217,10 @@ static void parse_cmdline(const char *p, struct opts *o)
 			o->ecam = parse_num(v);
 		else if ((v = match_key(p, "ring")))
 			o->ring = parse_num(v);
+		else if ((v = match_key(p, "seed")))
+			o->seed = parse_num(v);
+		else if ((v = match_key(p, "spare")))
+			o->spare = parse_hex(v);
 		else if ((v = match_key(p, "port")))
 			o->port = parse_num(v) & 0xffff;
 		while (*p && !is_space(*p))
@@ -286,6 +333,199 @@ static void mode_probe(const struct opts *o)
 	}
 }
 
+/*
+ * ---- mode=hostile seed=N n=N [spare=SS] ----
+ * n random operations against every present function except the host bridge
+ * (00:00.0) and slot `spare`: BARs moved over each other, over RAM, over the
+ * ECAM window, sized; command-register toggles; capability-pointer and
+ * capability-area writes; MSI-X control and table writes; MMIO reads and
+ * writes in the BARs. Config writes go through CF8/CFC and ECAM at random.
+ * MMIO writes only go to BARs that lie inside the PCI window below ECAM (a
+ * BAR over RAM is shadowed by RAM: writing there would hit this guest's own
+ * memory). Then the usual probe dump.
+ */
+#define HOSTILE_MAX 64
+#define PCI_WINDOW 0xc0000000u
+
+static u32 rnd_state;
+
+static u32 rnd(void)
+{
+	u32 x = rnd_state;
+
+	x ^= x << 13;
+	x ^= x >> 17;
+	x ^= x << 5;
+	rnd_state = x;
+	return x;
+}
+
+static void cf8_write(u32 bdf, u32 off, u32 v)
+{
+	outl(0xcf8, 0x80000000u | (bdf << 8) | (off & 0xfc));
+	outl(0xcfc, v);
+}
+
+static void cfg_write(u32 bdf, u32 off, u32 v)
+{
+	if (rnd() & 1)
+		cf8_write(bdf, off, v);
+	else
+		mmio_write32(ecam_base + (bdf << 12) + (off & 0xffc), v);
+}
+
+/* A 16-bit config write at an even offset through CF8/CFC. */
+static void cf8_write16(u32 bdf, u32 off, u16 v)
+{
+	outl(0xcf8, 0x80000000u | (bdf << 8) | (off & 0xfc));
+	outw((u16)(0xcfc + (off & 2)), v);
+}
+
+/* Offset of capability `id` of `bdf`, or 0. */
+static u32 find_cap(u32 bdf, u32 id)
+{
+	u32 ptr = cf8_read(bdf, 0x34) & 0xfc;
+	u32 guard = 0;
+
+	while (ptr && guard++ < 48) {
+		u32 v = cf8_read(bdf, ptr);
+
+		if ((v & 0xff) == id)
+			return ptr;
+		ptr = (v >> 8) & 0xfc;
+	}
+	return 0;
+}
+
+/* Where memory BAR `bar` of `bdf` is, if MMIO writes there are safe; else 0. */
+static u32 bar_base(u32 bdf, u32 bar)
+{
+	u32 v = cf8_read(bdf, 0x10 + 4 * bar);
+
+	if (v & 1)
+		return 0;	/* I/O */
+	if ((v & 6) == 4 && bar < 5 && cf8_read(bdf, 0x14 + 4 * bar))
+		return 0;	/* 64-bit, above 4 GiB */
+	v &= ~0xfu;
+	if (v < PCI_WINDOW || v >= ecam_base - 0x1000u)
+		return 0;
+	return v;
+}
+
+static u32 hostile_value(const u32 *fns, u32 nfns)
+{
+	switch (rnd() % 9) {
+	case 0:
+		return 0xffffffffu;			/* sizing */
+	case 1:
+		return ecam_base + (rnd() & 0xf000);	/* over ECAM */
+	case 2:
+		return 0x00100000u + (rnd() & 0xf000);	/* over RAM (this guest) */
+	case 3:
+		return PCI_WINDOW + (rnd() & 0x3f) * 0x1000u;
+	case 4:
+		/* over another function's BAR */
+		return cf8_read(fns[rnd() % nfns], 0x10 + 4 * (rnd() % 6));
+	case 5:
+		return 0;
+	case 6:
+		return 0xfee00000u;			/* the MSI window */
+	case 7:
+		return PCI_WINDOW + 0x100000u * (rnd() & 7);
+	default:
+		return rnd();
+	}
+}
+
+static void mode_hostile(const struct opts *o)
+{
+	u32 fns[HOSTILE_MAX];
+	u32 nfns = 0, dev, fn, i;
+
+	ecam_base = o->ecam ? o->ecam : 0xE0000000u;
+	rnd_state = o->seed ? o->seed : 1;
+	puts("=== HOSTILE seed=");
+	putdec(o->seed);
+	puts(" n=");
+	putdec(o->n);
+	puts(" start ===\n");
+	for (dev = 1; dev < 32; dev++) {
+		u32 id = cf8_read(dev << 3, 0);
+
+		if (!present(id) || dev == o->spare)
+			continue;
+		for (fn = 0; fn < 8 && nfns < HOSTILE_MAX; fn++) {
+			u32 bdf = (dev << 3) | fn;
+
+			if (present(cf8_read(bdf, 0)))
+				fns[nfns++] = bdf;
+		}
+	}
+	puts("hostile: ");
+	putdec(nfns);
+	puts(" functions\n");
+	for (i = 0; nfns && i < o->n; i++) {
+		u32 bdf = fns[rnd() % nfns];
+		u32 r = rnd();
+		u32 cap, base, bar;
+
+		switch (r % 10) {
+		case 0:
+		case 1:	/* move or size a BAR */
+			cfg_write(bdf, 0x10 + 4 * ((r >> 8) % 6), hostile_value(fns, nfns));
+			break;
+		case 2:	/* command register: decode, bus master, INTx off */
+			cf8_write16(bdf, 0x04, (u16)(rnd() & 0x407));
+			break;
+		case 3:	/* read-only and capability registers */
+			if (r & 0x100)
+				cfg_write(bdf, 0x34, rnd());
+			else
+				cfg_write(bdf, 0x40 + (rnd() % 0xc0), rnd());
+			break;
+		case 4:	/* MSI-X message control: enable / function mask */
+			cap = find_cap(bdf, 0x11);
+			if (cap)
+				cf8_write16(bdf, cap + 2, (u16)(rnd() & 0xc000));
+			break;
+		case 5:	/* MSI-X table entry */
+			cap = find_cap(bdf, 0x11);
+			if (!cap)
+				break;
+			bar = cf8_read(bdf, cap + 4);
+			base = bar_base(bdf, bar & 7);
+			if (base)
+				mmio_write32(base + (bar & ~7u) + (rnd() & 0x7c), hostile_value(fns, nfns));
+			break;
+		case 6:	/* ROM BAR, expansion and interrupt line */
+			cfg_write(bdf, (r & 0x100) ? 0x30 : 0x3c, hostile_value(fns, nfns));
+			break;
+		case 7:	/* MMIO read in a BAR (wherever it is: reads are harmless) */
+			base = cf8_read(bdf, 0x10 + 4 * ((r >> 8) % 6)) & ~0xfu;
+			if (base >= PCI_WINDOW)
+				(void)mmio_read32(base + (rnd() & 0x3ffc));
+			break;
+		case 8:	/* MMIO write in a BAR inside the PCI window */
+			base = bar_base(bdf, (r >> 8) % 6);
+			if (base) {
+				if (r & 0x10000)
+					mmio_write32(base + (rnd() & 0x3ffc), hostile_value(fns, nfns));
+				else
+					mmio_write8(base + (rnd() & 0x3fff), (u8)rnd());
+			}
+			break;
+		default: /* config reads anywhere, odd latches */
+			outl(0xcf8, rnd());
+			(void)inb((u16)(0xcfc + (r & 3)));
+			outl(0xcf8, 0);
+			(void)mmio_read32(ecam_base + (rnd() & 0xffffc));
+			break;
+		}
+	}
+	puts("=== HOSTILE done ===\n");
+	mode_probe(o);
+}
+
 static void mode_bench(const struct opts *o)
 {
 	const char *ring = o->ring == 3 ? " ring=3" : "";
@@ -358,6 +598,8 @@ void probe_main(const struct hvm_start_info *si)
 
 	if (word_eq(o.mode, "hello")) {
 		puts("Hello from the probe guest\n");
+	} else if (word_eq(o.mode, "hostile")) {
+		mode_hostile(&o);
 	} else if (word_eq(o.mode, "bench")) {
 		if (o.ring == 3)
 			enter_user(bench_user, &o, user_stack_top);

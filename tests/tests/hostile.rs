@@ -1,0 +1,128 @@
+//! A hostile guest on the local KVM: the probe's `mode=hostile` moves BARs over each other, over
+//! RAM and over the ECAM window, toggles decoding, writes capability registers and MSI-X
+//! tables and pokes the BARs of every function but the host bridge and a spare slot, then
+//! dumps bus 0 like `mode=probe`.
+//!
+//! The VMM must keep running (exit 0 at the guest's reset, no panic), the host bridge and the
+//! untouched device must read exactly as in a normal probe run, every function must still be
+//! there, and the dumps must still decode with `lspci -F`.
+
+use integration_tests::probe::{dumps, lspci_decode, parse_dump, probe_elf, require_kvm, vmm};
+
+const SPARE: &str = "00:09.0";
+
+fn image() -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("hostile-{}.img", std::process::id()));
+    let f = std::fs::File::create(&p).expect("image");
+    f.set_len(1 << 20).expect("image size");
+    p
+}
+
+fn device_args(img: &str) -> Vec<String> {
+    [
+        "virtio-rng-pci,id=h1,addr=5".to_string(),
+        "virtio-rng-pci,id=h2,addr=6.0,multifunction=on".into(),
+        "virtio-rng-pci,id=h3,addr=6.1,vectors=4".into(),
+        format!("virtio-blk-pci,id=h4,file={img},addr=7"),
+        "virtio-rng-pci,id=spare,addr=9".into(),
+    ]
+    .into_iter()
+    .flat_map(|d| ["--device".to_string(), d])
+    .collect()
+}
+
+fn run(cmdline: &str, devices: &[String]) -> (String, String) {
+    let elf = probe_elf();
+    let mut args: Vec<&str> = vec![
+        "run",
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--append",
+        cmdline,
+    ];
+    args.extend(devices.iter().map(String::as_str));
+    let out = vmm(&args, 120);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "{cmdline}: vmm failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "{cmdline}: the VMM panicked:\n{stderr}"
+    );
+    assert!(
+        stdout.contains("=== PROBE-DONE ==="),
+        "{cmdline}: the probe did not finish:\n{stdout}"
+    );
+    (stdout, stderr)
+}
+
+fn function<'a>(dump: &'a [integration_tests::probe::FunctionDump], addr: &str) -> &'a [u8] {
+    &dump
+        .iter()
+        .find(|f| f.addr == addr)
+        .unwrap_or_else(|| panic!("{addr} missing from the dump"))
+        .bytes
+}
+
+#[test]
+fn hostile_guest_cannot_break_the_vmm_or_the_devices_it_does_not_own() {
+    require_kvm();
+    let img = image();
+    let devices = device_args(img.to_str().unwrap());
+    let (normal, _) = run("mode=probe", &devices);
+    let (cf8, ecam) = dumps(&normal);
+    let (base_cf8, base_ecam) = (parse_dump(&cf8), parse_dump(&ecam));
+
+    let mut seeds = vec![1u32, 7, 42, 2026];
+    // One seed that changes from run to run (printed, so a failure can be repeated).
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() | 1)
+        .unwrap_or(99);
+    seeds.push(t);
+    for seed in seeds {
+        let cmdline = format!("mode=hostile seed={seed} n=300 spare=09");
+        eprintln!("hostile run: {cmdline}");
+        let (out, _) = run(&cmdline, &devices);
+        assert!(
+            out.contains("=== HOSTILE done ==="),
+            "{cmdline}: no end marker:\n{out}"
+        );
+        assert!(
+            out.contains("hostile: 4 functions"),
+            "{cmdline}: the hostile guest should have attacked 4 functions:\n{out}"
+        );
+        let (cf8, ecam) = dumps(&out);
+        let (now_cf8, now_ecam) = (parse_dump(&cf8), parse_dump(&ecam));
+        for (what, base, now) in [
+            ("CF8", &base_cf8, &now_cf8),
+            ("ECAM", &base_ecam, &now_ecam),
+        ] {
+            for addr in ["00:00.0", SPARE] {
+                assert_eq!(
+                    function(now, addr),
+                    function(base, addr),
+                    "{cmdline}: {addr} changed in the {what} dump"
+                );
+            }
+            let present: Vec<&str> = now.iter().map(|f| f.addr.as_str()).collect();
+            assert_eq!(
+                present,
+                ["00:00.0", "00:05.0", "00:06.0", "00:06.1", "00:07.0", "00:09.0"],
+                "{cmdline}: functions in the {what} dump"
+            );
+        }
+        for dump in [&cf8, &ecam] {
+            let decoded = lspci_decode(dump, &["-nn"]);
+            assert!(
+                decoded.contains("[1b36:0008]") && decoded.contains("00:09.0"),
+                "{cmdline}: lspci -F decoded:\n{decoded}"
+            );
+        }
+    }
+    let _ = std::fs::remove_file(&img);
+}
