@@ -100,10 +100,18 @@ impl VmControl for MachineControl {
                     .iter()
                     .map(|b| {
                         let io = !b.kind.is_memory();
-                        let decoded = if io { cfg.io_enabled() } else { cfg.mem_enabled() };
+                        let decoded = if io {
+                            cfg.io_enabled()
+                        } else {
+                            cfg.mem_enabled()
+                        };
                         PciRegionInfo {
                             bar: b.index as u8,
-                            kind: if io { RegionKind::Io } else { RegionKind::Memory },
+                            kind: if io {
+                                RegionKind::Io
+                            } else {
+                                RegionKind::Memory
+                            },
                             address: if decoded {
                                 cfg.bar_address(b.index).unwrap_or(u64::MAX)
                             } else {
@@ -150,7 +158,10 @@ impl VmControl for MachineControl {
         for (k, v) in props {
             option += &format!(",{k}={v}");
         }
-        self.machine.device_add(&option).map(|_| ()).map_err(generic)
+        self.machine
+            .device_add(&option)
+            .map(|_| ())
+            .map_err(generic)
     }
 
     fn device_del(&self, id: &str) -> Result<(), CommandError> {
