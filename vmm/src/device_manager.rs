@@ -513,6 +513,7 @@ mod tests {
         assert!(err("virtio-rng-pci,vectors=9999")
             .starts_with("Property 'virtio-rng-pci.vectors' can't take value '9999'"));
         assert!(err("virtio-rng-pci,multifunction=maybe").contains("multifunction"));
+        assert!(err("virtio-rng-pci,vectors=0").contains("INTx-only devices (vectors=0)"));
     }
 
     #[test]
