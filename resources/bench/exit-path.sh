@@ -94,26 +94,33 @@ minimum() { sort -g | awk 'NR == 1 { print $1; found = 1 } END { if (!found) pri
 
 monitors="vmm"
 [ "${NO_QEMU:-0}" != 1 ] && monitors="vmm qemu"
-declare -A per_iter best
-for mon in $monitors; do
-    for ring in 0 3; do
-        base=$(run "$mon" null 0 "$ring")
-        [ "$base" = fail ] && base=0
-        for op in cf8 ecam null; do
-            samples=()
-            for _ in $(seq "$REPEATS"); do
+declare -A per_iter best base samples
+# The monitors take turns run by run, so that load from elsewhere on the machine falls on both.
+for ring in 0 3; do
+    for mon in $monitors; do
+        b=$(run "$mon" null 0 "$ring")
+        [ "$b" = fail ] && b=0
+        base[$mon,$ring]=$b
+    done
+    for op in cf8 ecam null; do
+        for _ in $(seq "$REPEATS"); do
+            for mon in $monitors; do
                 s=$(run "$mon" "$op" "$N" "$ring")
                 [ "$s" = fail ] && continue
-                samples+=("$(awk -v s="$s" -v b="$base" -v n="$N" 'BEGIN { printf "%.4f", (s - b) / n * 1e6 }')")
+                samples[$mon,$ring,$op]+="$(awk -v s="$s" -v b="${base[$mon,$ring]}" -v n="$N" \
+                    'BEGIN { printf "%.4f", (s - b) / n * 1e6 }') "
             done
-            if [ ${#samples[@]} -eq 0 ]; then
+        done
+        for mon in $monitors; do
+            v=${samples[$mon,$ring,$op]:-}
+            if [ -z "$v" ]; then
                 per_iter[$mon,$ring,$op]=nan
                 best[$mon,$ring,$op]=nan
             else
-                per_iter[$mon,$ring,$op]=$(printf '%s\n' "${samples[@]}" | median)
-                best[$mon,$ring,$op]=$(printf '%s\n' "${samples[@]}" | minimum)
+                per_iter[$mon,$ring,$op]=$(printf '%s\n' $v | median)
+                best[$mon,$ring,$op]=$(printf '%s\n' $v | minimum)
             fi
-            echo "  $mon ring=$ring $op: ${samples[*]:-failed} us/iteration (n=0 interval ${base}s)" >&2
+            echo "  $mon ring=$ring $op: ${v:-failed} us/iteration (n=0 interval ${base[$mon,$ring]}s)" >&2
         done
     done
 done
