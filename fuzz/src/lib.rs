@@ -43,6 +43,8 @@ pub struct TargetInfo {
     pub dict: &'static [&'static [u8]],
     /// What is fuzzed (one line, for the README).
     pub what: &'static str,
+    /// Strings for structure-aware JSON mutation (empty: the input is not JSON).
+    pub json_strings: &'static [&'static str],
 }
 
 /// Every target.
@@ -54,6 +56,7 @@ pub const TARGETS: &[TargetInfo] = &[
         max_len: 512,
         dict: &[],
         what: "CF8/CFC and ECAM access sequences (all sizes and lanes) against the host bridge + 4 virtio-rng functions; checks IDs, read-only registers, capability lists, bus tables, ioeventfd bookkeeping",
+        json_strings: &[],
     },
     TargetInfo {
         name: "bar_mmio",
@@ -62,6 +65,7 @@ pub const TARGETS: &[TargetInfo] = &[
         max_len: 768,
         dict: &[],
         what: "BAR moves (over each other, RAM, ECAM) and decode toggles, then MMIO to MSI-X tables/PBA and the virtio common/ISR/device/notify regions, incl. driver bring-up with fuzzed rings; same checks plus MSI-X reserved bits",
+        json_strings: &[],
     },
     TargetInfo {
         name: "virtq_rng",
@@ -70,6 +74,7 @@ pub const TARGETS: &[TargetInfo] = &[
         max_len: 1024,
         dict: &[],
         what: "virtio-rng queue handler on fuzzed split-queue descriptor chains (direct, chained, indirect, looping, out of memory)",
+        json_strings: &[],
     },
     TargetInfo {
         name: "virtq_blk",
@@ -78,6 +83,7 @@ pub const TARGETS: &[TargetInfo] = &[
         max_len: 1024,
         dict: &[],
         what: "virtio-blk queue handler on fuzzed chains and request headers (in/out/flush/get-id/unknown, any sector, read-only or not)",
+        json_strings: &[],
     },
     TargetInfo {
         name: "device_option",
@@ -86,6 +92,7 @@ pub const TARGETS: &[TargetInfo] = &[
         max_len: 256,
         dict: targets::text::DEVICE_DICT,
         what: "--device parser (parse_device) with parse-print-parse round trip, then place() with hints; checks ids/addresses unique, explicit addresses kept",
+        json_strings: &[],
     },
     TargetInfo {
         name: "compat_record",
@@ -94,6 +101,7 @@ pub const TARGETS: &[TargetInfo] = &[
         max_len: 8192,
         dict: targets::text::JSON_DICT,
         what: "CompatRecord::from_json, to_json round trip, diff against itself is empty",
+        json_strings: targets::text::JSON_STRINGS,
     },
     TargetInfo {
         name: "machine_file",
@@ -102,6 +110,7 @@ pub const TARGETS: &[TargetInfo] = &[
         max_len: 8192,
         dict: targets::text::JSON_DICT,
         what: "MachineFile::from_json, to_json round trip, device_specs and place() of its devices",
+        json_strings: targets::text::JSON_STRINGS,
     },
     TargetInfo {
         name: "qmp",
@@ -110,6 +119,7 @@ pub const TARGETS: &[TargetInfo] = &[
         max_len: 1024,
         dict: targets::qmp::QMP_DICT,
         what: "QMP byte stream: Streamer framing (random chunking), parse_message, dispatch (incl. HMP) on a stub VmControl; every reply is {return} or {error: class, desc}",
+        json_strings: &[],
     },
 ];
 
@@ -253,7 +263,12 @@ pub fn fuzz(t: &TargetInfo, iterations: u64, seed: u64) -> Result<Stats, Failure
     for i in 0..iterations {
         let base = &pool[rng.below(pool.len() as u64) as usize];
         let mut data = base.clone();
-        mutate(&mut data, &mut rng, &pool, t.dict, t.max_len);
+        if t.json_strings.is_empty()
+            || rng.below(4) == 0
+            || !mutate::mutate_json(&mut data, &mut rng, t.json_strings)
+        {
+            mutate(&mut data, &mut rng, &pool, t.dict, t.max_len);
+        }
         if let Err(message) = run_one(t, &data) {
             let artifact = save_artifact(t.name, &data);
             return Err(Failure {
@@ -264,7 +279,10 @@ pub fn fuzz(t: &TargetInfo, iterations: u64, seed: u64) -> Result<Stats, Failure
         }
         // Keep some mutants as new starting points (no coverage feedback: a random walk that
         // lets inputs drift away from the seeds), bounded.
-        if rng.below(16) == 0 {
+        // JSON targets keep only mutants that are still JSON (the rest fail at the parser).
+        let keep =
+            t.json_strings.is_empty() || serde_json::from_slice::<serde_json::Value>(&data).is_ok();
+        if keep && rng.below(16) == 0 {
             if pool.len() < corpus_len + 256 {
                 pool.push(data);
             } else {

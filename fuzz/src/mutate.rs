@@ -156,6 +156,105 @@ pub fn mutate(
     data.truncate(max_len);
 }
 
+/// Values a JSON leaf may be replaced with.
+fn json_value(rng: &mut XorShift, strings: &[&str]) -> serde_json::Value {
+    use serde_json::{json, Value};
+    match rng.below(12) {
+        0 => Value::Null,
+        1 => json!(true),
+        2 => json!(-1),
+        3 => json!(INTERESTING[rng.below(INTERESTING.len() as u64) as usize]),
+        4 => json!(1.5),
+        5 => json!(""),
+        6 => json!([]),
+        7 => json!({}),
+        8 => json!(rng.below(300)),
+        9 => json!(-(rng.below(1 << 40) as i64)),
+        _ if !strings.is_empty() => json!(strings[rng.below(strings.len() as u64) as usize]),
+        _ => json!("x"),
+    }
+}
+
+/// Structure-aware mutation of a JSON document: replaces, removes, duplicates or edits one
+/// node. Returns false (and leaves `data` alone) when `data` is not JSON.
+pub fn mutate_json(data: &mut Vec<u8>, rng: &mut XorShift, strings: &[&str]) -> bool {
+    use serde_json::Value;
+    let Ok(mut v) = serde_json::from_slice::<Value>(data) else {
+        return false;
+    };
+    // Count nodes, pick one by pre-order index.
+    fn count(v: &Value) -> u64 {
+        1 + match v {
+            Value::Array(a) => a.iter().map(count).sum(),
+            Value::Object(o) => o.values().map(count).sum(),
+            _ => 0,
+        }
+    }
+    fn nth<'a>(v: &'a mut Value, n: &mut u64) -> Option<&'a mut Value> {
+        if *n == 0 {
+            return Some(v);
+        }
+        *n -= 1;
+        match v {
+            Value::Array(a) => a.iter_mut().find_map(|c| nth(c, n)),
+            Value::Object(o) => o.values_mut().find_map(|c| nth(c, n)),
+            _ => None,
+        }
+    }
+    let total = count(&v);
+    let mut k = rng.below(total);
+    let Some(node) = nth(&mut v, &mut k) else {
+        return false;
+    };
+    match (rng.below(6), &mut *node) {
+        (0, Value::Object(o)) if !o.is_empty() => {
+            let key = o.keys().nth(rng.below(o.len() as u64) as usize).cloned();
+            if let Some(key) = key {
+                o.remove(&key);
+            }
+        }
+        (1, Value::Object(o)) => {
+            let key = if strings.is_empty() || rng.below(2) == 0 {
+                format!("k{}", rng.below(4))
+            } else {
+                strings[rng.below(strings.len() as u64) as usize].to_string()
+            };
+            o.insert(key, json_value(rng, strings));
+        }
+        (0 | 1, Value::Array(a)) if !a.is_empty() => {
+            let i = rng.below(a.len() as u64) as usize;
+            if rng.below(2) == 0 {
+                a.remove(i);
+            } else {
+                let c = a[i].clone();
+                a.push(c);
+            }
+        }
+        (2, Value::String(s)) => {
+            let mut b = s.clone().into_bytes();
+            mutate(&mut b, rng, &[], &[], 64);
+            *s = String::from_utf8_lossy(&b).into_owned();
+        }
+        (3, Value::Number(n)) => {
+            let x = n.as_i64().unwrap_or(0);
+            *node = serde_json::json!(x.wrapping_add(rng.below(5) as i64 - 2));
+        }
+        _ => *node = json_value(rng, strings),
+    }
+    let out = if rng.below(2) == 0 {
+        serde_json::to_vec(&v)
+    } else {
+        serde_json::to_vec_pretty(&v)
+    };
+    match out {
+        Ok(o) => {
+            *data = o;
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,6 +69,41 @@ pub const JSON_DICT: &[&[u8]] = &[
     b"\"virtio-rng-pci\"",
 ];
 
+/// Strings for structure-aware mutation of compat records and machine files.
+pub const JSON_STRINGS: &[&str] = &[
+    "vmm-pci-compat",
+    "vmm-machine",
+    "virtio-rng-pci",
+    "virtio-blk-pci",
+    "virtio-net-pci",
+    "virtio-console-pci",
+    "00:05.0",
+    "00:00.0",
+    "01:05.0",
+    "00:1f.7",
+    "00:20.0",
+    "05.0",
+    "1f.7",
+    "0",
+    "",
+    "rng0",
+    "a,b=c",
+    "on",
+    "off",
+    "vectors",
+    "file",
+    "readonly",
+    "serial",
+    "id",
+    "addr",
+    "driver",
+    "props",
+    "devices",
+    "fingerprint",
+    "multifunction",
+    "/dev/null",
+];
+
 /// The `--device` string for `spec` (what a user would type to get it back).
 pub fn print_spec(spec: &DeviceSpec) -> String {
     let mut s = spec.driver.clone();
