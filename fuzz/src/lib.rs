@@ -97,7 +97,7 @@ pub const TARGETS: &[TargetInfo] = &[
     TargetInfo {
         name: "compat_record",
         run: targets::text::target_compat_record,
-        ci_iterations: 60000,
+        ci_iterations: 30000,
         max_len: 8192,
         dict: targets::text::JSON_DICT,
         what: "CompatRecord::from_json, to_json round trip, diff against itself is empty",

@@ -372,4 +372,63 @@ mod tests {
             "child status {status:#x}: expected death by SIGSYS"
         );
     }
+
+    #[test]
+    fn vcpu_filter_lets_the_real_kvm_calls_of_a_vcpu_thread_through() {
+        // The calls a vCPU thread makes, made for real on /dev/kvm under the filter (EPERM
+        // for anything refused): a wrong ioctl number would show here.
+        use devices::virtio::pci::VirtioHost;
+        let vm = crate::vm::Vm::new(16 << 20).expect("a VM on /dev/kvm");
+        let mut vcpu = vm.fd.create_vcpu(0).expect("vCPU");
+        let filter = vcpu_filter_with(SeccompAction::Errno(libc::EPERM as u32)).unwrap();
+        let refused = std::thread::scope(|s| {
+            s.spawn(|| {
+                apply(&filter).expect("apply");
+                let mut refused = Vec::new();
+                let mut check = |what: &str, errno: Option<i32>| {
+                    if errno == Some(libc::EPERM) {
+                        refused.push(what.to_string());
+                    }
+                };
+                let ev = EventFd::new(0).unwrap();
+                check(
+                    "KVM_IOEVENTFD",
+                    vm.register_ioevent(&ev, 0xc000_3000)
+                        .err()
+                        .and_then(|e| e.raw_os_error()),
+                );
+                check(
+                    "KVM_IOEVENTFD (deassign)",
+                    vm.unregister_ioevent(&ev, 0xc000_3000)
+                        .err()
+                        .and_then(|e| e.raw_os_error()),
+                );
+                let gsi = match vm.allocate_msi() {
+                    Ok((gsi, _fd)) => Some(gsi),
+                    Err(e) => {
+                        check("KVM_IRQFD", e.raw_os_error());
+                        None
+                    }
+                };
+                if let Some(gsi) = gsi {
+                    let r = vm.set_msi_route(gsi, Some((0xfee0_0000, 0x41)));
+                    let perm = r.err().map(|e| e.to_string()).filter(|e| {
+                        e.contains("Operation not permitted") || e.contains("os error 1)")
+                    });
+                    check("KVM_SET_GSI_ROUTING", perm.map(|_| libc::EPERM));
+                }
+                check("KVM_GET_REGS", vcpu.get_regs().err().map(|e| e.errno()));
+                check("KVM_GET_SREGS", vcpu.get_sregs().err().map(|e| e.errno()));
+                check(
+                    "KVM_TRANSLATE",
+                    vcpu.translate_gva(0).err().map(|e| e.errno()),
+                );
+                check("KVM_RUN", vcpu.run().err().map(|e| e.errno()));
+                refused
+            })
+            .join()
+            .expect("filtered thread")
+        });
+        assert!(refused.is_empty(), "the vCPU filter refused {refused:?}");
+    }
 }
