@@ -61,6 +61,11 @@ static inline void mmio_write32(u32 addr, u32 v)
 	asm volatile("movl %0, (%1)" : : "r"(v), "r"(addr) : "memory");
 }
 
+static inline void mmio_write16(u32 addr, u16 v)
+{
+	asm volatile("movw %0, (%1)" : : "r"(v), "r"(addr) : "memory");
+}
+
 static inline void mmio_write8(u32 addr, u8 v)
 {
 	asm volatile("movb %0, (%1)" : : "q"(v), "r"(addr) : "memory");
@@ -118,6 +123,7 @@ struct opts {
 	u32 ring;
 	u32 seed;	/* hostile: PRNG seed */
 	u32 spare;	/* hostile: slot not to touch (0xff: none) */
+	u32 steal;	/* hostile: aim a notify area at the spare's command register */
 };
 
 static int is_space(char c)
@@ -199,6 +205,7 @@ static void parse_cmdline(const char *p, struct opts *o)
 	o->ring = 0;
 	o->seed = 1;
 	o->spare = 0xff;
+	o->steal = 0;
 	if (!p)
 		return;
 	for (;;) {
@@ -219,6 +226,8 @@ static void parse_cmdline(const char *p, struct opts *o)
 			o->ring = parse_num(v);
 		else if ((v = match_key(p, "seed")))
 			o->seed = parse_num(v);
+		else if ((v = match_key(p, "steal")))
+			o->steal = parse_num(v);
 		else if ((v = match_key(p, "spare")))
 			o->spare = parse_hex(v);
 		else if ((v = match_key(p, "port")))
@@ -437,6 +446,95 @@ static u32 hostile_value(const u32 *fns, u32 nfns)
 	}
 }
 
+
+static void put_bdf(u32 bdf)
+{
+	puthex(bdf >> 8, 2);
+	putc(':');
+	puthex((bdf >> 3) & 0x1f, 2);
+	putc('.');
+	puthex(bdf & 7, 1);
+}
+
+/*
+ * steal=1: move BAR 4 of a two-queue virtio function (virtio-console,
+ * 1af4:1043) so that its queue-1 notify address (BAR4 + 0x3000 + 4) is the
+ * ECAM address of the command register of the spare slot's function with
+ * (bdf & 3) == 3 (BAR 4 is 16 KiB aligned), memory decoding on. A VMM that
+ * registers notify ioeventfds for a BAR it did not map lets KVM swallow
+ * the spare's ECAM command-register writes.
+ */
+static void hostile_steal(const struct opts *o, const u32 *fns, u32 nfns)
+{
+	u32 i, fn, victim = 0, thief = 0;
+
+	for (fn = 0; fn < 8; fn++) {
+		u32 bdf = (o->spare << 3) | fn;
+
+		if ((bdf & 3) == 3 && present(cf8_read(bdf, 0)))
+			victim = bdf;
+	}
+	for (i = 0; i < nfns; i++)
+		if (cf8_read(fns[i], 0) == 0x10431af4u)
+			thief = fns[i];
+	if (!victim || !thief) {
+		puts("hostile: steal: no victim or no two-queue function\n");
+		return;
+	}
+	cf8_write(thief, 0x20, ecam_base + (victim << 12) + 4 - 0x3004);
+	cf8_write(thief, 0x24, 0);
+	cf8_write16(thief, 0x04, (u16)(cf8_read(thief, 0x04) | 2));
+	puts("hostile: steal ");
+	put_bdf(victim);
+	puts(" command via ");
+	put_bdf(thief);
+	putc('\n');
+}
+
+/*
+ * The spare slot must still take config writes, through both mechanisms:
+ * interrupt line (0x3c) and the bus-master bit of the command register,
+ * written one way, read back the other, then restored.
+ */
+static void hostile_check_spare(const struct opts *o)
+{
+	u32 fn;
+
+	for (fn = 0; fn < 8; fn++) {
+		u32 bdf = (o->spare << 3) | fn;
+		u32 ecam = ecam_base + (bdf << 12);
+		u32 cmd, line, bad = 0;
+
+		if (!present(cf8_read(bdf, 0)))
+			continue;
+		line = cf8_read(bdf, 0x3c) & 0xff;
+		cmd = cf8_read(bdf, 0x04) & 0xffff;
+		mmio_write8(ecam + 0x3c, (u8)(line ^ 0x5a));
+		if ((cf8_read(bdf, 0x3c) & 0xff) != (line ^ 0x5a))
+			bad |= 1;
+		cf8_write16(bdf, 0x3c, (u16)((cf8_read(bdf, 0x3c) & 0xff00) | line));
+		mmio_write16(ecam + 0x04, (u16)(cmd ^ 4));
+		if ((cf8_read(bdf, 0x04) & 0xffff) != (cmd ^ 4))
+			bad |= 2;
+		cf8_write16(bdf, 0x04, (u16)cmd);
+		if ((mmio_read32(ecam + 0x04) & 0xffff) != cmd)
+			bad |= 4;
+		puts("hostile: spare ");
+		put_bdf(bdf);
+		if (!bad) {
+			puts(" writes ok\n");
+			continue;
+		}
+		if (bad & 1)
+			puts(" interrupt-line ECAM write LOST");
+		if (bad & 2)
+			puts(" command ECAM write LOST");
+		if (bad & 4)
+			puts(" command CF8 write LOST");
+		putc('\n');
+	}
+}
+
 static void mode_hostile(const struct opts *o)
 {
 	u32 fns[HOSTILE_MAX];
@@ -522,6 +620,10 @@ static void mode_hostile(const struct opts *o)
 			break;
 		}
 	}
+	if (o->steal && o->spare != 0xff && nfns)
+		hostile_steal(o, fns, nfns);
+	if (o->spare != 0xff)
+		hostile_check_spare(o);
 	puts("=== HOSTILE done ===\n");
 	mode_probe(o);
 }
