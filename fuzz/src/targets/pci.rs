@@ -443,6 +443,25 @@ fn size(inp: &mut Input, max8: bool) -> usize {
     [1usize, 2, 4, 8, 3][inp.below(if max8 { 5 } else { 3 })]
 }
 
+/// What a BAR register reads after all-ones was written to it.
+fn sizing_answer(cfg: &pci::ConfigSpace, index: usize) -> u32 {
+    for b in cfg.bars() {
+        let mask = !(b.size - 1);
+        if b.index == index {
+            let low = if b.kind.is_memory() {
+                mask as u32 & !0xf
+            } else {
+                mask as u32 & !0x3
+            };
+            return low | b.kind.type_bits();
+        }
+        if matches!(b.kind, pci::BarKind::Mem64 { .. }) && b.index + 1 == index {
+            return (mask >> 32) as u32;
+        }
+    }
+    0
+}
+
 /// One config-space operation (shared by both targets).
 fn config_op(m: &PciMachine, inp: &mut Input) {
     match inp.below(8) {
@@ -502,7 +521,15 @@ fn config_op(m: &PciMachine, inp: &mut Input) {
             let reg = 0x10 + 4 * inp.below(7) as u8;
             let old = m.cf8_read(m.devs[i].addr, reg, 4);
             m.cf8_write(m.devs[i].addr, reg, 4, 0xffff_ffff);
-            let _ = m.ecam_read(m.devs[i].addr, u16::from(reg), 4);
+            let got = m.ecam_read(m.devs[i].addr, u16::from(reg), 4) as u32;
+            if reg < 0x28 {
+                let want = sizing_answer(m.devs[i].dev.config(), usize::from(reg - 0x10) / 4);
+                assert_eq!(
+                    got, want,
+                    "{}: BAR register {reg:#x} answered {got:#x} to sizing, expected {want:#x}",
+                    m.devs[i].addr
+                );
+            }
             let v = if inp.bool() { old } else { palette(m, inp) };
             m.cf8_write(m.devs[i].addr, reg, 4, v);
         }
