@@ -431,4 +431,136 @@ mod tests {
         });
         assert!(refused.is_empty(), "the vCPU filter refused {refused:?}");
     }
+
+    #[test]
+    fn vcpu_filter_lets_a_virtio_blk_bring_up_and_its_worker_run() {
+        // What a vCPU thread does when a driver brings virtio-blk up (config writes, common
+        // config, DRIVER_OK starts the worker thread, a notify), on a real VM, under the
+        // filter; the worker inherits the filter and serves a write, a read and a flush.
+        use devices::virtio::blk::{Block, BlockConfig};
+        use devices::virtio::pci::{TransportProps, VirtioPciDevice};
+        use pci::PciFunction;
+        use vm_memory::{Bytes, GuestAddress};
+
+        let img = std::env::temp_dir().join(format!("seccomp-blk-{}.img", std::process::id()));
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(1 << 16)
+            .unwrap();
+        let vm = std::sync::Arc::new(crate::vm::Vm::new(16 << 20).expect("a VM on /dev/kvm"));
+        let blk = Block::new(&BlockConfig {
+            path: img.clone(),
+            readonly: false,
+            serial: None,
+        })
+        .unwrap();
+        let dev = VirtioPciDevice::new(
+            "virtio-blk-pci",
+            std::sync::Arc::new(blk),
+            TransportProps {
+                vectors: 2,
+                multifunction: false,
+            },
+            vm.mem.clone(),
+            vm.clone(),
+        )
+        .unwrap();
+        let mem = vm.mem.clone();
+        let filter = vcpu_filter_with(SeccompAction::Errno(libc::EPERM as u32)).unwrap();
+        let statuses = std::thread::scope(|s| {
+            s.spawn(|| {
+                apply(&filter).expect("apply");
+                let cfg = |off: usize, v: &[u8]| {
+                    let e = dev.config().write(off, v);
+                    dev.config_written(&e);
+                };
+                cfg(0x20, &0xc000_0000u32.to_le_bytes());
+                cfg(0x24, &0u32.to_le_bytes());
+                cfg(0x04, &2u16.to_le_bytes());
+                let w = |off: u64, v: &[u8]| dev.bar_write(4, off, v);
+                w(0x14, &[1]);
+                w(0x14, &[3]);
+                w(0x08, &1u32.to_le_bytes());
+                w(0x0c, &1u32.to_le_bytes());
+                w(0x14, &[0xb]);
+                w(0x16, &0u16.to_le_bytes());
+                w(0x18, &16u16.to_le_bytes());
+                let (desc, avail, used) = (0x10000u64, 0x11000u64, 0x12000u64);
+                for (off, v) in [(0x20u64, desc), (0x28, avail), (0x30, used)] {
+                    w(off, &(v as u32).to_le_bytes());
+                    w(off + 4, &((v >> 32) as u32).to_le_bytes());
+                }
+                w(0x1c, &1u16.to_le_bytes());
+                w(0x14, &[0xf]);
+                // Requests: (type, data buffer or none); descriptors 3 per request.
+                let reqs: [(u32, Option<(u64, bool)>); 3] = [
+                    (1, Some((0x14000, false))), // write sector 0 from 0x14000
+                    (0, Some((0x16000, true))),  // read sector 0 into 0x16000
+                    (4, None),                   // flush
+                ];
+                mem.write_slice(&[0xa5; 512], GuestAddress(0x14000))
+                    .unwrap();
+                let mut statuses = Vec::new();
+                for (i, (ty, data)) in reqs.iter().enumerate() {
+                    let hdr = 0x13000 + 0x100 * i as u64;
+                    let status = 0x15000 + 0x100 * i as u64;
+                    let mut h = [0u8; 16];
+                    h[..4].copy_from_slice(&ty.to_le_bytes());
+                    mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+                    mem.write_slice(&[0xff], GuestAddress(status)).unwrap();
+                    let d0 = 3 * i as u64;
+                    let put = |n: u64, addr: u64, len: u32, flags: u16, next: u16| {
+                        let mut d = [0u8; 16];
+                        d[..8].copy_from_slice(&addr.to_le_bytes());
+                        d[8..12].copy_from_slice(&len.to_le_bytes());
+                        d[12..14].copy_from_slice(&flags.to_le_bytes());
+                        d[14..].copy_from_slice(&next.to_le_bytes());
+                        mem.write_slice(&d, GuestAddress(desc + 16 * n)).unwrap();
+                    };
+                    match data {
+                        Some((buf, write)) => {
+                            put(d0, hdr, 16, 1, (d0 + 1) as u16);
+                            put(
+                                d0 + 1,
+                                *buf,
+                                512,
+                                1 | if *write { 2 } else { 0 },
+                                (d0 + 2) as u16,
+                            );
+                            put(d0 + 2, status, 1, 2, 0);
+                        }
+                        None => {
+                            put(d0, hdr, 16, 1, (d0 + 2) as u16);
+                            put(d0 + 2, status, 1, 2, 0);
+                        }
+                    }
+                    mem.write_obj(d0 as u16, GuestAddress(avail + 4 + 2 * i as u64))
+                        .unwrap();
+                    mem.write_obj((i + 1) as u16, GuestAddress(avail + 2))
+                        .unwrap();
+                    w(0x3000, &0u16.to_le_bytes());
+                    for _ in 0..2000 {
+                        if mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap() as usize > i {
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    statuses.push(mem.read_obj::<u8>(GuestAddress(status)).unwrap());
+                }
+                w(0x14, &[0]); // reset: the worker stops and is joined
+                statuses
+            })
+            .join()
+            .expect("filtered thread")
+        });
+        let mut back = [0u8; 512];
+        mem.read_slice(&mut back, GuestAddress(0x16000)).unwrap();
+        let _ = std::fs::remove_file(&img);
+        assert_eq!(
+            statuses,
+            [0, 0, 0],
+            "write, read, flush statuses under the filter"
+        );
+        assert_eq!(back, [0xa5; 512], "the read returned what was written");
+    }
 }
