@@ -45,6 +45,8 @@ pub struct TargetInfo {
     pub what: &'static str,
     /// Strings for structure-aware JSON mutation (empty: the input is not JSON).
     pub json_strings: &'static [&'static str],
+    /// The input is JSON documents one per line (a stream), not one document.
+    pub json_lines: bool,
 }
 
 /// Every target.
@@ -57,6 +59,7 @@ pub const TARGETS: &[TargetInfo] = &[
         dict: &[],
         what: "CF8/CFC and ECAM access sequences (all sizes and lanes) against the host bridge + 4 virtio-rng functions; checks IDs, read-only registers, capability lists, bus tables, ioeventfd bookkeeping",
         json_strings: &[],
+        json_lines: false,
     },
     TargetInfo {
         name: "bar_mmio",
@@ -66,6 +69,7 @@ pub const TARGETS: &[TargetInfo] = &[
         dict: &[],
         what: "BAR moves (over each other, RAM, ECAM) and decode toggles, then MMIO to MSI-X tables/PBA and the virtio common/ISR/device/notify regions, incl. driver bring-up with fuzzed rings; same checks plus MSI-X reserved bits",
         json_strings: &[],
+        json_lines: false,
     },
     TargetInfo {
         name: "virtq_rng",
@@ -75,6 +79,7 @@ pub const TARGETS: &[TargetInfo] = &[
         dict: &[],
         what: "virtio-rng queue handler on fuzzed split-queue descriptor chains (direct, chained, indirect, looping, out of memory)",
         json_strings: &[],
+        json_lines: false,
     },
     TargetInfo {
         name: "virtq_blk",
@@ -84,6 +89,7 @@ pub const TARGETS: &[TargetInfo] = &[
         dict: &[],
         what: "virtio-blk queue handler on fuzzed chains and request headers (in/out/flush/get-id/unknown, any sector, read-only or not)",
         json_strings: &[],
+        json_lines: false,
     },
     TargetInfo {
         name: "device_option",
@@ -93,6 +99,7 @@ pub const TARGETS: &[TargetInfo] = &[
         dict: targets::text::DEVICE_DICT,
         what: "--device parser (parse_device) with parse-print-parse round trip, then place() with hints; checks ids/addresses unique, explicit addresses kept",
         json_strings: &[],
+        json_lines: false,
     },
     TargetInfo {
         name: "compat_record",
@@ -102,6 +109,7 @@ pub const TARGETS: &[TargetInfo] = &[
         dict: targets::text::JSON_DICT,
         what: "CompatRecord::from_json, to_json round trip, diff against itself is empty",
         json_strings: targets::text::JSON_STRINGS,
+        json_lines: false,
     },
     TargetInfo {
         name: "machine_file",
@@ -111,6 +119,17 @@ pub const TARGETS: &[TargetInfo] = &[
         dict: targets::text::JSON_DICT,
         what: "MachineFile::from_json, to_json round trip, device_specs and place() of its devices",
         json_strings: targets::text::JSON_STRINGS,
+        json_lines: false,
+    },
+    TargetInfo {
+        name: "cli_options",
+        run: targets::text::target_cli_options,
+        ci_iterations: 40000,
+        max_len: 256,
+        dict: targets::text::DEVICE_DICT,
+        what: "--global (Globals::parse), --qmp (parse_qmp_option), PCI address parsing (BB:DD.F with display round trip, QEMU addr= with round trip), HMP command lines",
+        json_strings: &[],
+        json_lines: false,
     },
     TargetInfo {
         name: "qmp",
@@ -119,7 +138,8 @@ pub const TARGETS: &[TargetInfo] = &[
         max_len: 1024,
         dict: targets::qmp::QMP_DICT,
         what: "QMP byte stream: Streamer framing (random chunking), parse_message, dispatch (incl. HMP) on a stub VmControl; every reply is {return} or {error: class, desc}",
-        json_strings: &[],
+        json_strings: targets::qmp::QMP_STRINGS,
+        json_lines: true,
     },
 ];
 
@@ -263,10 +283,14 @@ pub fn fuzz(t: &TargetInfo, iterations: u64, seed: u64) -> Result<Stats, Failure
     for i in 0..iterations {
         let base = &pool[rng.below(pool.len() as u64) as usize];
         let mut data = base.clone();
-        if t.json_strings.is_empty()
-            || rng.below(4) == 0
-            || !mutate::mutate_json(&mut data, &mut rng, t.json_strings)
-        {
+        let structured = !t.json_strings.is_empty() && rng.below(4) != 0 && {
+            if t.json_lines {
+                mutate::mutate_json_lines(&mut data, &mut rng, t.json_strings)
+            } else {
+                mutate::mutate_json(&mut data, &mut rng, t.json_strings)
+            }
+        };
+        if !structured {
             mutate(&mut data, &mut rng, &pool, t.dict, t.max_len);
         }
         if let Err(message) = run_one(t, &data) {

@@ -175,6 +175,31 @@ fn json_value(rng: &mut XorShift, strings: &[&str]) -> serde_json::Value {
     }
 }
 
+/// [`mutate_json`] on one random line of `data` that is JSON (a QMP stream). False when no
+/// line is.
+pub fn mutate_json_lines(data: &mut Vec<u8>, rng: &mut XorShift, strings: &[&str]) -> bool {
+    let lines: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
+    let start = rng.below(lines.len() as u64) as usize;
+    for k in 0..lines.len() {
+        let i = (start + k) % lines.len();
+        let mut line = lines[i].to_vec();
+        if mutate_json(&mut line, rng, strings) {
+            // Keep the mutated line on one line.
+            line.retain(|&b| b != b'\n');
+            let mut out = Vec::with_capacity(data.len() + line.len());
+            for (j, l) in lines.iter().enumerate() {
+                if j > 0 {
+                    out.push(b'\n');
+                }
+                out.extend_from_slice(if j == i { &line } else { l });
+            }
+            *data = out;
+            return true;
+        }
+    }
+    false
+}
+
 /// Structure-aware mutation of a JSON document: replaces, removes, duplicates or edits one
 /// node. Returns false (and leaves `data` alone) when `data` is not JSON.
 pub fn mutate_json(data: &mut Vec<u8>, rng: &mut XorShift, strings: &[&str]) -> bool {

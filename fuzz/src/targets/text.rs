@@ -217,3 +217,63 @@ pub fn target_machine_file(data: &[u8]) {
     let _ = place(&specs, &HashMap::new());
     let _ = vmm::machine_file::merge_devices(&specs, specs.clone());
 }
+
+/// Target: the smaller option parsers and HMP command lines, one per line; the first byte of
+/// a line picks the parser (`g` --global, `q` --qmp, `a` BB:DD.F, `p` addr=, `h` HMP).
+pub fn target_cli_options(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut globals = Vec::new();
+    for line in text.split('\n').take(32) {
+        let Some(kind) = line.chars().next() else {
+            continue;
+        };
+        let rest = &line[kind.len_utf8()..];
+        match kind {
+            'g' => globals.push(rest.to_string()),
+            'q' => {
+                let _ = vmm::monitor::parse_qmp_option(rest);
+            }
+            'a' => {
+                if let Ok(a) = rest.parse::<PciAddress>() {
+                    assert_eq!(a.to_string().parse::<PciAddress>(), Ok(a), "{rest:?}");
+                    assert_eq!(format!("{a:#}").parse::<PciAddress>(), Ok(a), "{rest:?}");
+                    assert_eq!(PciAddress::from_devfn(a.bus(), a.devfn()), a);
+                }
+            }
+            'p' => {
+                if let Ok((slot, f)) = pci::parse_qemu_addr(rest) {
+                    let printed = match f {
+                        Some(f) => format!("{slot:x}.{f:x}"),
+                        None => format!("{slot:x}"),
+                    };
+                    assert_eq!(
+                        pci::parse_qemu_addr(&printed),
+                        Ok((slot, f)),
+                        "{rest:?} printed as {printed:?}"
+                    );
+                    assert!(slot < 32 && f.unwrap_or(0) < 8, "{rest:?} -> {slot}.{f:?}");
+                }
+            }
+            'h' => {
+                let mut quit = false;
+                let _ = vmm::monitor::hmp::run(&super::qmp::Stub, rest, &mut quit);
+            }
+            _ => {}
+        }
+    }
+    if let Ok(g) = vmm::compat::Globals::parse(&globals) {
+        for o in &globals {
+            if let Some((key, value)) = o.split_once('=') {
+                if let Some((drv, prop)) = key.split_once('.') {
+                    // The last setting of a property wins.
+                    let last = globals
+                        .iter()
+                        .rev()
+                        .find_map(|x| x.strip_prefix(&format!("{drv}.{prop}=")))
+                        .unwrap_or(value);
+                    assert_eq!(g.get(drv, prop), Some(last), "--global {o}");
+                }
+            }
+        }
+    }
+}
