@@ -115,6 +115,8 @@ const COMMON: &[libc::c_long] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_eventfd2,
     libc::SYS_getrandom,
+    // Debug builds check an fd with fcntl(F_GETFD) before closing it (std's OwnedFd).
+    libc::SYS_fcntl,
 ];
 
 /// Thread creation (a vCPU thread starts a device worker at `DRIVER_OK`).
@@ -125,7 +127,6 @@ const THREADS: &[libc::c_long] = &[
     libc::SYS_rseq,
     libc::SYS_epoll_create1,
     libc::SYS_dup,
-    libc::SYS_fcntl,
 ];
 
 /// Backend I/O of device workers.
