@@ -535,6 +535,67 @@ static void hostile_check_spare(const struct opts *o)
 	}
 }
 
+/*
+ * A driver bringing up queue 0 or 1 of a virtio function whose BAR 4 lies in
+ * the PCI window, with rings and buffers (random descriptors, lengths, flags
+ * NEXT/WRITE, chain links, avail entries) all inside a scratch area of RAM,
+ * away from this guest's image, then a notify (a KVM ioeventfd when the VMM
+ * registered one). The device worker then serves hostile chains for real.
+ */
+#define SCRATCH 0x00800000u
+
+static void hostile_virtio(u32 bdf)
+{
+	u32 base = bar_base(bdf, 4), q, i, n;
+
+	if ((cf8_read(bdf, 0) & 0xffff) != 0x1af4)
+		return;
+	if (!base) {
+		/* Place BAR 4 in the PCI window like a firmware would. */
+		base = PCI_WINDOW + 0x01000000u + (bdf << 16);
+		cf8_write(bdf, 0x20, base);
+		cf8_write(bdf, 0x24, 0);
+	}
+	cf8_write16(bdf, 0x04, (u16)(cf8_read(bdf, 0x04) | 6));
+	q = rnd() & 1;
+	mmio_write8(base + 0x14, 0);
+	mmio_write8(base + 0x14, 1);
+	mmio_write8(base + 0x14, 3);
+	mmio_write32(base + 0x08, 1);
+	mmio_write32(base + 0x0c, 1);		/* VIRTIO_F_VERSION_1 */
+	mmio_write32(base + 0x08, 0);
+	mmio_write32(base + 0x0c, rnd());
+	mmio_write8(base + 0x14, 0xb);
+	mmio_write16(base + 0x16, (u16)q);
+	mmio_write16(base + 0x18, 8);
+	mmio_write16(base + 0x1a, (u16)((rnd() & 3) == 3 ? 0xffff : rnd() % 3));
+	mmio_write32(base + 0x20, SCRATCH);
+	mmio_write32(base + 0x24, 0);
+	mmio_write32(base + 0x28, SCRATCH + 0x1000);
+	mmio_write32(base + 0x2c, 0);
+	mmio_write32(base + 0x30, SCRATCH + 0x2000);
+	mmio_write32(base + 0x34, 0);
+	for (i = 0; i < 8; i++) {
+		u32 d = SCRATCH + 16 * i;
+
+		*(volatile u32 *)d = SCRATCH + 0x4000 + (rnd() & 0x3ff0);
+		*(volatile u32 *)(d + 4) = 0;
+		*(volatile u32 *)(d + 8) = rnd() & 0x3ff;
+		*(volatile u32 *)(d + 12) = (rnd() & 3) | ((rnd() & 7) << 16);
+	}
+	/* A request header at the first buffer of each chain (virtio-blk). */
+	for (i = 0; i < 64; i++)
+		*(volatile u32 *)(SCRATCH + 0x4000 + 4 * (rnd() & 0xfff)) = rnd() % 9;
+	n = rnd() % 9;
+	for (i = 0; i < 8; i++)
+		*(volatile u16 *)(SCRATCH + 0x1004 + 2 * i) = (u16)(rnd() & 7);
+	*(volatile u16 *)(SCRATCH + 0x1000) = 0;
+	*(volatile u16 *)(SCRATCH + 0x1002) = (u16)n;
+	mmio_write16(base + 0x1c, 1);
+	mmio_write8(base + 0x14, 0xf);
+	mmio_write16(base + 0x3000 + 4 * q, (u16)q);
+}
+
 static void mode_hostile(const struct opts *o)
 {
 	u32 fns[HOSTILE_MAX];
@@ -567,7 +628,7 @@ static void mode_hostile(const struct opts *o)
 		u32 r = rnd();
 		u32 cap, base, bar;
 
-		switch (r % 10) {
+		switch (r % 11) {
 		case 0:
 		case 1:	/* move or size a BAR */
 			cfg_write(bdf, 0x10 + 4 * ((r >> 8) % 6), hostile_value(fns, nfns));
@@ -611,6 +672,10 @@ static void mode_hostile(const struct opts *o)
 				else
 					mmio_write8(base + (rnd() & 0x3fff), (u8)rnd());
 			}
+			break;
+		case 9:	/* a driver with hostile rings in scratch RAM */
+			if ((r >> 8) % 4 == 0)
+				hostile_virtio(bdf);
 			break;
 		default: /* config reads anywhere, odd latches */
 			outl(0xcf8, rnd());
