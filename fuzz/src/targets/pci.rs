@@ -328,6 +328,34 @@ impl PciMachine {
                 .any(|r| r.base == 0xcf8 && r.len == 8),
             "the config ports were displaced"
         );
+        // No stale mapping: every MMIO range but ECAM is a memory BAR of a function, exactly
+        // where its config space puts it, with memory decoding on; the port bus holds only
+        // the config ports (no function has I/O BARs).
+        for r in self.mmio.ranges() {
+            if r.base == ECAM_BASE {
+                continue;
+            }
+            let owned = self.devs.iter().any(|d| {
+                let cfg = d.dev.config();
+                cfg.mem_enabled()
+                    && cfg.bars().iter().any(|b| {
+                        b.kind.is_memory()
+                            && b.size == r.len
+                            && cfg.bar_address(b.index) == Some(r.base)
+                    })
+            });
+            assert!(
+                owned,
+                "MMIO range {:#x}+{:#x} is mapped but no enabled BAR is there",
+                r.base, r.len
+            );
+        }
+        assert_eq!(
+            self.pio.ranges().len(),
+            1,
+            "port ranges: {:?}",
+            self.pio.ranges()
+        );
         for bus in [&self.pio, &self.mmio] {
             let r = bus.ranges();
             for w in r.windows(2) {
