@@ -41,6 +41,8 @@ pub struct FuzzHost {
     pub bad_unregister: AtomicU32,
     /// Registrations refused (EEXIST).
     pub refused: AtomicU32,
+    /// MSI routes by GSI, as last set.
+    pub routes: Mutex<HashMap<u32, Option<(u64, u32)>>>,
 }
 
 impl VirtioHost for FuzzHost {
@@ -67,7 +69,11 @@ impl VirtioHost for FuzzHost {
             EventFd::new(EFD_NONBLOCK)?,
         ))
     }
-    fn set_msi_route(&self, _: u32, _: Option<(u64, u32)>) -> std::io::Result<()> {
+    fn set_msi_route(&self, gsi: u32, msg: Option<(u64, u32)>) -> std::io::Result<()> {
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(gsi, msg);
         Ok(())
     }
 }
@@ -90,6 +96,8 @@ pub struct Dev {
     pub dev: Arc<VirtioPciDevice>,
     /// Its number of queues.
     pub queues: u64,
+    /// The GSIs of its MSI-X vectors, by vector.
+    pub gsis: Vec<u32>,
 }
 
 /// Read-only facts of a function: address, read-only header bytes, (offset, id, next) of
@@ -146,12 +154,14 @@ impl PciMachine {
             .expect("guest memory");
         let host = Arc::new(FuzzHost::default());
         let mut devs = Vec::new();
+        let gsi_now = |h: &FuzzHost| 24 + h.next_gsi.load(Ordering::Relaxed);
         for (slot, func, vectors, multifunction) in [
             (3u8, 0u8, 2u16, false),
             (4, 0, 8, true),
             (4, 1, 0, false),
             (0x1f, 0, 1, false),
         ] {
+            let first = gsi_now(&host);
             let dev = Arc::new(
                 VirtioPciDevice::new(
                     "virtio-rng-pci",
@@ -171,9 +181,11 @@ impl PciMachine {
                 addr,
                 dev,
                 queues: 1,
+                gsis: (first..gsi_now(&host)).collect(),
             });
         }
         // A two-queue device (virtio-console writing to /dev/null) at 00:08.0.
+        let first = gsi_now(&host);
         let console = Arc::new(
             VirtioPciDevice::new(
                 "virtio-console-pci",
@@ -193,6 +205,7 @@ impl PciMachine {
             addr,
             dev: console,
             queues: 2,
+            gsis: (first..gsi_now(&host)).collect(),
         });
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
@@ -328,6 +341,32 @@ impl PciMachine {
                 .any(|r| r.base == 0xcf8 && r.len == 8),
             "the config ports were displaced"
         );
+        // MSI routes: a vector's GSI, once routed, points at what its table entry says now.
+        let routes = self.host.routes.lock().unwrap_or_else(|p| p.into_inner());
+        for d in &self.devs {
+            for (v, gsi) in d.gsis.iter().enumerate() {
+                let Some(Some((addr, data))) = routes.get(gsi).copied() else {
+                    continue;
+                };
+                let mut e = [0u8; 16];
+                for k in 0..4 {
+                    d.dev.bar_read(
+                        MSIX_BAR,
+                        v as u64 * 16 + 4 * k,
+                        &mut e[4 * k as usize..][..4],
+                    );
+                }
+                let want_addr = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
+                let want_data = u32::from_le_bytes(e[8..12].try_into().unwrap_or_default());
+                assert_eq!(
+                    (addr, data),
+                    (want_addr, want_data),
+                    "{} vector {v}: MSI route of GSI {gsi} is stale",
+                    d.addr
+                );
+            }
+        }
+        drop(routes);
         // No stale mapping: every MMIO range but ECAM is a memory BAR of a function, exactly
         // where its config space puts it, with memory decoding on; the port bus holds only
         // the config ports (no function has I/O BARs).
