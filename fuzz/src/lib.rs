@@ -132,6 +132,16 @@ pub const TARGETS: &[TargetInfo] = &[
         json_lines: false,
     },
     TargetInfo {
+        name: "hotplug",
+        run: targets::text::target_hotplug,
+        ci_iterations: 4000,
+        max_len: 512,
+        dict: targets::text::DEVICE_DICT,
+        what: "device_add/device_del sequences on a DeviceSet (cold-plug): failed adds change nothing, bus == set, every function > 0 has a multi-function function 0",
+        json_strings: &[],
+        json_lines: false,
+    },
+    TargetInfo {
         name: "qmp",
         run: targets::qmp::target_qmp,
         ci_iterations: 40000,
