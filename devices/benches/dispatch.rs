@@ -22,7 +22,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Barrier, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, Criterion};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, BenchmarkGroup, Criterion};
 use devices::bus::{Bus, BusDevice};
 use devices::pci_host::{BarMapper, ConfigPorts, Ecam};
 use devices::virtio::pci::{TransportProps, VirtioHost, VirtioPciDevice, MSIX_BAR};
@@ -341,14 +342,17 @@ fn samples() -> &'static Mutex<HashMap<String, Vec<f64>>> {
 
 fn record(id: &str, iters: u64, t: Duration) {
     if iters >= 1000 {
-        let ns = t.as_secs_f64() * 1e9 / iters as f64;
-        samples()
-            .lock()
-            .unwrap()
-            .entry(id.to_string())
-            .or_default()
-            .push(ns);
+        record_value(id, t.as_secs_f64() * 1e9 / iters as f64);
     }
+}
+
+fn record_value(id: &str, v: f64) {
+    samples()
+        .lock()
+        .unwrap()
+        .entry(id.to_string())
+        .or_default()
+        .push(v);
 }
 
 fn one_thread<B: Dispatch>(m: &Machine<B>, case: Case, iters: u64) -> Duration {
@@ -360,66 +364,95 @@ fn one_thread<B: Dispatch>(m: &Machine<B>, case: Case, iters: u64) -> Duration {
     start.elapsed()
 }
 
+/// CPU time used so far by the calling thread.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Both threads run `iters` accesses at once; the result is the slower thread's time, so the
-/// per-iteration figure is each thread's time per access while the other one competes.
-fn two_threads<B: Dispatch>(m: &Machine<B>, case: Case, iters: u64) -> Duration {
+/// per-iteration figure is each thread's time per access while the other one competes. Also
+/// returns how parallel the run was: the two threads' CPU time over the wall time (2.0 when
+/// both ran on their own core all along, 1.0 when they had to share one).
+fn two_threads<B: Dispatch>(m: &Machine<B>, case: Case, iters: u64) -> (Duration, f64) {
     let barrier = Barrier::new(2);
     std::thread::scope(|s| {
         let hs: Vec<_> = (0..2)
             .map(|_| {
                 s.spawn(|| {
                     barrier.wait();
-                    one_thread(m, case, iters)
+                    let cpu = thread_cpu();
+                    let wall = one_thread(m, case, iters);
+                    (wall, thread_cpu().saturating_sub(cpu))
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).max().unwrap()
+        let r: Vec<(Duration, Duration)> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        let wall = r.iter().map(|x| x.0).max().unwrap_or_default();
+        let cpu: Duration = r.iter().map(|x| x.1).sum();
+        (wall, cpu.as_secs_f64() / wall.as_secs_f64().max(1e-9))
     })
 }
 
 const BUSES: [&str; 3] = ["lockfree", "mutex-map", "rwlock-map+dev-mutex"];
 
-fn bench_bus<B: Dispatch>(c: &mut Criterion, bus: &str, m: &Machine<B>) {
+fn bench_case<B: Dispatch>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    bus: &str,
+    m: &Machine<B>,
+    case: Case,
+) {
     let latch = rng_addr().config_address(0).to_le_bytes();
-    for case in [Case::Cf8, Case::Msix, Case::Ecam] {
-        assert_eq!(
-            case.run(m, &latch),
-            case.expected(),
-            "{bus} {}",
-            case.name()
-        );
-        let mut g = c.benchmark_group(format!("dispatch/{}", case.name()));
-        for threads in [1, 2] {
-            let id = format!("{}/{threads}t/{bus}", case.name());
-            g.bench_function(format!("{threads}t/{bus}"), |b| {
-                b.iter_custom(|iters| {
-                    let t = if threads == 1 {
-                        one_thread(m, case, iters)
-                    } else {
-                        two_threads(m, case, iters)
-                    };
-                    record(&id, iters, t);
+    assert_eq!(
+        case.run(m, &latch),
+        case.expected(),
+        "{bus} {}",
+        case.name()
+    );
+    for threads in [1, 2] {
+        let id = format!("{}/{threads}t/{bus}", case.name());
+        g.bench_function(format!("{threads}t/{bus}"), |b| {
+            b.iter_custom(|iters| {
+                let t = if threads == 1 {
+                    one_thread(m, case, iters)
+                } else {
+                    let (t, parallel) = two_threads(m, case, iters);
+                    if iters >= 1000 {
+                        record_value(&format!("{id}/parallel"), parallel);
+                    }
                     t
-                })
-            });
-        }
-        g.finish();
+                };
+                record(&id, iters, t);
+                t
+            })
+        });
     }
 }
 
+/// Case by case, the three buses one after the other, so that the three figures of a case are
+/// taken close together in time (other load on a shared machine comes and goes).
 fn dispatch(c: &mut Criterion) {
     let devs = build();
-    bench_bus(c, BUSES[0], &devs.ours);
     let mutex = Machine {
         pio: MutexMapBus::new(&devs.pio),
         mmio: MutexMapBus::new(&devs.mmio),
     };
-    bench_bus(c, BUSES[1], &mutex);
     let rw = Machine {
         pio: RwMapBus::new(&devs.pio),
         mmio: RwMapBus::new(&devs.mmio),
     };
-    bench_bus(c, BUSES[2], &rw);
+    for case in [Case::Cf8, Case::Msix, Case::Ecam] {
+        let mut g = c.benchmark_group(format!("dispatch/{}", case.name()));
+        bench_case(&mut g, BUSES[0], &devs.ours, case);
+        bench_case(&mut g, BUSES[1], &mutex, case);
+        bench_case(&mut g, BUSES[2], &rw, case);
+        g.finish();
+    }
 }
 
 fn median(v: &mut [f64]) -> Option<f64> {
@@ -430,44 +463,64 @@ fn median(v: &mut [f64]) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
+/// Below this (for the lock-free bus), the two threads did not really run at once (see
+/// [`two_threads`]): the machine did not have two free cores.
+const MIN_PARALLEL: f64 = 1.8;
+
 /// Prints the per-dispatch medians and the goals (stated, not asserted).
 fn summary() {
     let mut all = samples().lock().unwrap();
-    let mut get = |case: Case, threads: u32, bus: &str| -> Option<f64> {
-        let v = all.get_mut(&format!("{}/{threads}t/{bus}", case.name()))?;
-        Some(median(v)? / f64::from(case.dispatches()))
+    let mut get = |key: String, div: u32| -> Option<f64> {
+        Some(median(all.get_mut(&key)?)? / f64::from(div))
     };
     println!();
     println!("=== dispatch summary: ns per dispatch (median of samples; cf8 = pair / 2) ===");
     println!(
-        "{:<6} {:>3} {:>12} {:>12} {:>22} {:>10} {:>10}",
-        "case", "thr", BUSES[0], BUSES[1], BUSES[2], "x mutex", "x rw+mtx"
+        "{:<6} {:>3} {:>12} {:>12} {:>22} {:>9} {:>9}  parallel: lockfree/mutex/rw",
+        "case", "thr", BUSES[0], BUSES[1], BUSES[2], "x mutex", "x rw+mtx",
     );
     let mut worst_single: f64 = 0.0;
     let mut worst_ratio2 = f64::INFINITY;
+    let mut serialised = 0;
     for case in [Case::Cf8, Case::Msix, Case::Ecam] {
         for threads in [1, 2] {
+            let key = |bus: &str| format!("{}/{threads}t/{bus}", case.name());
+            let d = case.dispatches();
             let (Some(a), Some(b), Some(c)) = (
-                get(case, threads, BUSES[0]),
-                get(case, threads, BUSES[1]),
-                get(case, threads, BUSES[2]),
+                get(key(BUSES[0]), d),
+                get(key(BUSES[1]), d),
+                get(key(BUSES[2]), d),
             ) else {
                 continue;
             };
+            let par: Vec<f64> = BUSES
+                .iter()
+                .filter_map(|bus| get(format!("{}/parallel", key(bus)), 1))
+                .collect();
+            let par_text = par
+                .iter()
+                .map(|p| format!("{p:.2}"))
+                .collect::<Vec<_>>()
+                .join("/");
             println!(
-                "{:<6} {:>3} {:>12.1} {:>12.1} {:>22.1} {:>9.1}x {:>9.1}x",
+                "{:<6} {:>3} {:>12.1} {:>12.1} {:>22.1} {:>8.1}x {:>8.1}x  {}",
                 case.name(),
                 threads,
                 a,
                 b,
                 c,
                 b / a,
-                c / a
+                c / a,
+                par_text
             );
             if threads == 1 {
                 worst_single = worst_single.max(a);
-            } else {
+            } else if par.first().is_some_and(|p| *p >= MIN_PARALLEL) {
+                // Only the lock-free run tells whether two cores were free: the locked buses'
+                // threads sleep on contended futexes, which lowers their figure by design.
                 worst_ratio2 = worst_ratio2.min(c / a);
+            } else {
+                serialised += 1;
             }
         }
     }
@@ -476,13 +529,31 @@ fn summary() {
         "goal: <= 20 ns per single-thread dispatch: worst {worst_single:.1} ns -> {}",
         verdict(worst_single <= 20.0)
     );
+    if worst_ratio2.is_finite() {
+        println!(
+            "goal: >= 3x the RwLock+Mutex bus at two threads: worst {worst_ratio2:.1}x -> {}{}",
+            verdict(worst_ratio2 >= 3.0),
+            if serialised > 0 {
+                format!(" ({serialised} case(s) left out: no two free cores then)")
+            } else {
+                String::new()
+            }
+        )
+    } else {
+        println!(
+            "goal: >= 3x the RwLock+Mutex bus at two threads: NOT MEASURED: the lock-free bus's \
+             two threads did not run in parallel (parallel < {MIN_PARALLEL}): other load"
+        );
+    }
     println!(
-        "goal: >= 3x the RwLock+Mutex bus at two threads: worst {worst_ratio2:.1}x -> {}",
-        verdict(worst_ratio2 >= 3.0)
-    );
-    println!(
-        "cpus online: {} (two-thread figures need two idle cores to mean anything)",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "cpus online: {}, load average now: {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
 }
 
