@@ -61,7 +61,8 @@ impl BarMapper {
         };
         let mut mapped = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
         let old = mapped.remove(&addr).unwrap_or_default();
-        let mut want: Vec<(bool, BusRange, Arc<dyn BusDevice>)> = Vec::new();
+        // (is_io, range, device, BAR index) of every BAR that should decode.
+        let mut want: Vec<(bool, BusRange, Arc<dyn BusDevice>, usize)> = Vec::new();
         if let Some(f) = self.root.get(addr) {
             let cfg = f.config();
             for bar in cfg.bars() {
@@ -79,14 +80,11 @@ impl BarMapper {
                     function: f.clone(),
                     bar: bar.index,
                 });
-                want.push((
-                    is_io,
-                    BusRange {
-                        base,
-                        len: bar.size,
-                    },
-                    device,
-                ));
+                let range = BusRange {
+                    base,
+                    len: bar.size,
+                };
+                want.push((is_io, range, device, bar.index));
             }
         }
         let old_of = |io: bool| -> Vec<u64> {
@@ -95,33 +93,43 @@ impl BarMapper {
                 .map(|(_, b)| *b)
                 .collect()
         };
-        let mut now = Vec::new();
+        // (is_io, base, BAR index) of what is really on the buses now.
+        let mut now: Vec<(bool, u64, usize)> = Vec::new();
         for (is_io, bus) in [(true, &pio), (false, &mmio)] {
-            let ranges: Vec<(BusRange, Arc<dyn BusDevice>)> = want
-                .iter()
-                .filter(|(i, _, _)| *i == is_io)
-                .map(|(_, r, d)| (*r, d.clone()))
-                .collect();
+            let mine: Vec<&(bool, BusRange, Arc<dyn BusDevice>, usize)> =
+                want.iter().filter(|w| w.0 == is_io).collect();
+            let ranges: Vec<(BusRange, Arc<dyn BusDevice>)> =
+                mine.iter().map(|w| (w.1, w.2.clone())).collect();
             let old_bases = old_of(is_io);
             if ranges.is_empty() && old_bases.is_empty() {
                 continue;
             }
-            match bus.replace_ranges(&old_bases, ranges.clone()) {
-                Ok(()) => now.extend(ranges.iter().map(|(r, _)| (is_io, r.base))),
+            match bus.replace_ranges(&old_bases, ranges) {
+                Ok(()) => now.extend(mine.iter().map(|w| (is_io, w.1.base, w.3))),
                 Err(e) => {
                     // Map what fits, one by one; a clash leaves that BAR unmapped.
                     tracing::warn!("PCI {addr}: BAR placement clashes ({e}); mapping what fits");
                     let _ = bus.replace_ranges(&old_bases, Vec::new());
-                    for (r, d) in ranges {
-                        if bus.insert(r.base, r.len, d).is_ok() {
-                            now.push((is_io, r.base));
+                    for w in mine {
+                        if bus.insert(w.1.base, w.1.len, w.2.clone()).is_ok() {
+                            now.push((is_io, w.1.base, w.3));
                         }
                     }
                 }
             }
         }
+        // Tell the function where each BAR really decodes.
+        if let Some(f) = self.root.get(addr) {
+            for bar in f.config().bars() {
+                let base = now
+                    .iter()
+                    .find(|(_, _, idx)| *idx == bar.index)
+                    .map(|(_, base, _)| *base);
+                f.bar_mapped(bar.index, base);
+            }
+        }
         if !now.is_empty() {
-            mapped.insert(addr, now);
+            mapped.insert(addr, now.iter().map(|(io, b, _)| (*io, *b)).collect());
         }
     }
 

@@ -59,6 +59,12 @@ pub trait PciFunction: Send + Sync {
     /// Guest write at `offset` in BAR `bar`; defaults to dropping it.
     fn bar_write(&self, _bar: usize, _offset: u64, _data: &[u8]) {}
 
+    /// The VMM's BAR mapper decided where BAR `bar` decodes on the bus: at `base`, or nowhere
+    /// (decoding off, address zero, or a clash with another range). Whatever a device attaches
+    /// to its BAR addresses outside the bus (e.g. KVM ioeventfds) must follow this, not the
+    /// BAR register, which the guest may point anywhere.
+    fn bar_mapped(&self, _bar: usize, _base: Option<u64>) {}
+
     /// Name for logs and errors (QEMU driver name).
     fn name(&self) -> &str;
 }

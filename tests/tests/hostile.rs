@@ -133,14 +133,11 @@ fn hostile_guest_cannot_break_the_vmm_or_the_devices_it_does_not_own() {
     let _ = std::fs::remove_file(format!("{}.console", img.display()));
 }
 
-/// Known bug (issue 8 report): `sync_notify` (devices/src/virtio/pci.rs) registers a
-/// function's notify ioeventfds at its BAR 4 as programmed, even when the BAR mapper refused
-/// that BAR because it clashes (here: with the ECAM window). KVM then swallows guest writes to
-/// whatever the notify addresses cover: the guest aims virtio-console's queue-1 notify address
-/// at the ECAM command register of an unrelated function (00:09.3), whose command-register
-/// writes through ECAM are then lost. Remove the `ignore` once fixed.
+/// Regression (found by the hostile guest): notify ioeventfds must follow where the BAR mapper
+/// really mapped BAR 4, not the BAR register. Here the guest aims virtio-console's queue-1
+/// notify address at the ECAM command register of an unrelated function (00:09.3); the mapper
+/// refuses the clashing BAR, so no ioeventfd may swallow that function's config writes.
 #[test]
-#[ignore = "known bug: notify ioeventfds are registered for a BAR the mapper left unmapped"]
 fn a_bar_over_ecam_cannot_swallow_another_functions_config_writes() {
     require_kvm();
     let devices: Vec<String> = [

@@ -55,6 +55,14 @@ pub enum DeviceError {
     /// A bus other than pci.0.
     #[error("Bus '{0}' not found")]
     NoBus(String),
+    /// Function 0 of a slot whose other functions stay.
+    #[error("PCI: function 0 of slot {slot:x} cannot be removed while {slot:x}.{function:x} is populated")]
+    Function0Busy {
+        /// The slot.
+        slot: u8,
+        /// A populated function above 0.
+        function: u8,
+    },
     /// No device with that id.
     #[error("Device '{0}' not found")]
     NotFound(String),
@@ -328,6 +336,19 @@ impl DeviceSet {
             .iter()
             .position(|r| r.placed.id == id)
             .ok_or_else(|| DeviceError::NotFound(id.to_string()))?;
+        let addr = self.realized[i].placed.addr;
+        if addr.function() == 0 {
+            if let Some(other) = self
+                .realized
+                .iter()
+                .find(|r| r.placed.addr.device() == addr.device() && r.placed.addr.function() > 0)
+            {
+                return Err(DeviceError::Function0Busy {
+                    slot: addr.device(),
+                    function: other.placed.addr.function(),
+                });
+            }
+        }
         let r = self.realized.remove(i);
         root.remove(r.placed.addr);
         self.slots.release(r.placed.addr);

@@ -349,41 +349,33 @@ impl VirtioPciDevice {
         self.irq.status.load(Ordering::Acquire)
     }
 
-    /// Registers or moves the queue ioeventfds to where BAR4 decodes now.
-    fn sync_notify(&self) {
-        let cfg = &self.irq.config;
-        let want = if cfg.mem_enabled() {
-            cfg.bar_address(VIRTIO_BAR)
-                .filter(|&a| a != 0)
-                .map(|a| a + NOTIFY_OFFSET)
-        } else {
-            None
-        };
+    /// Registers or moves the queue ioeventfds to where BAR4 decodes on the bus now (`None`:
+    /// nowhere). Only called with what the BAR mapper actually mapped, so a notify area can
+    /// never cover another device's range. All or nothing: if one registration fails the others
+    /// are undone, and notifications go through [`PciFunction::bar_write`] instead.
+    fn sync_notify(&self, bar_base: Option<u64>) {
+        let want = bar_base.map(|a| a + NOTIFY_OFFSET);
         let mut cur = self.notify_base.lock().unwrap_or_else(|p| p.into_inner());
         if *cur == want {
             return;
         }
-        if let Some(old) = *cur {
+        let addr = |base: u64, i: usize| base + i as u64 * u64::from(NOTIFY_MULTIPLIER);
+        if let Some(old) = cur.take() {
             for (i, e) in self.queue_events.iter().enumerate() {
-                let _ = self
-                    .host
-                    .unregister_ioevent(e, old + i as u64 * u64::from(NOTIFY_MULTIPLIER));
+                let _ = self.host.unregister_ioevent(e, addr(old, i));
             }
         }
-        *cur = None;
         if let Some(base) = want {
-            let mut ok = true;
             for (i, e) in self.queue_events.iter().enumerate() {
-                let addr = base + i as u64 * u64::from(NOTIFY_MULTIPLIER);
-                if let Err(err) = self.host.register_ioevent(e, addr) {
-                    // Notifications still work through bar_write, only slower.
-                    tracing::warn!("{}: ioeventfd at {addr:#x}: {err}", self.name);
-                    ok = false;
+                if let Err(err) = self.host.register_ioevent(e, addr(base, i)) {
+                    tracing::warn!("{}: ioeventfd at {:#x}: {err}", self.name, addr(base, i));
+                    for (j, e) in self.queue_events.iter().enumerate().take(i) {
+                        let _ = self.host.unregister_ioevent(e, addr(base, j));
+                    }
+                    return;
                 }
             }
-            if ok {
-                *cur = Some(base);
-            }
+            *cur = Some(base);
         }
     }
 
@@ -637,9 +629,6 @@ impl PciFunction for VirtioPciDevice {
     }
 
     fn config_written(&self, effect: &WriteEffect) {
-        if effect.bar_changed(VIRTIO_BAR) || effect.decode_changed {
-            self.sync_notify();
-        }
         if let Some(m) = self.irq.config.msix() {
             if effect.touches(m.control_offset(), 2) && self.irq.config.msix_enabled() {
                 for v in 0..self.irq.msix.vectors() {
@@ -702,6 +691,12 @@ impl PciFunction for VirtioPciDevice {
         }
     }
 
+    fn bar_mapped(&self, bar: usize, base: Option<u64>) {
+        if bar == VIRTIO_BAR {
+            self.sync_notify(base);
+        }
+    }
+
     fn name(&self) -> &str {
         &self.name
     }
@@ -709,6 +704,7 @@ impl PciFunction for VirtioPciDevice {
 
 impl Drop for VirtioPciDevice {
     fn drop(&mut self) {
+        self.sync_notify(None);
         self.device.reset();
     }
 }
