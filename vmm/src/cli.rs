@@ -102,4 +102,20 @@ pub struct RunArgs {
     /// Start paused: devices are realized, vCPUs wait for the QMP command `cont`.
     #[arg(short = 'S')]
     pub paused: bool,
+    /// seccomp filters on vCPU and device threads: `kill` (a forbidden syscall kills the
+    /// process), `log` (allowed, logged by the kernel), `off`.
+    #[arg(long, value_enum, default_value_t = SeccompLevel::Kill)]
+    pub seccomp: SeccompLevel,
+}
+
+/// `--seccomp`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SeccompLevel {
+    /// A forbidden syscall kills the process.
+    #[default]
+    Kill,
+    /// Forbidden syscalls are allowed and logged.
+    Log,
+    /// No filters.
+    Off,
 }

@@ -142,6 +142,7 @@ pub struct Machine {
     compat: Option<CompatState>,
     dump_machine: Option<PathBuf>,
     globals: Globals,
+    seccomp: Option<crate::seccomp::Filter>,
 }
 
 impl Machine {
@@ -312,6 +313,7 @@ impl Machine {
             compat,
             dump_machine: args.dump_machine.clone(),
             globals,
+            seccomp: seccomp_filters(args.seccomp)?,
         }))
     }
 
@@ -416,9 +418,18 @@ impl Machine {
         let mut threads = self.vcpu_threads.lock().unwrap_or_else(|p| p.into_inner());
         for v in vcpus {
             let name = format!("vcpu{}", v.id);
-            let h = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || v.run())?;
+            let filter = self.seccomp.clone();
+            let stop = self.stop.clone();
+            let h = std::thread::Builder::new().name(name).spawn(move || {
+                // The vCPU filter also covers the device workers a vCPU starts (DRIVER_OK).
+                if let Some(f) = filter {
+                    if let Err(e) = crate::seccomp::apply(&f) {
+                        stop.stop(StopReason::Error(format!("seccomp: {e}")));
+                        return;
+                    }
+                }
+                v.run()
+            })?;
             threads.push(h.as_pthread_t());
         }
         self.gate.open();
@@ -522,6 +533,26 @@ impl Machine {
     pub fn set_shutdown(&self) {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = RunState::Shutdown;
     }
+}
+
+/// Builds the vCPU filter and installs the device-worker filter for `level`.
+fn seccomp_filters(
+    level: crate::cli::SeccompLevel,
+) -> Result<Option<crate::seccomp::Filter>, Error> {
+    use crate::cli::SeccompLevel;
+    use seccompiler::SeccompAction;
+    let action = match level {
+        SeccompLevel::Off => return Ok(None),
+        SeccompLevel::Kill => SeccompAction::KillProcess,
+        SeccompLevel::Log => SeccompAction::Log,
+    };
+    let err = |e: crate::seccomp::Error| Error::Config(format!("seccomp: {e}"));
+    let vcpu = crate::seccomp::vcpu_filter_with(action.clone()).map_err(err)?;
+    let device = crate::seccomp::device_filter_with(action).map_err(err)?;
+    devices::virtio::set_thread_init(move || {
+        crate::seccomp::apply(&device).map_err(|e| e.to_string())
+    });
+    Ok(Some(vcpu))
 }
 
 fn absolute(p: &Path) -> PathBuf {

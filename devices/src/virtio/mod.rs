@@ -14,7 +14,7 @@ pub mod pci;
 pub mod rng;
 mod worker;
 
-pub use worker::{QueueHandler, QueueWorker};
+pub use worker::{set_thread_init, QueueHandler, QueueWorker};
 
 use std::sync::Arc;
 

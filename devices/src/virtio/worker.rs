@@ -14,6 +14,16 @@ use vm_memory::GuestMemoryMmap;
 
 use super::ActiveQueue;
 
+/// What every worker thread runs first (the VMM installs its seccomp filter here).
+type ThreadInit = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+static THREAD_INIT: std::sync::OnceLock<ThreadInit> = std::sync::OnceLock::new();
+
+/// Sets the function every device worker thread runs before anything else (once per process;
+/// later calls are ignored). If it fails, the worker does not start serving its queues.
+pub fn set_thread_init(f: impl Fn() -> Result<(), String> + Send + Sync + 'static) {
+    let _ = THREAD_INIT.set(Box::new(f));
+}
+
 /// What a device does when a queue is notified. Runs on the worker thread only.
 pub trait QueueHandler: Send + 'static {
     /// Processes what the driver made available on `queue`.
@@ -122,6 +132,12 @@ impl QueueWorker {
         let handle = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
+                if let Some(init) = THREAD_INIT.get() {
+                    if let Err(e) = init() {
+                        tracing::error!("device worker: thread set-up failed: {e}");
+                        return;
+                    }
+                }
                 let _keep = thread_kill;
                 let mut events = vec![EpollEvent::default(); queues.len() + 1 + fds_len];
                 // Buffers may already be waiting (a driver that notified before DRIVER_OK).
