@@ -178,8 +178,11 @@ fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, Error> {
     SeccompRule::new(conds).map_err(|e| Error::Build(e.to_string()))
 }
 
-/// Builds a filter allowing `syscalls` unconditionally, `ioctl` only with the `ioctls` requests
-/// and `prctl` only as `PR_SET_NAME` (thread names); everything else gets `mismatch`.
+/// Builds a filter allowing `syscalls` unconditionally, `ioctl` only with the `ioctls` requests,
+/// `prctl` only as `PR_SET_NAME` (thread names) and `PR_SET_NO_NEW_PRIVS`, and `seccomp` only as
+/// `SECCOMP_SET_MODE_FILTER` (a device worker started from a vCPU thread installs its own,
+/// narrower filter on top of the inherited one: filters can only narrow); everything else gets
+/// `mismatch`.
 fn build(
     syscalls: &[&[libc::c_long]],
     ioctls: &[u64],
@@ -199,10 +202,26 @@ fn build(
     rules.insert(libc::SYS_ioctl, ioctl_rules);
     rules.insert(
         libc::SYS_prctl,
+        vec![
+            rule(vec![eq(
+                0,
+                SeccompCmpArgLen::Dword,
+                libc::PR_SET_NAME as u64,
+            )?])?,
+            rule(vec![eq(
+                0,
+                SeccompCmpArgLen::Dword,
+                libc::PR_SET_NO_NEW_PRIVS as u64,
+            )?])?,
+        ],
+    );
+    const SECCOMP_SET_MODE_FILTER: u64 = 1;
+    rules.insert(
+        libc::SYS_seccomp,
         vec![rule(vec![eq(
             0,
             SeccompCmpArgLen::Dword,
-            libc::PR_SET_NAME as u64,
+            SECCOMP_SET_MODE_FILTER,
         )?])?],
     );
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch()?)
@@ -563,5 +582,31 @@ mod tests {
             "write, read, flush statuses under the filter"
         );
         assert_eq!(back, [0xa5; 512], "the read returned what was written");
+    }
+
+    /// A device worker started from a filtered vCPU thread installs the device filter on top:
+    /// the vCPU filter must allow that (and only narrowing is possible).
+    #[test]
+    fn a_worker_started_under_the_vcpu_filter_can_add_the_device_filter() {
+        let vcpu = vcpu_filter_with(SeccompAction::Errno(libc::EPERM as u32)).unwrap();
+        let device = device_filter_with(SeccompAction::Errno(libc::EPERM as u32)).unwrap();
+        let r = std::thread::spawn(move || {
+            apply(&vcpu).unwrap();
+            std::thread::spawn(move || {
+                apply(&device).map_err(|e| e.to_string())?;
+                // Still filtered: a socket is refused.
+                // SAFETY: plain socket(2) call, the result is only checked.
+                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                if fd >= 0 {
+                    return Err("socket allowed under the device filter".to_string());
+                }
+                Ok(())
+            })
+            .join()
+            .unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(r, Ok(()));
     }
 }
