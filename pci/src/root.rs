@@ -4,10 +4,11 @@
 //!
 //! Invariants:
 //! - The 256-entry function table of bus 0 is immutable once published in
-//!   an [`ArcSwap`]; readers (vCPU threads decoding config accesses) take a
-//!   `load()` guard: no lock, no `Arc` clone, and they see either the table
-//!   before or after a concurrent [`PciRoot::add`]/[`PciRoot::remove`],
-//!   never a partial one.
+//!   an [`ArcSwap`]; readers (vCPU threads decoding config accesses) read it
+//!   through their thread's cache of it (one relaxed pointer comparison per
+//!   access, which notices every publication) or a `load()` guard: no lock, no
+//!   `Arc` clone, and they see either the table before or after a concurrent
+//!   [`PciRoot::add`]/[`PciRoot::remove`], never a partial one.
 //! - Writers (`add`, `remove`) copy the table, change the copy and publish
 //!   it; a mutex serializes writers only, so concurrent adds never lose each
 //!   other's updates. Readers never touch that mutex.
@@ -142,7 +143,7 @@ impl Table {
 
 /// The root complex of bus 0. See the module docs for the invariants.
 pub struct PciRoot {
-    table: ArcSwap<Table>,
+    table: Arc<ArcSwap<Table>>,
     /// Serializes writers of `table`; never taken by readers.
     writer: Mutex<()>,
     /// The type-1 `CONFIG_ADDRESS` latch (port 0xcf8).
@@ -185,9 +186,9 @@ impl PciRoot {
     /// A root complex with no function at all (not even the host bridge).
     pub fn empty() -> Self {
         Self {
-            table: ArcSwap::from_pointee(Table {
+            table: Arc::new(ArcSwap::from_pointee(Table {
                 funcs: vec![None; TABLE_SIZE],
-            }),
+            })),
             writer: Mutex::new(()),
             config_address: AtomicU32::new(0),
         }
@@ -244,14 +245,47 @@ impl PciRoot {
             .collect()
     }
 
+    /// Runs `f` on the current table through this thread's cache of it: a vCPU thread reads
+    /// the same root on every config exit, and a cached table costs one relaxed pointer
+    /// comparison instead of an arc-swap guard. The cache holds a few roots per thread and
+    /// always checks for a newer table first, so readers still see every publication.
+    #[inline]
+    fn with_table<R>(&self, mut f: impl FnMut(&Table) -> R) -> R {
+        type Reader = arc_swap::Cache<Arc<ArcSwap<Table>>, Arc<Table>>;
+        const CACHED_ROOTS: usize = 4;
+        thread_local! {
+            static READERS: std::cell::RefCell<Vec<(usize, Reader)>> =
+                const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let key = Arc::as_ptr(&self.table) as usize;
+        let table = &self.table;
+        READERS
+            .try_with(|r| match r.try_borrow_mut() {
+                Ok(mut r) => {
+                    let i = match r.iter().position(|(k, _)| *k == key) {
+                        Some(i) => i,
+                        None => {
+                            if r.len() == CACHED_ROOTS {
+                                r.remove(0);
+                            }
+                            r.push((key, arc_swap::Cache::new(table.clone())));
+                            r.len() - 1
+                        }
+                    };
+                    f(r[i].1.load())
+                }
+                Err(_) => f(&table.load()),
+            })
+            .unwrap_or_else(|_| f(&self.table.load()))
+    }
+
     /// Reads configuration register `register` of `addr`; absent functions
     /// and other buses read all-ones.
     pub fn config_read(&self, addr: PciAddress, register: usize, data: &mut [u8]) {
-        let table = self.table.load();
-        match table.get(addr) {
+        self.with_table(|table| match table.get(addr) {
             Some(f) => f.config().read(register, data),
             None => data.fill(0xff),
-        }
+        })
     }
 
     /// Writes configuration register `register` of `addr`, notifies the
@@ -615,5 +649,34 @@ mod tests {
         }
         // Serialized writers lost no update.
         assert_eq!(root.functions().len(), 5);
+    }
+
+    #[test]
+    fn a_threads_cached_table_sees_every_publication() {
+        let root = PciRoot::new();
+        let other = PciRoot::new();
+        let a = PciAddress::new(0, 4, 0).unwrap();
+        let mut d = [0u8; 2];
+        root.config_read(a, 0, &mut d);
+        other.config_read(a, 0, &mut d);
+        assert_eq!(d, [0xff, 0xff]);
+        root.add(a, Arc::new(HostBridge::new())).unwrap();
+        root.config_read(a, 0, &mut d);
+        assert_eq!(
+            u16::from_le_bytes(d),
+            HOST_BRIDGE_VENDOR,
+            "added: seen at once"
+        );
+        other.config_read(a, 0, &mut d);
+        assert_eq!(d, [0xff, 0xff], "each root has its own table");
+        root.remove(a);
+        root.config_read(a, 0, &mut d);
+        assert_eq!(d, [0xff, 0xff], "removed: seen at once");
+        // More roots than the per-thread cache holds still read correctly.
+        let many: Vec<PciRoot> = (0..10).map(|_| PciRoot::new()).collect();
+        for r in &many {
+            r.config_read(PciAddress::HOST_BRIDGE, 0, &mut d);
+            assert_eq!(u16::from_le_bytes(d), HOST_BRIDGE_VENDOR);
+        }
     }
 }

@@ -129,6 +129,8 @@ struct CompatState {
 pub struct Machine {
     config: MachineConfig,
     vm: Arc<Vm>,
+    /// The buses; the BAR mapper only holds them weakly, the vCPUs through readers.
+    _buses: (Arc<Bus>, Arc<Bus>),
     root: Arc<PciRoot>,
     mapper: Arc<BarMapper>,
     devices: Mutex<DeviceSet>,
@@ -291,8 +293,8 @@ impl Machine {
             vcpus.push(Vcpu {
                 fd,
                 id,
-                pio: pio.clone(),
-                mmio: mmio.clone(),
+                pio: pio.reader(),
+                mmio: mmio.reader(),
                 mem: vm.mem.clone(),
                 stop: stop.clone(),
                 gate: gate.clone(),
@@ -301,6 +303,7 @@ impl Machine {
         Ok(Arc::new(Machine {
             config,
             vm,
+            _buses: (pio, mmio),
             root,
             mapper,
             devices: Mutex::new(devices),

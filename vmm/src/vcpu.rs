@@ -1,13 +1,14 @@
 //! The vCPU run loop: one exit from KVM to a device.
 //!
 //! `KVM_RUN` returns an exit; port and MMIO accesses go straight to the lock-free
-//! [`devices::bus::Bus`] (no lock, no allocation on this path); anything that ends the VM is
-//! reported to [`crate::stop::Stop`].
+//! [`devices::bus::Bus`] through this vCPU's own [`BusReader`] (no lock, no allocation, no
+//! atomic read-modify-write on this path); anything that ends the VM is reported to
+//! [`crate::stop::Stop`].
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use devices::bus::Bus;
+use devices::bus::BusReader;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -105,10 +106,10 @@ pub struct Vcpu {
     pub fd: VcpuFd,
     /// Its index.
     pub id: u8,
-    /// The port I/O bus.
-    pub pio: Arc<Bus>,
-    /// The MMIO bus (BARs, ECAM).
-    pub mmio: Arc<Bus>,
+    /// This vCPU's reader of the port I/O bus.
+    pub pio: BusReader,
+    /// This vCPU's reader of the MMIO bus (BARs, ECAM).
+    pub mmio: BusReader,
     /// Guest memory, to show the faulting instruction in error reports.
     pub mem: GuestMemoryMmap,
     /// Where to report the end of the VM.
