@@ -12,6 +12,7 @@
 //! - Longer runs: `cargo run --release -p fuzz -- TARGET [ITERATIONS] [SEED]`, or in the tests
 //!   `FUZZ_ITERATIONS=N` (per target) and `FUZZ_SEED=S`.
 //! - Replay one input: `cargo run --release -p fuzz -- --replay TARGET FILE`.
+#![forbid(unsafe_code)]
 
 #![deny(missing_docs)]
 
