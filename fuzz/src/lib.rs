@@ -13,7 +13,6 @@
 //!   `FUZZ_ITERATIONS=N` (per target) and `FUZZ_SEED=S`.
 //! - Replay one input: `cargo run --release -p fuzz -- --replay TARGET FILE`.
 #![forbid(unsafe_code)]
-
 #![deny(missing_docs)]
 
 pub mod input;
