@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
+use super::worker::serve_queue;
 use super::{
     types, Activation, ActiveQueue, QueueHandler, QueueWorker, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1,
@@ -55,27 +55,23 @@ struct RngHandler {
 impl RngHandler {
     /// Serves every available request. Err: the queue itself is unusable.
     fn serve(&mut self, q: &mut ActiveQueue) -> Result<bool, virtio_queue::Error> {
-        let mut used_any = false;
-        while let Some(chain) = q.queue.pop_descriptor_chain(&self.mem) {
-            let head = chain.head_index();
+        let (mem, buf) = (&self.mem, &mut self.buf);
+        serve_queue(q, mem, |chain| {
             // A chain that does not fit guest memory, loops or has no writable part gets
             // zero bytes: the request completes and the device goes on.
-            let written = match chain.writer(&self.mem) {
+            match chain.writer(mem) {
                 Ok(mut w) => {
                     let n = w.available_bytes().min(MAX_REQUEST);
-                    let buf = &mut self.buf[..n];
+                    let buf = &mut buf[..n];
                     if fill_random(buf) {
-                        std::io::Write::write_all(&mut w, buf).map_or(0, |_| n)
+                        std::io::Write::write_all(&mut w, buf).map_or(0, |_| n as u32)
                     } else {
                         0
                     }
                 }
                 Err(_) => 0,
-            };
-            q.queue.add_used(&self.mem, head, written as u32)?;
-            used_any = true;
-        }
-        Ok(used_any && q.queue.needs_notification(&self.mem)?)
+            }
+        })
     }
 }
 
