@@ -4,7 +4,8 @@
 use std::sync::OnceLock;
 
 use integration_tests::ground::{
-    guest_boot, host_script, run_host_scenario, section, ScenarioOutput,
+    guest_boot, guest_boot_with, host_script, run_host_scenario, section, ScenarioOutput,
+    DEFAULT_APPEND,
 };
 use integration_tests::probe::{dumps, lspci_decode, parse_dump, run_probe, vmm};
 
@@ -204,6 +205,17 @@ echo "=== HWRNG-BEGIN ==="; cat /sys/class/misc/hw_random/rng_available; dd if=/
                 "--device virtio-rng-pci,id=rng0,addr=05.0 --device virtio-rng-pci,id=rng1 --device virtio-rng-pci,id=rng2,addr=1f.0",
                 Some(guest),
             ),
+            // INTx: MSI disabled in the guest, and a device without MSI-X at all.
+            guest_boot_with(
+                "INTX",
+                &format!("{DEFAULT_APPEND} pci=nomsi"),
+                256,
+                "--device virtio-rng-pci,id=rng0,addr=05.0,vectors=0",
+                Some(
+                    "dd if=/dev/hwrng bs=32 count=1 2>/dev/null | od -An -tx1 | tr -d ' \\n'; echo; \
+                     grep virtio /proc/interrupts",
+                ),
+            ),
             guest_boot(
                 "MF",
                 "--device virtio-rng-pci,id=f0,addr=6.0,multifunction=on --device virtio-rng-pci,id=f1,addr=6.1",
@@ -275,4 +287,32 @@ fn linux_sees_a_multifunction_slot() {
     let scen = section(&boot, "SCENARIO").unwrap_or_else(|| panic!("{boot}"));
     assert!(scen.contains("00:06.0 00ff: 1af4:1044"), "{scen}");
     assert!(scen.contains("00:06.1 00ff: 1af4:1044"), "{scen}");
+}
+
+#[test]
+fn linux_gets_level_triggered_intx_without_msix() {
+    let out = linux();
+    assert!(
+        out.stdout.contains("=== BOOT-INTX-END rc=0 ==="),
+        "{}",
+        out.stdout
+    );
+    let boot = section(&out.stdout, "BOOT-INTX").expect("boot INTX");
+    let scen = section(&boot, "SCENARIO").unwrap_or_else(|| panic!("{boot}"));
+    let hex = scen.lines().next().unwrap_or_default().trim().to_string();
+    assert_eq!(hex.len(), 64, "32 bytes from /dev/hwrng over INTx: {scen}");
+    let line = scen
+        .lines()
+        .find(|l| l.contains("virtio0"))
+        .unwrap_or_else(|| panic!("no virtio interrupt line: {scen}"));
+    assert!(
+        line.contains("IO-APIC") && line.contains("fasteoi"),
+        "{line}"
+    );
+    let count: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    assert!(count > 0, "INTx interrupts were delivered: {line}");
 }

@@ -408,6 +408,12 @@ pub fn realize_one(
     .map_err(|e| realize_err(e.to_string()))?;
     let abi = f.abi_props();
     let cfg = f.config();
+    let pin = cfg.interrupt_pin();
+    if pin > 0 {
+        let gsi = crate::acpi::intx_gsi(p.addr.device(), pin - 1);
+        cfg.set_raw(PCI_INTERRUPT_LINE, &[gsi as u8]);
+        f.connect_intx(gsi);
+    }
     let window = PCI_MMIO32_START + u64::from(p.addr.devfn()) * FUNCTION_BAR_WINDOW;
     let mut next = window;
     for bar in cfg.bars() {
@@ -423,11 +429,6 @@ pub fn realize_one(
         next = base + bar.size;
     }
     debug_assert!(window + FUNCTION_BAR_WINDOW <= PCI_MMIO32_START + PCI_MMIO32_SIZE);
-    let pin = cfg.interrupt_pin();
-    if pin > 0 {
-        let gsi = crate::acpi::intx_gsi(p.addr.device(), pin - 1);
-        cfg.set_raw(PCI_INTERRUPT_LINE, &[gsi as u8]);
-    }
     let function: Arc<dyn PciFunction> = Arc::new(f);
     root.add(p.addr, function.clone())
         .map_err(|e| realize_err(e.to_string()))?;
@@ -534,7 +535,6 @@ mod tests {
         assert!(err("virtio-rng-pci,vectors=9999")
             .starts_with("Property 'virtio-rng-pci.vectors' can't take value '9999'"));
         assert!(err("virtio-rng-pci,multifunction=maybe").contains("multifunction"));
-        assert!(err("virtio-rng-pci,vectors=0").contains("INTx-only devices (vectors=0)"));
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub const COMMON_PROPS: &[PropInfo] = &[
 
 const VECTORS: PropInfo = PropInfo {
     name: "vectors",
-    help: "number of MSI-X vectors, 1 or more (default 2; INTx-only devices are not supported)",
+    help: "number of MSI-X vectors (0: no MSI-X, the device interrupts through INTx; default 2)",
     abi: true,
 };
 
@@ -158,16 +158,7 @@ pub(crate) fn parse_u16(driver: &str, prop: &str, v: &str, max: u16) -> Result<u
 /// Checks the value of a driver-specific property.
 pub fn check_prop(driver: &str, prop: &str, v: &str) -> Result<(), DeviceError> {
     match prop {
-        "vectors" => match parse_u16(driver, prop, v, devices::virtio::pci::MAX_VECTORS)? {
-            // Without MSI-X the device would need INTx, which is not wired yet.
-            0 => Err(DeviceError::BadValue {
-                driver: driver.into(),
-                prop: prop.into(),
-                value: v.into(),
-                reason: "INTx-only devices (vectors=0) are not supported; use 1 or more".into(),
-            }),
-            _ => Ok(()),
-        },
+        "vectors" => parse_u16(driver, prop, v, devices::virtio::pci::MAX_VECTORS).map(|_| ()),
         "readonly" => parse_bool(driver, prop, v).map(|_| ()),
         "file" | "path" | "socket" if v.is_empty() => Err(DeviceError::BadValue {
             driver: driver.into(),

@@ -27,6 +27,56 @@ pub struct Vm {
     /// Guest RAM.
     pub mem: GuestMemoryMmap,
     routing: Mutex<Routing>,
+    intx: std::sync::OnceLock<std::sync::Arc<Resampler>>,
+}
+
+/// Re-raises level-triggered INTx lines: KVM lowers an irqfd-with-resample line at the guest's
+/// EOI and signals the resample eventfd; this thread then asks the device whether it is still
+/// pending. Never on a vCPU thread; a thread of its own, started with the first INTx line.
+struct Resampler {
+    epoll: vmm_sys_util::epoll::Epoll,
+    lines: Mutex<Vec<IntxLine>>,
+}
+
+struct IntxLine {
+    resample: EventFd,
+    trigger: EventFd,
+    still_pending: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl Resampler {
+    fn start() -> std::io::Result<std::sync::Arc<Resampler>> {
+        let r = std::sync::Arc::new(Resampler {
+            epoll: vmm_sys_util::epoll::Epoll::new()?,
+            lines: Mutex::new(Vec::new()),
+        });
+        let me = r.clone();
+        std::thread::Builder::new()
+            .name("intx-resample".into())
+            .spawn(move || me.run())?;
+        Ok(r)
+    }
+
+    fn run(&self) {
+        use vmm_sys_util::epoll::EpollEvent;
+        let mut events = vec![EpollEvent::default(); 16];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+            for ev in &events[..n] {
+                if let Some(l) = lines.get(ev.data() as usize) {
+                    let _ = l.resample.read();
+                    if (l.still_pending)() {
+                        let _ = l.trigger.write(1);
+                    }
+                }
+            }
+        }
+    }
 }
 
 struct Routing {
@@ -84,6 +134,7 @@ impl Vm {
                 msi: Vec::new(),
                 next_gsi: FIRST_MSI_GSI,
             }),
+            intx: std::sync::OnceLock::new(),
         })
     }
 
@@ -173,5 +224,37 @@ impl VirtioHost for Vm {
 
     fn set_msi_route(&self, gsi: u32, msg: Option<(u64, u32)>) -> std::io::Result<()> {
         Vm::set_msi_route(self, gsi, msg).map_err(std::io::Error::other)
+    }
+
+    fn register_intx(
+        &self,
+        gsi: u32,
+        still_pending: Box<dyn Fn() -> bool + Send + Sync>,
+    ) -> std::io::Result<EventFd> {
+        use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
+        let trigger = EventFd::new(0)?;
+        let resample = EventFd::new(0)?;
+        self.fd
+            .register_irqfd_with_resample(&trigger, &resample, gsi)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        if self.intx.get().is_none() {
+            let _ = self.intx.set(Resampler::start()?);
+        }
+        let r = self
+            .intx
+            .get()
+            .ok_or_else(|| std::io::Error::other("INTx resampler not started"))?;
+        let mut lines = r.lines.lock().unwrap_or_else(|p| p.into_inner());
+        r.epoll.ctl(
+            ControlOperation::Add,
+            std::os::fd::AsRawFd::as_raw_fd(&resample),
+            EpollEvent::new(EventSet::IN, lines.len() as u64),
+        )?;
+        lines.push(IntxLine {
+            resample,
+            trigger: trigger.try_clone()?,
+            still_pending,
+        });
+        Ok(trigger)
     }
 }

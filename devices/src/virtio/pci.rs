@@ -74,6 +74,16 @@ pub trait VirtioHost: Send + Sync {
     fn allocate_msi(&self) -> std::io::Result<(u32, EventFd)>;
     /// Points `gsi` at an MSI message (address, data), or nowhere.
     fn set_msi_route(&self, gsi: u32, msg: Option<(u64, u32)>) -> std::io::Result<()>;
+    /// A level-triggered legacy interrupt (INTx) on `gsi`. Returns the eventfd that raises the
+    /// line. The line drops at the guest's EOI; the host then asks `still_pending` and raises it
+    /// again if the device still wants service. Hosts without INTx keep the default (refused).
+    fn register_intx(
+        &self,
+        _gsi: u32,
+        _still_pending: Box<dyn Fn() -> bool + Send + Sync>,
+    ) -> std::io::Result<EventFd> {
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
 }
 
 /// Errors building a transport.
@@ -131,10 +141,16 @@ struct Interrupts {
     queue_vectors: Mutex<Vec<u16>>,
     config_vector: std::sync::atomic::AtomicU16,
     status: AtomicU8,
+    /// Raises the INTx line, once connected ([`VirtioPciDevice::connect_intx`]).
+    intx: std::sync::OnceLock<EventFd>,
 }
 
 impl Interrupts {
     fn fire(&self, vector: u16) {
+        if !self.config.msix_enabled() {
+            self.assert_intx();
+            return;
+        }
         match self.msix.signal(vector, &self.config) {
             Delivery::Now(_) => {
                 if let Some((_, fd)) = self.vectors.get(usize::from(vector)) {
@@ -142,12 +158,26 @@ impl Interrupts {
                 }
             }
             Delivery::Pending | Delivery::Dropped => {}
-            Delivery::Intx => {
-                tracing::debug!(
-                    "virtio-pci: MSI-X disabled and INTx is not wired; interrupt held in ISR"
-                );
-            }
+            Delivery::Intx => self.assert_intx(),
         }
+    }
+
+    /// Raises INTx (level) unless the guest disabled it; the ISR says why.
+    fn assert_intx(&self) {
+        if self.config.intx_disabled() {
+            return;
+        }
+        if let Some(t) = self.intx.get() {
+            self.config.set_status_bits(pci::config::STATUS_INTERRUPT);
+            let _ = t.write(1);
+        }
+    }
+
+    /// Whether the INTx line must stay up after an EOI: something is pending in the ISR.
+    fn intx_pending(&self) -> bool {
+        self.isr.load(Ordering::Acquire) != 0
+            && !self.config.intx_disabled()
+            && !self.config.msix_enabled()
     }
 }
 
@@ -300,6 +330,7 @@ impl VirtioPciDevice {
             queue_vectors: Mutex::new(vec![NO_VECTOR; queue_max.len()]),
             config_vector: NO_VECTOR.into(),
             status: AtomicU8::new(0),
+            intx: std::sync::OnceLock::new(),
         });
         let queues = queue_max
             .iter()
@@ -330,6 +361,19 @@ impl VirtioPciDevice {
             notify_base: Mutex::new(None),
             pci_cfg_cap,
         })
+    }
+
+    /// Wires the function's INTx pin to `gsi` (level-triggered, with re-assertion after EOI
+    /// while the ISR is non-zero). Without it interrupts need MSI-X.
+    pub fn connect_intx(&self, gsi: u32) {
+        let weak = Arc::downgrade(&self.irq);
+        let pending = Box::new(move || weak.upgrade().is_some_and(|i| i.intx_pending()));
+        match self.host.register_intx(gsi, pending) {
+            Ok(trigger) => {
+                let _ = self.irq.intx.set(trigger);
+            }
+            Err(e) => tracing::warn!("{}: no INTx on GSI {gsi}: {e}", self.name),
+        }
     }
 
     /// The ABI-shaping properties of this function as realized: MSI-X vectors, queue count,
@@ -661,9 +705,13 @@ impl PciFunction for VirtioPciDevice {
             (MSIX_BAR, o) => self.irq.msix.read_pba(o - MSIX_PBA_OFFSET, data),
             (VIRTIO_BAR, o) if o < ISR_OFFSET => self.common_read(o, data),
             (VIRTIO_BAR, o) if o < DEVICE_CFG_OFFSET => {
-                // Reading the ISR clears it.
+                // Reading the ISR clears it (and the interrupt status; the INTx line drops
+                // at the guest's EOI).
                 if let Some(b) = data.first_mut() {
                     *b = self.irq.isr.swap(0, Ordering::AcqRel);
+                    self.irq
+                        .config
+                        .clear_status_bits(pci::config::STATUS_INTERRUPT);
                 }
             }
             (VIRTIO_BAR, o) if o < NOTIFY_OFFSET => {
