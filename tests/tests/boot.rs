@@ -187,6 +187,8 @@ fn sigterm_ends_the_vmm_cleanly() {
             elf.to_str().unwrap(),
             "--append",
             "mode=bench op=null n=100000000",
+            "--device",
+            "virtio-rng-pci",
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -573,10 +573,12 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             "-S needs --qmp: nothing else can start the guest".into(),
         ));
     }
+    // Before any other thread starts (building the machine starts some), so that they all
+    // inherit the signal mask.
+    let signals = block_stop_signals();
     let machine = Machine::build(args)?;
     install_kick_handler()?;
-    // Before any other thread starts, so that they all inherit the signal mask.
-    block_stop_signals(&machine.stop)?;
+    handle_stop_signals(signals, &machine.stop)?;
     let control = Arc::new(MachineControl::new(machine.clone()));
     let server = match &qmp_path {
         Some(p) => {
@@ -739,17 +741,22 @@ fn console_loop(serial: &Serial, stop: &Stop) -> Result<StopReason, Error> {
     }
 }
 
-/// Blocks SIGINT and SIGTERM in every thread and turns them into a clean stop.
-fn block_stop_signals(stop: &Arc<Stop>) -> Result<(), Error> {
+/// Blocks SIGINT and SIGTERM in the calling thread, and so in every thread it creates later:
+/// they stay pending until [`handle_stop_signals`] waits for them.
+fn block_stop_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; the libc calls only read and write the local set.
-    let set = unsafe {
+    unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
-    };
+    }
+}
+
+/// Turns SIGINT and SIGTERM (blocked by [`block_stop_signals`]) into a clean stop.
+fn handle_stop_signals(set: libc::sigset_t, stop: &Arc<Stop>) -> Result<(), Error> {
     let stop = stop.clone();
     std::thread::Builder::new()
         .name("signals".into())
