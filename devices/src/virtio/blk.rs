@@ -261,14 +261,8 @@ impl QueueHandler for BlockHandler {
     fn process(&mut self, q: &mut ActiveQueue) {
         let req = &mut self.req;
         let mem = &self.mem;
-        match serve_queue(q, mem, |chain| req.handle(mem, chain)) {
-            Ok(true) => self.interrupt.signal_queue(q.index),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!("virtio-blk: queue {} unusable: {e}", q.index);
-                self.interrupt.needs_reset();
-            }
-        }
+        let result = serve_queue(q, mem, |chain| req.handle(mem, chain));
+        self.interrupt.served("virtio-blk", q.index, result);
     }
 }
 

@@ -12,7 +12,7 @@ pub mod console;
 pub mod net;
 pub mod pci;
 pub mod rng;
-mod worker;
+pub mod worker;
 
 pub use worker::{set_thread_init, QueueHandler, QueueWorker};
 
@@ -64,6 +64,20 @@ pub trait VirtioInterrupt: Send + Sync {
     /// Marks the device DEVICE_NEEDS_RESET (it met something it cannot go on from, such as
     /// a queue in bad guest memory) and tells the driver.
     fn needs_reset(&self);
+
+    /// Reports how serving queue `index` went (what [`worker::serve_queue`] returned):
+    /// interrupts the driver when it asks for it, or marks `device` DEVICE_NEEDS_RESET when the
+    /// queue itself is unusable.
+    fn served(&self, device: &str, index: u16, result: Result<bool, virtio_queue::Error>) {
+        match result {
+            Ok(true) => self.signal_queue(index),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!("{device}: queue {index} unusable: {e}");
+                self.needs_reset();
+            }
+        }
+    }
 }
 
 /// A queue handed to an activated device.

@@ -77,14 +77,8 @@ impl RngHandler {
 
 impl QueueHandler for RngHandler {
     fn process(&mut self, q: &mut ActiveQueue) {
-        match self.serve(q) {
-            Ok(true) => self.interrupt.signal_queue(q.index),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!("virtio-rng: queue {} unusable: {e}", q.index);
-                self.interrupt.needs_reset();
-            }
-        }
+        let result = self.serve(q);
+        self.interrupt.served("virtio-rng", q.index, result);
     }
 }
 
