@@ -208,10 +208,8 @@ pub fn target_qmp(data: &[u8]) {
             Chunk::TooBig => {}
             Chunk::Message(m) => {
                 total += m.len();
-                // `max + 1`: a message whose closing bracket is its (max+1)-th byte is emitted
-                // before the size check (vmm/src/monitor/qmp.rs, `Streamer::feed`); harmless.
                 assert!(
-                    m.len() <= max + 1,
+                    m.len() <= max,
                     "message of {} bytes past the limit {max}",
                     m.len()
                 );

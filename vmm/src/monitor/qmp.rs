@@ -519,7 +519,12 @@ impl Streamer {
     }
 
     fn emit(&mut self, out: &mut Vec<Chunk>) {
-        if !self.buf.is_empty() {
+        if self.buf.len() > self.max {
+            // The byte that completed the message made it one too many.
+            self.buf = Vec::new();
+            self.failed = true;
+            out.push(Chunk::TooBig);
+        } else if !self.buf.is_empty() {
             out.push(Chunk::Message(std::mem::take(&mut self.buf)));
         }
         self.depth = 0;
@@ -603,6 +608,18 @@ impl Streamer {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_message_one_byte_over_the_limit_is_refused() {
+        let mut st = Streamer::new(8);
+        let mut out = Vec::new();
+        st.feed(br#"{"a":12}"#, &mut out); // exactly 8 bytes
+        assert!(matches!(out.as_slice(), [Chunk::Message(m)] if m.len() == 8));
+        let mut st = Streamer::new(8);
+        let mut out = Vec::new();
+        st.feed(br#"{"a":123}"#, &mut out); // 9 bytes, completed by its last byte
+        assert!(matches!(out.as_slice(), [Chunk::TooBig]), "{}", out.len());
+    }
     use super::*;
 
     fn split(input: &[u8]) -> Vec<Chunk> {
