@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Barrier, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -26,38 +26,15 @@ use criterion::measurement::WallTime;
 use criterion::{criterion_group, BenchmarkGroup, Criterion};
 use devices::bus::{Bus, BusDevice};
 use devices::pci_host::{BarMapper, ConfigPorts, Ecam};
-use devices::virtio::pci::{TransportProps, VirtioHost, VirtioPciDevice, MSIX_BAR};
+use devices::virtio::pci::{TransportProps, VirtioPciDevice, MSIX_BAR};
 use devices::virtio::rng::Rng;
+use devices::virtio::testing::NullHost;
 use pci::{PciAddress, PciFunction, PciRoot};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 const ECAM_BASE: u64 = 0xe000_0000;
 const BAR1_BASE: u64 = 0xc000_0000;
 const RNG_SLOT: u8 = 5;
-
-/// Host services for a transport that is never activated: fresh eventfds, routes ignored.
-struct DummyHost {
-    next_gsi: AtomicU32,
-}
-
-impl VirtioHost for DummyHost {
-    fn register_ioevent(&self, _: &EventFd, _: u64) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn unregister_ioevent(&self, _: &EventFd, _: u64) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn allocate_msi(&self) -> std::io::Result<(u32, EventFd)> {
-        Ok((
-            self.next_gsi.fetch_add(1, Ordering::Relaxed),
-            EventFd::new(0)?,
-        ))
-    }
-    fn set_msi_route(&self, _: u32, _: Option<(u64, u32)>) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// A device that answers all-ones: stands in for the UART, i8042, PM port, ... so every bus
 /// holds a realistic number of ranges.
@@ -253,7 +230,7 @@ fn rng_addr() -> PciAddress {
 fn build() -> Devices {
     let root = Arc::new(PciRoot::new());
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-    let host = Arc::new(DummyHost {
+    let host = Arc::new(NullHost {
         next_gsi: AtomicU32::new(24),
     });
     let rng = Arc::new(

@@ -41,16 +41,16 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 
 use devices::bus::{Bus, BusDevice};
 use devices::pci_host::{BarMapper, ConfigPorts, Ecam};
-use devices::virtio::pci::{TransportProps, VirtioHost, VirtioPciDevice, MSIX_PBA_OFFSET};
+use devices::virtio::pci::{TransportProps, VirtioPciDevice, MSIX_PBA_OFFSET};
 use devices::virtio::rng::Rng;
+use devices::virtio::testing::NullHost;
 use pci::{PciAddress, PciRoot};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 struct Counting;
 
@@ -103,28 +103,6 @@ static GLOBAL: Counting = Counting;
 const ECAM_BASE: u64 = 0xe000_0000;
 const BAR1_BASE: u64 = 0xc000_0000;
 
-struct DummyHost {
-    next_gsi: AtomicU32,
-}
-
-impl VirtioHost for DummyHost {
-    fn register_ioevent(&self, _: &EventFd, _: u64) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn unregister_ioevent(&self, _: &EventFd, _: u64) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn allocate_msi(&self) -> std::io::Result<(u32, EventFd)> {
-        Ok((
-            self.next_gsi.fetch_add(1, Ordering::Relaxed),
-            EventFd::new(0)?,
-        ))
-    }
-    fn set_msi_route(&self, _: u32, _: Option<(u64, u32)>) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 struct Machine {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
@@ -134,7 +112,7 @@ struct Machine {
 fn machine() -> Machine {
     let root = Arc::new(PciRoot::new());
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-    let host = Arc::new(DummyHost {
+    let host = Arc::new(NullHost {
         next_gsi: AtomicU32::new(24),
     });
     let rng = Arc::new(

@@ -324,28 +324,14 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 pub(crate) mod tests {
     use super::*;
     use std::path::Path;
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::atomic::Ordering;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
     use vm_memory::{Address, Bytes, GuestAddress};
     use vmm_sys_util::eventfd::EventFd;
 
-    #[derive(Default)]
-    pub(crate) struct CountingInterrupt {
-        pub queue: AtomicU32,
-        pub reset: AtomicU32,
-    }
-
-    impl VirtioInterrupt for CountingInterrupt {
-        fn signal_queue(&self, _index: u16) {
-            self.queue.fetch_add(1, Ordering::SeqCst);
-        }
-        fn signal_config(&self) {}
-        fn needs_reset(&self) {
-            self.reset.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    pub(crate) use crate::virtio::testing::CountingInterrupt;
 
     pub(crate) const F_NEXT: u16 = 1;
     pub(crate) const F_WRITE: u16 = 2;

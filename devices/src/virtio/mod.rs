@@ -12,6 +12,7 @@ pub mod console;
 pub mod net;
 pub mod pci;
 pub mod rng;
+pub mod testing;
 pub mod worker;
 
 pub use worker::{set_thread_init, QueueHandler, QueueWorker};

@@ -112,27 +112,13 @@ impl VirtioDevice for Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::atomic::Ordering;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::EventFd;
 
-    #[derive(Default)]
-    struct CountingInterrupt {
-        queue: AtomicU32,
-        reset: AtomicU32,
-    }
-
-    impl VirtioInterrupt for CountingInterrupt {
-        fn signal_queue(&self, _index: u16) {
-            self.queue.fetch_add(1, Ordering::SeqCst);
-        }
-        fn signal_config(&self) {}
-        fn needs_reset(&self) {
-            self.reset.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use crate::virtio::testing::CountingInterrupt;
 
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;

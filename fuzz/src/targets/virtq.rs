@@ -4,14 +4,13 @@
 //! join) processes the queue exactly once.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use devices::virtio::blk::{Block, BlockConfig, SECTOR_SIZE};
 use devices::virtio::rng::Rng;
+use devices::virtio::testing::CountingInterrupt;
 use devices::virtio::{
-    Activation, ActiveQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    Activation, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -26,22 +25,6 @@ const MEM_SIZE: u64 = 0x10_0000;
 const RING_BASE: u64 = 0x8_0000;
 /// Where the input's raw bytes go (indirect tables, request headers).
 const DATA_BASE: u64 = 0x1000;
-
-#[derive(Default)]
-struct CountingInterrupt {
-    queue: AtomicU32,
-    reset: AtomicU32,
-}
-
-impl VirtioInterrupt for CountingInterrupt {
-    fn signal_queue(&self, _index: u16) {
-        self.queue.fetch_add(1, Ordering::SeqCst);
-    }
-    fn signal_config(&self) {}
-    fn needs_reset(&self) {
-        self.reset.fetch_add(1, Ordering::SeqCst);
-    }
-}
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;

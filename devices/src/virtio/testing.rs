@@ -1,0 +1,59 @@
+//! Test doubles for unit tests, benches and the fuzzer: a [`VirtioHost`] without KVM and a
+//! [`VirtioInterrupt`] that counts what it is asked to do.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::pci::VirtioHost;
+use super::VirtioInterrupt;
+
+/// Host services for a transport outside a VM: fresh eventfds and GSIs (counting up from
+/// `next_gsi`), notifications and routes accepted and ignored, no INTx.
+#[derive(Debug, Default)]
+pub struct NullHost {
+    /// The GSI the next [`VirtioHost::allocate_msi`] hands out.
+    pub next_gsi: AtomicU32,
+}
+
+impl VirtioHost for NullHost {
+    fn register_ioevent(&self, _: &EventFd, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn unregister_ioevent(&self, _: &EventFd, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn allocate_msi(&self) -> std::io::Result<(u32, EventFd)> {
+        Ok((
+            self.next_gsi.fetch_add(1, Ordering::Relaxed),
+            EventFd::new(0)?,
+        ))
+    }
+
+    fn set_msi_route(&self, _: u32, _: Option<(u64, u32)>) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Counts queue interrupts and NEEDS_RESET requests.
+#[derive(Debug, Default)]
+pub struct CountingInterrupt {
+    /// Queue interrupts signalled.
+    pub queue: AtomicU32,
+    /// Times the device asked for a reset.
+    pub reset: AtomicU32,
+}
+
+impl VirtioInterrupt for CountingInterrupt {
+    fn signal_queue(&self, _index: u16) {
+        self.queue.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn signal_config(&self) {}
+
+    fn needs_reset(&self) {
+        self.reset.fetch_add(1, Ordering::SeqCst);
+    }
+}
