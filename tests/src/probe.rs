@@ -7,7 +7,6 @@
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use crate::ground::{repo_root, section, vmm_binary};
 
@@ -142,9 +141,4 @@ pub fn dumps(stdout: &str) -> (String, String) {
     let cf8 = section(stdout, "PROBE-CF8").expect("CF8 dump section");
     let ecam = section(stdout, "PROBE-ECAM").expect("ECAM dump section");
     (cf8, ecam)
-}
-
-/// A short pause helper for tests that poll.
-pub fn pause(ms: u64) {
-    std::thread::sleep(Duration::from_millis(ms));
 }

@@ -439,21 +439,6 @@ pub fn realize_one(
     })
 }
 
-/// Realizes every placed device (in address order).
-pub fn realize(
-    placed: &[Placed],
-    root: &PciRoot,
-    mem: &GuestMemoryMmap,
-    host: Arc<dyn VirtioHost>,
-) -> Result<Vec<Realized>, DeviceError> {
-    let mut sorted: Vec<&Placed> = placed.iter().collect();
-    sorted.sort_by_key(|p| p.addr);
-    sorted
-        .into_iter()
-        .map(|p| realize_one(p, root, mem, host.clone()))
-        .collect()
-}
-
 /// The `--help` text describing `--device`.
 pub fn device_help() -> String {
     let mut s = String::from(

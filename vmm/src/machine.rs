@@ -461,7 +461,7 @@ impl Machine {
             return Ok(());
         }
         let threads = self.vcpu_threads.lock().unwrap_or_else(|p| p.into_inner());
-        if !self.gate.close(&threads, threads.len()) {
+        if !self.gate.close(&threads) {
             return Err(Error::Vcpu("vCPUs did not stop within a second".into()));
         }
         *state = RunState::Paused;

@@ -77,11 +77,12 @@ impl RunGate {
         self.cv.notify_all();
     }
 
-    /// Closes the gate and kicks `threads` until `count` vCPUs wait (at most about a second).
-    pub fn close(&self, threads: &[libc::pthread_t], count: usize) -> bool {
+    /// Closes the gate and kicks the vCPU `threads` until all of them wait (at most about a
+    /// second).
+    pub fn close(&self, threads: &[libc::pthread_t]) -> bool {
         self.running.store(false, Ordering::Release);
         for _ in 0..1000 {
-            if self.waiting.load(Ordering::Acquire) >= count {
+            if self.waiting.load(Ordering::Acquire) >= threads.len() {
                 return true;
             }
             for t in threads {
@@ -92,11 +93,6 @@ impl RunGate {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         false
-    }
-
-    /// Whether the gate is open.
-    pub fn is_open(&self) -> bool {
-        self.running.load(Ordering::Acquire)
     }
 }
 

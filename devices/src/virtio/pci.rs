@@ -388,11 +388,6 @@ impl VirtioPciDevice {
         m
     }
 
-    /// The device's current status byte.
-    pub fn status(&self) -> u8 {
-        self.irq.status.load(Ordering::Acquire)
-    }
-
     /// Registers or moves the queue ioeventfds to where BAR4 decodes on the bus now (`None`:
     /// nowhere). Only called with what the BAR mapper actually mapped, so a notify area can
     /// never cover another device's range. All or nothing: if one registration fails the others
