@@ -60,9 +60,9 @@ fn madt(cpus: u8) -> Sdt {
     ioapic.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     ioapic.extend_from_slice(&0u32.to_le_bytes()); // GSI base
     t.append_slice(&ioapic);
-    // A hardware-reduced ACPI machine has no legacy PIC in Linux's eyes, so ISA IRQs get no
-    // identity mapping: name the serial port's IRQ explicitly (bus 0, source 4 -> GSI 4,
-    // flags 0: as the ISA bus, edge and active high).
+    // The serial port's ISA IRQ 4 is GSI 4 (flags 0: as the ISA bus, edge, active high). On a
+    // hardware-reduced machine Linux maps no ISA IRQs by itself; what makes its UART work is
+    // COM1's own ACPI device in the DSDT (see `dsdt`), this entry only states the wiring.
     let mut iso = vec![2, 10, 0, devices::legacy::SERIAL_IRQ as u8];
     iso.extend_from_slice(&devices::legacy::SERIAL_IRQ.to_le_bytes());
     iso.extend_from_slice(&0u16.to_le_bytes());

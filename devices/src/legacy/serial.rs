@@ -65,7 +65,6 @@ impl BusDevice for Serial {
             if let Err(e) = s.write(offset as u8, v) {
                 tracing::debug!("serial write failed: {e:?}");
             }
-            let _ = s.writer_mut().flush();
         }
     }
 }
