@@ -123,7 +123,6 @@ struct Common {
     device_feature_select: u32,
     driver_feature_select: u32,
     driver_features: u64,
-    config_vector: u16,
     status: u8,
     queue_select: u16,
     queues: Vec<QueueRegs>,
@@ -348,7 +347,6 @@ impl VirtioPciDevice {
                 device_feature_select: 0,
                 driver_feature_select: 0,
                 driver_features: 0,
-                config_vector: NO_VECTOR,
                 status: 0,
                 queue_select: 0,
                 queues,
@@ -427,7 +425,6 @@ impl VirtioPciDevice {
         c.driver_features = 0;
         c.device_feature_select = 0;
         c.driver_feature_select = 0;
-        c.config_vector = NO_VECTOR;
         c.queue_select = 0;
         for (q, &m) in c.queues.iter_mut().zip(&self.queue_max) {
             *q = QueueRegs {
@@ -509,7 +506,7 @@ impl VirtioPciDevice {
                 1 => c.driver_features >> 32,
                 _ => 0,
             },
-            0x10 => u64::from(c.config_vector),
+            0x10 => u64::from(self.irq.config_vector.load(Ordering::Acquire)),
             0x12 => c.queues.len() as u64,
             0x14 => u64::from(status),
             0x15 => 0, // config generation
@@ -561,12 +558,7 @@ impl VirtioPciDevice {
                 let mask = 0xffff_ffffu64 << shift;
                 c.driver_features = (c.driver_features & !mask) | ((v << shift) & mask & features);
             }
-            0x10 => {
-                c.config_vector = vector(v);
-                self.irq
-                    .config_vector
-                    .store(c.config_vector, Ordering::Release);
-            }
+            0x10 => self.irq.config_vector.store(vector(v), Ordering::Release),
             0x14 => {
                 let new = v as u8;
                 if new == 0 {
