@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # build-host-image.sh VMM_BINARY: build the L1 "KVM host" initramfs $CACHE/host-image.cpio.gz =
 #   l1-base.cpio.gz  busybox, the generic kernel's kvm modules, the guest kernel and base
-#                    initramfs, mkguestinitrd, /init = host-init   (cached)
+#                    initramfs, mkguestinitrd, vmmwatch, /init = host-init   (cached)
 #   l1-vmm.cpio.gz   /bin/vmm with its shared libraries and loader (rebuilt when VMM_BINARY changes)
 # run-scenario.sh appends a third cpio holding the per-test /host-scenario.
 set -euo pipefail
@@ -14,12 +14,13 @@ GUEST_INITRD=$CACHE/guest-initramfs.cpio.gz
 BASE=$CACHE/l1-base.cpio.gz VMMPART=$CACHE/l1-vmm.cpio.gz OUT=$CACHE/host-image.cpio.gz
 
 if ! up_to_date "$BASE" "$GUEST_INITRD" "$CACHE/root.stamp" "$LINUX_DIR/host-init" \
-        "$LINUX_DIR/mkguestinitrd" "$0" "$LINUX_DIR/lib.sh"; then
+        "$LINUX_DIR/mkguestinitrd" "$LINUX_DIR/vmmwatch" "$0" "$LINUX_DIR/lib.sh"; then
     echo "building L1 base image ($KVER_HOST)" >&2
     D=$(mktemp -d); trap 'rm -rf "$D"' EXIT
     install_busybox "$D"
     install -m 755 "$LINUX_DIR/host-init" "$D/init"
     install -m 755 "$LINUX_DIR/mkguestinitrd" "$D/bin/mkguestinitrd"
+    install -m 755 "$LINUX_DIR/vmmwatch" "$D/bin/vmmwatch"
     install -D -m 644 "$R/boot/vmlinuz-$KVER_GUEST" "$D/guest/vmlinuz"
     install -m 644 "$GUEST_INITRD" "$D/guest/initramfs.cpio.gz"
     M=$R/lib/modules/$KVER_HOST

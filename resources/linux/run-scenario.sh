@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # run-scenario.sh [--vmm PATH] [--with-qemu] HOST_SCRIPT
-# Run HOST_SCRIPT (sh; sees VMM, GUEST_KERNEL, GUEST_INITRD, and mkguestinitrd on PATH) on a
+# Run HOST_SCRIPT (sh; sees VMM, GUEST_KERNEL, GUEST_INITRD, and mkguestinitrd and vmmwatch on PATH) on a
 # host with a real KVM: directly on this machine when it has hardware virtualisation (svm/vmx,
 # not PVM), else inside the L1 image booted by qemu TCG with emulated SVM. Output goes to stdout;
 # exit status is the scenario's rc (or non-zero with a loud message if it never finished).

@@ -8,7 +8,9 @@
 //! reason and tests are expected to panic on it (`.expect(...)`).
 //!
 //! The host scenario sees `VMM`, `GUEST_KERNEL`, `GUEST_INITRD` (the guest's base initramfs) and
-//! `TMPDIR`, and has `mkguestinitrd OUT SCRIPT` on its PATH. The guest's `/init` prints
+//! `TMPDIR`, and has `mkguestinitrd OUT SCRIPT` and `vmmwatch [--retry] SECONDS CMD...` on its
+//! PATH (resources/linux/vmmwatch: a deadline for a vmm run; a hung vmm's threads and KVM
+//! statistics are printed before it is stopped). The guest's `/init` prints
 //! `=== GUEST-READY ===`, then runs the guest script between `=== SCENARIO-BEGIN ===` and
 //! `=== SCENARIO-END rc=N ===` (or, without one, `lspci -n`, `lspci -nn`, `lspci -vvv -nn` in the
 //! sections `LSPCI-N`, `LSPCI-NN`, `LSPCI-VVV`) and resets the machine (`reboot -f`).
@@ -23,6 +25,11 @@ use std::process::Command;
 pub const DEFAULT_APPEND: &str = "console=ttyS0 quiet panic=-1 reboot=t";
 /// Guest memory (MiB) used by [`guest_boot`].
 pub const DEFAULT_MEMORY_MIB: u32 = 256;
+/// Seconds a guest boot may take (a boot with its scenario takes 5 to 30 s here). A boot still
+/// running then is reported (`vmmwatch`) and run once more; see [`run_host_scenario`].
+pub const BOOT_DEADLINE_SECS: u32 = 180;
+/// Marker `vmmwatch --retry` prints before running a hung vmm again.
+pub const HANG_RETRY_MARKER: &str = "=== VMM-HANG-RETRY ===";
 
 /// What a host scenario printed.
 #[derive(Debug, Clone)]
@@ -89,6 +96,7 @@ pub fn run_host_scenario(script: &str) -> Result<ScenarioOutput, String> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Shown by `cargo test -- --nocapture` or when the test fails.
     eprintln!("----- run-scenario stdout -----\n{stdout}----- stderr -----\n{stderr}-----");
+    report_retried_hangs(&stdout);
     let fail = |why: &str| {
         Err(format!(
             "{why}\n--- stderr ---\n{stderr}\n--- stdout (tail) ---\n{}",
@@ -111,6 +119,32 @@ pub fn run_host_scenario(script: &str) -> Result<ScenarioOutput, String> {
         .unwrap_or("unknown")
         .to_string();
     Ok(ScenarioOutput { stdout, rc, mode })
+}
+
+/// File (under `target/`) where hangs that passed on a retry are recorded; `resources/test.sh`
+/// prints it at the end of a run, so a hang never goes unnoticed even when the test passed.
+pub fn hang_log() -> PathBuf {
+    repo_root().join("target/test-ground-hangs.log")
+}
+
+/// A vmm that hung and was run again (`vmmwatch --retry`) leaves a passing test behind: say so
+/// on stderr and append the hang reports to [`hang_log`].
+fn report_retried_hangs(stdout: &str) {
+    if !stdout.contains(HANG_RETRY_MARKER) {
+        return;
+    }
+    let reports = sections(stdout, "VMM-HANG").join("\n----\n");
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("unnamed test")
+        .to_string();
+    eprintln!("!!!!! test ground: a vmm hung and was run again ({test}):\n{reports}\n!!!!!");
+    let entry = format!("##### {test}\n{reports}\n");
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(hang_log())
+        .and_then(|mut f| f.write_all(entry.as_bytes()));
 }
 
 /// The lines between `=== NAME-BEGIN ===` and `=== NAME-END ===` / `=== NAME-END rc=N ===`
@@ -192,7 +226,7 @@ pub fn guest_boot_with(
         None => "\"$GUEST_INITRD\"".to_string(),
     };
     s += &format!(
-        "\"$VMM\" run --kernel \"$GUEST_KERNEL\" --initrd {initrd} --append {} --memory {memory_mib} {vmm_args}\n\
+        "vmmwatch --retry {BOOT_DEADLINE_SECS} \"$VMM\" run --kernel \"$GUEST_KERNEL\" --initrd {initrd} --append {} --memory {memory_mib} {vmm_args}\n\
          echo \"=== BOOT-{label}-END rc=$? ===\"\n",
         shell_quote(append)
     );
@@ -260,6 +294,7 @@ mod tests {
             Some("lspci -n"),
         )]);
         assert!(s.contains("mkguestinitrd \"$TMPDIR/guest-a.cpio.gz\""));
+        assert!(s.contains("vmmwatch --retry 180 \"$VMM\" run "));
         assert!(s.contains("--append 'console=ttyS0 quiet panic=-1 reboot=t' --memory 256 --device virtio-rng-pci,id=r0\n"));
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
     }
@@ -271,10 +306,21 @@ mod tests {
         let script = "set -e\ntest -c /dev/kvm\ntest -s \"$GUEST_KERNEL\"\ntest -x \"$VMM\"\n\
             echo 'echo hi' > \"$TMPDIR/g.sh\"\nmkguestinitrd \"$TMPDIR/g.gz\" \"$TMPDIR/g.sh\"\n\
             test \"$(wc -c < \"$TMPDIR/g.gz\")\" -gt \"$(wc -c < \"$GUEST_INITRD\")\"\n\
-            echo '=== CHECK-BEGIN ==='\necho ground ok\necho '=== CHECK-END ==='\nexit 7\n";
+            echo '=== CHECK-BEGIN ==='\necho ground ok\necho '=== CHECK-END ==='\n\
+            set +e\nvmmwatch 5 sh -c 'exit 3'\necho \"=== QUICK-END rc=$? ===\"\n\
+            vmmwatch 1 sleep 30\necho \"=== SLOW-END rc=$? ===\"\nexit 7\n";
         let out = run_host_scenario(script).expect("test ground");
         assert_eq!(out.rc, 7, "{}", out.stdout);
         assert_eq!(out.section("CHECK").as_deref(), Some("ground ok"));
+        // vmmwatch passes a status through, and reports and stops what runs past its deadline.
+        assert_eq!(end_rc(&out.stdout, "QUICK"), Some(3), "{}", out.stdout);
+        assert_eq!(end_rc(&out.stdout, "SLOW"), Some(124), "{}", out.stdout);
+        let hang = out
+            .section("VMM-HANG")
+            .unwrap_or_else(|| panic!("{}", out.stdout));
+        assert!(hang.contains("still running after 1s: sleep 30"), "{hang}");
+        assert!(hang.contains("'sleep' state=S"), "{hang}");
+        assert!(!out.stdout.contains(HANG_RETRY_MARKER), "{}", out.stdout);
         assert!(
             out.mode == "l1" || out.mode == "direct",
             "mode {}",

@@ -329,7 +329,7 @@ fn query_compat_machine_and_quit() {
 fn linux_sees_a_device_cold_plugged_over_qmp() {
     let script = host_script(&[r#"
 S="$TMPDIR/qmp.sock"
-"$VMM" run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --append 'console=ttyS0 quiet panic=-1' --memory 256 \
+vmmwatch 180 "$VMM" run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --append 'console=ttyS0 quiet panic=-1' --memory 256 \
     -S --qmp "unix:$S,server=on,wait=off" --device virtio-rng-pci,id=rng0,addr=05.0 > "$TMPDIR/guest.out" 2>&1 &
 pid=$!
 i=0; while [ ! -S "$S" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
