@@ -90,8 +90,10 @@ fn missing_initrd_and_zero_memory_are_refused() {
 #[test]
 fn debian_linux_boots_to_its_init_with_one_and_two_cpus() {
     let guest =
-        "echo \"uname: $(uname -r)\"; echo \"processors: $(grep -c ^processor /proc/cpuinfo)\"";
+        "echo \"uname: $(uname -r)\"; echo \"processors: $(grep -c ^processor /proc/cpuinfo)\"\n\
+        echo \"rtc: $(cat /sys/class/rtc/rtc0/name) $(cat /sys/class/rtc/rtc0/date)\"";
     let script = host_script(&[
+        "echo \"L1-DATE $(date -u +%F)\"\n".to_string(),
         guest_boot_with("ONE", DEFAULT_APPEND, 256, "--cpus 1", Some(guest)),
         guest_boot_with("TWO", DEFAULT_APPEND, 256, "--cpus 2", Some(guest)),
     ]);
@@ -112,6 +114,17 @@ fn debian_linux_boots_to_its_init_with_one_and_two_cpus() {
         assert!(scen.contains("uname: 6."), "{scen}");
         assert!(scen.contains("-cloud-amd64"), "{scen}");
         assert!(scen.contains(&format!("processors: {cpus}")), "{scen}");
+        // The CMOS clock is Linux's rtc0 (an ACPI PNP0B00 device) and tells the host's date.
+        let l1_date = out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("L1-DATE "))
+            .unwrap_or_else(|| panic!("no L1-DATE:\n{}", out.stdout));
+        assert!(
+            scen.lines()
+                .any(|l| l.starts_with("rtc: rtc_cmos ") && l.ends_with(l1_date.trim())),
+            "{scen}"
+        );
     }
 }
 

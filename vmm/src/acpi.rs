@@ -150,7 +150,23 @@ fn dsdt() -> Sdt {
     let com_uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let com1 = aml::Device::new("COM1".into(), vec![&com_hid, &com_uid, &com_crs]);
 
-    let sb = aml::Scope::new("\\_SB_".into(), vec![&pci0, &res, &com1]);
+    // The CMOS clock as an ACPI device. Without one Linux registers a platform device with ISA
+    // IRQ 8, which a hardware-reduced machine never maps, and rtc_cmos fails (-EINVAL): no
+    // /dev/rtc0, no clock read at boot. The clock raises no interrupts, so _CRS has no IRQ
+    // (rtc_cmos then runs without alarms).
+    let rtc_io = aml::IO::new(
+        devices::legacy::RTC_PORT as u16,
+        devices::legacy::RTC_PORT as u16,
+        1,
+        devices::legacy::RTC_PORT_LEN as u8,
+    );
+    let rtc_crs = aml::ResourceTemplate::new(vec![&rtc_io]);
+    let rtc_crs = aml::Name::new("_CRS".into(), &rtc_crs);
+    let rtc_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00"));
+    let rtc_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let rtc = aml::Device::new("RTC_".into(), vec![&rtc_hid, &rtc_uid, &rtc_crs]);
+
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&pci0, &res, &com1, &rtc]);
     sb.to_aml_bytes(&mut t);
     let s5 = aml::Package::new(vec![&S5_SLEEP_TYPE, &S5_SLEEP_TYPE, &aml::ZERO, &aml::ZERO]);
     aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut t);
@@ -271,6 +287,27 @@ mod tests {
         assert_eq!(apic_ids, [0, 1, 2]);
         assert_eq!(ioapics, 1);
         assert_eq!(overrides, [(4, 4)], "the serial IRQ is mapped explicitly");
+    }
+
+    /// The DSDT names each ACPI device with its _HID (an EISA id, compressed to 4 bytes).
+    #[test]
+    fn dsdt_describes_the_host_bridge_com1_and_the_clock() {
+        let d = dsdt();
+        let b = d.as_slice();
+        let has = |bytes: &[u8]| b.windows(bytes.len()).any(|w| w == bytes);
+        for (name, hid) in [
+            (b"PCI0", "PNP0A08"),
+            (b"RES0", "PNP0C02"),
+            (b"COM1", "PNP0501"),
+            (b"RTC_", "PNP0B00"),
+        ] {
+            assert!(has(name), "no device {}", String::from_utf8_lossy(name));
+            let mut id = Vec::new();
+            aml::EISAName::new(hid).to_aml_bytes(&mut id);
+            assert!(has(&id), "no _HID {hid}");
+        }
+        // The clock's ports: an IO descriptor for 0x70..0x71 (min, max, alignment 1, length 2).
+        assert!(has(&[0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02]));
     }
 
     #[test]
