@@ -74,6 +74,16 @@ pub fn vmm_binary() -> Result<PathBuf, String> {
 /// (no vmm binary, build failure, no /dev/kvm in L1, L1 timeout, scenario never finished); a
 /// scenario that ran and failed is Ok with a non-zero `rc`.
 pub fn run_host_scenario(script: &str) -> Result<ScenarioOutput, String> {
+    run_host_scenario_with(script, &[])
+}
+
+/// [`run_host_scenario`] with extra tools for L1: each of `extra_cpio` (a gzip'd cpio, e.g. from
+/// [`build_part`]) is unpacked over the L1 image. In direct mode they are not used: the
+/// scenario finds the tools on this host.
+pub fn run_host_scenario_with(
+    script: &str,
+    extra_cpio: &[PathBuf],
+) -> Result<ScenarioOutput, String> {
     let vmm = vmm_binary()?;
     let runner = repo_root().join("resources/linux/run-scenario.sh");
     if !runner.is_file() {
@@ -84,7 +94,9 @@ pub fn run_host_scenario(script: &str) -> Result<ScenarioOutput, String> {
         .write_all(script.as_bytes())
         .map_err(|e| format!("writing {}: {e}", file.0.display()))?;
     drop(file.1);
+    let extra: Vec<String> = extra_cpio.iter().map(|p| p.display().to_string()).collect();
     let result = Command::new("bash")
+        .env("L1_EXTRA_CPIO", extra.join(" "))
         .arg(&runner)
         .arg("--vmm")
         .arg(&vmm)
@@ -119,6 +131,30 @@ pub fn run_host_scenario(script: &str) -> Result<ScenarioOutput, String> {
         .unwrap_or("unknown")
         .to_string();
     Ok(ScenarioOutput { stdout, rc, mode })
+}
+
+/// Runs `resources/linux/<script>` (a build-*-part.sh script that packs tools for L1 and prints
+/// the path of the cpio it wrote on its last line) and returns that path.
+pub fn build_part(script: &str) -> Result<PathBuf, String> {
+    let path = repo_root().join("resources/linux").join(script);
+    let out = Command::new("bash")
+        .arg(&path)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let cpio = PathBuf::from(stdout.lines().last().unwrap_or("").trim());
+    if cpio.is_file() {
+        Ok(cpio)
+    } else {
+        Err(format!("{} printed no cpio path: {stdout}", path.display()))
+    }
 }
 
 /// File (under `target/`) where hangs that passed on a retry are recorded; `resources/test.sh`

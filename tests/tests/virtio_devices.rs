@@ -6,10 +6,8 @@
 
 use std::sync::OnceLock;
 
-use std::process::Command;
-
 use integration_tests::ground::{
-    guest_boot, host_script, repo_root, run_host_scenario, section, BOOT_DEADLINE_SECS,
+    build_part, guest_boot, host_script, run_host_scenario_with, section, BOOT_DEADLINE_SECS,
     HANG_RETRY_MARKER,
 };
 use integration_tests::probe::{probe_elf, vmm};
@@ -62,28 +60,6 @@ echo "readback-md5 $(dd if=/dev/vda bs=4096 skip=1 count=2 2>/dev/null | md5sum 
 echo "=== READBACK-END ==="
 "#;
 
-/// Builds the unix-socket client `usock` (resources/linux/usock.c) and adds it to the L1 image
-/// (`L1_EXTRA_CPIO`); returns the host binary's path (used when the scenario runs directly).
-fn usock() -> String {
-    let script = repo_root().join("resources/linux/build-usock.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "build-usock.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cpio = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let extra = std::env::var("L1_EXTRA_CPIO").unwrap_or_default();
-    // Only this test binary's one scenario reads the variable.
-    std::env::set_var("L1_EXTRA_CPIO", format!("{extra} {cpio}").trim());
-    let bin = std::path::Path::new(&cpio).with_file_name("usock");
-    assert!(bin.is_file(), "{} missing", bin.display());
-    bin.display().to_string()
-}
-
 fn host() -> &'static str {
     static OUT: OnceLock<String> = OnceLock::new();
     OUT.get_or_init(|| {
@@ -94,7 +70,9 @@ fn host() -> &'static str {
              --device virtio-console-pci,id=con0,addr=07.0,path=$TMPDIR/console.txt \
              --device virtio-console-pci,id=con1,addr=08.0,socket=$TMPDIR/console.sock"
         );
-        let usock = usock();
+        let usock_cpio = build_part("build-usock.sh").unwrap_or_else(|e| panic!("{e}"));
+        // In direct mode the scenario runs usock from the cache, next to its cpio.
+        let usock = usock_cpio.with_file_name("usock").display().to_string();
         let deadline = BOOT_DEADLINE_SECS;
         let retry = HANG_RETRY_MARKER;
         // The DEVICES boot runs the vmm in the background: L1 configures the tap once the
@@ -149,7 +127,8 @@ echo '=== HOST-CHECK-END ==='
                 Some(GUEST_READBACK),
             ),
         ]);
-        let out = run_host_scenario(&script).unwrap_or_else(|e| panic!("test ground: {e}"));
+        let out = run_host_scenario_with(&script, &[usock_cpio])
+            .unwrap_or_else(|e| panic!("test ground: {e}"));
         assert_eq!(out.rc, 0, "host scenario failed:\n{}", out.stdout);
         out.stdout
     })
