@@ -14,6 +14,17 @@
 #define KVM_RUN_REQUEST 0xAE80UL /* _IO(KVMIO, 0x80) */
 
 static int seen;
+static int out_fd = -1;
+
+/* The file is opened when the shim loads: the monitor's vCPU thread runs under a seccomp
+ * filter that allows write() and close() but not open(). */
+__attribute__((constructor)) static void open_output(void)
+{
+	const char *path = getenv("FIRST_KVM_RUN_FILE");
+
+	if (path)
+		out_fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+}
 
 int ioctl(int fd, unsigned long request, ...)
 {
@@ -26,18 +37,15 @@ int ioctl(int fd, unsigned long request, ...)
 	va_end(ap);
 	if (request == KVM_RUN_REQUEST && !__atomic_exchange_n(&seen, 1, __ATOMIC_SEQ_CST)) {
 		struct timespec ts;
-		const char *path = getenv("FIRST_KVM_RUN_FILE");
 
 		clock_gettime(CLOCK_REALTIME, &ts);
-		if (path) {
+		if (out_fd >= 0) {
 			char buf[64];
 			int n = snprintf(buf, sizeof buf, "%lld.%09ld\n", (long long)ts.tv_sec, ts.tv_nsec);
-			int f = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
 
-			if (f >= 0) {
-				if (write(f, buf, (size_t)n) != n) { /* nothing to do */ }
-				close(f);
-			}
+			if (write(out_fd, buf, (size_t)n) != n) { /* nothing to do */ }
+			close(out_fd);
+			out_fd = -1;
 		}
 	}
 	if (!real)

@@ -59,13 +59,15 @@ gcc -shared -fPIC -O2 -o "$shim" "$here/first-kvm-run.c" -ldl
 untraced() {
     cmd "$1" "mode=hello"
     rm -f "$tmp/t0" "$tmp/t1"
+    local st=0
     (
         echo "$EPOCHREALTIME" >"$tmp/t0"
         FIRST_KVM_RUN_FILE=$tmp/t1 LD_PRELOAD=$shim exec "${CMD[@]}"
-    ) >/dev/null 2>&1 </dev/null || true
+    ) >/dev/null 2>&1 </dev/null || st=$?
     if [ -s "$tmp/t1" ]; then
         awk -v a="$(cat "$tmp/t0")" -v b="$(cat "$tmp/t1")" 'BEGIN { printf "%.3f\n", (b - a) * 1000 }'
     else
+        echo "startup.sh: $1 under the LD_PRELOAD shim noted no KVM_RUN (exit status $st)" >&2
         echo nan
     fi
 }
