@@ -637,8 +637,9 @@ impl VirtioPciDevice {
         if let Err(err) = self.host.set_msi_route(*gsi, Some((e.address, e.data))) {
             tracing::warn!("{}: MSI route for vector {v}: {err}", self.name);
         }
-        if msix.take_pending_if_unmasked(v, self.irq.config.msix_function_masked())
-            && self.irq.config.msix_enabled()
+        // MSI-X off: the pending bit stays for when it is enabled (config_written delivers it).
+        if self.irq.config.msix_enabled()
+            && msix.take_pending_if_unmasked(v, self.irq.config.msix_function_masked())
         {
             let _ = fd.write(1);
         }
@@ -741,5 +742,95 @@ impl Drop for VirtioPciDevice {
     fn drop(&mut self) {
         self.sync_notify(None);
         self.device.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::rng::Rng;
+    use crate::virtio::testing::NullHost;
+    use vm_memory::GuestAddress;
+
+    /// Keeps a clone of every MSI irqfd handed out, to count what was delivered.
+    #[derive(Default)]
+    struct RecordingHost {
+        null: NullHost,
+        fds: Mutex<Vec<EventFd>>,
+    }
+
+    impl VirtioHost for RecordingHost {
+        fn register_ioevent(&self, e: &EventFd, a: u64) -> std::io::Result<()> {
+            self.null.register_ioevent(e, a)
+        }
+        fn unregister_ioevent(&self, e: &EventFd, a: u64) -> std::io::Result<()> {
+            self.null.unregister_ioevent(e, a)
+        }
+        fn allocate_msi(&self) -> std::io::Result<(u32, EventFd)> {
+            let (gsi, fd) = self.null.allocate_msi()?;
+            self.fds.lock().unwrap().push(fd.try_clone()?);
+            Ok((gsi, fd))
+        }
+        fn set_msi_route(&self, g: u32, m: Option<(u64, u32)>) -> std::io::Result<()> {
+            self.null.set_msi_route(g, m)
+        }
+    }
+
+    fn delivered(host: &RecordingHost, v: usize) -> u64 {
+        let fds = host.fds.lock().unwrap();
+        let fd = &fds[v];
+        // The eventfd blocks on read when zero: read only when poll says it is readable.
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if ready == 1 {
+            fd.read().unwrap()
+        } else {
+            0
+        }
+    }
+
+    fn control(dev: &VirtioPciDevice, value: u16) {
+        let off = dev.config().msix().unwrap().control_offset();
+        let effect = dev.config().write(off, &value.to_le_bytes());
+        dev.config_written(&effect);
+    }
+
+    /// An interrupt left pending while MSI-X was on stays pending when the guest unmasks its
+    /// vector with MSI-X off, and is delivered when MSI-X comes back on (it used to be lost).
+    #[test]
+    fn a_pending_vector_survives_an_unmask_while_msix_is_off() {
+        let host = Arc::new(RecordingHost::default());
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let dev = VirtioPciDevice::new(
+            "rng",
+            Arc::new(Rng::new()),
+            TransportProps {
+                vectors: 2,
+                multifunction: false,
+            },
+            mem,
+            host.clone(),
+        )
+        .unwrap();
+        const ENABLE: u16 = 1 << 15;
+        control(&dev, ENABLE);
+        // Vector 0 is masked (as at reset): the interrupt becomes pending.
+        dev.irq.fire(0);
+        assert!(dev.irq.msix.pending(0));
+        assert_eq!(delivered(&host, 0), 0);
+        // MSI-X off, then the guest unmasks vector 0 (entry 0's vector control word).
+        control(&dev, 0);
+        dev.bar_write(MSIX_BAR, 12, &0u32.to_le_bytes());
+        assert_eq!(delivered(&host, 0), 0, "not delivered with MSI-X off");
+        assert!(dev.irq.msix.pending(0), "still pending");
+        // MSI-X on again: delivered once.
+        control(&dev, ENABLE);
+        assert_eq!(delivered(&host, 0), 1);
+        assert!(!dev.irq.msix.pending(0));
     }
 }

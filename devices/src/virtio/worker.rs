@@ -148,7 +148,11 @@ impl QueueWorker {
                     let n = match epoll.wait(-1, &mut events) {
                         Ok(n) => n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(_) => return,
+                        Err(e) => {
+                            // The device stops serving its queues: say so, loudly.
+                            tracing::error!("device worker: epoll_wait failed, stopping: {e}");
+                            return;
+                        }
                     };
                     for ev in &events[..n] {
                         let token = ev.data();
