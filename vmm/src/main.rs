@@ -2,6 +2,8 @@ use clap::Parser;
 use vmm::cli::{AbiCommand, Cli, Command};
 
 fn main() {
+    // Before any thread exists (see the function).
+    vmm::seccomp::prepare_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)

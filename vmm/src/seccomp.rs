@@ -254,6 +254,21 @@ pub fn device_filter() -> Result<Filter, Error> {
     device_filter_with(SeccompAction::KillProcess)
 }
 
+/// Makes glibc's allocator safe to use under the filters; call it first thing in `main`, before
+/// any other thread exists. glibc gives threads their own malloc arenas, and a thread that frees
+/// enough to shrink its arena's heap reads `/proc/sys/vm/overcommit_memory` (an `openat`, which
+/// the filters refuse) the first time any thread does: the vmm died with SIGSYS in a virtio
+/// worker, depending on how the threads' allocations happened to fall. With one arena (the
+/// main, brk-based one, which shrinks with `brk`) no heap of that kind exists. The data path
+/// allocates nothing, so the shared arena's lock is not on it.
+pub fn prepare_allocator() {
+    // SAFETY: mallopt only sets an allocator parameter; called before other threads exist.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Installs `filter` on the calling thread (sets `no_new_privs` first). Threads it creates
 /// afterwards inherit it; other threads are not affected.
 pub fn apply(filter: &Filter) -> Result<(), Error> {
