@@ -68,6 +68,12 @@ pub trait PciFunction: Send + Sync {
 
     /// Name for logs and errors (QEMU driver name).
     fn name(&self) -> &str;
+
+    /// The device's internal state as text, for the monitor's diagnostics (HMP `info virtio`);
+    /// `None` when the function has nothing to report. Never called on a vCPU's path.
+    fn state_report(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Errors from changing the function table.

@@ -80,7 +80,7 @@ fn host() -> &'static str {
         // running after the deadline is reported by vmmwatch and the boot is run once more,
         // on fresh images (the test ground reports retried hangs). The kernel is not quiet
         // here and has no KASLR, so the log shows how far a hung guest got and the RIPs in
-        // vmmwatch's report match System.map.
+        // vmmwatch's report match System.map; the report has the devices' `info virtio` too.
         let setup = format!(
             r#"USOCK=$(command -v usock || echo '{usock}')
 cat > "$TMPDIR/guest-devices.sh" <<'GUEST_SCRIPT_EOF'
@@ -93,8 +93,9 @@ devices_boot() {{
     dd if=/dev/zero of=$TMPDIR/ro.img bs=1M count=1 2>/dev/null
     printf RO-DISK-ORIGINAL | dd of=$TMPDIR/ro.img conv=notrunc 2>/dev/null
     ro_md5=$(md5sum < $TMPDIR/ro.img)
-    vmmwatch {deadline} "$VMM" run --kernel "$GUEST_KERNEL" --initrd "$TMPDIR/guest-devices.cpio.gz" \
-        --append 'console=ttyS0 nokaslr panic=-1 reboot=t' --memory 256 {devices} &
+    vmmwatch --qmp $TMPDIR/qmp.sock {deadline} "$VMM" run --kernel "$GUEST_KERNEL" \
+        --initrd "$TMPDIR/guest-devices.cpio.gz" --append 'console=ttyS0 nokaslr panic=-1 reboot=t' \
+        --memory 256 --qmp unix:$TMPDIR/qmp.sock,server=on,wait=off {devices} &
     pid=$!
     i=0; while [ ! -e /sys/class/net/{TAP} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
     ip addr add 10.0.2.1/24 dev {TAP} && ip link set {TAP} up && echo "L1: {TAP} up"

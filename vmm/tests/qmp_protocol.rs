@@ -151,6 +151,13 @@ impl VmControl for Mock {
         self.call(&format!("dump_machine {path}"));
         Ok(())
     }
+    fn device_reports(&self) -> Vec<(pci::PciAddress, String, String)> {
+        vec![(
+            pci::PciAddress::new(0, 5, 0).unwrap(),
+            "rng0".into(),
+            "  status 0x0f (activated)\n".into(),
+        )]
+    }
 }
 
 fn sock_path(name: &str) -> PathBuf {
@@ -433,6 +440,10 @@ fn query_pci_and_hmp() {
     assert_eq!(
         hmp(&mut c, "info status"),
         "VM status: paused (prelaunch)\r\n"
+    );
+    assert_eq!(
+        hmp(&mut c, "info virtio"),
+        "00:05.0 id \"rng0\"\r\n  status 0x0f (activated)\r\n"
     );
     assert_eq!(
         hmp(&mut c, "frobnicate 1"),

@@ -153,6 +153,24 @@ impl VmControl for MachineControl {
             .collect()
     }
 
+    fn device_reports(&self) -> Vec<(pci::PciAddress, String, String)> {
+        let ids = self.machine.device_ids();
+        self.machine
+            .root()
+            .functions()
+            .into_iter()
+            .filter_map(|(addr, f)| {
+                let report = f.state_report()?;
+                let id = ids
+                    .iter()
+                    .find(|(a, _, _)| *a == addr)
+                    .map(|(_, id, _)| id.clone())
+                    .unwrap_or_default();
+                Some((addr, id, report))
+            })
+            .collect()
+    }
+
     fn device_add(&self, driver: &str, props: &[(String, String)]) -> Result<(), CommandError> {
         let mut option = driver.to_string();
         for (k, v) in props {

@@ -32,6 +32,11 @@ const INFO: &[(&str, &str, &str)] = &[
     ("pci", "", "show PCI info"),
     ("qtree", "", "show device tree"),
     ("status", "", "show the current VM status (running|paused)"),
+    (
+        "virtio",
+        "",
+        "show virtio devices' state (status, MSI-X vectors, queue rings)",
+    ),
 ];
 
 /// Runs one HMP command line, returns its output (`\r\n` line ends). `quit` is not run here:
@@ -142,6 +147,7 @@ fn run_lf(backend: &dyn VmControl, line: &str, quit: &mut bool) -> String {
             match found {
                 "pci" => info_pci(&backend.pci_functions()),
                 "qtree" => info_qtree(&backend.pci_functions()),
+                "virtio" => info_virtio(&backend.device_reports()),
                 _ => info_status(backend.status()),
             }
         }
@@ -209,6 +215,21 @@ pub fn info_pci(functions: &[PciFunctionInfo]) -> String {
         let _ = writeln!(s, "      id \"{}\"", f.qdev_id);
     }
     s
+}
+
+/// `info virtio` (our layout, not QEMU's): each virtio function by address with its id, then
+/// the report of its transport, in address order.
+pub fn info_virtio(reports: &[(pci::PciAddress, String, String)]) -> String {
+    let mut sorted: Vec<_> = reports.iter().collect();
+    sorted.sort_by_key(|(addr, _, _)| *addr);
+    let mut out = String::new();
+    for (addr, id, report) in sorted {
+        out += &format!("{addr} id \"{id}\"\n{report}");
+    }
+    if out.is_empty() {
+        out = "no virtio devices\n".into();
+    }
+    out
 }
 
 /// `info qtree`, simplified: the PCIe host with its bus and the PCI functions on it.

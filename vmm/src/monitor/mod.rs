@@ -191,6 +191,10 @@ pub trait VmControl: Send + Sync {
     fn query_machine(&self) -> Result<serde_json::Value, CommandError>;
     /// `dump-machine`: write the machine description to `path`.
     fn dump_machine(&self, path: &str) -> Result<(), CommandError>;
+    /// The internal state of each function that reports one (virtio devices: status, MSI-X
+    /// vectors, queue rings as they are in guest memory), as (address, qdev id, report text),
+    /// for HMP `info virtio`.
+    fn device_reports(&self) -> Vec<(pci::PciAddress, String, String)>;
 }
 
 /// Parses the value of `--qmp`: `unix:PATH[,server[=on]][,wait=off|,nowait]`, returns PATH.
