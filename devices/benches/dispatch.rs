@@ -26,9 +26,9 @@ use criterion::measurement::WallTime;
 use criterion::{criterion_group, BenchmarkGroup, Criterion};
 use devices::bus::{Bus, BusDevice};
 use devices::pci_host::{BarMapper, ConfigPorts, Ecam};
-use devices::virtio::pci::{TransportProps, VirtioPciDevice, MSIX_BAR};
-use devices::virtio::rng::Rng;
-use devices::virtio::testing::NullHost;
+use devices::virtio::pci::{VirtioPciDevice, MSIX_BAR};
+
+use devices::virtio::testing::{rng_function, NullHost};
 use pci::{PciAddress, PciFunction, PciRoot};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -233,19 +233,7 @@ fn build() -> Devices {
     let host = Arc::new(NullHost {
         next_gsi: AtomicU32::new(24),
     });
-    let rng = Arc::new(
-        VirtioPciDevice::new(
-            "virtio-rng-pci",
-            Arc::new(Rng::new()),
-            TransportProps {
-                vectors: 2,
-                multifunction: false,
-            },
-            mem,
-            host,
-        )
-        .unwrap(),
-    );
+    let rng = Arc::new(rng_function(mem, host));
     root.add(rng_addr(), rng.clone()).unwrap();
 
     let pio = Arc::new(Bus::new());
@@ -500,7 +488,7 @@ fn summary() {
         "{:<6} {:>3} {:>12} {:>12} {:>22} {:>9} {:>9}  parallel: lockfree/mutex/rw",
         "case", "thr", BUSES[0], BUSES[1], BUSES[2], "x mutex", "x rw+mtx",
     );
-    let mut worst_single: f64 = 0.0;
+    let mut worst_single: Option<f64> = None;
     let mut worst_ratio2 = f64::INFINITY;
     let mut serialised = 0;
     for case in [Case::Cf8, Case::Msix, Case::Ecam] {
@@ -535,7 +523,7 @@ fn summary() {
                 par_text
             );
             if threads == 1 {
-                worst_single = worst_single.max(a);
+                worst_single = Some(worst_single.map_or(a, |w| w.max(a)));
             } else if par.first().is_some_and(|p| *p >= MIN_PARALLEL) {
                 // Only the lock-free run tells whether two cores were free: the locked buses'
                 // threads sleep on contended futexes, which lowers their figure by design.
@@ -546,6 +534,11 @@ fn summary() {
         }
     }
     let verdict = |ok: bool| if ok { "MET" } else { "MISSED" };
+    let Some(worst_single) = worst_single else {
+        // `cargo bench -- --test` runs each case once and records no samples.
+        println!("goals: NOT MEASURED: no samples (criterion's --test mode?)");
+        return;
+    };
     println!(
         "goal: <= 20 ns per single-thread dispatch: worst {worst_single:.1} ns -> {}",
         verdict(worst_single <= 20.0)

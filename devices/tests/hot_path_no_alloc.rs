@@ -46,9 +46,9 @@ use std::sync::Arc;
 
 use devices::bus::{Bus, BusDevice};
 use devices::pci_host::{BarMapper, ConfigPorts, Ecam};
-use devices::virtio::pci::{TransportProps, VirtioPciDevice, MSIX_PBA_OFFSET};
-use devices::virtio::rng::Rng;
-use devices::virtio::testing::NullHost;
+use devices::virtio::pci::MSIX_PBA_OFFSET;
+
+use devices::virtio::testing::{rng_function, NullHost};
 use pci::{PciAddress, PciRoot};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -115,19 +115,7 @@ fn machine() -> Machine {
     let host = Arc::new(NullHost {
         next_gsi: AtomicU32::new(24),
     });
-    let rng = Arc::new(
-        VirtioPciDevice::new(
-            "virtio-rng-pci",
-            Arc::new(Rng::new()),
-            TransportProps {
-                vectors: 2,
-                multifunction: false,
-            },
-            mem,
-            host,
-        )
-        .unwrap(),
-    );
+    let rng = Arc::new(rng_function(mem, host));
     let addr = PciAddress::new(0, 5, 0).unwrap();
     root.add(addr, rng).unwrap();
     let pio = Arc::new(Bus::new());

@@ -820,8 +820,7 @@ impl Drop for VirtioPciDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::rng::Rng;
-    use crate::virtio::testing::NullHost;
+    use crate::virtio::testing::{rng_function, NullHost};
     use vm_memory::GuestAddress;
 
     /// Keeps a clone of every MSI irqfd handed out, to count what was delivered.
@@ -879,17 +878,7 @@ mod tests {
         use vm_memory::Bytes;
         let host = Arc::new(RecordingHost::default());
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let dev = VirtioPciDevice::new(
-            "rng",
-            Arc::new(Rng::new()),
-            TransportProps {
-                vectors: 2,
-                multifunction: false,
-            },
-            mem.clone(),
-            host,
-        )
-        .unwrap();
+        let dev = rng_function(mem.clone(), host);
         let w32 = |off: u64, v: u32| dev.bar_write(VIRTIO_BAR, off, &v.to_le_bytes());
         w32(0x20, 0x1000); // queue 0 (selected at reset): descriptors, avail, used
         w32(0x28, 0x2000);
@@ -917,17 +906,7 @@ mod tests {
     fn a_pending_vector_survives_an_unmask_while_msix_is_off() {
         let host = Arc::new(RecordingHost::default());
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let dev = VirtioPciDevice::new(
-            "rng",
-            Arc::new(Rng::new()),
-            TransportProps {
-                vectors: 2,
-                multifunction: false,
-            },
-            mem,
-            host.clone(),
-        )
-        .unwrap();
+        let dev = rng_function(mem, host.clone());
         const ENABLE: u16 = 1 << 15;
         control(&dev, ENABLE);
         // Vector 0 is masked (as at reset): the interrupt becomes pending.

@@ -57,3 +57,22 @@ impl VirtioInterrupt for CountingInterrupt {
         self.reset.fetch_add(1, Ordering::SeqCst);
     }
 }
+
+/// A virtio-rng-pci function with two MSI-X vectors over `mem`, its services from `host`: the
+/// function the dispatch bench, the allocation test and the transport's unit tests work on.
+pub fn rng_function(
+    mem: vm_memory::GuestMemoryMmap,
+    host: std::sync::Arc<dyn VirtioHost>,
+) -> super::pci::VirtioPciDevice {
+    super::pci::VirtioPciDevice::new(
+        "virtio-rng-pci",
+        std::sync::Arc::new(super::rng::Rng::new()),
+        super::pci::TransportProps {
+            vectors: 2,
+            multifunction: false,
+        },
+        mem,
+        host,
+    )
+    .expect("a virtio-rng-pci transport with two vectors")
+}
