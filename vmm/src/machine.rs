@@ -152,6 +152,9 @@ impl Machine {
     pub fn build(args: &RunArgs) -> Result<Arc<Machine>, Error> {
         let config = MachineConfig::from_args(args)?;
         let globals = Globals::parse(&args.globals)?;
+        // Before any device exists: device threads started from now on (workers, the INTx
+        // resampler) install the device filter first.
+        let seccomp = seccomp_filters(args.seccomp)?;
         let compat = match &args.compat {
             Some(path) => {
                 let old = if path.exists() {
@@ -316,7 +319,7 @@ impl Machine {
             compat,
             dump_machine: args.dump_machine.clone(),
             globals,
-            seccomp: seccomp_filters(args.seccomp)?,
+            seccomp,
         }))
     }
 

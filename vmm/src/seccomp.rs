@@ -1,5 +1,6 @@
-//! seccomp filters for the threads that act on guest input: vCPU threads and virtio device
-//! workers (built with the `seccompiler` crate, applied per thread, never process-wide).
+//! seccomp filters for the threads that act on guest input: vCPU threads, virtio device
+//! workers and the INTx resampler (built with the `seccompiler` crate, applied per thread,
+//! never process-wide).
 //!
 //! The allow-lists come from `strace -f` of the probe guest (config, ECAM, MSI-X and serial
 //! exits) and of the device workers, plus what the code reached from those threads can do:

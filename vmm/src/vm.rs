@@ -32,7 +32,8 @@ pub struct Vm {
 
 /// Re-raises level-triggered INTx lines: KVM lowers an irqfd-with-resample line at the guest's
 /// EOI and signals the resample eventfd; this thread then asks the device whether it is still
-/// pending. Never on a vCPU thread; a thread of its own, started with the first INTx line.
+/// pending. Never on a vCPU thread; a thread of its own, started with the first INTx line,
+/// under the device workers' seccomp filter.
 struct Resampler {
     epoll: vmm_sys_util::epoll::Epoll,
     lines: Mutex<Vec<IntxLine>>,
@@ -53,7 +54,14 @@ impl Resampler {
         let me = r.clone();
         std::thread::Builder::new()
             .name("intx-resample".into())
-            .spawn(move || me.run())?;
+            .spawn(move || {
+                // It only waits on and signals eventfds: the device workers' seccomp filter.
+                if let Err(e) = devices::virtio::run_thread_init() {
+                    tracing::error!("INTx resampler: thread set-up failed, INTx lines will not be re-raised: {e}");
+                    return;
+                }
+                me.run()
+            })?;
         Ok(r)
     }
 
@@ -256,5 +264,36 @@ impl VirtioHost for Vm {
             still_pending,
         });
         Ok(trigger)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// The INTx resampler thread runs the device threads' set-up (the seccomp filter in the
+    /// VMM) before it serves anything.
+    #[test]
+    fn the_resampler_thread_runs_the_device_thread_set_up() {
+        static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        devices::virtio::set_thread_init(|| {
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            SEEN.lock().unwrap().push(name);
+            Ok(())
+        });
+        let vm = Vm::new(16 << 20).expect("a VM on /dev/kvm");
+        let _line = vm
+            .register_intx(20, Box::new(|| false))
+            .expect("an INTx line");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !SEEN.lock().unwrap().iter().any(|n| n == "intx-resample") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not run: {:?}",
+                SEEN.lock().unwrap()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }

@@ -15,7 +15,7 @@ pub mod rng;
 pub mod testing;
 pub mod worker;
 
-pub use worker::{set_thread_init, QueueHandler, QueueWorker};
+pub use worker::{run_thread_init, set_thread_init, QueueHandler, QueueWorker};
 
 use std::sync::Arc;
 

@@ -24,6 +24,13 @@ pub fn set_thread_init(f: impl Fn() -> Result<(), String> + Send + Sync + 'stati
     let _ = THREAD_INIT.set(Box::new(f));
 }
 
+/// Runs the function set by [`set_thread_init`] (nothing if none was set) on the calling
+/// thread: for other threads that serve devices the way workers do (e.g. the VMM's INTx
+/// resampler) and must run under the same restrictions.
+pub fn run_thread_init() -> Result<(), String> {
+    THREAD_INIT.get().map_or(Ok(()), |init| init())
+}
+
 /// What a device does when a queue is notified. Runs on the worker thread only.
 pub trait QueueHandler: Send + 'static {
     /// Processes what the driver made available on `queue`.
@@ -132,11 +139,9 @@ impl QueueWorker {
         let handle = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                if let Some(init) = THREAD_INIT.get() {
-                    if let Err(e) = init() {
-                        tracing::error!("device worker: thread set-up failed: {e}");
-                        return;
-                    }
+                if let Err(e) = run_thread_init() {
+                    tracing::error!("device worker: thread set-up failed: {e}");
+                    return;
                 }
                 let _keep = thread_kill;
                 let mut events = vec![EpollEvent::default(); queues.len() + 1 + fds_len];
