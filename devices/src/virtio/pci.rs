@@ -781,10 +781,11 @@ impl PciFunction for VirtioPciDevice {
             );
         }
         out.push('\n');
-        let u16_at = |a: u64| {
-            self.mem
-                .read_obj::<u16>(GuestAddress(a))
-                .map_or_else(|_| "?".to_string(), |v| v.to_string())
+        // The u16 at `base + off` in guest memory, "?" when there is none (no overflow).
+        let u16_at = |base: u64, off: u64| {
+            base.checked_add(off)
+                .and_then(|a| self.mem.read_obj::<u16>(GuestAddress(a)).ok())
+                .map_or_else(|| "?".to_string(), |v| v.to_string())
         };
         for (i, q) in c.queues.iter().enumerate() {
             if !q.enabled {
@@ -799,11 +800,11 @@ impl PciFunction for VirtioPciDevice {
                 q.vector,
                 q.desc,
                 q.driver,
-                u16_at(q.driver),
-                u16_at(q.driver + 2),
+                u16_at(q.driver, 0),
+                u16_at(q.driver, 2),
                 q.device,
-                u16_at(q.device),
-                u16_at(q.device + 2),
+                u16_at(q.device, 0),
+                u16_at(q.device, 2),
             );
         }
         Some(out)
@@ -896,6 +897,15 @@ mod tests {
         );
         assert!(
             r.contains("queue 0: size 256 vector 65535 desc 0x1000 avail 0x2000 (flags 0 idx 3) used 0x3000 (flags 1 idx 2)"),
+            "{r}"
+        );
+        // Rings wherever the guest put them (here: the very top of the address space) are
+        // reported as unreadable, never a panic.
+        w32(0x28, u32::MAX);
+        w32(0x2c, u32::MAX);
+        let r = dev.state_report().unwrap();
+        assert!(
+            r.contains("avail 0xffffffffffffffff (flags ? idx ?)"),
             "{r}"
         );
     }
