@@ -26,13 +26,13 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --release -p vmm
 bash resources/guest/build.sh target/guest
-# A guest boot that hung and passed when run again is reported here, pass or fail (see
-# tests/src/ground.rs, resources/linux/vmmwatch).
+# Every vmm hang on the test ground is reported here, pass or fail (a hung guest boot is run
+# once more; see tests/src/ground.rs, resources/linux/vmmwatch).
 HANGS=target/test-ground-hangs.log
 rm -f "$HANGS"
 report_hangs() {
     if [ -s "$HANGS" ]; then
-        echo "test.sh: WARNING: guest boots hung and were run again; their reports:" >&2
+        echo "test.sh: WARNING: vmm runs hung (a retried boot may have passed); their reports:" >&2
         cat "$HANGS" >&2
     fi
 }

@@ -8,9 +8,9 @@
 //! reason and tests are expected to panic on it (`.expect(...)`).
 //!
 //! The host scenario sees `VMM`, `GUEST_KERNEL`, `GUEST_INITRD` (the guest's base initramfs) and
-//! `TMPDIR`, and has `mkguestinitrd OUT SCRIPT` and `vmmwatch [--retry] SECONDS CMD...` on its
-//! PATH (resources/linux/vmmwatch: a deadline for a vmm run; a hung vmm's threads and KVM
-//! statistics are printed before it is stopped). The guest's `/init` prints
+//! `TMPDIR`, and has `mkguestinitrd OUT SCRIPT` and `vmmwatch [--retry] [--qmp SOCKET] SECONDS
+//! CMD...` on its PATH (resources/linux/vmmwatch: a deadline for a vmm run; a hung vmm's
+//! threads, KVM counters and trace, and `info virtio` are printed before it is stopped). The guest's `/init` prints
 //! `=== GUEST-READY ===`, then runs the guest script between `=== SCENARIO-BEGIN ===` and
 //! `=== SCENARIO-END rc=N ===` (or, without one, `lspci -n`, `lspci -nn`, `lspci -vvv -nn` in the
 //! sections `LSPCI-N`, `LSPCI-NN`, `LSPCI-VVV`) and resets the machine (`reboot -f`).
@@ -94,7 +94,11 @@ pub fn run_host_scenario_with(
         .write_all(script.as_bytes())
         .map_err(|e| format!("writing {}: {e}", file.0.display()))?;
     drop(file.1);
-    let extra: Vec<String> = extra_cpio.iter().map(|p| p.display().to_string()).collect();
+    // After any the caller's environment already names.
+    let mut extra: Vec<String> = std::env::var("L1_EXTRA_CPIO")
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    extra.extend(extra_cpio.iter().map(|p| p.display().to_string()));
     let result = Command::new("bash")
         .env("L1_EXTRA_CPIO", extra.join(" "))
         .arg(&runner)
@@ -108,7 +112,7 @@ pub fn run_host_scenario_with(
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Shown by `cargo test -- --nocapture` or when the test fails.
     eprintln!("----- run-scenario stdout -----\n{stdout}----- stderr -----\n{stderr}-----");
-    report_retried_hangs(&stdout);
+    report_hangs(&stdout);
     let fail = |why: &str| {
         Err(format!(
             "{why}\n--- stderr ---\n{stderr}\n--- stdout (tail) ---\n{}",
@@ -157,30 +161,47 @@ pub fn build_part(script: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// File (under `target/`) where hangs that passed on a retry are recorded; `resources/test.sh`
-/// prints it at the end of a run, so a hang never goes unnoticed even when the test passed.
+/// File (under `target/`) where every vmm hang is recorded; `resources/test.sh` prints it at the
+/// end of a run, so a hang never goes unnoticed even when the test passed on a retry.
 pub fn hang_log() -> PathBuf {
     repo_root().join("target/test-ground-hangs.log")
 }
 
-/// A vmm that hung and was run again (`vmmwatch --retry`) leaves a passing test behind: say so
-/// on stderr and append the hang reports to [`hang_log`].
-fn report_retried_hangs(stdout: &str) {
-    if !stdout.contains(HANG_RETRY_MARKER) {
+/// A vmm that hung (vmmwatch's report), whether it was run again or its test failed anyway:
+/// say so on stderr and append the reports to [`hang_log`], so a passing test cannot hide it.
+/// Only reports about a vmm run count (the ground's own test of vmmwatch watches `sleep`).
+fn report_hangs(stdout: &str) {
+    let reports: Vec<String> = sections(stdout, "VMM-HANG")
+        .into_iter()
+        .filter(|r| r.lines().next().is_some_and(|l| l.contains("vmm run ")))
+        .collect();
+    if reports.is_empty() {
         return;
     }
-    let reports = sections(stdout, "VMM-HANG").join("\n----\n");
+    let reports = reports.join("\n----\n");
     let test = std::thread::current()
         .name()
         .unwrap_or("unnamed test")
         .to_string();
-    eprintln!("!!!!! test ground: a vmm hung and was run again ({test}):\n{reports}\n!!!!!");
+    eprintln!("!!!!! test ground: a vmm hung ({test}):\n{reports}\n!!!!!");
     let entry = format!("##### {test}\n{reports}\n");
-    let _ = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(hang_log())
+    let log = hang_log();
+    let written = log
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+        })
         .and_then(|mut f| f.write_all(entry.as_bytes()));
+    if let Err(e) = written {
+        eprintln!(
+            "!!!!! test ground: cannot record the hang in {}: {e}",
+            log.display()
+        );
+    }
 }
 
 /// The lines between `=== NAME-BEGIN ===` and `=== NAME-END ===` / `=== NAME-END rc=N ===`
@@ -344,7 +365,9 @@ mod tests {
             test \"$(wc -c < \"$TMPDIR/g.gz\")\" -gt \"$(wc -c < \"$GUEST_INITRD\")\"\n\
             echo '=== CHECK-BEGIN ==='\necho ground ok\necho '=== CHECK-END ==='\n\
             set +e\nvmmwatch 5 sh -c 'exit 3'\necho \"=== QUICK-END rc=$? ===\"\n\
-            vmmwatch 1 sleep 30\necho \"=== SLOW-END rc=$? ===\"\nexit 7\n";
+            vmmwatch 1 sleep 30\necho \"=== SLOW-END rc=$? ===\"\n\
+            m='===' vmmwatch --retry 1 sh -c '[ -e $TMPDIR/once ] || { touch $TMPDIR/once; echo \"$m TRY-BEGIN $m\"; echo first; sleep 30; }; echo \"$m TRY-BEGIN $m\"; echo second; echo \"$m TRY-END $m\"'\n\
+            echo \"=== RETRIED-END rc=$? ===\"\nexit 7\n";
         let out = run_host_scenario(script).expect("test ground");
         assert_eq!(out.rc, 7, "{}", out.stdout);
         assert_eq!(out.section("CHECK").as_deref(), Some("ground ok"));
@@ -356,7 +379,16 @@ mod tests {
             .unwrap_or_else(|| panic!("{}", out.stdout));
         assert!(hang.contains("still running after 1s: sleep 30"), "{hang}");
         assert!(hang.contains("'sleep' state=S"), "{hang}");
-        assert!(!out.stdout.contains(HANG_RETRY_MARKER), "{}", out.stdout);
+        // --retry: the second run's status, and its sections are the only ones found.
+        assert_eq!(end_rc(&out.stdout, "RETRIED"), Some(0), "{}", out.stdout);
+        assert!(out.stdout.contains(HANG_RETRY_MARKER), "{}", out.stdout);
+        assert_eq!(
+            out.section("TRY").as_deref(),
+            Some("second"),
+            "{}",
+            out.stdout
+        );
+        assert!(out.stdout.contains("    | first"), "{}", out.stdout);
         assert!(
             out.mode == "l1" || out.mode == "direct",
             "mode {}",

@@ -315,6 +315,18 @@ fn query_compat_machine_and_quit() {
     assert!(text.contains("Bus  0, device   5, function 0:"), "{text}");
     assert!(text.contains("PCI device 1af4:1044"), "{text}");
     assert!(text.contains("id \"rng0\""), "{text}");
+    // The transport's own report, from the real machine.
+    let info = c.cmd(
+        json!({"execute": "human-monitor-command", "arguments": {"command-line": "info virtio"}}),
+    );
+    let text = info["return"].as_str().unwrap();
+    assert!(
+        text.starts_with("00:05.0 id \"rng0\"\r\n  status 0x"),
+        "{text}"
+    );
+    assert!(text.contains("\r\n  msi-x "), "{text}");
+    assert!(text.contains("v0=") && text.contains("v1="), "{text}");
+    assert!(text.contains("\r\n  queue 0: "), "{text}");
     assert_eq!(c.cmd(json!({"execute": "quit"}))["return"], json!({}));
     let ev = c.line();
     assert_eq!(ev["event"], "SHUTDOWN", "{ev}");
@@ -343,7 +355,7 @@ S="$TMPDIR/qmp.sock"
 E2E=$(command -v qmp_e2e || echo '{e2e}')
 attempt() {{
 rm -f "$S"
-vmmwatch {BOOT_DEADLINE_SECS} "$VMM" run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --append 'console=ttyS0 quiet panic=-1' --memory 256 \
+vmmwatch --qmp "$S" {BOOT_DEADLINE_SECS} "$VMM" run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --append 'console=ttyS0 quiet panic=-1' --memory 256 \
     -S --qmp "unix:$S,server=on,wait=off" --device virtio-rng-pci,id=rng0,addr=05.0 > "$TMPDIR/guest.out" 2>&1 &
 pid=$!
 i=0; while [ ! -S "$S" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done

@@ -78,9 +78,9 @@ fn host() -> &'static str {
         // The DEVICES boot runs the vmm in the background: L1 configures the tap once the
         // vmm has created it, and connects to the console socket with usock. A vmm still
         // running after the deadline is reported by vmmwatch and the boot is run once more,
-        // on fresh images (the test ground reports retried hangs). The kernel is not quiet
-        // here and has no KASLR, so the log shows how far a hung guest got and the RIPs in
-        // vmmwatch's report match System.map; the report has the devices' `info virtio` too.
+        // on fresh images (the test ground reports hangs). The kernel runs without KASLR, so
+        // the RIPs in vmmwatch's report match System.map; the report has the devices' `info
+        // virtio` too. (It stays quiet: kernel messages could split the guest's lines.)
         let setup = format!(
             r#"USOCK=$(command -v usock || echo '{usock}')
 cat > "$TMPDIR/guest-devices.sh" <<'GUEST_SCRIPT_EOF'
@@ -94,7 +94,7 @@ devices_boot() {{
     printf RO-DISK-ORIGINAL | dd of=$TMPDIR/ro.img conv=notrunc 2>/dev/null
     ro_md5=$(md5sum < $TMPDIR/ro.img)
     vmmwatch --qmp $TMPDIR/qmp.sock {deadline} "$VMM" run --kernel "$GUEST_KERNEL" \
-        --initrd "$TMPDIR/guest-devices.cpio.gz" --append 'console=ttyS0 nokaslr panic=-1 reboot=t' \
+        --initrd "$TMPDIR/guest-devices.cpio.gz" --append 'console=ttyS0 quiet nokaslr panic=-1 reboot=t' \
         --memory 256 --qmp unix:$TMPDIR/qmp.sock,server=on,wait=off {devices} &
     pid=$!
     i=0; while [ ! -e /sys/class/net/{TAP} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done

@@ -52,17 +52,26 @@ impl Resampler {
             lines: Mutex::new(Vec::new()),
         });
         let me = r.clone();
+        let (ready, set_up) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("intx-resample".into())
             .spawn(move || {
                 // It only waits on and signals eventfds: the device workers' seccomp filter.
-                if let Err(e) = devices::virtio::run_thread_init() {
-                    tracing::error!("INTx resampler: thread set-up failed, INTx lines will not be re-raised: {e}");
-                    return;
+                let init = devices::virtio::run_thread_init();
+                let ok = init.is_ok();
+                let _ = ready.send(init);
+                if ok {
+                    me.run()
                 }
-                me.run()
             })?;
-        Ok(r)
+        // Without its thread no INTx line would ever be raised again: fail the device instead.
+        match set_up.recv() {
+            Ok(Ok(())) => Ok(r),
+            Ok(Err(e)) => Err(std::io::Error::other(format!(
+                "INTx resampler thread set-up: {e}"
+            ))),
+            Err(_) => Err(std::io::Error::other("INTx resampler thread ended")),
+        }
     }
 
     fn run(&self) {
@@ -72,7 +81,10 @@ impl Resampler {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
+                Err(e) => {
+                    tracing::error!("INTx resampler: epoll_wait failed, stopping: {e}");
+                    return;
+                }
             };
             let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
             for ev in &events[..n] {

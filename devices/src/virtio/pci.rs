@@ -740,18 +740,36 @@ impl PciFunction for VirtioPciDevice {
     fn state_report(&self) -> Option<String> {
         use std::fmt::Write as _;
         use vm_memory::{Bytes, GuestAddress};
-        let c = self.common.lock().unwrap_or_else(|p| p.into_inner());
         let irq = &self.irq;
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "  status {:#04x}{}, driver features {:#x}, isr {:#x}, config vector {}",
-            c.status | irq.status.load(Ordering::Acquire),
-            if c.activated { " (activated)" } else { "" },
-            c.driver_features,
-            irq.isr.load(Ordering::Acquire),
-            irq.config_vector.load(Ordering::Acquire),
-        );
+        // Never wait for the common config: a vCPU stuck in a device reset holds it, and this
+        // report is for finding such things.
+        let common = match self.common.try_lock() {
+            Ok(c) => Some(c),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        match &common {
+            Some(c) => {
+                let _ = writeln!(
+                    out,
+                    "  status {:#04x}{}, driver features {:#x}, isr {:#x}, config vector {}",
+                    c.status | irq.status.load(Ordering::Acquire),
+                    if c.activated { " (activated)" } else { "" },
+                    c.driver_features,
+                    irq.isr.load(Ordering::Acquire),
+                    irq.config_vector.load(Ordering::Acquire),
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  common config busy (held by a vCPU), isr {:#x}, config vector {}",
+                    irq.isr.load(Ordering::Acquire),
+                    irq.config_vector.load(Ordering::Acquire),
+                );
+            }
+        }
         let cfg = &irq.config;
         let _ = write!(
             out,
@@ -787,7 +805,8 @@ impl PciFunction for VirtioPciDevice {
                 .and_then(|a| self.mem.read_obj::<u16>(GuestAddress(a)).ok())
                 .map_or_else(|| "?".to_string(), |v| v.to_string())
         };
-        for (i, q) in c.queues.iter().enumerate() {
+        let queues = common.as_ref().map_or(&[][..], |c| &c.queues[..]);
+        for (i, q) in queues.iter().enumerate() {
             if !q.enabled {
                 let _ = writeln!(out, "  queue {i}: disabled");
                 continue;
@@ -899,6 +918,13 @@ mod tests {
             r.contains("queue 0: size 256 vector 65535 desc 0x1000 avail 0x2000 (flags 0 idx 3) used 0x3000 (flags 1 idx 2)"),
             "{r}"
         );
+        // A vCPU holding the common config (e.g. stuck in a device reset) does not block it.
+        {
+            let _held = dev.common.lock().unwrap();
+            let r = dev.state_report().unwrap();
+            assert!(r.contains("common config busy (held by a vCPU), isr 0x0"), "{r}");
+            assert!(r.contains("v0=masked v1=masked"), "{r}");
+        }
         // Rings wherever the guest put them (here: the very top of the address space) are
         // reported as unreadable, never a panic.
         w32(0x28, u32::MAX);

@@ -41,6 +41,18 @@ impl MachineControl {
     }
 }
 
+/// The qdev id and driver of the device at `addr` in `ids` (`Machine::device_ids`); empty for
+/// functions no `--device` made (the host bridge).
+fn id_and_driver(
+    ids: &[(pci::PciAddress, String, String)],
+    addr: pci::PciAddress,
+) -> (String, String) {
+    ids.iter()
+        .find(|(a, _, _)| *a == addr)
+        .map(|(_, id, d)| (id.clone(), d.clone()))
+        .unwrap_or_default()
+}
+
 fn generic(e: impl std::fmt::Display) -> CommandError {
     CommandError::generic(e.to_string())
 }
@@ -90,11 +102,7 @@ impl VmControl for MachineControl {
             .map(|(addr, f)| {
                 let cfg = f.config();
                 let class = cfg.class_code();
-                let (qdev_id, driver) = ids
-                    .iter()
-                    .find(|(a, _, _)| *a == addr)
-                    .map(|(_, id, d)| (id.clone(), d.clone()))
-                    .unwrap_or_default();
+                let (qdev_id, driver) = id_and_driver(&ids, addr);
                 let regions = cfg
                     .bars()
                     .iter()
@@ -161,12 +169,7 @@ impl VmControl for MachineControl {
             .into_iter()
             .filter_map(|(addr, f)| {
                 let report = f.state_report()?;
-                let id = ids
-                    .iter()
-                    .find(|(a, _, _)| *a == addr)
-                    .map(|(_, id, _)| id.clone())
-                    .unwrap_or_default();
-                Some((addr, id, report))
+                Some((addr, id_and_driver(&ids, addr).0, report))
             })
             .collect()
     }
