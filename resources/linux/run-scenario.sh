@@ -4,7 +4,7 @@
 # host with a real KVM: directly on this machine when it has hardware virtualisation (svm/vmx,
 # not PVM), else inside the L1 image booted by qemu TCG with emulated SVM. Output goes to stdout;
 # exit status is the scenario's rc (or non-zero with a loud message if it never finished).
-# Env: VMM_CACHE (cache dir), SCENARIO_TIMEOUT (s, default 600), VMM_GROUND=direct|l1 (force),
+# Env: VMM_CACHE (cache dir), SCENARIO_TIMEOUT (s, default 900), VMM_GROUND=direct|l1 (force),
 #      L1_EXTRA_CPIO (L1 mode: extra .cpio.gz files appended to the L1 initramfs, e.g. tools).
 # --with-qemu: qemu-system-x86_64 is available to the scenario too (reference L2 monitor).
 set -euo pipefail
@@ -22,7 +22,7 @@ SCRIPT=${1:?usage: run-scenario.sh [--vmm PATH] [--with-qemu] HOST_SCRIPT}
 [ -f "$SCRIPT" ] || { echo "run-scenario: no such script $SCRIPT" >&2; exit 2; }
 [ -x "$VMM_BIN" ] || { echo "run-scenario: vmm binary $VMM_BIN missing (cargo build --release -p vmm)" >&2; exit 2; }
 VMM_BIN=$(readlink -f "$VMM_BIN")
-TIMEOUT=${SCENARIO_TIMEOUT:-600}
+TIMEOUT=${SCENARIO_TIMEOUT:-900}
 
 MODE=${VMM_GROUND:-}
 if [ -z "$MODE" ]; then

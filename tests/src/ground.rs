@@ -27,7 +27,7 @@ pub const DEFAULT_APPEND: &str = "console=ttyS0 quiet panic=-1 reboot=t";
 pub const DEFAULT_MEMORY_MIB: u32 = 256;
 /// Seconds a guest boot may take (a boot with its scenario takes 5 to 30 s here). A boot still
 /// running then is reported (`vmmwatch`) and run once more; see [`run_host_scenario`].
-pub const BOOT_DEADLINE_SECS: u32 = 180;
+pub const BOOT_DEADLINE_SECS: u32 = 120;
 /// Marker `vmmwatch --retry` prints before running a hung vmm again.
 pub const HANG_RETRY_MARKER: &str = "=== VMM-HANG-RETRY ===";
 
@@ -351,7 +351,7 @@ mod tests {
             Some("lspci -n"),
         )]);
         assert!(s.contains("mkguestinitrd \"$TMPDIR/guest-a.cpio.gz\""));
-        assert!(s.contains("vmmwatch --retry 180 \"$VMM\" run "));
+        assert!(s.contains("vmmwatch --retry 120 \"$VMM\" run "));
         assert!(s.contains("--append 'console=ttyS0 quiet panic=-1 reboot=t' --memory 256 --device virtio-rng-pci,id=r0\n"));
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
     }
