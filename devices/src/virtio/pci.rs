@@ -922,7 +922,10 @@ mod tests {
         {
             let _held = dev.common.lock().unwrap();
             let r = dev.state_report().unwrap();
-            assert!(r.contains("common config busy (held by a vCPU), isr 0x0"), "{r}");
+            assert!(
+                r.contains("common config busy (held by a vCPU), isr 0x0"),
+                "{r}"
+            );
             assert!(r.contains("v0=masked v1=masked"), "{r}");
         }
         // Rings wherever the guest put them (here: the very top of the address space) are
