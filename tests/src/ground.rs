@@ -282,8 +282,18 @@ pub fn guest_boot_with(
         }
         None => "\"$GUEST_INITRD\"".to_string(),
     };
+    // A QMP socket (unless the boot brings its own), so that a hang report has `info virtio`.
+    let (watch, qmp) = if vmm_args.contains("--qmp") {
+        (String::new(), String::new())
+    } else {
+        let sock = format!("$TMPDIR/qmp-{label}.sock");
+        (
+            format!(" --qmp \"{sock}\""),
+            format!(" --qmp \"unix:{sock},server=on,wait=off\""),
+        )
+    };
     s += &format!(
-        "vmmwatch --retry {BOOT_DEADLINE_SECS} \"$VMM\" run --kernel \"$GUEST_KERNEL\" --initrd {initrd} --append {} --memory {memory_mib} {vmm_args}\n\
+        "vmmwatch --retry{watch} {BOOT_DEADLINE_SECS} \"$VMM\" run --kernel \"$GUEST_KERNEL\" --initrd {initrd} --append {} --memory {memory_mib} {vmm_args}{qmp}\n\
          echo \"=== BOOT-{label}-END rc=$? ===\"\n",
         shell_quote(append)
     );
@@ -351,8 +361,8 @@ mod tests {
             Some("lspci -n"),
         )]);
         assert!(s.contains("mkguestinitrd \"$TMPDIR/guest-a.cpio.gz\""));
-        assert!(s.contains("vmmwatch --retry 120 \"$VMM\" run "));
-        assert!(s.contains("--append 'console=ttyS0 quiet panic=-1 reboot=t' --memory 256 --device virtio-rng-pci,id=r0\n"));
+        assert!(s.contains("vmmwatch --retry --qmp \"$TMPDIR/qmp-a.sock\" 120 \"$VMM\" run "));
+        assert!(s.contains("--append 'console=ttyS0 quiet panic=-1 reboot=t' --memory 256 --device virtio-rng-pci,id=r0 --qmp \"unix:$TMPDIR/qmp-a.sock,server=on,wait=off\"\n"));
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
     }
 
