@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vmm::monitor::{
-    CommandError, EventSink, PciFunctionInfo, PciRegionInfo, QmpServer, RegionKind, RunState,
-    VmControl, MAX_MESSAGE_SIZE,
+    CommandError, EventSink, PciFunctionInfo, QmpServer, RunState, VmControl, MAX_MESSAGE_SIZE,
 };
 
 /// A `device_add` call: driver and properties.
@@ -71,37 +70,9 @@ impl VmControl for Mock {
     fn pci_functions(&self) -> Vec<PciFunctionInfo> {
         vec![
             PciFunctionInfo {
-                slot: 5,
-                class: 0x00ff,
-                vendor: 0x1af4,
-                device: 0x1044,
-                subsystem_vendor: 0x1af4,
-                subsystem: 0x1100,
                 revision: 1,
-                irq_pin: 1,
-                irq_line: 0,
-                qdev_id: "rng0".into(),
-                driver: "virtio-rng-pci".into(),
-                regions: vec![
-                    PciRegionInfo {
-                        bar: 1,
-                        kind: RegionKind::Memory,
-                        address: 0xc000_8000,
-                        size: 0x1000,
-                        prefetch: false,
-                        mem_type_64: false,
-                    },
-                    PciRegionInfo {
-                        bar: 4,
-                        kind: RegionKind::Memory,
-                        address: 0xc000_c000,
-                        size: 0x4000,
-                        prefetch: true,
-                        mem_type_64: true,
-                    },
-                ],
                 props: vec![("vectors".into(), "2".into())],
-                ..Default::default()
+                ..vmm::monitor::testing::virtio_rng_info()
             },
             PciFunctionInfo {
                 class: 0x0600,

@@ -275,39 +275,9 @@ pub fn info_qtree(functions: &[PciFunctionInfo]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::monitor::PciRegionInfo;
 
     fn rng() -> PciFunctionInfo {
-        PciFunctionInfo {
-            slot: 5,
-            class: 0x00ff,
-            vendor: 0x1af4,
-            device: 0x1044,
-            subsystem_vendor: 0x1af4,
-            subsystem: 0x1100,
-            irq_pin: 1,
-            irq_line: 0,
-            qdev_id: "rng0".into(),
-            driver: "virtio-rng-pci".into(),
-            regions: vec![
-                PciRegionInfo {
-                    bar: 1,
-                    kind: RegionKind::Memory,
-                    address: 0xc000_8000,
-                    size: 0x1000,
-                    ..Default::default()
-                },
-                PciRegionInfo {
-                    bar: 4,
-                    kind: RegionKind::Memory,
-                    address: 0xc000_c000,
-                    size: 0x4000,
-                    prefetch: true,
-                    mem_type_64: true,
-                },
-            ],
-            ..Default::default()
-        }
+        crate::monitor::testing::virtio_rng_info()
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod client;
 pub mod commands;
 pub mod hmp;
 pub mod qmp;
+pub mod testing;
 
 use std::path::PathBuf;
 
