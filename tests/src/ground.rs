@@ -161,6 +161,13 @@ pub fn build_part(script: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// The part of `text` after the last [`HANG_RETRY_MARKER`] (all of it when there is none): the
+/// output of the last attempt of a scenario that runs a hung step once more itself. (Boots
+/// from [`guest_boot`] need no cutting: vmmwatch defuses a hung run's markers.)
+pub fn last_attempt(text: &str) -> &str {
+    text.rsplit(HANG_RETRY_MARKER).next().unwrap_or(text)
+}
+
 /// File (under `target/`) where every vmm hang is recorded; `resources/test.sh` prints it at the
 /// end of a run, so a hang never goes unnoticed even when the test passed on a retry.
 pub fn hang_log() -> PathBuf {

@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use integration_tests::ground::{
-    build_part, host_script, run_host_scenario_with, section, vmm_binary, BOOT_DEADLINE_SECS,
-    HANG_RETRY_MARKER,
+    build_part, host_script, last_attempt, run_host_scenario_with, section, vmm_binary,
+    BOOT_DEADLINE_SECS, HANG_RETRY_MARKER,
 };
 use integration_tests::probe::{lspci_decode, probe_elf, require_kvm};
 use serde_json::{json, Value};
@@ -379,11 +379,7 @@ echo "=== GUEST-BEGIN ==="; cat "$TMPDIR/guest.out"; echo "=== GUEST-END rc=$rc 
     let out =
         run_host_scenario_with(&script, &[python]).unwrap_or_else(|e| panic!("test ground: {e}"));
     // After a retried hang, the last attempt counts.
-    let last = out
-        .stdout
-        .rsplit(HANG_RETRY_MARKER)
-        .next()
-        .unwrap_or(&out.stdout);
+    let last = last_attempt(&out.stdout);
     let qmp = section(last, "QMP").unwrap_or_else(|| panic!("{}", out.stdout));
     assert!(last.contains("=== QMP-END rc=0 ==="), "{qmp}");
     assert!(qmp.contains("\"status\":\"prelaunch\""), "{qmp}");

@@ -7,8 +7,8 @@
 use std::sync::OnceLock;
 
 use integration_tests::ground::{
-    build_part, guest_boot, host_script, run_host_scenario_with, section, BOOT_DEADLINE_SECS,
-    HANG_RETRY_MARKER,
+    build_part, guest_boot, host_script, last_attempt, run_host_scenario_with, section,
+    BOOT_DEADLINE_SECS, HANG_RETRY_MARKER,
 };
 use integration_tests::probe::{probe_elf, vmm};
 
@@ -143,8 +143,7 @@ fn guest_section(label: &str, name: &str) -> String {
         "vmm did not exit 0 for {label}:\n{out}"
     );
     let boot = section(out, &format!("BOOT-{label}")).expect("boot section");
-    // After a retried hang, the second run's output counts.
-    let boot = boot.rsplit(HANG_RETRY_MARKER).next().unwrap_or(&boot);
+    let boot = last_attempt(&boot);
     section(boot, name).unwrap_or_else(|| panic!("no {name} section in {label}:\n{boot}"))
 }
 
