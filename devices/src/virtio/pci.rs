@@ -749,27 +749,22 @@ impl PciFunction for VirtioPciDevice {
             Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => None,
         };
-        match &common {
-            Some(c) => {
-                let _ = writeln!(
-                    out,
-                    "  status {:#04x}{}, driver features {:#x}, isr {:#x}, config vector {}",
-                    c.status | irq.status.load(Ordering::Acquire),
-                    if c.activated { " (activated)" } else { "" },
-                    c.driver_features,
-                    irq.isr.load(Ordering::Acquire),
-                    irq.config_vector.load(Ordering::Acquire),
-                );
-            }
-            None => {
-                let _ = writeln!(
-                    out,
-                    "  common config busy (held by a vCPU), isr {:#x}, config vector {}",
-                    irq.isr.load(Ordering::Acquire),
-                    irq.config_vector.load(Ordering::Acquire),
-                );
-            }
-        }
+        let _ = match &common {
+            Some(c) => write!(
+                out,
+                "  status {:#04x}{}, driver features {:#x}",
+                c.status | irq.status.load(Ordering::Acquire),
+                if c.activated { " (activated)" } else { "" },
+                c.driver_features,
+            ),
+            None => write!(out, "  common config busy (held by a vCPU)"),
+        };
+        let _ = writeln!(
+            out,
+            ", isr {:#x}, config vector {}",
+            irq.isr.load(Ordering::Acquire),
+            irq.config_vector.load(Ordering::Acquire),
+        );
         let cfg = &irq.config;
         let _ = write!(
             out,
