@@ -662,26 +662,18 @@ mod tests {
 
     #[test]
     fn parse_errors() {
-        assert_eq!(
-            parse_message(b"{\"execute\": }").unwrap_err().desc,
-            "JSON parse error, expecting value"
-        );
-        assert_eq!(
-            parse_message(b"}").unwrap_err().desc,
-            "JSON parse error, stray '}'"
-        );
-        assert_eq!(
-            parse_message(b"hello").unwrap_err().desc,
-            "JSON parse error, invalid keyword 'hello'"
-        );
-        assert_eq!(
-            parse_message(b"{\"a\" 1}").unwrap_err().desc,
-            "JSON parse error, missing : in object pair"
-        );
-        assert_eq!(
-            parse_message(b"{\"a\": 1 2}").unwrap_err().desc,
-            "JSON parse error, expected separator in dict"
-        );
+        for (input, desc) in [
+            (&b"{\"execute\": }"[..], "JSON parse error, expecting value"),
+            (b"}", "JSON parse error, stray '}'"),
+            (b"hello", "JSON parse error, invalid keyword 'hello'"),
+            (b"{\"a\" 1}", "JSON parse error, missing : in object pair"),
+            (
+                b"{\"a\": 1 2}",
+                "JSON parse error, expected separator in dict",
+            ),
+        ] {
+            assert_eq!(parse_message(input).unwrap_err().desc, desc);
+        }
         assert_eq!(parse_message(b"-").unwrap_err().desc, "Invalid JSON syntax");
         assert_eq!(
             parse_message(b"\xff\xfe").unwrap_err().class,
