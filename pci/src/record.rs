@@ -319,10 +319,9 @@ impl CompatRecord {
     }
 
     /// Writes the record atomically: a temporary file beside `path`, fsync, rename over `path`,
-    /// fsync of the directory. `pause` (tests only) sleeps between the fsync and the rename, so a
-    /// test can kill the writer at the worst moment.
-    pub fn save(&self, path: &Path, pause: Option<std::time::Duration>) -> Result<(), RecordError> {
-        write_atomically(path, self.to_json().as_bytes(), pause).map_err(|e| RecordError::Io {
+    /// fsync of the directory. A crash at any point leaves either the old record or the new one.
+    pub fn save(&self, path: &Path) -> Result<(), RecordError> {
+        write_atomically(path, self.to_json().as_bytes()).map_err(|e| RecordError::Io {
             path: path.display().to_string(),
             reason: e.to_string(),
         })
@@ -330,11 +329,7 @@ impl CompatRecord {
 }
 
 /// Writes `bytes` to `path` atomically (see [`CompatRecord::save`]).
-pub fn write_atomically(
-    path: &Path,
-    bytes: &[u8],
-    pause: Option<std::time::Duration>,
-) -> std::io::Result<()> {
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => std::path::PathBuf::from("."),
@@ -350,9 +345,6 @@ pub fn write_atomically(
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
-        if let Some(p) = pause {
-            std::thread::sleep(p);
-        }
         std::fs::rename(&tmp, path)?;
         File::open(&dir)?.sync_all()
     })();
@@ -670,10 +662,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("rec.json");
         let r = record(&[("a", 1, 2)]);
-        r.save(&p, None).unwrap();
+        r.save(&p).unwrap();
         assert_eq!(CompatRecord::load(&p).unwrap(), r);
         let r2 = record(&[("a", 1, 2), ("b", 2, 2)]);
-        r2.save(&p, None).unwrap();
+        r2.save(&p).unwrap();
         assert_eq!(CompatRecord::load(&p).unwrap(), r2);
         let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file is left behind");

@@ -3,3 +3,4 @@
 
 pub mod ground;
 pub mod probe;
+pub mod shim;

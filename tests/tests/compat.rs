@@ -142,7 +142,8 @@ fn a_kill_during_the_record_write_leaves_a_valid_record() {
     let old = std::fs::read_to_string(&rec).unwrap();
     let vmm_bin = integration_tests::ground::vmm_binary().unwrap();
     let elf = probe_elf();
-    // The test-only switch pauses between writing the temporary file and renaming it.
+    // A preloaded shim makes rename(2) slow: the vmm has written and synced the temporary file
+    // and waits to rename it when it is killed.
     let mut child = Command::new(&vmm_bin)
         .args([
             "run",
@@ -158,7 +159,8 @@ fn a_kill_during_the_record_write_leaves_a_valid_record() {
             "virtio-rng-pci,id=b",
         ])
         .args(["--compat", rec.to_str().unwrap()])
-        .env("VMM_TEST_RECORD_WRITE_PAUSE_MS", "3000")
+        .env("LD_PRELOAD", integration_tests::shim::slow_rename())
+        .env("SLOW_RENAME_MS", "3000")
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();

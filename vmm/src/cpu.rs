@@ -109,7 +109,7 @@ pub fn set_msrs(vcpu: &VcpuFd) -> Result<(), Error> {
     let msrs = Msrs::from_entries(&entries).map_err(|e| Error::Vcpu(format!("msrs: {e:?}")))?;
     let n = vcpu
         .set_msrs(&msrs)
-        .map_err(|e| Error::Vcpu(format!("KVM_SET_MSRS: {e}")))?;
+        .map_err(crate::kvm_err("KVM_SET_MSRS"))?;
     if n != entries.len() {
         return Err(Error::Vcpu(format!(
             "KVM_SET_MSRS set {n} of {} MSRs; MSR {:#x} was refused",
@@ -127,8 +127,7 @@ pub fn set_fpu(vcpu: &VcpuFd) -> Result<(), Error> {
         mxcsr: 0x1f80,
         ..Default::default()
     };
-    vcpu.set_fpu(&fpu)
-        .map_err(|e| Error::Vcpu(format!("KVM_SET_FPU: {e}")))
+    vcpu.set_fpu(&fpu).map_err(crate::kvm_err("KVM_SET_FPU"))
 }
 
 /// LAPIC LINT0 as ExtINT (the PIC) and LINT1 as NMI, as firmware leaves them.
@@ -137,9 +136,7 @@ pub fn set_lint(vcpu: &VcpuFd) -> Result<(), Error> {
     const APIC_LVT1: usize = 0x360;
     const APIC_MODE_NMI: u32 = 0x4;
     const APIC_MODE_EXTINT: u32 = 0x7;
-    let mut lapic = vcpu
-        .get_lapic()
-        .map_err(|e| Error::Vcpu(format!("KVM_GET_LAPIC: {e}")))?;
+    let mut lapic = vcpu.get_lapic().map_err(crate::kvm_err("KVM_GET_LAPIC"))?;
     let set = |regs: &mut [std::os::raw::c_char; 1024], off: usize, mode: u32| {
         let mut b = [0u8; 4];
         for (i, x) in b.iter_mut().enumerate() {
@@ -153,7 +150,7 @@ pub fn set_lint(vcpu: &VcpuFd) -> Result<(), Error> {
     set(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
     set(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
     vcpu.set_lapic(&lapic)
-        .map_err(|e| Error::Vcpu(format!("KVM_SET_LAPIC: {e}")))
+        .map_err(crate::kvm_err("KVM_SET_LAPIC"))
 }
 
 fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
@@ -193,7 +190,10 @@ fn gdt_entry(seg: &kvm_segment) -> u64 {
 /// Sets up the boot vCPU's registers for `entry`: flat segments, and for the 64-bit entry an
 /// identity map of the first GiB.
 pub fn set_boot_registers(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: Entry) -> Result<(), Error> {
-    let vcpu_err = |what: &str, e: kvm_ioctls::Error| Error::Vcpu(format!("{what}: {e}"));
+    let vcpu_err = |what: &str, source: kvm_ioctls::Error| Error::Kvm {
+        what: what.to_string(),
+        source,
+    };
     let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(|e| vcpu_err("KVM_GET_SREGS", e))?;
     let long = matches!(entry, Entry::Linux64 { .. });
     let code = segment(0x10, 0xb, long);

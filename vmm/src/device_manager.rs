@@ -1,4 +1,4 @@
-//! Devices from the command line to the PCI bus.
+//! Devices from the command line to the PCI bus, and the [`DeviceManager`] that owns them.
 //!
 //! `--device` strings -> [`DeviceSpec`]s ([`parse_device`]) -> ids and addresses
 //! ([`place`]: explicit addresses first, then hinted ones, then the first free slot in
@@ -10,15 +10,25 @@
 //! address must survive edits of the command line.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use devices::bus::{Bus, BusDevice};
+use devices::legacy::{
+    AcpiPm, PowerCallback, Rtc, Serial, ACPI_PM_PORT, ACPI_PM_PORT_LEN, I8042, I8042_COMMAND_PORT,
+    I8042_DATA_PORT, RTC_PORT, RTC_PORT_LEN, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN,
+};
+use devices::pci_host::{BarMapper, ConfigPorts, Ecam};
 use devices::virtio::pci::{TransportProps, VirtioHost, VirtioPciDevice};
 use pci::config::{BarKind, PCI_INTERRUPT_LINE};
 use pci::{parse_qemu_addr, Owner, PciAddress, PciFunction, PciRoot, SlotAllocator};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::drivers::{self, check_prop, driver};
-use crate::layout::{PCI_MMIO32_SIZE, PCI_MMIO32_START};
+use crate::layout::{
+    ECAM_SIZE, ECAM_START, PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN, PCI_MMIO32_SIZE, PCI_MMIO32_START,
+};
+use crate::vm::Vm;
 
 /// Errors in device options and placement. Texts follow QEMU's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -358,6 +368,175 @@ impl DeviceSet {
     /// The realized devices in address order.
     pub fn devices(&self) -> &[Realized] {
         &self.realized
+    }
+}
+
+/// Errors of the device manager: device options and placement in QEMU's words, or the host
+/// resources (buses, KVM) a device needed, with their source.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceManagerError {
+    /// A device option, placement or realization error (QEMU's wording).
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// A fixed device could not be put on a bus.
+    #[error("{what}: {source}")]
+    Bus {
+        /// Which device.
+        what: &'static str,
+        /// The bus's refusal.
+        #[source]
+        source: devices::bus::BusError,
+    },
+    /// A KVM call for a device failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// What was being set up.
+        what: &'static str,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A host resource (an eventfd) could not be had.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Owns everything devices live in: the port and MMIO buses, the PCI root complex and its
+/// config mechanisms, the BAR mapper, the placed and realized PCI devices, and the fixed
+/// legacy devices (COM1, i8042, CMOS clock, ACPI PM port).
+///
+/// Its two verbs, [`DeviceManager::add`] and [`DeviceManager::remove`], serve start-up,
+/// cold-plug and hot-plug alike. Both are all-or-nothing, and both run on the monitor's or the
+/// main thread, never on a vCPU: vCPUs only read the buses through their own readers.
+pub struct DeviceManager {
+    vm: Arc<Vm>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    root: Arc<PciRoot>,
+    mapper: Arc<BarMapper>,
+    set: Mutex<DeviceSet>,
+    serial: Arc<Serial>,
+}
+
+impl DeviceManager {
+    /// The fixed devices of the machine on fresh buses: COM1 (guest output to `console`), the
+    /// i8042 and ACPI PM port (reporting to `power`), the CMOS clock, and the PCI host bridge
+    /// with its CF8/CFC ports and ECAM window. No PCI device yet.
+    pub fn new(
+        vm: Arc<Vm>,
+        power: PowerCallback,
+        console: Box<dyn std::io::Write + Send>,
+    ) -> Result<Self, DeviceManagerError> {
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let serial_irq = EventFd::new(0)?;
+        vm.fd
+            .register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(|source| DeviceManagerError::Kvm {
+                what: "irqfd for the serial port",
+                source,
+            })?;
+        let serial = Arc::new(Serial::new(serial_irq, console));
+        let i8042 = Arc::new(I8042::new(power.clone()));
+        let on_pio = |what: &'static str, base: u64, len: u64, dev: Arc<dyn BusDevice>| {
+            pio.insert(base, len, dev)
+                .map_err(|source| DeviceManagerError::Bus { what, source })
+        };
+        on_pio("COM1", SERIAL_PORT, SERIAL_PORT_LEN, serial.clone())?;
+        on_pio("i8042", I8042_DATA_PORT, 1, i8042.clone())?;
+        on_pio("i8042", I8042_COMMAND_PORT, 1, i8042)?;
+        on_pio("CMOS clock", RTC_PORT, RTC_PORT_LEN, Arc::new(Rtc::new()))?;
+        on_pio(
+            "ACPI PM",
+            ACPI_PM_PORT,
+            ACPI_PM_PORT_LEN,
+            Arc::new(AcpiPm::new(power)),
+        )?;
+        let root = Arc::new(PciRoot::new());
+        let mapper = Arc::new(BarMapper::new(root.clone(), &pio, &mmio));
+        on_pio(
+            "PCI config ports",
+            PCI_CONFIG_PORT,
+            PCI_CONFIG_PORT_LEN,
+            Arc::new(ConfigPorts::new(root.clone(), mapper.clone())),
+        )?;
+        mmio.insert(
+            ECAM_START,
+            ECAM_SIZE,
+            Arc::new(Ecam::new(root.clone(), mapper.clone())),
+        )
+        .map_err(|source| DeviceManagerError::Bus {
+            what: "ECAM",
+            source,
+        })?;
+        Ok(DeviceManager {
+            vm,
+            pio,
+            mmio,
+            root,
+            mapper,
+            set: Mutex::new(DeviceSet::new()),
+            serial,
+        })
+    }
+
+    fn set(&self) -> std::sync::MutexGuard<'_, DeviceSet> {
+        self.set.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Places `specs` around the devices already there (explicit addresses, then `hints`,
+    /// then the first free slot), realizes them and maps their BARs. Returns the new devices'
+    /// ids in `specs` order. On error nothing was added.
+    pub fn add(
+        &self,
+        specs: &[DeviceSpec],
+        hints: &HashMap<String, PciAddress>,
+    ) -> Result<Vec<String>, DeviceManagerError> {
+        let mut set = self.set();
+        let addrs = set.add(specs, hints, &self.root, &self.vm.mem, self.vm.clone())?;
+        for a in &addrs {
+            self.mapper.remap(*a);
+        }
+        let ids = set
+            .devices()
+            .iter()
+            .filter(|r| addrs.contains(&r.placed.addr))
+            .map(|r| (r.placed.addr, r.placed.id.clone()))
+            .collect::<HashMap<_, _>>();
+        Ok(addrs.iter().filter_map(|a| ids.get(a).cloned()).collect())
+    }
+
+    /// Removes the device `id`: off the root complex, its BARs unmapped, its slot free.
+    pub fn remove(&self, id: &str) -> Result<(), DeviceManagerError> {
+        let mut set = self.set();
+        let r = set.remove(id, &self.root)?;
+        self.mapper.remap(r.placed.addr);
+        Ok(())
+    }
+
+    /// Calls `f` with the realized devices in address order.
+    pub fn with_devices<R>(&self, f: impl FnOnce(&[Realized]) -> R) -> R {
+        f(self.set().devices())
+    }
+
+    /// The root complex (every function, the host bridge included).
+    pub fn root(&self) -> &Arc<PciRoot> {
+        &self.root
+    }
+
+    /// The port I/O bus.
+    pub fn pio(&self) -> &Arc<Bus> {
+        &self.pio
+    }
+
+    /// The MMIO bus.
+    pub fn mmio(&self) -> &Arc<Bus> {
+        &self.mmio
+    }
+
+    /// COM1, the guest console.
+    pub fn serial(&self) -> &Arc<Serial> {
+        &self.serial
     }
 }
 

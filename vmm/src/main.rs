@@ -10,7 +10,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Run(args) => match vmm::machine::run(&args) {
+        Command::Run(args) => match vmm::run::run(&args) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("vmm: {e}");

@@ -7,11 +7,39 @@ use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+/// Who or what reset the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetSource {
+    /// The guest asked (i8042 pulse, ACPI reset register).
+    Guest,
+    /// A triple fault (KVM's shutdown exit).
+    TripleFault,
+    /// KVM reported a reset system event.
+    SystemEvent,
+    /// QMP `system_reset`.
+    Qmp,
+}
+
+impl ResetSource {
+    /// Whether the guest caused it (QMP `RESET`/`SHUTDOWN` events' `guest` field).
+    pub fn by_guest(self) -> bool {
+        !matches!(self, ResetSource::Qmp)
+    }
+
+    /// QEMU's `ShutdownCause` name for it.
+    pub fn cause(self) -> &'static str {
+        match self {
+            ResetSource::Qmp => "host-qmp-system-reset",
+            _ => "guest-reset",
+        }
+    }
+}
+
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopReason {
-    /// The guest reset (i8042, triple fault, ACPI reset): like QEMU with -no-reboot.
-    Reset(&'static str),
+    /// A reset (i8042, triple fault, ACPI reset, QMP).
+    Reset(ResetSource),
     /// The guest powered off.
     PowerOff(&'static str),
     /// SIGINT / SIGTERM.
@@ -80,7 +108,7 @@ mod tests {
         let s = Stop::new().unwrap();
         assert_eq!(s.reason(), None);
         s.stop(StopReason::Error("boom".into()));
-        s.stop(StopReason::Reset("i8042"));
+        s.stop(StopReason::Reset(ResetSource::Guest));
         assert_eq!(s.reason(), Some(StopReason::Error("boom".into())));
         assert_eq!(s.reason().unwrap().exit_code(), 1);
         assert_eq!(s.event().read().unwrap(), 2);

@@ -5,23 +5,27 @@
 //! atomic read-modify-write on this path); anything that ends the VM is reported to
 //! [`crate::stop::Stop`].
 
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 
 use devices::bus::BusReader;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::stop::{Stop, StopReason};
+use crate::stop::{ResetSource, Stop, StopReason};
 
-/// Pauses and resumes the vCPUs (QMP `stop` / `cont`).
+/// Pauses, resumes and ends the vCPUs (QMP `stop` / `cont`, reboot, exit).
 ///
 /// A vCPU checks [`RunGate::wait_running`] before every `KVM_RUN` (one atomic load while the
-/// machine runs). To pause, the gate is closed and every vCPU thread is kicked out of `KVM_RUN`
-/// with a signal until all of them report that they wait.
+/// machine runs). To pause, the gate is closed and every live vCPU thread is kicked out of
+/// `KVM_RUN` with a signal until all of them report that they wait. To end the vCPUs, the gate
+/// is told to quit: every vCPU returns from its loop at its next check.
 #[derive(Default)]
 pub struct RunGate {
     running: AtomicBool,
+    quit: AtomicBool,
     lock: Mutex<()>,
     cv: Condvar,
     waiting: AtomicUsize,
@@ -56,18 +60,19 @@ impl RunGate {
         Self::default()
     }
 
-    /// Blocks while the gate is closed.
+    /// Blocks while the gate is closed. Returns false when the vCPU must end its loop.
     #[inline]
-    pub fn wait_running(&self) {
+    pub fn wait_running(&self) -> bool {
         if self.running.load(Ordering::Acquire) {
-            return;
+            return true;
         }
         let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.waiting.fetch_add(1, Ordering::AcqRel);
-        while !self.running.load(Ordering::Acquire) {
+        while !self.running.load(Ordering::Acquire) && !self.quit.load(Ordering::Acquire) {
             g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
         self.waiting.fetch_sub(1, Ordering::AcqRel);
+        !self.quit.load(Ordering::Acquire)
     }
 
     /// Opens the gate: every waiting vCPU runs.
@@ -77,22 +82,108 @@ impl RunGate {
         self.cv.notify_all();
     }
 
-    /// Closes the gate and kicks the vCPU `threads` until all of them wait (at most about a
-    /// second).
-    pub fn close(&self, threads: &[libc::pthread_t]) -> bool {
+    /// Closes the gate for good: every vCPU leaves its loop at its next check.
+    fn quit(&self) {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.quit.store(true, Ordering::Release);
         self.running.store(false, Ordering::Release);
+        self.cv.notify_all();
+    }
+}
+
+/// The vCPUs of one guest run: created with the machine, started once, paused and resumed
+/// through one [`RunGate`], ended and joined on reboot.
+///
+/// Invariant: a vCPU thread is only ever signalled while its `JoinHandle` is held here and
+/// the thread has not finished. A held, unjoined handle keeps its `pthread_t` valid (the thread
+/// is not detached), so a thread that returns between the check and the signal is still a
+/// valid target; a joined one is never signalled again.
+pub struct VcpuSet {
+    gate: Arc<RunGate>,
+    created: Mutex<Vec<Vcpu>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl VcpuSet {
+    /// Created vCPUs sharing `gate`, not running yet.
+    pub fn new(gate: Arc<RunGate>, vcpus: Vec<Vcpu>) -> Self {
+        VcpuSet {
+            gate,
+            created: Mutex::new(vcpus),
+            threads: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Starts one thread per vCPU; each applies `filter` (seccomp) first, reporting a failure
+    /// to `stop`. Then opens the gate.
+    pub fn start(
+        &self,
+        filter: Option<crate::seccomp::Filter>,
+        stop: &Arc<Stop>,
+    ) -> std::io::Result<()> {
+        let vcpus = std::mem::take(&mut *self.created.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        for v in vcpus {
+            let filter = filter.clone();
+            let stop = stop.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{}", v.id))
+                .spawn(move || {
+                    if let Some(f) = filter {
+                        if let Err(e) = crate::seccomp::apply(&f) {
+                            stop.stop(StopReason::Error(format!("seccomp: {e}")));
+                            return;
+                        }
+                    }
+                    v.run()
+                })?;
+            threads.push(h);
+        }
+        drop(threads);
+        self.gate.open();
+        Ok(())
+    }
+
+    /// Resumes paused vCPUs.
+    pub fn resume(&self) {
+        self.gate.open();
+    }
+
+    /// Closes the gate and kicks the live vCPU threads until all of them wait (at most about a
+    /// second). A vCPU whose thread has returned is not waited for, nor signalled.
+    pub fn pause(&self) -> bool {
+        self.gate.running.store(false, Ordering::Release);
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
         for _ in 0..1000 {
-            if self.waiting.load(Ordering::Acquire) >= threads.len() {
+            let live: Vec<&JoinHandle<()>> = threads.iter().filter(|h| !h.is_finished()).collect();
+            if self.gate.waiting.load(Ordering::Acquire) >= live.len() {
                 return true;
             }
-            for t in threads {
-                // SAFETY: `t` is a live vCPU thread of this process (they never exit before
-                // the process does); the kick signal has a handler.
-                unsafe { libc::pthread_kill(*t, KICK_SIGNAL) };
+            for h in live {
+                // SAFETY: `h` is held and not joined, so its pthread_t is valid (see the type's
+                // invariant); the kick signal has a handler.
+                unsafe { libc::pthread_kill(h.as_pthread_t(), KICK_SIGNAL) };
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         false
+    }
+
+    /// Ends every vCPU thread and joins it (for a reboot or the end of the process). Threads
+    /// inside `KVM_RUN` are kicked out; none is signalled after it has been joined.
+    pub fn end(&self) {
+        self.gate.quit();
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        while threads.iter().any(|h| !h.is_finished()) {
+            for h in threads.iter().filter(|h| !h.is_finished()) {
+                // SAFETY: as in `pause`: held, unjoined handle.
+                unsafe { libc::pthread_kill(h.as_pthread_t(), KICK_SIGNAL) };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        for h in threads.drain(..) {
+            let _ = h.join();
+        }
     }
 }
 
@@ -118,7 +209,9 @@ impl Vcpu {
     /// Runs the guest until something ends the VM; reports why to `stop`.
     pub fn run(mut self) {
         let reason = loop {
-            self.gate.wait_running();
+            if !self.gate.wait_running() {
+                return;
+            }
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !self.pio.read(u64::from(port), data) {
@@ -142,10 +235,12 @@ impl Vcpu {
                         tracing::debug!("unclaimed MMIO write {addr:#x}");
                     }
                 }
-                Ok(VcpuExit::Shutdown) => break StopReason::Reset("triple fault"),
+                Ok(VcpuExit::Shutdown) => break StopReason::Reset(ResetSource::TripleFault),
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
                     break match kind {
-                        kvm_bindings::KVM_SYSTEM_EVENT_RESET => StopReason::Reset("system event"),
+                        kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                            StopReason::Reset(ResetSource::SystemEvent)
+                        }
                         _ => StopReason::PowerOff("system event"),
                     }
                 }

@@ -13,7 +13,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::layout::*;
-use crate::Error;
+use crate::{kvm_err, Error};
 
 /// First GSI handed out for MSI vectors (the IO-APIC owns 0..24).
 pub const FIRST_MSI_GSI: u32 = IOAPIC_PINS;
@@ -99,30 +99,108 @@ impl Resampler {
     }
 }
 
+/// An MSI message: (address, data).
+type MsiMessage = (u64, u32);
+
+/// The GSI routing table as KVM has it, kept here so that a change touches one entry.
+///
+/// Invariants: `entries` starts with the fixed irqchip routes (PIC and IO-APIC pins), then
+/// holds one MSI entry per routed GSI; `msi` maps every allocated MSI GSI to its entry's index
+/// in `entries` and its message (None while unrouted); a released GSI is in `free` and nowhere
+/// else.
 struct Routing {
-    msi: Vec<(u32, Option<(u64, u32)>)>,
+    entries: Vec<kvm_irq_routing_entry>,
+    msi: std::collections::BTreeMap<u32, Option<(usize, MsiMessage)>>,
+    free: Vec<u32>,
     next_gsi: u32,
 }
 
-fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
-    move |e| Error::Kvm(format!("{what}: {e}"))
+impl Routing {
+    fn new() -> Self {
+        let mut entries = Vec::new();
+        for pin in 0..IOAPIC_PINS {
+            if pin < 16 && pin != 2 {
+                let (chip, p) = if pin < 8 {
+                    (KVM_IRQCHIP_PIC_MASTER, pin)
+                } else {
+                    (KVM_IRQCHIP_PIC_SLAVE, pin - 8)
+                };
+                entries.push(irqchip_route(pin, chip, p));
+            }
+            entries.push(irqchip_route(pin, KVM_IRQCHIP_IOAPIC, pin));
+        }
+        Routing {
+            entries,
+            msi: Default::default(),
+            free: Vec::new(),
+            next_gsi: FIRST_MSI_GSI,
+        }
+    }
+
+    /// Removes the MSI entry at `index`, keeping the index map right.
+    fn remove_entry(&mut self, index: usize) {
+        self.entries.swap_remove(index);
+        if let Some(moved) = self.entries.get(index) {
+            if let Some(Some((i, _))) = self.msi.get_mut(&moved.gsi) {
+                *i = index;
+            }
+        }
+    }
+
+    /// Sets one GSI's route; returns whether the table changed.
+    fn set(&mut self, gsi: u32, msg: Option<(u64, u32)>) -> bool {
+        let Some(&slot) = self.msi.get(&gsi) else {
+            return false;
+        };
+        match (slot, msg) {
+            (None, None) => false,
+            (Some((i, _)), None) => {
+                self.msi.insert(gsi, None);
+                self.remove_entry(i);
+                true
+            }
+            (slot, Some((address, data))) => {
+                let mut e = kvm_irq_routing_entry {
+                    gsi,
+                    type_: KVM_IRQ_ROUTING_MSI,
+                    ..Default::default()
+                };
+                e.u.msi.address_lo = address as u32;
+                e.u.msi.address_hi = (address >> 32) as u32;
+                e.u.msi.data = data;
+                match slot {
+                    Some((_, old)) if old == (address, data) => return false,
+                    Some((i, _)) => {
+                        self.entries[i] = e;
+                        self.msi.insert(gsi, Some((i, (address, data))));
+                    }
+                    None => {
+                        self.entries.push(e);
+                        let i = self.entries.len() - 1;
+                        self.msi.insert(gsi, Some((i, (address, data))));
+                    }
+                }
+                true
+            }
+        }
+    }
 }
 
 impl Vm {
     /// Opens /dev/kvm, creates the VM with `mem_size` bytes of RAM, the irqchip and the PIT.
     pub fn new(mem_size: u64) -> Result<Vm, Error> {
-        let kvm = Kvm::new().map_err(|e| Error::Kvm(format!("cannot open /dev/kvm: {e}")))?;
+        let kvm = Kvm::new().map_err(kvm_err("cannot open /dev/kvm"))?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_size)
             .into_iter()
             .map(|(a, s)| (GuestAddress(a), s as usize))
             .collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges)
-            .map_err(|e| Error::Memory(format!("cannot allocate guest memory: {e}")))?;
+        let mem =
+            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::MemoryAlloc(e.to_string()))?;
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
-                .map_err(|e| Error::Memory(e.to_string()))?;
+                .map_err(|e| Error::MemoryAlloc(e.to_string()))?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
@@ -150,10 +228,7 @@ impl Vm {
             kvm,
             fd,
             mem,
-            routing: Mutex::new(Routing {
-                msi: Vec::new(),
-                next_gsi: FIRST_MSI_GSI,
-            }),
+            routing: Mutex::new(Routing::new()),
             intx: std::sync::OnceLock::new(),
         })
     }
@@ -161,47 +236,50 @@ impl Vm {
     /// Reserves a GSI for an MSI vector (routed nowhere until [`Vm::set_msi_route`]).
     pub fn allocate_msi_gsi(&self) -> u32 {
         let mut r = self.routing.lock().unwrap_or_else(|p| p.into_inner());
-        let gsi = r.next_gsi;
-        r.next_gsi += 1;
-        r.msi.push((gsi, None));
+        let gsi = match r.free.pop() {
+            Some(g) => g,
+            None => {
+                r.next_gsi += 1;
+                r.next_gsi - 1
+            }
+        };
+        r.msi.insert(gsi, None);
         gsi
     }
 
-    /// Routes `gsi` to the MSI message (`address`, `data`), or removes its route with `None`,
-    /// and publishes the whole routing table to KVM.
+    /// Gives back an MSI GSI: its route goes, and it may be handed out again.
+    pub fn release_msi_gsi(&self, gsi: u32) -> Result<(), Error> {
+        let mut r = self.routing.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = r.set(gsi, None);
+        if r.msi.remove(&gsi).is_some() {
+            r.free.push(gsi);
+        }
+        if changed {
+            self.publish(&r)?;
+        }
+        Ok(())
+    }
+
+    /// Routes `gsi` to the MSI message (`address`, `data`), or removes its route with `None`.
+    /// Only that entry changes; KVM gets the table only when it did change.
     pub fn set_msi_route(&self, gsi: u32, msg: Option<(u64, u32)>) -> Result<(), Error> {
         let mut r = self.routing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = r.msi.iter_mut().find(|(g, _)| *g == gsi) {
-            e.1 = msg;
+        if r.set(gsi, msg) {
+            self.publish(&r)?;
         }
-        let mut entries = Vec::new();
-        // The default irqchip routes: KVM_SET_GSI_ROUTING replaces the whole table.
-        for pin in 0..IOAPIC_PINS {
-            if pin < 16 && pin != 2 {
-                let (chip, p) = if pin < 8 {
-                    (KVM_IRQCHIP_PIC_MASTER, pin)
-                } else {
-                    (KVM_IRQCHIP_PIC_SLAVE, pin - 8)
-                };
-                entries.push(irqchip_route(pin, chip, p));
-            }
-            entries.push(irqchip_route(pin, KVM_IRQCHIP_IOAPIC, pin));
-        }
-        for (gsi, msg) in &r.msi {
-            if let Some((address, data)) = msg {
-                let mut e = kvm_irq_routing_entry {
-                    gsi: *gsi,
-                    type_: KVM_IRQ_ROUTING_MSI,
-                    ..Default::default()
-                };
-                e.u.msi.address_lo = *address as u32;
-                e.u.msi.address_hi = (*address >> 32) as u32;
-                e.u.msi.data = *data;
-                entries.push(e);
-            }
-        }
-        let table = KvmIrqRouting::from_entries(&entries)
-            .map_err(|e| Error::Kvm(format!("routing table: {e:?}")))?;
+        Ok(())
+    }
+
+    /// (allocated MSI GSIs, routes in KVM's table): for leak checks and diagnostics.
+    pub fn gsi_counts(&self) -> (usize, usize) {
+        let r = self.routing.lock().unwrap_or_else(|p| p.into_inner());
+        (r.msi.len(), r.entries.len())
+    }
+
+    /// KVM_SET_GSI_ROUTING replaces the whole table: hand it the one we keep.
+    fn publish(&self, r: &Routing) -> Result<(), Error> {
+        let table = KvmIrqRouting::from_entries(&r.entries)
+            .map_err(|e| Error::MemoryAlloc(format!("GSI routing table: {e:?}")))?;
         self.fd
             .set_gsi_routing(&table)
             .map_err(kvm_err("KVM_SET_GSI_ROUTING"))

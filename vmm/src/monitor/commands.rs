@@ -2,7 +2,9 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{hmp, CommandError, PciFunctionInfo, RegionKind, VmControl};
+use super::control::{class_desc, sorted};
+use super::control::{CommandError, PciFunctionInfo, RegionKind, VmControl};
+use super::hmp;
 
 /// Commands available after negotiation, in `query-commands` order.
 pub const COMMANDS: &[&str] = &[
@@ -33,6 +35,19 @@ pub struct Outcome {
     pub negotiated: bool,
     /// `quit` succeeded: call [`VmControl::quit`] once the reply is written.
     pub quit: bool,
+}
+
+/// The greeting sent on connection.
+pub fn greeting() -> Value {
+    json!({
+        "QMP": {
+            "version": {
+                "qemu": {"micro": 0, "minor": 2, "major": 7},
+                "package": concat!("vmm-", env!("CARGO_PKG_VERSION")),
+            },
+            "capabilities": [],
+        }
+    })
 }
 
 /// `{"error": {"class", "desc"}}`, with `id` if given.
@@ -311,7 +326,7 @@ fn run(
         }
         "query-version" => {
             check_args(args, none)?;
-            Ok(super::qmp::greeting()["QMP"]["version"].clone())
+            Ok(greeting()["QMP"]["version"].clone())
         }
         "query-commands" => {
             check_args(args, none)?;
@@ -359,78 +374,6 @@ fn device_add(backend: &dyn VmControl, args: &Map<String, Value>) -> Result<(), 
         props.push((k.clone(), text));
     }
     backend.device_add(driver, &props)
-}
-
-/// QEMU's class descriptions (`hw/pci/pci.c`).
-pub const PCI_CLASS_DESCRIPTIONS: &[(u16, &str)] = &[
-    (0x0001, "VGA controller"),
-    (0x0100, "SCSI controller"),
-    (0x0101, "IDE controller"),
-    (0x0102, "Floppy controller"),
-    (0x0103, "IPI controller"),
-    (0x0104, "RAID controller"),
-    (0x0106, "SATA controller"),
-    (0x0107, "SAS controller"),
-    (0x0180, "Storage controller"),
-    (0x0200, "Ethernet controller"),
-    (0x0201, "Token Ring controller"),
-    (0x0202, "FDDI controller"),
-    (0x0203, "ATM controller"),
-    (0x0280, "Network controller"),
-    (0x0300, "VGA controller"),
-    (0x0301, "XGA controller"),
-    (0x0302, "3D controller"),
-    (0x0380, "Display controller"),
-    (0x0400, "Video controller"),
-    (0x0401, "Audio controller"),
-    (0x0402, "Phone"),
-    (0x0403, "Audio controller"),
-    (0x0480, "Multimedia controller"),
-    (0x0500, "RAM controller"),
-    (0x0501, "Flash controller"),
-    (0x0580, "Memory controller"),
-    (0x0600, "Host bridge"),
-    (0x0601, "ISA bridge"),
-    (0x0602, "EISA bridge"),
-    (0x0603, "MC bridge"),
-    (0x0604, "PCI bridge"),
-    (0x0605, "PCMCIA bridge"),
-    (0x0606, "NUBUS bridge"),
-    (0x0607, "CARDBUS bridge"),
-    (0x0608, "RACEWAY bridge"),
-    (0x0680, "Bridge"),
-    (0x0700, "Serial port"),
-    (0x0701, "Parallel port"),
-    (0x0800, "Interrupt controller"),
-    (0x0801, "DMA controller"),
-    (0x0802, "Timer"),
-    (0x0803, "RTC"),
-    (0x0900, "Keyboard"),
-    (0x0901, "Pen"),
-    (0x0902, "Mouse"),
-    (0x0A00, "Dock station"),
-    (0x0B00, "i386 cpu"),
-    (0x0c00, "Firewire controller"),
-    (0x0c01, "Access bus controller"),
-    (0x0c02, "SSA controller"),
-    (0x0c03, "USB controller"),
-    (0x0c04, "Fibre channel controller"),
-    (0x0c05, "SMBus"),
-];
-
-/// QEMU's description of a class word, if it has one.
-pub fn class_desc(class: u16) -> Option<&'static str> {
-    PCI_CLASS_DESCRIPTIONS
-        .iter()
-        .find(|(c, _)| *c == class)
-        .map(|(_, d)| *d)
-}
-
-/// Functions sorted by bus, slot, function.
-pub(crate) fn sorted(functions: &[PciFunctionInfo]) -> Vec<&PciFunctionInfo> {
-    let mut v: Vec<&PciFunctionInfo> = functions.iter().collect();
-    v.sort_by_key(|f| (f.bus, f.slot, f.function));
-    v
 }
 
 /// One `PciDeviceInfo` (qapi/pci.json).

@@ -5,8 +5,9 @@
 
 use std::fmt::Write;
 
-use super::commands::{class_desc, sorted};
-use super::{split_opts, PciFunctionInfo, RegionKind, RunState, VmControl};
+use super::control::{class_desc, sorted};
+use super::control::{PciFunctionInfo, RegionKind, RunState, VmControl};
+use super::option::split_opts;
 
 /// `(name, params, help)`, as QEMU's `help` prints them.
 const COMMANDS: &[(&str, &str, &str)] = &[

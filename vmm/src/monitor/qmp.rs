@@ -24,8 +24,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
-use super::commands::{self, Outcome};
-use super::{CommandError, VmControl};
+use super::commands::{self, greeting, Outcome};
+use super::control::{CommandError, VmControl};
 
 /// Largest accepted message, in bytes. A larger one is answered with an error and the
 /// connection is closed.
@@ -34,19 +34,6 @@ pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
 pub const EVENT_QUEUE_CAPACITY: usize = 1024;
 /// How long a write to a client may block before the client is disconnected.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The greeting sent on connection.
-pub fn greeting() -> Value {
-    json!({
-        "QMP": {
-            "version": {
-                "qemu": {"micro": 0, "minor": 2, "major": 7},
-                "package": concat!("vmm-", env!("CARGO_PKG_VERSION")),
-            },
-            "capabilities": [],
-        }
-    })
-}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())

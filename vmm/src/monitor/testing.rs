@@ -2,7 +2,7 @@
 //! [`VmControl::pci_functions`](super::VmControl::pci_functions) reports for a virtio-rng-pci
 //! at 00:05.0 with BAR1 and BAR4 placed where the VMM puts them for slot 5.
 
-use super::{PciFunctionInfo, PciRegionInfo, RegionKind};
+use super::control::{PciFunctionInfo, PciRegionInfo, RegionKind};
 
 /// virtio-rng-pci `rng0` at 00:05.0: class 00ff, 1af4:1044 (subsystem 1af4:1100), pin A,
 /// BAR1 (MSI-X, 4 KiB) at 0xc0008000 and BAR4 (64-bit prefetchable, 16 KiB) at 0xc000c000.

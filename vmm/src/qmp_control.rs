@@ -1,16 +1,17 @@
-//! The machine as QMP sees it: [`MachineControl`] implements [`VmControl`] over
-//! [`crate::machine::Machine`] and emits the events.
+//! The machine as QMP sees it: [`MachineControl`] implements the monitor's [`VmControl`] over
+//! [`crate::machine::Machine`] and emits the events. The monitor knows nothing of the machine;
+//! this adapter is the only place the two meet.
 
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
 
-use super::{
+use crate::machine::Machine;
+use crate::monitor::{
     CommandError, EventSink, PciFunctionInfo, PciRegionInfo, RegionKind, RunState, VmControl,
 };
-use crate::machine::Machine;
-use crate::stop::StopReason;
+use crate::stop::{ResetSource, StopReason};
 
 /// QMP's handle on a machine.
 pub struct MachineControl {
@@ -83,9 +84,7 @@ impl VmControl for MachineControl {
     fn system_reset(&self) -> Result<(), CommandError> {
         // Like QEMU with -no-reboot: a reset ends the machine.
         self.events().reset(false, "host-qmp-system-reset");
-        self.machine
-            .stop
-            .stop(StopReason::Reset("QMP system_reset"));
+        self.machine.stop.stop(StopReason::Reset(ResetSource::Qmp));
         Ok(())
     }
 
@@ -96,6 +95,7 @@ impl VmControl for MachineControl {
     fn pci_functions(&self) -> Vec<PciFunctionInfo> {
         let ids = self.machine.device_ids();
         self.machine
+            .devices()
             .root()
             .functions()
             .into_iter()
@@ -164,6 +164,7 @@ impl VmControl for MachineControl {
     fn device_reports(&self) -> Vec<(pci::PciAddress, String, String)> {
         let ids = self.machine.device_ids();
         self.machine
+            .devices()
             .root()
             .functions()
             .into_iter()

@@ -1,0 +1,66 @@
+//! `vmm run`: the entry. Builds the [`Machine`], wires the QMP monitor, the stop signals and
+//! the console to it, runs the guest and returns the exit status.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use crate::cli::RunArgs;
+use crate::console::console_loop;
+use crate::machine::Machine;
+use crate::monitor::{parse_qmp_option, QmpServer};
+use crate::qmp_control::MachineControl;
+use crate::signals::{block_stop_signals, handle_stop_signals};
+use crate::stop::StopReason;
+use crate::vcpu::install_kick_handler;
+use crate::Error;
+
+/// Boots the guest described by `args` and runs it to the end. Returns the exit status.
+pub fn run(args: &RunArgs) -> Result<i32, Error> {
+    let qmp_path = match &args.qmp {
+        Some(o) => Some(parse_qmp_option(o).map_err(Error::Config)?),
+        None => None,
+    };
+    if args.paused && qmp_path.is_none() {
+        return Err(Error::Config(
+            "-S needs --qmp: nothing else can start the guest".into(),
+        ));
+    }
+    // Before any other thread starts (building the machine starts some), so that they all
+    // inherit the signal mask.
+    let signals = block_stop_signals();
+    let machine = Machine::build(args)?;
+    install_kick_handler()?;
+    handle_stop_signals(signals, &machine.stop)?;
+    let control = Arc::new(MachineControl::new(machine.clone()));
+    let server = match &qmp_path {
+        Some(p) => {
+            let (server, sink) = QmpServer::start(p, control.clone())
+                .map_err(|e| Error::Config(format!("--qmp: {e}")))?;
+            control.set_events(sink);
+            Some(server)
+        }
+        None => None,
+    };
+    if !args.paused {
+        machine.start()?;
+    }
+    let reason = console_loop(machine.devices().serial(), &machine.stop)?;
+    machine.shut_down();
+    let (guest, why) = match &reason {
+        StopReason::Reset(source) => (source.by_guest(), source.cause()),
+        StopReason::PowerOff(_) => (true, "guest-shutdown"),
+        StopReason::Signal(_) => (false, "host-signal"),
+        StopReason::Quit => (false, "host-qmp-quit"),
+        StopReason::Error(_) => (false, "host-error"),
+    };
+    control.events().shutdown(guest, why);
+    if let Some(s) = server {
+        s.shutdown();
+    }
+    let _ = std::io::stdout().flush();
+    match &reason {
+        StopReason::Error(msg) => eprintln!("vmm: {msg}"),
+        other => tracing::info!("guest stopped: {other:?}"),
+    }
+    Ok(reason.exit_code())
+}
