@@ -17,7 +17,7 @@ if [ "${1:-}" = --qemu ]; then
          "-no-reboot -serial stdio -kernel \"\$GUEST_KERNEL\" -initrd \"\$GUEST_INITRD\" -append '$APPEND' $DEVICES" > "$SCRIPT"
 else
     ARGS=
-    echo "\"\$VMM\" run --kernel \"\$GUEST_KERNEL\" --initrd \"\$GUEST_INITRD\" --append '$APPEND' --memory 256 $DEVICES" > "$SCRIPT"
+    echo "\"\$VMM\" run --no-reboot --kernel \"\$GUEST_KERNEL\" --initrd \"\$GUEST_INITRD\" --append '$APPEND' --memory 256 $DEVICES" > "$SCRIPT"
 fi
 echo "demo: host scenario: $(cat "$SCRIPT")"
 rc=0

@@ -85,7 +85,7 @@ monitor() {
     [ "$ring" = 3 ] && extra=" ring=3"
     case $mon in
     vmm)
-        exec "$vmm" run --kernel "$probe" --memory 64 \
+        exec "$vmm" run --no-reboot --kernel "$probe" --memory 64 \
             --append "mode=bench op=$op n=$n$extra" 2>/dev/null </dev/null
         ;;
     qemu)

@@ -45,7 +45,7 @@ need strace strace
 # cmd MONITOR APPEND: sets CMD to the command line of that monitor with a MEM_MIB guest
 cmd() {
     case $1 in
-    vmm) CMD=("$vmm" run --kernel "$probe" --memory "$MEM_MIB" --append "$2") ;;
+    vmm) CMD=("$vmm" run --no-reboot --kernel "$probe" --memory "$MEM_MIB" --append "$2") ;;
     qemu) CMD=(qemu-system-x86_64 -accel kvm -M pc -cpu host,-arch-capabilities -m "$MEM_MIB"
         -nographic -no-reboot -vga none -nic none -kernel "$probe" -append "$2") ;;
     esac

@@ -256,7 +256,7 @@ fn is_end(line: &str, name: &str) -> bool {
 }
 
 /// A host-scenario fragment that boots the guest once, in a section `BOOT-<label>`:
-/// `$VMM run --kernel $GUEST_KERNEL --initrd <initrd> --append DEFAULT_APPEND --memory 256 <vmm_args>`.
+/// `$VMM run --no-reboot --kernel $GUEST_KERNEL --initrd <initrd> --append DEFAULT_APPEND --memory 256 <vmm_args>`.
 /// With `guest_script`, the initrd is the base one plus that script as /scenario (its output lands
 /// in the `SCENARIO` section inside `BOOT-<label>`); without, the guest prints the LSPCI sections.
 /// `vmm_args` is shell text (e.g. `--device virtio-rng-pci,id=rng0,addr=05.0`).
@@ -300,7 +300,7 @@ pub fn guest_boot_with(
         )
     };
     s += &format!(
-        "vmmwatch --retry{watch} {BOOT_DEADLINE_SECS} \"$VMM\" run --kernel \"$GUEST_KERNEL\" --initrd {initrd} --append {} --memory {memory_mib} {vmm_args}{qmp}\n\
+        "vmmwatch --retry{watch} {BOOT_DEADLINE_SECS} \"$VMM\" run --no-reboot --kernel \"$GUEST_KERNEL\" --initrd {initrd} --append {} --memory {memory_mib} {vmm_args}{qmp}\n\
          echo \"=== BOOT-{label}-END rc=$? ===\"\n",
         shell_quote(append)
     );

@@ -65,7 +65,7 @@ pub fn run_probe(cmdline: &str, extra: &[&str]) -> String {
     require_kvm();
     let elf = probe_elf();
     let elf = elf.to_str().expect("utf-8 path");
-    let mut args = vec!["run", "--kernel", elf, "--append", cmdline];
+    let mut args = vec!["run", "--no-reboot", "--kernel", elf, "--append", cmdline];
     args.extend_from_slice(extra);
     let out = vmm(&args, 120);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();

@@ -22,7 +22,7 @@ fn stderr_of(args: &[&str]) -> (Option<i32>, String) {
 
 #[test]
 fn missing_kernel_is_a_clear_error() {
-    let (code, err) = stderr_of(&["run", "--kernel", "/nonexistent/vmlinuz"]);
+    let (code, err) = stderr_of(&["run", "--no-reboot", "--kernel", "/nonexistent/vmlinuz"]);
     assert_eq!(code, Some(1));
     assert!(
         err.contains("cannot load kernel '/nonexistent/vmlinuz': No such file or directory"),
@@ -35,7 +35,7 @@ fn missing_kernel_is_a_clear_error() {
 fn unreadable_kernel_is_a_clear_error() {
     let dir = std::env::temp_dir().join(format!("vmm-boot-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (code, err) = stderr_of(&["run", "--kernel", dir.to_str().unwrap()]);
+    let (code, err) = stderr_of(&["run", "--no-reboot", "--kernel", dir.to_str().unwrap()]);
     assert_eq!(code, Some(1));
     assert!(err.contains("cannot load kernel"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
@@ -43,7 +43,7 @@ fn unreadable_kernel_is_a_clear_error() {
 
 #[test]
 fn a_file_that_is_no_kernel_is_refused() {
-    let (code, err) = stderr_of(&["run", "--kernel", "/etc/hostname"]);
+    let (code, err) = stderr_of(&["run", "--no-reboot", "--kernel", "/etc/hostname"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("not an ELF or bzImage kernel"), "{err}");
 }
@@ -56,6 +56,7 @@ fn initrd_larger_than_memory_is_refused() {
     let elf = probe_elf();
     let (code, err) = stderr_of(&[
         "run",
+        "--no-reboot",
         "--kernel",
         elf.to_str().unwrap(),
         "--initrd",
@@ -75,13 +76,20 @@ fn initrd_larger_than_memory_is_refused() {
 fn missing_initrd_and_zero_memory_are_refused() {
     let elf = probe_elf();
     let elf = elf.to_str().unwrap();
-    let (code, err) = stderr_of(&["run", "--kernel", elf, "--initrd", "/nonexistent"]);
+    let (code, err) = stderr_of(&[
+        "run",
+        "--no-reboot",
+        "--kernel",
+        elf,
+        "--initrd",
+        "/nonexistent",
+    ]);
     assert_eq!(code, Some(1));
     assert!(err.contains("cannot load initrd '/nonexistent'"), "{err}");
-    let (code, err) = stderr_of(&["run", "--kernel", elf, "--memory", "0"]);
+    let (code, err) = stderr_of(&["run", "--no-reboot", "--kernel", elf, "--memory", "0"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("invalid memory size 0 MiB"), "{err}");
-    let (code, err) = stderr_of(&["run", "--kernel", elf, "--cpus", "0"]);
+    let (code, err) = stderr_of(&["run", "--no-reboot", "--kernel", elf, "--cpus", "0"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("invalid number of CPUs 0"), "{err}");
 }
@@ -175,7 +183,7 @@ fn a_kvm_internal_error_is_reported_with_rip_and_status_1() {
     let path = std::env::temp_dir().join(format!("vmm-crash-{}.elf", std::process::id()));
     std::fs::write(&path, elf).unwrap();
     integration_tests::probe::require_kvm();
-    let (code, err) = stderr_of(&["run", "--kernel", path.to_str().unwrap()]);
+    let (code, err) = stderr_of(&["run", "--no-reboot", "--kernel", path.to_str().unwrap()]);
     let _ = std::fs::remove_file(&path);
     assert_eq!(code, Some(1), "{err}");
     assert!(
@@ -196,6 +204,7 @@ fn sigterm_ends_the_vmm_cleanly() {
     let child = std::process::Command::new(&vmm)
         .args([
             "run",
+            "--no-reboot",
             "--kernel",
             elf.to_str().unwrap(),
             "--append",
@@ -224,4 +233,62 @@ fn sigterm_ends_the_vmm_cleanly() {
         String::from_utf8_lossy(&out.stdout).contains("=== BENCH op=null"),
         "the guest ran"
     );
+}
+
+/// Without `--no-reboot` a guest reset restarts the guest in the same process: the probe guest
+/// (which says hello and resets through the i8042) says hello again and again until SIGTERM
+/// ends the vmm with status 0. (Linux on the test ground checks that lspci stays identical.)
+#[test]
+fn a_reset_reboots_in_place_until_sigterm() {
+    use std::io::Read;
+    integration_tests::probe::require_kvm();
+    let vmm = integration_tests::ground::vmm_binary().unwrap();
+    let elf = probe_elf();
+    let mut child = std::process::Command::new(&vmm)
+        .args([
+            "run",
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--append",
+            "mode=hello",
+            "--device",
+            "virtio-rng-pci,id=r,addr=07.0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = String::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if seen.matches("Hello from the probe guest").count() >= 3 {
+                break;
+            }
+        }
+        let _ = tx.send(seen);
+    });
+    // A hang guard, not a measurement: three boots take well under a second.
+    let seen = rx.recv_timeout(std::time::Duration::from_secs(60));
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let seen = seen.unwrap_or_else(|_| panic!("the guest did not boot three times:\n{err}"));
+    assert_eq!(
+        seen.matches("Hello from the probe guest").count(),
+        3,
+        "{seen}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }

@@ -111,6 +111,7 @@ fn compat_strict_refuses_a_moved_device_and_leaves_the_record() {
     let out = vmm(
         &[
             "run",
+            "--no-reboot",
             "--kernel",
             elf.to_str().unwrap(),
             "--device",
@@ -147,6 +148,7 @@ fn a_kill_during_the_record_write_leaves_a_valid_record() {
     let mut child = Command::new(&vmm_bin)
         .args([
             "run",
+            "--no-reboot",
             "--kernel",
             elf.to_str().unwrap(),
             "--append",
@@ -325,6 +327,7 @@ fn bad_records_and_machine_files_are_refused_and_left_alone() {
         let out = vmm(
             &[
                 "run",
+                "--no-reboot",
                 "--kernel",
                 elf.to_str().unwrap(),
                 "--compat",
@@ -362,7 +365,10 @@ fn bad_records_and_machine_files_are_refused_and_left_alone() {
         ),
     ] {
         write(&mf, text);
-        let out = vmm(&["run", "--machine-file", mf.to_str().unwrap()], 30);
+        let out = vmm(
+            &["run", "--no-reboot", "--machine-file", mf.to_str().unwrap()],
+            30,
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{err}");
         assert!(
@@ -375,6 +381,7 @@ fn bad_records_and_machine_files_are_refused_and_left_alone() {
     let out = vmm(
         &[
             "run",
+            "--no-reboot",
             "--machine-file",
             d.join("missing.json").to_str().unwrap(),
         ],

@@ -36,6 +36,7 @@ fn run(cmdline: &str, devices: &[String]) -> (String, String) {
     let elf = probe_elf();
     let mut args: Vec<&str> = vec![
         "run",
+        "--no-reboot",
         "--kernel",
         elf.to_str().unwrap(),
         "--append",

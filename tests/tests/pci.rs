@@ -119,7 +119,7 @@ fn multifunction_bit_is_set_on_function_0_only() {
 
 fn vmm_err(devices: &[&str]) -> (Option<i32>, String) {
     let elf = integration_tests::probe::probe_elf();
-    let mut args = vec!["run", "--kernel", elf.to_str().unwrap()];
+    let mut args = vec!["run", "--no-reboot", "--kernel", elf.to_str().unwrap()];
     for d in devices {
         args.push("--device");
         args.push(d);

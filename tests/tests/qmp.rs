@@ -32,6 +32,7 @@ impl Vm {
         let child = Command::new(vmm_binary().unwrap())
             .args([
                 "run",
+                "--no-reboot",
                 "--kernel",
                 elf.to_str().unwrap(),
                 "--append",
@@ -355,7 +356,7 @@ S="$TMPDIR/qmp.sock"
 E2E=$(command -v qmp_e2e || echo '{e2e}')
 attempt() {{
 rm -f "$S"
-vmmwatch --qmp "$S" {BOOT_DEADLINE_SECS} "$VMM" run --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --append 'console=ttyS0 quiet panic=-1' --memory 256 \
+vmmwatch --qmp "$S" {BOOT_DEADLINE_SECS} "$VMM" run --no-reboot --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --append 'console=ttyS0 quiet panic=-1' --memory 256 \
     -S --qmp "unix:$S,server=on,wait=off" --device virtio-rng-pci,id=rng0,addr=05.0 > "$TMPDIR/guest.out" 2>&1 &
 pid=$!
 i=0; while [ ! -S "$S" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done

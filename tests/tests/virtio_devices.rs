@@ -93,7 +93,7 @@ devices_boot() {{
     dd if=/dev/zero of=$TMPDIR/ro.img bs=1M count=1 2>/dev/null
     printf RO-DISK-ORIGINAL | dd of=$TMPDIR/ro.img conv=notrunc 2>/dev/null
     ro_md5=$(md5sum < $TMPDIR/ro.img)
-    vmmwatch --qmp $TMPDIR/qmp.sock {deadline} "$VMM" run --kernel "$GUEST_KERNEL" \
+    vmmwatch --qmp $TMPDIR/qmp.sock {deadline} "$VMM" run --no-reboot --kernel "$GUEST_KERNEL" \
         --initrd "$TMPDIR/guest-devices.cpio.gz" --append 'console=ttyS0 quiet nokaslr panic=-1 reboot=t' \
         --memory 256 --qmp unix:$TMPDIR/qmp.sock,server=on,wait=off {devices} &
     pid=$!
@@ -290,7 +290,7 @@ fn a_socket_client_and_the_guest_talk_over_the_console() {
 
 fn vmm_err(devices: &[&str]) -> (Option<i32>, String) {
     let elf = probe_elf();
-    let mut args = vec!["run", "--kernel", elf.to_str().unwrap()];
+    let mut args = vec!["run", "--no-reboot", "--kernel", elf.to_str().unwrap()];
     for d in devices {
         args.push("--device");
         args.push(d);

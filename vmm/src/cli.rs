@@ -102,6 +102,10 @@ pub struct RunArgs {
     /// Start paused: devices are realized, vCPUs wait for the QMP command `cont`.
     #[arg(short = 'S')]
     pub paused: bool,
+    /// A guest reset ends the process with status 0 instead of restarting the guest in place
+    /// (QEMU's `-no-reboot`).
+    #[arg(long)]
+    pub no_reboot: bool,
     /// seccomp filters on vCPU and device threads: `kill` (a forbidden syscall kills the
     /// process), `log` (allowed, logged by the kernel), `off`.
     #[arg(long, value_enum, default_value_t = SeccompLevel::Kill)]

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
 
 use devices::legacy::Serial;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -54,9 +55,13 @@ impl Drop for RawTerminal {
 /// Ctrl-A, the escape key of QEMU's console multiplexer (`Ctrl-A x` quits).
 const ESCAPE: u8 = 0x01;
 
-/// Forwards stdin to the UART until the VM stops. On a terminal, `Ctrl-A x` ends the VM and
+/// Forwards stdin to the UART until the VM stops or resets (the caller decides what a reset
+/// means). On a terminal, `Ctrl-A x` ends the VM and
 /// `Ctrl-A Ctrl-A` sends one Ctrl-A, as in QEMU.
-pub fn console_loop(serial: &Serial, stop: &Stop) -> Result<StopReason, Error> {
+pub fn console_loop(
+    current_serial: &dyn Fn() -> Option<Arc<Serial>>,
+    stop: &Stop,
+) -> Result<StopReason, Error> {
     const STOP: u64 = 0;
     const STDIN: u64 = 1;
     let epoll = Epoll::new()?;
@@ -88,6 +93,10 @@ pub fn console_loop(serial: &Serial, stop: &Stop) -> Result<StopReason, Error> {
             return Ok(reason);
         }
         // With the UART's FIFO full, poll again shortly instead of reading more.
+        // The UART of the current run of the guest (a reboot replaces it).
+        let Some(serial) = current_serial() else {
+            return Ok(StopReason::Error("the guest is gone".into()));
+        };
         let room = serial.input_room();
         let timeout = if stdin_open && room == 0 { 10 } else { -1 };
         let n = match epoll.wait(timeout, &mut events) {

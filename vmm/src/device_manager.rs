@@ -369,6 +369,51 @@ impl DeviceSet {
     pub fn devices(&self) -> &[Realized] {
         &self.realized
     }
+
+    /// Where every device sits, without the devices themselves.
+    pub fn placement(&self) -> Placement {
+        Placement {
+            slots: self.slots.clone(),
+            anon: self.anon,
+            placed: self.realized.iter().map(|r| r.placed.clone()).collect(),
+        }
+    }
+
+    /// Realizes every device of `placement` again, at its address, at its power-on state
+    /// (a reboot). All or nothing.
+    pub fn realize_placement(
+        placement: &Placement,
+        root: &PciRoot,
+        mem: &GuestMemoryMmap,
+        host: Arc<dyn VirtioHost>,
+    ) -> Result<DeviceSet, DeviceError> {
+        let mut realized = Vec::with_capacity(placement.placed.len());
+        for p in &placement.placed {
+            match realize_one(p, root, mem, host.clone()) {
+                Ok(r) => realized.push(r),
+                Err(e) => {
+                    for r in &realized {
+                        root.remove(r.placed.addr);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(DeviceSet {
+            slots: placement.slots.clone(),
+            anon: placement.anon,
+            realized,
+        })
+    }
+}
+
+/// Every device's id, spec and address and the slot allocator's state: what outlives one run
+/// of the guest (see [`DeviceManager::rebuilt`]).
+#[derive(Clone)]
+pub struct Placement {
+    slots: SlotAllocator,
+    anon: usize,
+    placed: Vec<Placed>,
 }
 
 /// Errors of the device manager: device options and placement in QEMU's words, or the host
@@ -478,6 +523,29 @@ impl DeviceManager {
             set: Mutex::new(DeviceSet::new()),
             serial,
         })
+    }
+
+    /// A device manager for a new run of the guest on `vm`: fresh fixed devices, and every PCI
+    /// device of `placement` realized again at its address, at its power-on state.
+    pub fn rebuilt(
+        vm: Arc<Vm>,
+        power: PowerCallback,
+        console: Box<dyn std::io::Write + Send>,
+        placement: &Placement,
+    ) -> Result<Self, DeviceManagerError> {
+        let dm = DeviceManager::new(vm, power, console)?;
+        let set = DeviceSet::realize_placement(placement, &dm.root, &dm.vm.mem, dm.vm.clone())?;
+        let addrs: Vec<PciAddress> = set.devices().iter().map(|r| r.placed.addr).collect();
+        *dm.set() = set;
+        for a in addrs {
+            dm.mapper.remap(a);
+        }
+        Ok(dm)
+    }
+
+    /// Where every device sits (to rebuild them after a reset).
+    pub fn placement(&self) -> Placement {
+        self.set().placement()
     }
 
     fn set(&self) -> std::sync::MutexGuard<'_, DeviceSet> {

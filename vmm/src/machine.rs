@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use devices::legacy::{PowerCallback, PowerEvent};
 use pci::record::CompatRecord;
@@ -18,7 +18,7 @@ use crate::boot::{self, Entry};
 use crate::cli::RunArgs;
 use crate::compat::{self, Globals};
 use crate::config::MachineConfig;
-use crate::device_manager::{self, DeviceManager};
+use crate::device_manager::{self, DeviceManager, Realized};
 use crate::layout::ZERO_PAGE;
 use crate::machine_file::{DeviceEntry, MachineFile};
 use crate::monitor::RunState;
@@ -34,14 +34,73 @@ struct CompatState {
     old: Option<CompatRecord>,
 }
 
-/// A built machine.
-pub struct Machine {
-    config: MachineConfig,
+/// One run of the guest: the KVM VM, the devices in it and its vCPUs. A reboot replaces it
+/// with a new one built from the same configuration and device placement.
+pub struct Guest {
     vm: Arc<Vm>,
     devices: DeviceManager,
+    vcpus: VcpuSet,
+}
+
+impl Guest {
+    /// Creates the VM, lets `make_devices` put the devices on it, loads the kernel, initrd and
+    /// ACPI tables, and creates the vCPUs (not running).
+    fn build(
+        config: &MachineConfig,
+        stop: &Arc<Stop>,
+        make_devices: impl FnOnce(Arc<Vm>, PowerCallback) -> Result<DeviceManager, Error>,
+    ) -> Result<Guest, Error> {
+        let initrd = read_initrd(config)?;
+        let vm = Arc::new(Vm::new(config.mem_size())?);
+        let power: PowerCallback = {
+            let stop = stop.clone();
+            Arc::new(move |e| {
+                stop.stop(match e {
+                    PowerEvent::Reset => StopReason::Reset(ResetSource::Guest),
+                    PowerEvent::PowerOff => StopReason::PowerOff("ACPI S5"),
+                })
+            })
+        };
+        let devices = make_devices(vm.clone(), power)?;
+        devices.with_devices(|list| {
+            for r in list {
+                tracing::info!(
+                    "{} {} at {}",
+                    r.placed.spec.driver,
+                    r.placed.id,
+                    r.placed.addr
+                );
+            }
+        });
+        let entry = load_guest(&vm, config, initrd.as_deref())?;
+        let gate = Arc::new(RunGate::new());
+        let vcpus = create_vcpus(&vm, config, entry, &devices, stop, &gate)?;
+        Ok(Guest {
+            vm,
+            devices,
+            vcpus: VcpuSet::new(gate, vcpus),
+        })
+    }
+
+    /// The device manager (buses, root complex, devices).
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
+    }
+
+    /// The KVM VM.
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+}
+
+/// A built machine: its configuration and state, and the current run of its guest.
+pub struct Machine {
+    config: MachineConfig,
+    /// The current run of the guest; None only while a reboot replaces it (under the write
+    /// lock) or after a reboot failed.
+    guest: RwLock<Option<Guest>>,
     /// The stop signal.
     pub stop: Arc<Stop>,
-    vcpus: VcpuSet,
     state: Mutex<RunState>,
     compat: Option<CompatState>,
     dump_machine: Option<PathBuf>,
@@ -81,51 +140,23 @@ impl Machine {
         // Fail on bad placement before the (slower) VM creation; the device manager places
         // again.
         device_manager::place(&specs, &hints)?;
-        // Check the files before creating the VM, so bad input fails fast.
-        let initrd = match &config.initrd {
-            Some(p) => Some(std::fs::read(p).map_err(|e| Error::Initrd {
-                path: p.display().to_string(),
-                reason: e.to_string(),
-            })?),
-            None => None,
-        };
+        // Check the kernel before creating the VM, so bad input fails fast (Guest::build reads
+        // the initrd before it creates the VM).
         File::open(&config.kernel).map_err(|e| Error::Kernel {
             path: config.kernel.display().to_string(),
             reason: e.to_string(),
         })?;
 
         let stop = Arc::new(Stop::new()?);
-        let vm = Arc::new(Vm::new(config.mem_size())?);
-        let power: PowerCallback = {
-            let stop = stop.clone();
-            Arc::new(move |e| {
-                stop.stop(match e {
-                    PowerEvent::Reset => StopReason::Reset(ResetSource::Guest),
-                    PowerEvent::PowerOff => StopReason::PowerOff("ACPI S5"),
-                })
-            })
-        };
-        let devices = DeviceManager::new(vm.clone(), power, Box::new(std::io::stdout()))?;
-        devices.add(&specs, &hints)?;
-        devices.with_devices(|list| {
-            for r in list {
-                tracing::info!(
-                    "{} {} at {}",
-                    r.placed.spec.driver,
-                    r.placed.id,
-                    r.placed.addr
-                );
-            }
-        });
-        let entry = load_guest(&vm, &config, initrd.as_deref())?;
-        let gate = Arc::new(RunGate::new());
-        let vcpus = create_vcpus(&vm, &config, entry, &devices, &stop, &gate)?;
+        let guest = Guest::build(&config, &stop, |vm, power| {
+            let devices = DeviceManager::new(vm, power, Box::new(std::io::stdout()))?;
+            devices.add(&specs, &hints)?;
+            Ok(devices)
+        })?;
         Ok(Arc::new(Machine {
             config,
-            vm,
-            devices,
+            guest: RwLock::new(Some(guest)),
             stop,
-            vcpus: VcpuSet::new(gate, vcpus),
             state: Mutex::new(RunState::Prelaunch),
             compat,
             dump_machine: args.dump_machine.clone(),
@@ -139,14 +170,37 @@ impl Machine {
         *self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The device manager (buses, root complex, devices).
-    pub fn devices(&self) -> &DeviceManager {
-        &self.devices
+    /// Calls `f` with the current run of the guest (None while a reboot failed).
+    pub fn with_guest<R>(&self, f: impl FnOnce(&Guest) -> R) -> Option<R> {
+        self.guest
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(f)
+    }
+
+    /// Calls `f` with the realized devices in address order (none while a reboot failed).
+    pub fn with_devices<R: Default>(&self, f: impl FnOnce(&[Realized]) -> R) -> R {
+        self.with_guest(|g| g.devices.with_devices(f))
+            .unwrap_or_default()
+    }
+
+    /// Every function on the root complex, the host bridge included (none while a reboot
+    /// failed).
+    pub fn functions(&self) -> Vec<(pci::PciAddress, Arc<dyn pci::PciFunction>)> {
+        self.with_guest(|g| g.devices.root().functions())
+            .unwrap_or_default()
+    }
+
+    /// COM1 of the current run of the guest.
+    pub fn serial(&self) -> Option<Arc<devices::legacy::Serial>> {
+        self.with_guest(|g| g.devices.serial().clone())
     }
 
     /// The compat record of the devices as they are now.
     pub fn record(&self) -> CompatRecord {
-        self.devices.with_devices(compat::record_of)
+        self.with_guest(|g| g.devices.with_devices(compat::record_of))
+            .unwrap_or_else(|| compat::record_of(&[]))
     }
 
     /// The fully resolved machine description.
@@ -157,7 +211,7 @@ impl Machine {
         m.cmdline = Some(self.config.cmdline.clone());
         m.memory_mib = Some(self.config.memory_mib);
         m.cpus = Some(self.config.cpus);
-        m.devices = self.devices.with_devices(|list| {
+        m.devices = self.with_devices(|list| {
             list.iter()
                 .map(|r| {
                     let spec = &r.placed.spec;
@@ -222,7 +276,8 @@ impl Machine {
         if let Some(p) = &self.dump_machine {
             self.save_description(p)?;
         }
-        self.vcpus.start(self.seccomp.clone(), &self.stop)?;
+        self.with_guest(|g| g.vcpus.start(self.seccomp.clone(), &self.stop))
+            .ok_or_else(|| Error::Config("the guest is gone".into()))??;
         *state = RunState::Running;
         Ok(())
     }
@@ -232,7 +287,9 @@ impl Machine {
         match self.run_state() {
             RunState::Prelaunch => self.start(),
             RunState::Paused => {
-                self.vcpus.resume();
+                // After a reboot while paused the new vCPUs have no threads yet: start them.
+                self.with_guest(|g| g.vcpus.start(self.seccomp.clone(), &self.stop))
+                    .transpose()?;
                 *self.state.lock().unwrap_or_else(|p| p.into_inner()) = RunState::Running;
                 Ok(())
             }
@@ -247,7 +304,7 @@ impl Machine {
         if *state != RunState::Running {
             return Ok(());
         }
-        if !self.vcpus.pause() {
+        if self.with_guest(|g| g.vcpus.pause()) == Some(false) {
             return Err(Error::Vcpu("vCPUs did not stop within a second".into()));
         }
         *state = RunState::Paused;
@@ -270,7 +327,9 @@ impl Machine {
             eprintln!("vmm: warning: {w}");
         }
         let hints = compat::hints(&specs, old);
-        let ids = self.devices.add(&specs, &hints)?;
+        let ids = self
+            .with_guest(|g| g.devices.add(&specs, &hints))
+            .ok_or_else(|| Error::Config("the guest is gone".into()))??;
         Ok(ids.into_iter().next().unwrap_or_default())
     }
 
@@ -281,13 +340,14 @@ impl Machine {
                 "device_del: hot-unplug is not supported once the guest runs".into(),
             ));
         }
-        self.devices.remove(id)?;
+        self.with_guest(|g| g.devices.remove(id))
+            .ok_or_else(|| Error::Config("the guest is gone".into()))??;
         Ok(())
     }
 
     /// The realized devices' ids and drivers by address (for queries).
     pub fn device_ids(&self) -> Vec<(pci::PciAddress, String, String)> {
-        self.devices.with_devices(|list| {
+        self.with_devices(|list| {
             list.iter()
                 .map(|r| {
                     (
@@ -303,12 +363,46 @@ impl Machine {
     /// Marks the machine shut down and ends the vCPU threads.
     pub fn shut_down(&self) {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = RunState::Shutdown;
-        self.vcpus.end();
+        self.with_guest(|g| g.vcpus.end());
     }
 
-    /// The VM (for tests and diagnostics).
-    pub fn vm(&self) -> &Arc<Vm> {
-        &self.vm
+    /// Restarts the guest in place after a reset: the vCPUs end, the old run's devices, files
+    /// and KVM VM go, and a new run is built with the same devices at the same addresses, each
+    /// at its power-on state, the kernel and initrd loaded again; its vCPUs start (or wait,
+    /// if the machine was paused or never started).
+    pub fn reboot(&self) -> Result<(), Error> {
+        let mut slot = self.guest.write().unwrap_or_else(|p| p.into_inner());
+        let Some(old) = slot.take() else {
+            return Err(Error::Config("the guest is gone".into()));
+        };
+        old.vcpus.end();
+        let placement = old.devices.placement();
+        // Before the new run opens them again: files, sockets, taps, worker threads, the VM.
+        drop(old);
+        let guest = Guest::build(&self.config, &self.stop, |vm, power| {
+            Ok(DeviceManager::rebuilt(
+                vm,
+                power,
+                Box::new(std::io::stdout()),
+                &placement,
+            )?)
+        })?;
+        if self.run_state() == RunState::Running {
+            guest.vcpus.start(self.seccomp.clone(), &self.stop)?;
+        }
+        *slot = Some(guest);
+        Ok(())
+    }
+}
+
+/// Reads the initrd (at start and at every reboot).
+fn read_initrd(config: &MachineConfig) -> Result<Option<Vec<u8>>, Error> {
+    match &config.initrd {
+        Some(p) => Ok(Some(std::fs::read(p).map_err(|e| Error::Initrd {
+            path: p.display().to_string(),
+            reason: e.to_string(),
+        })?)),
+        None => Ok(None),
     }
 }
 

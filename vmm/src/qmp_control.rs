@@ -82,8 +82,8 @@ impl VmControl for MachineControl {
     }
 
     fn system_reset(&self) -> Result<(), CommandError> {
-        // Like QEMU with -no-reboot: a reset ends the machine.
-        self.events().reset(false, "host-qmp-system-reset");
+        // The run loop reboots the guest in place and emits RESET, or with --no-reboot ends
+        // the machine (SHUTDOWN, reason host-qmp-system-reset), as QEMU does.
         self.machine.stop.stop(StopReason::Reset(ResetSource::Qmp));
         Ok(())
     }
@@ -95,8 +95,6 @@ impl VmControl for MachineControl {
     fn pci_functions(&self) -> Vec<PciFunctionInfo> {
         let ids = self.machine.device_ids();
         self.machine
-            .devices()
-            .root()
             .functions()
             .into_iter()
             .map(|(addr, f)| {
@@ -164,8 +162,6 @@ impl VmControl for MachineControl {
     fn device_reports(&self) -> Vec<(pci::PciAddress, String, String)> {
         let ids = self.machine.device_ids();
         self.machine
-            .devices()
-            .root()
             .functions()
             .into_iter()
             .filter_map(|(addr, f)| {

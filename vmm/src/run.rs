@@ -44,7 +44,22 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
     if !args.paused {
         machine.start()?;
     }
-    let reason = console_loop(machine.devices().serial(), &machine.stop)?;
+    let reason = loop {
+        let reason = console_loop(&|| machine.serial(), &machine.stop)?;
+        let StopReason::Reset(source) = reason else {
+            break reason;
+        };
+        if args.no_reboot {
+            break reason;
+        }
+        // Reboot in place: a new run of the guest, same devices at the same addresses.
+        if let Err(e) = machine.reboot() {
+            break StopReason::Error(format!("reboot failed: {e}"));
+        }
+        if machine.stop.take_reset().is_some() {
+            control.events().reset(source.by_guest(), source.cause());
+        }
+    };
     machine.shut_down();
     let (guest, why) = match &reason {
         StopReason::Reset(source) => (source.by_guest(), source.cause()),

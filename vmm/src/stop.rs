@@ -75,14 +75,32 @@ impl Stop {
         })
     }
 
-    /// Reports `reason`; only the first report is kept.
+    /// Reports `reason`. The first report is kept, except that a reset (which the machine may
+    /// turn into a reboot) gives way to any reason that ends the process.
     pub fn stop(&self, reason: StopReason) {
         let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
         tracing::info!("stop requested: {reason:?}");
-        if r.is_none() {
-            *r = Some(reason);
+        match (&*r, &reason) {
+            (None, _) => *r = Some(reason),
+            (Some(StopReason::Reset(_)), StopReason::Reset(_)) => {}
+            (Some(StopReason::Reset(_)), _) => *r = Some(reason),
+            _ => {}
         }
         let _ = self.event.write(1);
+    }
+
+    /// Takes a pending reset (the machine rebooted): the stop signal is clear again. Any
+    /// other reason stays.
+    pub fn take_reset(&self) -> Option<ResetSource> {
+        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        match *r {
+            Some(StopReason::Reset(source)) => {
+                *r = None;
+                let _ = self.event.read();
+                Some(source)
+            }
+            _ => None,
+        }
     }
 
     /// The event the main thread waits on.
@@ -112,5 +130,18 @@ mod tests {
         assert_eq!(s.reason(), Some(StopReason::Error("boom".into())));
         assert_eq!(s.reason().unwrap().exit_code(), 1);
         assert_eq!(s.event().read().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_reset_gives_way_to_an_ending_and_can_be_taken() {
+        let s = Stop::new().unwrap();
+        s.stop(StopReason::Reset(ResetSource::TripleFault));
+        s.stop(StopReason::Reset(ResetSource::Qmp));
+        assert_eq!(s.take_reset(), Some(ResetSource::TripleFault));
+        assert_eq!(s.reason(), None);
+        s.stop(StopReason::Reset(ResetSource::Guest));
+        s.stop(StopReason::Signal(15));
+        assert_eq!(s.take_reset(), None);
+        assert_eq!(s.reason(), Some(StopReason::Signal(15)));
     }
 }

@@ -114,8 +114,8 @@ impl VcpuSet {
         }
     }
 
-    /// Starts one thread per vCPU; each applies `filter` (seccomp) first, reporting a failure
-    /// to `stop`. Then opens the gate.
+    /// Starts a thread for each vCPU that has none yet (each applies `filter`, seccomp, first,
+    /// reporting a failure to `stop`), then opens the gate: starts or resumes every vCPU.
     pub fn start(
         &self,
         filter: Option<crate::seccomp::Filter>,
@@ -142,11 +142,6 @@ impl VcpuSet {
         drop(threads);
         self.gate.open();
         Ok(())
-    }
-
-    /// Resumes paused vCPUs.
-    pub fn resume(&self) {
-        self.gate.open();
     }
 
     /// Closes the gate and kicks the live vCPU threads until all of them wait (at most about a
