@@ -631,6 +631,15 @@ mod tests {
         assert_eq!(slot_object(0x1f), "SF8_");
     }
 
+    /// A fresh temporary directory holding `dsdt` as `dsdt.aml`.
+    fn scratch_dir(name: &str, dsdt: &[u8]) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("vmm-acpi-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("dsdt.aml"), dsdt).unwrap();
+        dir
+    }
+
     /// Runs ACPICA's iasl (the reference AML tools) on `dsdt`: disassembles it (`iasl -d`), then
     /// recompiles the listing. Returns the listing and the compiler's summary line
     /// (`Compilation successful. 0 Errors, ...`). Fails unless both steps succeed without
@@ -641,10 +650,7 @@ mod tests {
             Command::new("iasl").arg("-v").output().is_ok(),
             "iasl not found: install acpica-tools (apt-get install -y acpica-tools)"
         );
-        let dir = std::env::temp_dir().join(format!("vmm-acpi-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("dsdt.aml"), dsdt).unwrap();
+        let dir = scratch_dir(name, dsdt);
         let run = |args: &[&str]| {
             let out = Command::new("iasl")
                 .args(args)
@@ -750,6 +756,89 @@ mod tests {
         assert!(
             !squeezed.contains("Device (S00)"),
             "slot 0 is the host bridge"
+        );
+    }
+
+    /// Runs the hot-plug DSDT in ACPICA's interpreter (acpiexec, from acpica-tools) with the
+    /// registers preset by `init` (lines `\\_SB.PCI0.PCIU 0x6`: acpiexec simulates the I/O
+    /// regions as plain storage), evaluates `commands` and returns its output.
+    fn acpiexec(name: &str, init: &str, commands: &str) -> String {
+        use std::process::Command;
+        let dir = scratch_dir(name, dsdt(&AcpiOptions { pci_hotplug: true }).as_slice());
+        std::fs::write(dir.join("init.txt"), init).unwrap();
+        let out = Command::new("acpiexec")
+            .args(["-fi", "init.txt", "-b", commands, "dsdt.aml"])
+            .current_dir(&dir)
+            .output()
+            .expect("acpiexec not found: install acpica-tools (apt-get install -y acpica-tools)");
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "acpiexec failed:\n{log}");
+        for bad in ["Exception", "ACPI Error", "AE_"] {
+            assert!(!log.contains(bad), "acpiexec reported `{bad}`:\n{log}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        log
+    }
+
+    /// (object, value) of every Notify acpiexec received.
+    fn notifies(log: &str) -> Vec<(String, u8)> {
+        log.lines()
+            .filter_map(|l| {
+                let rest = l.split("Received a System Notify on [").nth(1)?;
+                let (object, rest) = rest.split_once(']')?;
+                let value = rest.split("Value 0x").nth(1)?.get(..2)?;
+                Some((object.to_string(), u8::from_str_radix(value, 16).ok()?))
+            })
+            .collect()
+    }
+
+    /// The whole guest-side path in ACPICA's interpreter: the GED's `_EVT` reads its event
+    /// register and, for the PCI hot-plug bit only, runs PCNT, which sends device check (1) to
+    /// each PCIU slot and eject request (3) to each PCID slot.
+    #[test]
+    fn acpiexec_ged_event_notifies_the_plugged_and_unplugged_slots() {
+        let log = acpiexec(
+            "evt",
+            "\\_SB.PCI0.PCIU 0x80000006\n\\_SB.PCI0.PCID 0x10\n\\_SB.GED0.GDAT 1\n",
+            "execute \\_SB.GED0._EVT 9",
+        );
+        let want: Vec<(String, u8)> = [("S08_", 1), ("S10_", 1), ("SF8_", 1), ("S20_", 3)]
+            .iter()
+            .map(|(o, v)| (o.to_string(), *v))
+            .collect();
+        assert_eq!(notifies(&log), want, "{log}");
+
+        // Another event bit: PCNT does not run.
+        let log = acpiexec(
+            "evt-other",
+            "\\_SB.PCI0.PCIU 0x2\n\\_SB.GED0.GDAT 0x6\n",
+            "execute \\_SB.GED0._EVT 9",
+        );
+        assert!(log.contains("Evaluating \\_SB.GED0._EVT"), "{log}");
+        assert_eq!(notifies(&log), [], "{log}");
+    }
+
+    /// A slot's `_EJ0` selects bus 0 and writes the slot's bit to B0EJ.
+    #[test]
+    fn acpiexec_ej0_writes_the_slot_bit_to_b0ej() {
+        let log = acpiexec(
+            "ej0",
+            "\\_SB.PCI0.BNUM 7\n",
+            "execute \\_SB.PCI0.SF8._EJ0 1; execute \\_SB.PCI0.B0EJ; execute \\_SB.PCI0.BNUM; \
+             execute \\_SB.PCI0.S28._EJ0 1; execute \\_SB.PCI0.B0EJ",
+        );
+        let values: Vec<&str> = log
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("[Integer] = "))
+            .collect();
+        assert_eq!(
+            values,
+            ["0000000080000000", "0000000000000000", "0000000000000020"],
+            "{log}"
         );
     }
 }
