@@ -11,6 +11,7 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v lspci >/dev/null || need+=(pciutils)
 command -v gcc >/dev/null || need+=(gcc)
 command -v flock >/dev/null || need+=(util-linux)
+command -v iasl >/dev/null || need+=(acpica-tools)
 if [ ${#need[@]} -gt 0 ]; then
     echo "test.sh: installing ${need[*]}"
     apt-get update -qq

@@ -1,7 +1,8 @@
 //! Devices a guest talks to, and the lock-free bus that routes guest exits to them.
 //!
 //! - [`bus`]: the lock-free bus (PIO and MMIO) every exit goes through.
-//! - [`legacy`]: the 8250 UART, the i8042 reset line, the ACPI PM port.
+//! - [`legacy`]: the 8250 UART, the i8042 reset line, the ACPI PM port, the ACPI PCI hot-plug
+//!   registers and the GED.
 //! - [`pci_host`]: PCI config access from the buses, BAR mapping.
 //! - [`virtio`]: the virtio-pci transport and the virtio devices.
 #![deny(missing_docs)]

@@ -1,10 +1,16 @@
-//! Legacy PC devices: the 8250 UART, the i8042 reset line, the CMOS clock and the ACPI
-//! power-management port.
+//! Legacy PC devices: the 8250 UART, the i8042 reset line, the CMOS clock, the ACPI
+//! power-management port and the ACPI PCI hot-plug registers (with their GED).
 
+mod hotplug;
 mod pm;
 mod rtc;
 mod serial;
 
+pub use hotplug::{
+    BadSlot, EjectCallback, Ged, PciHotplug, B0EJ_OFFSET, BNUM_OFFSET, GED_GSI, GED_PCI_HOTPLUG,
+    GED_PORT, GED_PORT_LEN, HOTPLUG_BUSES, HOTPLUG_SLOTS, PCID_OFFSET, PCIU_OFFSET,
+    PCI_HOTPLUG_PORT, PCI_HOTPLUG_PORT_LEN, PCI_RMV_OFFSET,
+};
 pub use pm::{
     AcpiPm, PowerEvent, ACPI_PM_PORT, ACPI_PM_PORT_LEN, RESET_OFFSET, RESET_VALUE, S5_SLEEP_TYPE,
 };
