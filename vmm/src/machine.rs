@@ -427,7 +427,7 @@ impl Machine {
             let filter = self.seccomp.clone();
             let stop = self.stop.clone();
             let h = std::thread::Builder::new().name(name).spawn(move || {
-                // The vCPU filter also covers the device workers a vCPU starts (DRIVER_OK).
+                // No thread or file is created here: virtio lifecycle work runs on the executor.
                 if let Some(f) = filter {
                     if let Err(e) = crate::seccomp::apply(&f) {
                         stop.stop(StopReason::Error(format!("seccomp: {e}")));
@@ -541,7 +541,7 @@ impl Machine {
     }
 }
 
-/// Builds the vCPU filter and installs the device-worker filter for `level`.
+/// Builds the vCPU filter and installs the device-worker and executor filters for `level`.
 fn seccomp_filters(
     level: crate::cli::SeccompLevel,
 ) -> Result<Option<crate::seccomp::Filter>, Error> {
@@ -554,9 +554,13 @@ fn seccomp_filters(
     };
     let err = |e: crate::seccomp::Error| Error::Config(format!("seccomp: {e}"));
     let vcpu = crate::seccomp::vcpu_filter_with(action.clone()).map_err(err)?;
-    let device = crate::seccomp::device_filter_with(action).map_err(err)?;
+    let device = crate::seccomp::device_filter_with(action.clone()).map_err(err)?;
+    let executor = crate::seccomp::executor_filter_with(action).map_err(err)?;
     devices::virtio::set_thread_init(move || {
         crate::seccomp::apply(&device).map_err(|e| e.to_string())
+    });
+    devices::virtio::set_executor_init(move || {
+        crate::seccomp::apply(&executor).map_err(|e| e.to_string())
     });
     Ok(Some(vcpu))
 }
