@@ -721,7 +721,7 @@ fn create_vcpus(
     Ok(vcpus)
 }
 
-/// Builds the vCPU filter and installs the device-worker filter for `level`.
+/// Builds the vCPU filter and installs the device-worker and executor filters for `level`.
 fn seccomp_filters(
     level: crate::cli::SeccompLevel,
 ) -> Result<Option<crate::seccomp::Filter>, Error> {
@@ -733,9 +733,13 @@ fn seccomp_filters(
         SeccompLevel::Log => SeccompAction::Log,
     };
     let vcpu = crate::seccomp::vcpu_filter_with(action.clone())?;
-    let device = crate::seccomp::device_filter_with(action)?;
+    let device = crate::seccomp::device_filter_with(action.clone())?;
+    let executor = crate::seccomp::executor_filter_with(action)?;
     devices::virtio::set_thread_init(move || {
         crate::seccomp::apply(&device).map_err(|e| e.to_string())
+    });
+    devices::virtio::set_executor_init(move || {
+        crate::seccomp::apply(&executor).map_err(|e| e.to_string())
     });
     Ok(Some(vcpu))
 }
