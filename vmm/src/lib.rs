@@ -10,6 +10,7 @@ pub mod boot;
 pub mod cli;
 pub mod compat;
 pub mod cpu;
+pub mod device_config;
 pub mod device_manager;
 pub mod drivers;
 pub mod layout;

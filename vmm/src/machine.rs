@@ -37,7 +37,7 @@ use crate::monitor::{parse_qmp_option, QmpServer, RunState};
 use crate::stop::{Stop, StopReason};
 use crate::vcpu::{install_kick_handler, RunGate, Vcpu};
 use crate::vm::Vm;
-use crate::{acpi, cpu, drivers, Error};
+use crate::{acpi, cpu, Error};
 
 /// Smallest guest memory we accept, in MiB.
 pub const MIN_MEMORY_MIB: u64 = 16;
@@ -240,7 +240,7 @@ impl Machine {
         for r in devices.devices() {
             tracing::info!(
                 "{} {} at {}",
-                r.placed.spec.driver,
+                r.placed.spec.driver(),
                 r.placed.id,
                 r.placed.addr
             );
@@ -351,23 +351,21 @@ impl Machine {
             .devices()
             .iter()
             .map(|r| {
-                let spec = &r.placed.spec;
-                let mut props = spec.props.clone();
                 // Every ABI-shaping property with its value, defaults included.
-                if let Some(info) = drivers::driver(&spec.driver) {
-                    for p in info.props.iter().filter(|p| p.abi) {
-                        if let Some(v) = r.abi.get(p.name) {
-                            props.entry(p.name.to_string()).or_insert_with(|| v.clone());
+                let mut spec = r.placed.spec.clone();
+                let info = spec.config.info();
+                for p in info.props.iter().filter(|p| p.abi) {
+                    if let (None, Some(v)) = (spec.config.get(p.name), r.abi.get(p.name)) {
+                        if let Ok(v) = crate::device_config::parse_prop(
+                            info.name,
+                            p.name,
+                            crate::device_config::RawValue::Text(v),
+                        ) {
+                            spec.config.set(p.name, v);
                         }
                     }
                 }
-                DeviceEntry {
-                    driver: spec.driver.clone(),
-                    id: spec.id.clone(),
-                    addr: Some(r.placed.addr.to_string()),
-                    multifunction: spec.multifunction,
-                    props,
-                }
+                DeviceEntry::from_spec(&spec, Some(r.placed.addr))
             })
             .collect();
         m
@@ -472,14 +470,13 @@ impl Machine {
     }
 
     /// Adds a device (QMP `device_add`): only before the guest first runs (cold-plug).
-    pub fn device_add(&self, option: &str) -> Result<String, Error> {
+    pub fn device_add(&self, spec: DeviceSpec) -> Result<String, Error> {
         if self.run_state() != RunState::Prelaunch {
             return Err(Error::Config(
                 "device_add: hot-plug is not supported; add devices before the first 'cont' (-S)"
                     .into(),
             ));
         }
-        let spec = device_manager::parse_device(option)?;
         let old = self.compat.as_ref().and_then(|c| c.old.as_ref());
         let (specs, warnings) = compat::resolve_props(&[spec], old, &self.globals);
         for w in warnings {
@@ -529,7 +526,7 @@ impl Machine {
                 (
                     r.placed.addr,
                     r.placed.id.clone(),
-                    r.placed.spec.driver.clone(),
+                    r.placed.spec.driver().to_string(),
                 )
             })
             .collect()
