@@ -388,7 +388,8 @@ pub fn device_help() -> String {
     s.push_str(
         "  Devices without addr= take function 0 of the first free slot from 1 up, in\n  \
          command-line order, after every explicit address is reserved. Devices without id=\n  \
-         are called device[0], device[1], ... in command-line order.\n",
+         are called device[0], device[1], ... in command-line order. A doubled comma in a value\n  \
+         is a comma: file=/img/a,,b.raw opens /img/a,b.raw.\n",
     );
     s
 }
