@@ -506,6 +506,22 @@ impl DeviceSpec {
         })
     }
 
+    /// This spec with every ABI-shaping driver property it leaves unset filled in from `abi`,
+    /// the realized device's values (`Realized::abi`, strings as in the compat record): what
+    /// the machine description writes, so a dump fed back pins the defaults too.
+    pub fn with_abi(&self, abi: &BTreeMap<String, String>) -> DeviceSpec {
+        let mut spec = self.clone();
+        let info = spec.config.info();
+        for p in info.props.iter().filter(|p| p.abi) {
+            if let (None, Some(v)) = (spec.config.get(p.name), abi.get(p.name)) {
+                if let Ok(v) = parse_prop(info.name, p.name, RawValue::Text(v)) {
+                    spec.config.set(p.name, v);
+                }
+            }
+        }
+        spec
+    }
+
     /// QMP `device_add` arguments: `driver` (a string, required) and the properties, each a
     /// JSON value of its type or a string.
     pub fn from_qmp(args: &Map<String, Value>) -> Result<Self, DeviceError> {
@@ -832,6 +848,23 @@ mod tests {
             e(json!({"driver": "virtio-rng-pci", "nosuch": 1})),
             "Property 'virtio-rng-pci.nosuch' not found"
         );
+    }
+
+    #[test]
+    fn realized_abi_values_fill_only_what_is_unset() {
+        let abi: BTreeMap<String, String> =
+            [("vectors", "2"), ("features", "0x1"), ("readonly", "x")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        let s = parse_device("virtio-blk-pci,file=/f")
+            .unwrap()
+            .with_abi(&abi);
+        assert_eq!(s.to_option(), "virtio-blk-pci,file=/f,vectors=2");
+        let s = parse_device("virtio-rng-pci,vectors=5")
+            .unwrap()
+            .with_abi(&abi);
+        assert_eq!(s.config.vectors(), Some(5));
     }
 
     #[test]

@@ -352,20 +352,7 @@ impl Machine {
             .iter()
             .map(|r| {
                 // Every ABI-shaping property with its value, defaults included.
-                let mut spec = r.placed.spec.clone();
-                let info = spec.config.info();
-                for p in info.props.iter().filter(|p| p.abi) {
-                    if let (None, Some(v)) = (spec.config.get(p.name), r.abi.get(p.name)) {
-                        if let Ok(v) = crate::device_config::parse_prop(
-                            info.name,
-                            p.name,
-                            crate::device_config::RawValue::Text(v),
-                        ) {
-                            spec.config.set(p.name, v);
-                        }
-                    }
-                }
-                DeviceEntry::from_spec(&spec, Some(r.placed.addr))
+                DeviceEntry::from_spec(&r.placed.spec.with_abi(&r.abi), Some(r.placed.addr))
             })
             .collect();
         m
