@@ -1,6 +1,7 @@
 //! Devices from the command line to the PCI bus, and the [`DeviceManager`] that owns them.
 //!
-//! `--device` strings -> [`DeviceSpec`]s ([`parse_device`]) -> ids and addresses
+//! `--device` strings / QMP / machine file -> [`DeviceSpec`]s ([`crate::device_config`]) -> ids
+//! and addresses
 //! ([`place`]: explicit addresses first, then hinted ones, then the first free slot in
 //! command-line order) -> realized functions on the root complex ([`realize`]).
 //!
@@ -12,6 +13,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+pub use crate::device_config::{parse_device, DeviceSpec, DriverConfig};
+
 use devices::bus::{Bus, BusDevice};
 use devices::legacy::{
     AcpiPm, EjectCallback, Ged, PciHotplug, PowerCallback, Rtc, Serial, ACPI_PM_PORT,
@@ -22,11 +25,11 @@ use devices::legacy::{
 use devices::pci_host::{BarMapper, ConfigPorts, Ecam};
 use devices::virtio::pci::{TransportProps, VirtioHost, VirtioPciDevice};
 use pci::config::{BarKind, PCI_INTERRUPT_LINE};
-use pci::{parse_qemu_addr, Owner, PciAddress, PciFunction, PciRoot, SlotAllocator};
+use pci::{Owner, PciAddress, PciFunction, PciRoot, SlotAllocator};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::drivers::{self, check_prop, driver};
+use crate::drivers;
 use crate::layout::{
     ECAM_SIZE, ECAM_START, PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN, PCI_MMIO32_SIZE, PCI_MMIO32_START,
 };
@@ -84,6 +87,25 @@ pub enum DeviceError {
     /// A property given twice in one --device.
     #[error("Parameter '{0}' given more than once")]
     RepeatedProperty(String),
+    /// A required parameter (QMP `driver`) is missing.
+    #[error("Parameter '{0}' is missing")]
+    Missing(String),
+    /// A QMP / machine-file value of the wrong JSON type.
+    #[error("Invalid parameter type for '{prop}', expected: {expected}")]
+    InvalidType {
+        /// Property.
+        prop: String,
+        /// The JSON type it takes: `string`, `integer`, `boolean`.
+        expected: &'static str,
+    },
+    /// A device whose driver lacks a required property or backend.
+    #[error("{device}: {reason}")]
+    Incomplete {
+        /// Its id, or the driver when it has none.
+        device: String,
+        /// What is missing.
+        reason: String,
+    },
     /// The slot allocator refused.
     #[error("{0}")]
     Slot(#[from] pci::SlotError),
@@ -103,97 +125,6 @@ pub enum DeviceError {
         /// What failed.
         reason: String,
     },
-}
-
-/// One `--device` option, parsed and checked against its driver.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceSpec {
-    /// Driver name.
-    pub driver: String,
-    /// `id=`, if given.
-    pub id: Option<String>,
-    /// `addr=`: slot and optional function.
-    pub addr: Option<(u8, Option<u8>)>,
-    /// `multifunction=`.
-    pub multifunction: bool,
-    /// Driver-specific properties as given (name -> value), already validated.
-    pub props: BTreeMap<String, String>,
-}
-
-pub(crate) fn parse_bool(driver: &str, prop: &str, v: &str) -> Result<bool, DeviceError> {
-    match v {
-        "on" | "yes" | "true" => Ok(true),
-        "off" | "no" | "false" => Ok(false),
-        _ => Err(DeviceError::BadValue {
-            driver: driver.into(),
-            prop: prop.into(),
-            value: v.into(),
-            reason: "expected 'on' or 'off'".into(),
-        }),
-    }
-}
-
-fn valid_id(id: &str) -> bool {
-    let mut c = id.chars();
-    c.next().is_some_and(|f| f.is_ascii_alphabetic())
-        && c.all(|x| x.is_ascii_alphanumeric() || matches!(x, '-' | '.' | '_'))
-}
-
-/// Parses `DRIVER[,id=ID][,addr=SS[.F]][,multifunction=on|off][,bus=pci.0][,PROP=VALUE...]`
-/// (also `driver=DRIVER,...`).
-pub fn parse_device(s: &str) -> Result<DeviceSpec, DeviceError> {
-    let mut parts = s.split(',');
-    let first = parts.next().unwrap_or_default();
-    let name = first.strip_prefix("driver=").unwrap_or(first);
-    let info = driver(name).ok_or_else(|| DeviceError::UnknownDriver(name.to_string()))?;
-    let mut spec = DeviceSpec {
-        driver: info.name.to_string(),
-        id: None,
-        addr: None,
-        multifunction: false,
-        props: BTreeMap::new(),
-    };
-    let mut seen = HashSet::new();
-    for kv in parts {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, "on"));
-        if !seen.insert(k.to_string()) {
-            return Err(DeviceError::RepeatedProperty(k.to_string()));
-        }
-        match k {
-            "id" => {
-                if !valid_id(v) {
-                    return Err(DeviceError::BadId);
-                }
-                spec.id = Some(v.to_string());
-            }
-            "addr" => {
-                let a = parse_qemu_addr(v).map_err(|_| DeviceError::BadValue {
-                    driver: info.name.into(),
-                    prop: "addr".into(),
-                    value: v.into(),
-                    reason: "invalid PCI address".into(),
-                })?;
-                spec.addr = Some(a);
-            }
-            "multifunction" => spec.multifunction = parse_bool(info.name, k, v)?,
-            "bus" => {
-                if v != "pci.0" {
-                    return Err(DeviceError::NoBus(v.to_string()));
-                }
-            }
-            _ if info.props.iter().any(|p| p.name == k) => {
-                check_prop(info.name, k, v)?;
-                spec.props.insert(k.to_string(), v.to_string());
-            }
-            _ => {
-                return Err(DeviceError::UnknownProperty {
-                    driver: info.name.into(),
-                    prop: k.into(),
-                })
-            }
-        }
-    }
-    Ok(spec)
 }
 
 /// A device with its id and address decided.
@@ -250,7 +181,7 @@ pub fn place_into(
         ids.push(id);
     }
     let owner = |s: &DeviceSpec| Owner {
-        driver: s.driver.clone(),
+        driver: s.driver().to_string(),
         id: s.id.clone(),
         multifunction: s.multifunction,
     };
@@ -706,7 +637,7 @@ pub struct Realized {
 
 fn transport_props(p: &Placed) -> TransportProps {
     TransportProps {
-        vectors: drivers::vectors(&p.spec.driver, &p.spec.props),
+        vectors: p.spec.config.effective_vectors(),
         multifunction: p.spec.multifunction,
     }
 }
@@ -730,9 +661,9 @@ pub fn realize_one(
         id: p.id.clone(),
         reason,
     };
-    let device = drivers::build(&p.spec.driver, &p.spec.props, &p.id).map_err(realize_err)?;
+    let device = drivers::build(&p.spec.config, &p.id).map_err(realize_err)?;
     let f = VirtioPciDevice::new(
-        &p.spec.driver,
+        p.spec.driver(),
         device,
         transport_props(p),
         mem.clone(),
@@ -790,7 +721,8 @@ pub fn device_help() -> String {
     s.push_str(
         "  Devices without addr= take function 0 of the first free slot from 1 up, in\n  \
          command-line order, after every explicit address is reserved. Devices without id=\n  \
-         are called device[0], device[1], ... in command-line order.\n",
+         are called device[0], device[1], ... in command-line order. A doubled comma in a value\n  \
+         is a comma: file=/img/a,,b.raw opens /img/a,b.raw.\n",
     );
     s
 }
@@ -807,52 +739,6 @@ mod tests {
         place(&specs(list), &HashMap::new())
             .map(|v| v.into_iter().map(|p| (p.id, p.addr.to_string())).collect())
             .map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn parses_qemu_device_syntax() {
-        let s = parse_device(
-            "virtio-rng-pci,id=rng0,addr=0x5.0x1,multifunction=on,bus=pci.0,vectors=4",
-        )
-        .unwrap();
-        assert_eq!(s.driver, "virtio-rng-pci");
-        assert_eq!(s.id.as_deref(), Some("rng0"));
-        assert_eq!(s.addr, Some((5, Some(1))));
-        assert!(s.multifunction);
-        assert_eq!(s.props.get("vectors").map(String::as_str), Some("4"));
-        assert_eq!(
-            parse_device("driver=virtio-rng-pci").unwrap().driver,
-            "virtio-rng-pci"
-        );
-    }
-
-    #[test]
-    fn bad_device_options_have_qemu_messages() {
-        let err = |s: &str| parse_device(s).unwrap_err().to_string();
-        assert_eq!(
-            err("virtio-rng-pci,addr=zz"),
-            "Property 'virtio-rng-pci.addr' can't take value 'zz': invalid PCI address"
-        );
-        assert_eq!(
-            err("virtio-rng-pci,addr=20"),
-            "Property 'virtio-rng-pci.addr' can't take value '20': invalid PCI address"
-        );
-        assert_eq!(
-            err("virtio-rng-pci,foo=1"),
-            "Property 'virtio-rng-pci.foo' not found"
-        );
-        assert_eq!(
-            err("nosuch-pci"),
-            "'nosuch-pci' is not a valid device model name"
-        );
-        assert_eq!(err("virtio-rng-pci,bus=pci.1"), "Bus 'pci.1' not found");
-        assert_eq!(
-            err("virtio-rng-pci,id=0bad"),
-            "Parameter 'id' expects an identifier"
-        );
-        assert!(err("virtio-rng-pci,vectors=9999")
-            .starts_with("Property 'virtio-rng-pci.vectors' can't take value '9999'"));
-        assert!(err("virtio-rng-pci,multifunction=maybe").contains("multifunction"));
     }
 
     #[test]

@@ -1,19 +1,20 @@
 //! The device drivers `--device` knows: their properties and how each device is built.
 //!
-//! To add a driver: a [`DriverInfo`] entry in [`DRIVERS`], a value check in [`check_prop`] for
-//! each new property, and a case in [`build`]. Placement, ids, compat hints and the PCI
-//! transport are the device manager's business ([`crate::device_manager`]).
+//! To add a driver: a [`DriverInfo`] entry in [`DRIVERS`], a typed config and the parsing of
+//! each new property in [`crate::device_config`] ([`crate::device_config::parse_prop`],
+//! [`crate::device_config::DriverConfig`]), and a case in [`build`]. Placement, ids, compat
+//! hints and the PCI transport are the device manager's business ([`crate::device_manager`]).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use devices::virtio::blk::{Block, BlockConfig};
-use devices::virtio::console::{Console, ConsoleBackend};
-use devices::virtio::net::{default_mac, parse_mac, valid_ifname, Net, Tap};
+use devices::virtio::console::Console;
+use devices::virtio::net::{default_mac, Net, Tap};
 use devices::virtio::rng::Rng;
 use devices::virtio::VirtioDevice;
 
-use crate::device_manager::{parse_bool, DeviceError};
+use crate::device_config::{parse_prop, DriverConfig, RawValue};
+use crate::device_manager::DeviceError;
 
 /// A driver property.
 #[derive(Debug, Clone, Copy)]
@@ -138,117 +139,36 @@ pub fn driver(name: &str) -> Option<&'static DriverInfo> {
     DRIVERS.iter().find(|d| d.name == name)
 }
 
-/// Parses a number the way QEMU's integer properties do (decimal, or hex with 0x).
-pub(crate) fn parse_u16(driver: &str, prop: &str, v: &str, max: u16) -> Result<u16, DeviceError> {
-    let n = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-        Some(h) => u32::from_str_radix(h, 16).ok(),
-        None => v.parse::<u32>().ok(),
-    };
-    match n {
-        Some(n) if n <= u32::from(max) => Ok(n as u16),
-        _ => Err(DeviceError::BadValue {
-            driver: driver.into(),
-            prop: prop.into(),
-            value: v.into(),
-            reason: format!("expected a number from 0 to {max}"),
-        }),
-    }
-}
-
-/// Checks the value of a driver-specific property.
+/// Checks the text value of a driver-specific property (`--global`).
 pub fn check_prop(driver: &str, prop: &str, v: &str) -> Result<(), DeviceError> {
-    match prop {
-        "vectors" => parse_u16(driver, prop, v, devices::virtio::pci::MAX_VECTORS).map(|_| ()),
-        "readonly" => parse_bool(driver, prop, v).map(|_| ()),
-        "file" | "path" | "socket" if v.is_empty() => Err(DeviceError::BadValue {
-            driver: driver.into(),
-            prop: prop.into(),
-            value: v.into(),
-            reason: "expected a file name".into(),
-        }),
-        "tap" if !valid_ifname(v) => Err(DeviceError::BadValue {
-            driver: driver.into(),
-            prop: prop.into(),
-            value: v.into(),
-            reason: "expected an interface name (1 to 15 characters, no '/')".into(),
-        }),
-        "mac" if parse_mac(v).is_none() => Err(DeviceError::BadValue {
-            driver: driver.into(),
-            prop: prop.into(),
-            value: v.into(),
-            reason: "expected a unicast MAC address such as 52:54:00:12:34:56".into(),
-        }),
-        _ => Ok(()),
-    }
-}
-
-/// The MSI-X vector count of a device (`vectors=`, else the driver's default).
-pub fn vectors(driver: &str, props: &BTreeMap<String, String>) -> u16 {
-    props
-        .get("vectors")
-        .and_then(|v| parse_u16(driver, "vectors", v, u16::MAX).ok())
-        .unwrap_or(DEFAULT_VECTORS)
+    parse_prop(driver, prop, RawValue::Text(v)).map(|_| ())
 }
 
 /// MSI-X vectors when `vectors=` is not given.
 pub const DEFAULT_VECTORS: u16 = 2;
 
-fn flag(driver: &str, props: &BTreeMap<String, String>, name: &str) -> bool {
-    props
-        .get(name)
-        .is_some_and(|v| parse_bool(driver, name, v).unwrap_or(false))
-}
-
-fn required<'a>(props: &'a BTreeMap<String, String>, name: &str) -> Result<&'a str, String> {
-    props
-        .get(name)
-        .map(String::as_str)
-        .ok_or_else(|| format!("'{name}' property is required"))
-}
-
-/// Builds the virtio device behind a `driver` with its (validated) properties. `id` is the
-/// device's id (given or `device[N]`), from which defaults such as a MAC address derive.
-pub fn build(
-    driver: &str,
-    props: &BTreeMap<String, String>,
-    id: &str,
-) -> Result<Arc<dyn VirtioDevice>, String> {
-    match driver {
-        "virtio-rng-pci" => Ok(Arc::new(Rng::new())),
-        "virtio-blk-pci" => Ok(Arc::new(Block::new(&BlockConfig {
-            path: required(props, "file")?.into(),
-            readonly: flag(driver, props, "readonly"),
-            serial: props.get("serial").cloned(),
+/// Builds the virtio device for a config. `id` is the device's id (given or `device[N]`), from
+/// which defaults such as a MAC address derive.
+pub fn build(config: &DriverConfig, id: &str) -> Result<Arc<dyn VirtioDevice>, String> {
+    match config {
+        DriverConfig::Rng(_) => Ok(Arc::new(Rng::new())),
+        DriverConfig::Blk(c) => Ok(Arc::new(Block::new(&BlockConfig {
+            path: c.file.clone(),
+            readonly: c.readonly.unwrap_or(false),
+            serial: c.serial.clone(),
         })?)),
-        "virtio-console-pci" => {
-            let backend = match (props.get("path"), props.get("socket")) {
-                (Some(p), None) => ConsoleBackend::File(p.into()),
-                (None, Some(s)) => ConsoleBackend::Socket(s.into()),
-                _ => return Err("give exactly one of 'path' or 'socket'".into()),
-            };
-            Ok(Arc::new(Console::new(&backend)?))
-        }
-        "virtio-net-pci" => {
-            let mac = props
-                .get("mac")
-                .and_then(|m| parse_mac(m))
-                .unwrap_or_else(|| default_mac(id));
-            let tap = Tap::open(required(props, "tap")?)?;
+        DriverConfig::Console(c) => Ok(Arc::new(Console::new(&c.backend)?)),
+        DriverConfig::Net(c) => {
+            let mac = c.mac.map_or_else(|| default_mac(id), |m| m.0);
+            let tap = Tap::open(&c.tap)?;
             Ok(Arc::new(Net::new(tap, mac)))
         }
-        other => Err(format!("'{other}' is not a valid device model name")),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn props(list: &[(&str, &str)]) -> BTreeMap<String, String> {
-        list.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 
     #[test]
     fn new_properties_are_checked() {
@@ -269,30 +189,30 @@ mod tests {
         }
     }
 
+    fn config(s: &str) -> DriverConfig {
+        crate::device_config::parse_device(s).unwrap().config
+    }
+
     #[test]
     fn build_checks_backends() {
-        let e = |d: &str, p: &[(&str, &str)]| build(d, &props(p), "x").err().unwrap();
-        assert_eq!(e("virtio-blk-pci", &[]), "'file' property is required");
+        let e = |s: &str| build(&config(s), "x").err().unwrap();
         assert_eq!(
-            e("virtio-blk-pci", &[("file", "/nonexistent/a.img")]),
+            e("virtio-blk-pci,file=/nonexistent/a.img"),
             "Could not open '/nonexistent/a.img': No such file or directory"
         );
         assert_eq!(
-            e("virtio-console-pci", &[]),
-            "give exactly one of 'path' or 'socket'"
+            e("virtio-console-pci,path=/nonexistent/dir/o"),
+            "Could not open '/nonexistent/dir/o': No such file or directory"
         );
-        assert_eq!(
-            e("virtio-console-pci", &[("path", "/a"), ("socket", "/b")]),
-            "give exactly one of 'path' or 'socket'"
-        );
-        assert_eq!(e("virtio-net-pci", &[]), "'tap' property is required");
-        let img = std::env::temp_dir().join(format!("drivers-test-{}.img", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("drivers-test-{},x", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A comma in the path: escaped in the option, a plain comma in the file name opened.
+        let img = dir.join("a,b.img");
         std::fs::write(&img, vec![0u8; 4096]).unwrap();
-        let path = img.to_str().unwrap();
-        let rw = build("virtio-blk-pci", &props(&[("file", path)]), "d0").unwrap();
+        let path = img.to_str().unwrap().replace(',', ",,");
+        let rw = build(&config(&format!("virtio-blk-pci,file={path}")), "d0").unwrap();
         let ro = build(
-            "virtio-blk-pci",
-            &props(&[("file", path), ("readonly", "on")]),
+            &config(&format!("virtio-blk-pci,file={path},readonly=on")),
             "d1",
         )
         .unwrap();
@@ -302,6 +222,6 @@ mod tests {
         let mut cap = [0u8; 8];
         rw.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 8);
-        std::fs::remove_file(img).unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

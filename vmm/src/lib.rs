@@ -18,6 +18,7 @@ pub mod compat;
 pub mod config;
 pub mod console;
 pub mod cpu;
+pub mod device_config;
 pub mod device_manager;
 pub mod drivers;
 pub mod layout;

@@ -21,14 +21,14 @@ use crate::boot::{self, Entry};
 use crate::cli::RunArgs;
 use crate::compat::{self, Globals};
 use crate::config::MachineConfig;
-use crate::device_manager::{self, DeviceError, DeviceManager, Realized};
+use crate::device_manager::{self, DeviceError, DeviceManager, DeviceSpec, Realized};
 use crate::layout::ZERO_PAGE;
 use crate::machine_file::{DeviceEntry, MachineFile};
 use crate::monitor::{EventSink, RunState};
 use crate::stop::{ResetSource, Stop, StopReason};
 use crate::vcpu::{RunGate, Vcpu, VcpuSet};
 use crate::vm::Vm;
-use crate::{acpi, cpu, drivers, Error};
+use crate::{acpi, cpu, Error};
 
 /// Where the compat record lives and what it said when we started.
 struct CompatState {
@@ -70,7 +70,7 @@ impl Guest {
             for r in list {
                 tracing::info!(
                     "{} {} at {}",
-                    r.placed.spec.driver,
+                    r.placed.spec.driver(),
                     r.placed.id,
                     r.placed.addr
                 );
@@ -322,24 +322,9 @@ impl Machine {
         m.cpus = Some(self.config.cpus);
         m.devices = self.with_devices(|list| {
             list.iter()
+                // Every ABI-shaping property with its value, defaults included.
                 .map(|r| {
-                    let spec = &r.placed.spec;
-                    let mut props = spec.props.clone();
-                    // Every ABI-shaping property with its value, defaults included.
-                    if let Some(info) = drivers::driver(&spec.driver) {
-                        for p in info.props.iter().filter(|p| p.abi) {
-                            if let Some(v) = r.abi.get(p.name) {
-                                props.entry(p.name.to_string()).or_insert_with(|| v.clone());
-                            }
-                        }
-                    }
-                    DeviceEntry {
-                        driver: spec.driver.clone(),
-                        id: spec.id.clone(),
-                        addr: Some(r.placed.addr.to_string()),
-                        multifunction: spec.multifunction,
-                        props,
-                    }
+                    DeviceEntry::from_spec(&r.placed.spec.with_abi(&r.abi), Some(r.placed.addr))
                 })
                 .collect()
         });
@@ -423,12 +408,11 @@ impl Machine {
     /// Adds a device (QMP `device_add`): cold-plug before the guest first runs, hot-plug
     /// afterwards (ACPI, bus 0, function 0 of a free slot): the device is fully wired, then the
     /// guest is notified and the record rewritten. Returns its id.
-    pub fn device_add(&self, option: &str) -> Result<String, Error> {
+    pub fn device_add(&self, spec: DeviceSpec) -> Result<String, Error> {
         let hot = self.run_state() != RunState::Prelaunch;
         if hot && !self.pci_hotplug {
             return Err(Error::Config(NO_HOTPLUG.into()));
         }
-        let spec = device_manager::parse_device(option)?;
         if let (true, Some((slot, Some(f)))) = (hot, spec.addr) {
             if f != 0 {
                 return Err(Error::Config(format!(
@@ -502,7 +486,7 @@ impl Machine {
                     (
                         r.placed.addr,
                         r.placed.id.clone(),
-                        r.placed.spec.driver.clone(),
+                        r.placed.spec.driver().to_string(),
                     )
                 })
                 .collect()

@@ -172,15 +172,9 @@ impl VmControl for MachineControl {
             .collect()
     }
 
-    fn device_add(&self, driver: &str, props: &[(String, String)]) -> Result<(), CommandError> {
-        let mut option = driver.to_string();
-        for (k, v) in props {
-            option += &format!(",{k}={v}");
-        }
-        self.machine
-            .device_add(&option)
-            .map(|_| ())
-            .map_err(generic)
+    fn device_add(&self, args: &serde_json::Map<String, Value>) -> Result<(), CommandError> {
+        let spec = crate::device_config::DeviceSpec::from_qmp(args).map_err(generic)?;
+        self.machine.device_add(spec).map(|_| ()).map_err(generic)
     }
 
     fn device_del(&self, id: &str) -> Result<(), CommandError> {

@@ -149,11 +149,14 @@ pub trait VmControl: Send + Sync {
     fn quit(&self);
     /// All PCI functions, any order (the monitor sorts them by bus, slot and function).
     fn pci_functions(&self) -> Vec<PciFunctionInfo>;
-    /// `device_add`: add a device. `props` are the QMP arguments other than `driver`, as
-    /// strings (numbers and booleans converted with JSON's spelling, e.g. `5`, `true`), sorted
-    /// by name; e.g. `[("addr", "05.0"), ("id", "rng1")]`. Validate them with the `--device`
-    /// rules and texts (`driver,k=v,...` is what `--device` would have been given).
-    fn device_add(&self, driver: &str, props: &[(String, String)]) -> Result<(), CommandError>;
+    /// `device_add`: add a device. `args` are the QMP arguments as given (`driver` a string,
+    /// the properties JSON values of their type or strings), e.g. `{"driver":
+    /// "virtio-rng-pci", "id": "rng1", "addr": "05.0", "vectors": 4}`; the machine parses them
+    /// with the `--device` rules and texts.
+    fn device_add(
+        &self,
+        args: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), CommandError>;
     /// `device_del`: remove the device `id` ([`CommandError::device_not_found`] if none).
     /// Emit `DEVICE_DELETED` when it is gone.
     fn device_del(&self, id: &str) -> Result<(), CommandError>;

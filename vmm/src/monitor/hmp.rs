@@ -110,20 +110,26 @@ fn run_lf(backend: &dyn VmControl, line: &str, quit: &mut bool) -> String {
             if rest.is_empty() {
                 return "Error: Parameter 'driver' is missing\n".to_string();
             }
+            // HMP's argument is `--device` text: every value a string, as QEMU's HMP gives
+            // them to device_add.
             let mut parts = split_opts(rest).into_iter();
             let first = parts.next().unwrap_or_default();
             let driver = first
                 .strip_prefix("driver=")
                 .map(str::to_string)
                 .unwrap_or(first);
-            let mut props: Vec<(String, String)> = parts
-                .map(|kv| match kv.split_once('=') {
+            let mut args = serde_json::Map::new();
+            args.insert("driver".into(), driver.into());
+            for kv in parts {
+                let (k, v) = match kv.split_once('=') {
                     Some((k, v)) => (k.to_string(), v.to_string()),
                     None => (kv, "on".to_string()),
-                })
-                .collect();
-            props.sort_by(|a, b| a.0.cmp(&b.0));
-            done(backend.device_add(&driver, &props))
+                };
+                if args.insert(k.clone(), v.into()).is_some() {
+                    return format!("Error: Parameter '{k}' given more than once\n");
+                }
+            }
+            done(backend.device_add(&args))
         }
         "device_del" => {
             if rest.is_empty() {
