@@ -17,9 +17,10 @@ use std::collections::{BTreeMap, HashMap};
 use pci::record::{diff, Change, CompatRecord, DeviceRecord, Fingerprint, MachineRecord};
 use pci::PciAddress;
 
+use crate::device_config::check_prop;
 use crate::device_config::{parse_prop, RawValue};
 use crate::device_manager::{DeviceError, DeviceSpec, Realized};
-use crate::drivers::{check_prop, driver};
+use crate::drivers::driver;
 use crate::layout::{ECAM_START, PCI_MMIO32_SIZE, PCI_MMIO32_START};
 
 /// `--global DRIVER.PROP=VALUE` defaults, by driver then property.

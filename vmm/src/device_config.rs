@@ -27,8 +27,104 @@ use devices::virtio::net::{parse_mac, valid_ifname};
 use pci::parse_qemu_addr;
 use serde_json::{Map, Value};
 
-use crate::device_manager::DeviceError;
 use crate::drivers::{driver, DriverInfo, DEFAULT_VECTORS};
+
+/// Errors in device options and placement. Texts follow QEMU's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    /// Unknown driver.
+    #[error("'{0}' is not a valid device model name")]
+    UnknownDriver(String),
+    /// Unknown property.
+    #[error("Property '{driver}.{prop}' not found")]
+    UnknownProperty {
+        /// Driver.
+        driver: String,
+        /// Property.
+        prop: String,
+    },
+    /// A property value that does not parse.
+    #[error("Property '{driver}.{prop}' can't take value '{value}': {reason}")]
+    BadValue {
+        /// Driver.
+        driver: String,
+        /// Property.
+        prop: String,
+        /// The value given.
+        value: String,
+        /// Why not.
+        reason: String,
+    },
+    /// The same id twice.
+    #[error("Duplicate ID '{0}' for device")]
+    DuplicateId(String),
+    /// An id that is not an identifier.
+    #[error("Parameter 'id' expects an identifier")]
+    BadId,
+    /// A bus other than pci.0.
+    #[error("Bus '{0}' not found")]
+    NoBus(String),
+    /// Function 0 of a slot whose other functions stay.
+    #[error("PCI: function 0 of slot {slot:x} cannot be removed while {slot:x}.{function:x} is populated")]
+    Function0Busy {
+        /// The slot.
+        slot: u8,
+        /// A populated function above 0.
+        function: u8,
+    },
+    /// No device with that id.
+    #[error("Device '{0}' not found")]
+    NotFound(String),
+    /// A malformed `--global`.
+    #[error("Invalid --global '{0}': expected DRIVER.PROP=VALUE")]
+    BadGlobal(String),
+    /// A property given twice in one --device.
+    #[error("Parameter '{0}' given more than once")]
+    RepeatedProperty(String),
+    /// A required parameter (QMP `driver`) is missing.
+    #[error("Parameter '{0}' is missing")]
+    Missing(String),
+    /// A QMP / machine-file value of the wrong JSON type.
+    #[error("Invalid parameter type for '{prop}', expected: {expected}")]
+    InvalidType {
+        /// Property.
+        prop: String,
+        /// The JSON type it takes: `string`, `integer`, `boolean`.
+        expected: &'static str,
+    },
+    /// A device whose driver lacks a required property or backend.
+    #[error("{device}: {reason}")]
+    Incomplete {
+        /// Its id, or the driver when it has none.
+        device: String,
+        /// What is missing.
+        reason: String,
+    },
+    /// The slot allocator refused.
+    #[error("{0}")]
+    Slot(#[from] pci::SlotError),
+    /// BARs do not fit in the PCI window.
+    #[error("PCI: no room for BAR {bar} of {device} in the 32-bit PCI window")]
+    NoBarSpace {
+        /// Device id.
+        device: String,
+        /// BAR index.
+        bar: usize,
+    },
+    /// The device could not be built.
+    #[error("{id}: {reason}")]
+    Realize {
+        /// Device id.
+        id: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Checks the text value of a driver-specific property (`--global`).
+pub fn check_prop(driver: &str, prop: &str, v: &str) -> Result<(), DeviceError> {
+    parse_prop(driver, prop, RawValue::Text(v)).map(|_| ())
+}
 
 /// A MAC address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -607,6 +703,26 @@ pub fn parse_device(s: &str) -> Result<DeviceSpec, DeviceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_properties_are_checked() {
+        let err = |d: &str, p: &str, v: &str| check_prop(d, p, v).unwrap_err().to_string();
+        assert!(check_prop("virtio-blk-pci", "readonly", "on").is_ok());
+        assert_eq!(
+            err("virtio-blk-pci", "readonly", "maybe"),
+            "Property 'virtio-blk-pci.readonly' can't take value 'maybe': expected 'on' or 'off'"
+        );
+        assert!(err("virtio-blk-pci", "file", "").contains("expected a file name"));
+        assert!(check_prop("virtio-net-pci", "tap", "tap0").is_ok());
+        assert!(err("virtio-net-pci", "tap", "a-very-long-interface").contains("interface name"));
+        assert!(check_prop("virtio-net-pci", "mac", "52:54:00:ab:cd:ef").is_ok());
+        assert!(err("virtio-net-pci", "mac", "ff:ff:ff:ff:ff:ff").contains("unicast MAC"));
+        for d in ["virtio-blk-pci", "virtio-net-pci", "virtio-console-pci"] {
+            let info = crate::drivers::driver(d).unwrap();
+            assert!(info.props.iter().any(|p| p.name == "vectors"), "{d}");
+        }
+    }
+
     use serde_json::json;
 
     fn qmp(v: Value) -> Result<DeviceSpec, String> {

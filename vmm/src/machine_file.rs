@@ -22,8 +22,8 @@ use pci::PciAddress;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::device_config::DeviceError;
 use crate::device_config::{DeviceSpec, RawValue};
-use crate::device_manager::DeviceError;
 
 /// The `format` field.
 pub const MACHINE_FORMAT: &str = "vmm-machine";
