@@ -543,6 +543,7 @@ fn a_path_with_a_comma_is_opened_dumped_and_fed_back() {
     let out = vmm(
         &[
             "run",
+            "--no-reboot",
             "--kernel",
             elf.to_str().unwrap(),
             "--device",

@@ -665,32 +665,12 @@ impl DeviceSpec {
     }
 }
 
-/// Splits QemuOpts-style text on single commas; `,,` stands for a literal comma.
-pub fn split_option(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                out.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    out.push(cur);
-    out
-}
-
 /// Parses `--device DRIVER[,id=ID][,addr=SS[.F]][,multifunction=on|off][,bus=pci.0]
 /// [,PROP=VALUE...]` (also `driver=DRIVER,...`). `,,` in a value is a comma; a bare `PROP`
 /// means `PROP=on`.
 pub fn parse_device(s: &str) -> Result<DeviceSpec, DeviceError> {
-    let parts = split_option(s);
+    // QemuOpts splitting: `,,` stands for a literal comma (the same rule as `--qmp`).
+    let parts = crate::monitor::option::split_opts(s);
     let first = parts.first().map(String::as_str).unwrap_or_default();
     let name = first.strip_prefix("driver=").unwrap_or(first);
     let kvs: Vec<(&str, &str)> = parts[1..]
