@@ -186,10 +186,10 @@ impl Machine {
             reason: e.to_string(),
         })?;
 
-        // Guest-visible: the command line, else what the record says (off for a record from
-        // before the property), else on for a new machine.
-        let pci_hotplug = args
-            .hotplug
+        // Guest-visible: the command line or machine file, else what the record says (off for a
+        // record from before the property), else on for a new machine.
+        let pci_hotplug = config
+            .pci_hotplug
             .or(old.map(|r| r.machine.pci_hotplug))
             .unwrap_or(true);
         let ejects = Arc::new(Ejects {
@@ -320,6 +320,7 @@ impl Machine {
         m.cmdline = Some(self.config.cmdline.clone());
         m.memory_mib = Some(self.config.memory_mib);
         m.cpus = Some(self.config.cpus);
+        m.pci_hotplug = Some(self.pci_hotplug);
         m.devices = self.with_devices(|list| {
             list.iter()
                 // Every ABI-shaping property with its value, defaults included.

@@ -111,6 +111,9 @@ pub struct MachineFile {
     /// vCPUs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u8>,
+    /// ACPI PCI hot-plug on bus 0 (guest-visible; see `vmm run --help`, `--hotplug`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_hotplug: Option<bool>,
     /// Devices.
     #[serde(default)]
     pub devices: Vec<DeviceEntry>,
@@ -137,6 +140,7 @@ impl MachineFile {
             cmdline: None,
             memory_mib: None,
             cpus: None,
+            pci_hotplug: None,
             devices: Vec::new(),
         }
     }
@@ -254,6 +258,20 @@ mod tests {
         assert_eq!(specs[0].addr, Some((5, Some(0))));
         assert_eq!(specs[0].config.vectors(), Some(3));
         assert_eq!(MachineFile::from_json(&m.to_json()).unwrap(), m);
+    }
+
+    #[test]
+    fn hotplug_is_optional_and_round_trips() {
+        let m = MachineFile::from_json(&file("")).unwrap();
+        assert_eq!(
+            m.pci_hotplug, None,
+            "a file without it leaves it to the record"
+        );
+        let mut off = m.clone();
+        off.pci_hotplug = Some(false);
+        let json = off.to_json();
+        assert!(json.contains("\"pci_hotplug\": false"), "{json}");
+        assert_eq!(MachineFile::from_json(&json).unwrap(), off);
     }
 
     #[test]

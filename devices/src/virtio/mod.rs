@@ -13,6 +13,7 @@ pub mod console;
 pub mod net;
 pub mod pci;
 pub mod rng;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 pub mod work;
 pub mod worker;
