@@ -505,6 +505,9 @@ impl Machine {
     /// at its power-on state, the kernel and initrd loaded again; its vCPUs start (or wait,
     /// if the machine was paused or never started).
     pub fn reboot(&self) -> Result<(), Error> {
+        // Lock order: the run state is never locked while the guest is held for writing
+        // (start and pause lock the state, then read the guest).
+        let running = self.run_state() == RunState::Running;
         let mut slot = self.guest.write().unwrap_or_else(|p| p.into_inner());
         let Some(old) = slot.take() else {
             return Err(Error::Config("the guest is gone".into()));
@@ -533,7 +536,7 @@ impl Machine {
                 &placement,
             )?)
         })?;
-        if self.run_state() == RunState::Running {
+        if running {
             guest.vcpus.start(self.seccomp.clone(), &self.stop)?;
         }
         *slot = Some(guest);
