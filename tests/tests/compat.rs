@@ -197,6 +197,25 @@ fn a_kill_during_the_record_write_leaves_a_valid_record() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("id=b"));
 }
 
+/// Boots the probe from machine file `m1`, dumping to `m2`; asserts the dump is `m1` byte for
+/// byte and returns the probe's output.
+fn refeed(m1: &Path, m2: &Path) -> String {
+    let out = run_probe(
+        "mode=probe",
+        &[
+            "--machine-file",
+            m1.to_str().unwrap(),
+            "--dump-machine",
+            m2.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(m1).unwrap(),
+        std::fs::read_to_string(m2).unwrap()
+    );
+    out
+}
+
 fn write(p: &Path, s: &str) {
     std::fs::write(p, s).unwrap();
 }
@@ -406,19 +425,7 @@ fn a_dumped_machine_fed_back_is_the_same_machine() {
     ]));
     let args: Vec<&str> = a.iter().map(String::as_str).collect();
     let first = run_probe("mode=probe", &args);
-    let out = run_probe(
-        "mode=probe",
-        &[
-            "--machine-file",
-            m1.to_str().unwrap(),
-            "--dump-machine",
-            m2.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(
-        std::fs::read_to_string(&m1).unwrap(),
-        std::fs::read_to_string(&m2).unwrap()
-    );
+    let out = refeed(&m1, &m2);
     let (c1, e1) = dumps(&first);
     let (c2, e2) = dumps(&out);
     assert_eq!(parse_dump(&c1), parse_dump(&c2));
@@ -517,19 +524,7 @@ fn a_path_with_a_comma_is_opened_dumped_and_fed_back() {
     );
     assert_eq!(by_id("con0")["props"]["path"], console.to_str().unwrap());
     std::fs::remove_file(&console).unwrap();
-    let out = run_probe(
-        "mode=probe",
-        &[
-            "--machine-file",
-            m1.to_str().unwrap(),
-            "--dump-machine",
-            m2.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(
-        std::fs::read_to_string(&m1).unwrap(),
-        std::fs::read_to_string(&m2).unwrap()
-    );
+    let out = refeed(&m1, &m2);
     assert!(
         console.exists(),
         "the machine file's console path was not opened"
