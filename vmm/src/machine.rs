@@ -219,9 +219,9 @@ impl Machine {
         });
         if pci_hotplug {
             let weak = Arc::downgrade(&machine);
-            std::thread::Builder::new()
-                .name("hotplug".into())
-                .spawn(move || hotplug_thread(weak))?;
+            let filter =
+                crate::seccomp::filter_for(args.seccomp, crate::seccomp::hotplug_filter_with)?;
+            crate::seccomp::spawn_confined("hotplug", filter, move || hotplug_thread(weak))?;
         }
         Ok(machine)
     }
