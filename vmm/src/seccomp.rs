@@ -183,6 +183,8 @@ const FILES: &[libc::c_long] = &[
     libc::SYS_lstat,
     libc::SYS_stat,
     libc::SYS_access,
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
     libc::SYS_readlink,
     libc::SYS_getcwd,
     libc::SYS_rename,
