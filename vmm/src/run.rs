@@ -36,6 +36,12 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         &machine.stop,
         seccomp::filter_for(args.seccomp, seccomp::signals_filter_with)?,
     )?;
+    // The machine is built: from here the main thread starts the monitor and the guest, then
+    // runs the console, reboots and the end, confined. (The QMP threads start under this filter
+    // and add their own; the socket appears only once the main thread is confined.)
+    if let Some(f) = seccomp::filter_for(args.seccomp, seccomp::main_filter_with)? {
+        seccomp::apply(&f)?;
+    }
     let control = Arc::new(MachineControl::new(machine.clone()));
     let server = match &qmp_path {
         Some(p) => {
@@ -55,10 +61,6 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
     };
     if !args.paused {
         machine.start()?;
-    }
-    // Start-up is over: from here the main thread runs the console, reboots and the end.
-    if let Some(f) = seccomp::filter_for(args.seccomp, seccomp::main_filter_with)? {
-        seccomp::apply(&f)?;
     }
     let reason = loop {
         let reason = console_loop(&|| machine.serial(), &machine.stop)?;
