@@ -1,6 +1,10 @@
-//! seccomp filters for the threads that act on guest input: vCPU threads, the device-work
-//! executor (virtio activations and resets), virtio device workers and the INTx resampler
-//! (built with the `seccompiler` crate, applied per thread, never process-wide).
+//! seccomp filters for every thread: those that act on guest input (vCPU threads, the
+//! device-work executor for virtio activations and resets, virtio device workers, the INTx
+//! resampler) and the control plane (the main thread once the machine is built, the QMP
+//! command and event threads, the signal thread, the hot-plug thread: [`main_filter_with`],
+//! [`qmp_filter_with`], [`qmp_events_filter_with`], [`signals_filter_with`],
+//! [`hotplug_filter_with`]). Built with the `seccompiler` crate, applied per thread, never
+//! process-wide.
 //!
 //! The allow-lists come from `strace -f` of the probe guest (config, ECAM, MSI-X, serial exits
 //! and virtio driver bring-ups and resets) and of the device workers, plus what the code reached
