@@ -484,3 +484,104 @@ echo "=== GUEST-BEGIN ==="; cat "$TMPDIR/guest.out"; echo "=== GUEST-END rc=$rc 
     assert!(lspci.contains("00:05.0 00ff: 1af4:1044"), "{lspci}");
     assert!(lspci.contains("00:0b.0 00ff: 1af4:1044"), "{lspci}");
 }
+
+/// Every thread of a running vmm by name (`comm`) with its seccomp mode and number of filters
+/// (`/proc/PID/task/TID/status`).
+fn threads_seccomp(pid: u32) -> Vec<(String, u32, u32)> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = t.unwrap().path();
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("status")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().parse::<u32>().unwrap())
+                .unwrap_or_else(|| panic!("no {name} in {status}"))
+        };
+        v.push((
+            comm.trim().to_string(),
+            field("Seccomp:"),
+            field("Seccomp_filters:"),
+        ));
+    }
+    v.sort();
+    v
+}
+
+/// Issue 15, every thread confined: in a running vmm (started paused, continued over QMP, a
+/// device hot-plugged) every thread is in seccomp filter mode, each class with the filters it
+/// should have stacked: the main thread its own; the QMP threads the main thread's and their
+/// own; the signal and hot-plug threads their own; the vCPU the main, QMP and vCPU filters (it
+/// was started by `cont`). With `--seccomp off`, none is: the check can fail.
+#[test]
+fn every_thread_of_the_vmm_is_confined() {
+    for level in ["kill", "off"] {
+        let vm = Vm::start(
+            &format!("confined-{level}"),
+            "mode=bench op=null n=2000000000",
+            &[
+                "--device",
+                "virtio-rng-pci,id=rng0,addr=5",
+                "--seccomp",
+                level,
+            ],
+        );
+        let mut c = Client::negotiated(&vm.sock);
+        assert_eq!(c.cmd(json!({"execute": "cont"}))["return"], json!({}));
+        assert_eq!(
+            c.cmd(json!({"execute": "device_add",
+                "arguments": {"driver": "virtio-rng-pci", "id": "hot", "addr": "0x9"}}))["return"],
+            json!({})
+        );
+        let threads = threads_seccomp(vm.child.id());
+        let names: Vec<&str> = threads.iter().map(|(n, _, _)| n.as_str()).collect();
+        for want in [
+            "vmm",
+            "signals",
+            "qmp",
+            "qmp-events",
+            "hotplug",
+            "vcpu0",
+            "device-work",
+        ] {
+            assert!(names.contains(&want), "no thread {want}: {threads:?}");
+        }
+        let filters = |name: &str| {
+            threads
+                .iter()
+                .find(|(n, _, _)| n == name)
+                .map(|(_, mode, n)| (*mode, *n))
+                .unwrap()
+        };
+        if level == "kill" {
+            assert!(
+                threads.iter().all(|(_, mode, n)| *mode == 2 && *n >= 1),
+                "every thread filtered: {threads:?}"
+            );
+            assert_eq!(filters("vmm"), (2, 1), "{threads:?}");
+            assert_eq!(filters("signals"), (2, 1), "{threads:?}");
+            assert_eq!(filters("hotplug"), (2, 1), "{threads:?}");
+            assert_eq!(filters("qmp"), (2, 2), "{threads:?}");
+            assert_eq!(filters("qmp-events"), (2, 2), "{threads:?}");
+            assert_eq!(filters("vcpu0"), (2, 3), "{threads:?}");
+        } else {
+            assert!(
+                threads.iter().all(|(_, mode, n)| (*mode, *n) == (0, 0)),
+                "--seccomp off: no filter: {threads:?}"
+            );
+        }
+        assert_eq!(
+            c.cmd(json!({"execute": "query-status"}))["return"]["status"],
+            "running"
+        );
+        assert_eq!(c.cmd(json!({"execute": "quit"}))["return"], json!({}));
+        let (code, _, stderr) = vm.finish();
+        assert_eq!(code, Some(0), "{stderr}");
+    }
+}

@@ -219,9 +219,9 @@ impl Machine {
         });
         if pci_hotplug {
             let weak = Arc::downgrade(&machine);
-            std::thread::Builder::new()
-                .name("hotplug".into())
-                .spawn(move || hotplug_thread(weak))?;
+            let filter =
+                crate::seccomp::filter_for(args.seccomp, crate::seccomp::hotplug_filter_with)?;
+            crate::seccomp::spawn_confined("hotplug", filter, move || hotplug_thread(weak))?;
         }
         Ok(machine)
     }
@@ -438,14 +438,20 @@ impl Machine {
                 Ok(added)
             })
             .ok_or_else(|| Error::Config("the guest is gone".into()))??;
-        if hot {
-            self.rewrite_record()?;
-        }
-        Ok(added
+        let id = added
             .into_iter()
             .next()
             .map(|(id, _)| id)
-            .unwrap_or_default())
+            .unwrap_or_default();
+        if hot {
+            // The device is in the guest already: say so, and that the record is the old one.
+            self.rewrite_record().map_err(|e| {
+                Error::Config(format!(
+                    "device '{id}' was added, but the compat record was not written (it still describes the machine without it): {e}"
+                ))
+            })?;
+        }
+        Ok(id)
     }
 
     /// Removes a device (QMP `device_del`): at once before the guest first runs; afterwards

@@ -114,6 +114,13 @@ impl VmControl for Mock {
     }
     fn dump_machine(&self, path: &str) -> Result<(), CommandError> {
         self.call(&format!("dump_machine {path}"));
+        if path == "probe-seccomp" {
+            // A file (allowed on the QMP thread), then an inet socket (not allowed).
+            std::fs::File::open("/etc/hostname")
+                .map_err(|e| CommandError::generic(format!("open: {e}")))?;
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .map_err(|e| CommandError::generic(format!("inet socket: {e}")))?;
+        }
         Ok(())
     }
     fn device_reports(&self) -> Vec<(pci::PciAddress, String, String)> {
@@ -937,4 +944,61 @@ fn hmp_quit_replies_first_and_quit_may_shut_the_server_down() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(!path.exists());
+}
+
+/// The thread that runs QMP commands installs its filter before it serves: a command that
+/// opens an inet socket is refused there (the vmm's QMP filter with EPERM instead of a kill),
+/// while the same command on an unconfined server gets its socket.
+#[test]
+fn commands_run_on_the_confined_qmp_thread() {
+    use seccompiler::SeccompAction;
+    use vmm::monitor::{ThreadInit, ThreadSetup};
+    let refuse = || SeccompAction::Errno(libc::EPERM as u32);
+    let serve = vmm::seccomp::qmp_filter_with(refuse()).unwrap();
+    let events = vmm::seccomp::qmp_events_filter_with(refuse()).unwrap();
+    let init = |f: vmm::seccomp::Filter| -> ThreadInit {
+        Box::new(move || vmm::seccomp::apply(&f).map_err(|e| e.to_string()))
+    };
+    let path = sock_path("confined");
+    let mock = Arc::new(Mock::default());
+    let setup = ThreadSetup {
+        serve: Some(init(serve)),
+        events: Some(init(events)),
+    };
+    let (server, sink) = QmpServer::start_confined(&path, mock.clone(), setup).unwrap();
+    mock.events.set(sink).unwrap();
+    let mut c = Client::negotiated(&path);
+    let r = c.cmd(json!({"execute": "dump-machine", "arguments": {"path": "probe-seccomp"}}));
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .starts_with("inet socket: Operation not permitted"),
+        "{r}"
+    );
+    // Events still flow through the confined event thread.
+    mock.sink().stop();
+    assert_eq!(
+        c.cmd(json!({"execute": "query-status"}))["return"]["status"],
+        "prelaunch"
+    );
+    assert!(
+        c.events.iter().any(|e| e["event"] == "STOP"),
+        "{:?}",
+        c.events
+    );
+    drop(c);
+    server.shutdown();
+
+    let (server, mock, path) = start("unconfined");
+    let mut c = Client::negotiated(&path);
+    let r = c.cmd(json!({"execute": "dump-machine", "arguments": {"path": "probe-seccomp"}}));
+    assert_eq!(
+        r["return"],
+        json!({}),
+        "without the filter the socket is made: {r}"
+    );
+    drop((c, mock));
+    server.shutdown();
 }

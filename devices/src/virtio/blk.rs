@@ -551,6 +551,100 @@ pub(crate) mod tests {
         std::fs::remove_file(p).unwrap();
     }
 
+    /// A tmpfs of `kib` KiB on a new directory, unmounted when dropped (also on a panic).
+    struct SmallTmpfs(std::path::PathBuf);
+
+    impl SmallTmpfs {
+        fn mount(name: &str, kib: u32) -> SmallTmpfs {
+            let dir = std::env::temp_dir().join(format!("blk-tmpfs-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let out = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
+                .arg(&dir)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run mount(8): {e}"));
+            assert!(
+                out.status.success(),
+                "this test needs a small tmpfs (tests run as root): mount on {} failed: {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            SmallTmpfs(dir)
+        }
+    }
+
+    impl Drop for SmallTmpfs {
+        fn drop(&mut self) {
+            let ok = std::process::Command::new("umount")
+                .arg(&self.0)
+                .status()
+                .is_ok_and(|s| s.success())
+                || std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.0)
+                    .status()
+                    .is_ok_and(|s| s.success());
+            if ok {
+                let _ = std::fs::remove_dir(&self.0);
+            } else {
+                eprintln!("umount {} failed", self.0.display());
+            }
+        }
+    }
+
+    #[test]
+    fn a_write_to_a_full_filesystem_is_an_io_error_for_the_guest_and_the_device_goes_on() {
+        let fs = SmallTmpfs::mount("full", 64);
+        // A sparse image: its holes need blocks the filesystem no longer has.
+        let img = fs.0.join("disk.img");
+        File::create(&img)
+            .unwrap()
+            .set_len(2048 * SECTOR_SIZE)
+            .unwrap();
+        let b = device(&img, false);
+        let mem = memory();
+        let pattern = [0xc3u8; 4096];
+        mem.write_slice(&pattern, GuestAddress(DATA)).unwrap();
+        assert_eq!(
+            request(&b, &mem, T_OUT, 0, 4096, 0).0,
+            S_OK,
+            "room at first"
+        );
+        let filler = fs.0.join("filler");
+        let mut f = File::create(&filler).unwrap();
+        let err = loop {
+            if let Err(e) = f.write_all(&[0u8; 4096]) {
+                break e;
+            }
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        drop(f);
+
+        // Into a hole: ENOSPC from the file, VIRTIO_BLK_S_IOERR to the guest, the request
+        // completed (used entry, interrupt).
+        let (s, len, irq) = request(&b, &mem, T_OUT, 512, 4096, 0);
+        assert_eq!((s, len), (S_IOERR, 1));
+        assert_eq!(irq.queue.load(Ordering::SeqCst), 1);
+        // The device serves on: what was written reads back, the hole reads as zeros,
+        // a flush succeeds.
+        mem.write_slice(&[0u8; 4096], GuestAddress(DATA)).unwrap();
+        assert_eq!(request(&b, &mem, T_IN, 0, 4096, F_WRITE).0, S_OK);
+        let mut back = [0u8; 4096];
+        mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+        assert_eq!(back, pattern);
+        assert_eq!(request(&b, &mem, T_IN, 512, 4096, F_WRITE).0, S_OK);
+        mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+        assert_eq!(back, [0u8; 4096]);
+        assert_eq!(request(&b, &mem, T_FLUSH, 0, 0, 0).0, S_OK);
+        // With room again the same write succeeds.
+        std::fs::remove_file(&filler).unwrap();
+        mem.write_slice(&pattern, GuestAddress(DATA)).unwrap();
+        assert_eq!(request(&b, &mem, T_OUT, 512, 4096, 0).0, S_OK);
+        drop(b);
+        let on_disk = std::fs::read(&img).unwrap();
+        assert_eq!(&on_disk[512 * 512..512 * 512 + 4096], &pattern[..]);
+    }
+
     #[test]
     fn readonly_disk_refuses_writes() {
         let p = image(8, "ro");

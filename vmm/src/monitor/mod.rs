@@ -30,4 +30,4 @@ pub mod testing;
 
 pub use control::{CommandError, PciFunctionInfo, PciRegionInfo, RegionKind, RunState, VmControl};
 pub use option::parse_qmp_option;
-pub use qmp::{EventSink, QmpServer, MAX_MESSAGE_SIZE};
+pub use qmp::{EventSink, QmpServer, ThreadInit, ThreadSetup, MAX_MESSAGE_SIZE};
