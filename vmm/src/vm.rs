@@ -324,6 +324,30 @@ impl Vm {
         (r.msi.len(), r.entries.len())
     }
 
+    /// The allocated MSI GSIs in order, each with whether it is routed, and the number of
+    /// entries in KVM's routing table (HMP `info gsi`).
+    pub fn msi_gsis(&self) -> (Vec<(u32, bool)>, usize) {
+        let r = self.routing.lock().unwrap_or_else(|p| p.into_inner());
+        let msi = r.msi.iter().map(|(g, e)| (*g, e.is_some())).collect();
+        (msi, r.entries.len())
+    }
+
+    /// The INTx lines registered ([`VirtioHost::register_intx`] and not released).
+    pub fn intx_lines(&self) -> usize {
+        self.intx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |r| {
+                r.shared
+                    .lines
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+                    .len()
+            })
+    }
+
     /// KVM_SET_GSI_ROUTING replaces the whole table: hand it the one we keep.
     fn publish(&self, r: &Routing) -> Result<(), Error> {
         let table = KvmIrqRouting::from_entries(&r.entries)
