@@ -185,7 +185,8 @@ impl DeviceSet {
         Ok(addrs)
     }
 
-    /// Removes the device `id` from `root` and frees its slot.
+    /// Removes the device `id` from `root` and frees its slot. The device gives back its host
+    /// resources when the returned [`Realized`] is dropped.
     pub fn remove(&mut self, id: &str, root: &PciRoot) -> Result<Realized, DeviceError> {
         let i = self
             .realized

@@ -19,6 +19,10 @@
 //! reset has been carried out, reads of `device_status` return the status from before it (a
 //! driver polls for 0, virtio 1.x 4.1.4.3.2). A notification that arrives before the worker
 //! runs stays counted in the queue's eventfd and is served when the worker starts.
+//!
+//! Removal: [`VirtioPciDevice::release`] (the device manager's, on the monitor's or the main
+//! thread) gives back the queue ioeventfds, the vectors' GSIs and irqfds and the INTx line, and
+//! has the executor reset the device and close its backend, before it returns.
 
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
