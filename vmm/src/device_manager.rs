@@ -185,7 +185,8 @@ impl DeviceSet {
         Ok(addrs)
     }
 
-    /// Removes the device `id` from `root` and frees its slot.
+    /// Removes the device `id` from `root` and frees its slot. The device gives back its host
+    /// resources when the returned [`Realized`] is dropped.
     pub fn remove(&mut self, id: &str, root: &PciRoot) -> Result<Realized, DeviceError> {
         let i = self
             .realized
@@ -504,11 +505,14 @@ impl DeviceManager {
             .collect())
     }
 
-    /// Removes the device `id`: off the root complex, its BARs unmapped, its slot free.
+    /// Removes the device `id`: off the root complex, its BARs unmapped, its slot free, and
+    /// everything it took from the host given back (MSI GSIs and routes, irqfds, its INTx
+    /// line, ioeventfds, its worker thread, its files) before this returns.
     pub fn remove(&self, id: &str) -> Result<(), DeviceManagerError> {
         let mut set = self.set();
         let r = set.remove(id, &self.root)?;
         self.mapper.remap(r.placed.addr);
+        drop(r);
         Ok(())
     }
 
@@ -557,7 +561,9 @@ pub fn build_device(config: &DriverConfig, id: &str) -> Result<Arc<dyn VirtioDev
     }
 }
 
-/// A device realized on the bus.
+/// A device realized on the bus. Dropping it gives back what the device took from the host
+/// ([`VirtioPciDevice::release`]: GSIs, irqfds, ioeventfds, worker, files), on the thread
+/// that drops it: the device set's owner (monitor or main thread), never a vCPU.
 pub struct Realized {
     /// Its placement.
     pub placed: Placed,
@@ -565,6 +571,14 @@ pub struct Realized {
     pub function: Arc<dyn PciFunction>,
     /// The ABI-shaping properties the realized device has (recorded in fingerprints).
     pub abi: BTreeMap<String, String>,
+    /// The same function as a virtio transport (to release it).
+    transport: Arc<VirtioPciDevice>,
+}
+
+impl Drop for Realized {
+    fn drop(&mut self) {
+        self.transport.release();
+    }
 }
 
 fn transport_props(p: &Placed) -> TransportProps {
@@ -625,13 +639,15 @@ pub fn realize_one(
         next = base + bar.size;
     }
     debug_assert!(window + FUNCTION_BAR_WINDOW <= PCI_MMIO32_START + PCI_MMIO32_SIZE);
-    let function: Arc<dyn PciFunction> = Arc::new(f);
+    let transport = Arc::new(f);
+    let function: Arc<dyn PciFunction> = transport.clone();
     root.add(p.addr, function.clone())
         .map_err(|e| realize_err(e.to_string()))?;
     Ok(Realized {
         placed: p.clone(),
         function,
         abi,
+        transport,
     })
 }
 

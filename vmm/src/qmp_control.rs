@@ -10,7 +10,8 @@ use serde_json::Value;
 use crate::device_config::{DeviceError, DeviceSpec};
 use crate::machine::Machine;
 use crate::monitor::{
-    CommandError, EventSink, PciFunctionInfo, PciRegionInfo, RegionKind, RunState, VmControl,
+    CommandError, EventSink, GsiInfo, PciFunctionInfo, PciRegionInfo, RegionKind, RunState,
+    VmControl,
 };
 use crate::stop::{ResetSource, StopReason};
 
@@ -180,6 +181,18 @@ impl VmControl for MachineControl {
                 Some((addr, id_and_driver(&ids, addr).0, report))
             })
             .collect()
+    }
+
+    fn gsi_info(&self) -> Option<GsiInfo> {
+        self.machine.with_guest(|g| {
+            let vm = g.vm();
+            let (msi, routes) = vm.msi_gsis();
+            GsiInfo {
+                msi,
+                routes,
+                intx_lines: vm.intx_lines(),
+            }
+        })
     }
 
     fn device_add(&self, args: &serde_json::Map<String, Value>) -> Result<(), CommandError> {

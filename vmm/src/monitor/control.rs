@@ -92,6 +92,18 @@ pub struct PciFunctionInfo {
     pub props: Vec<(String, String)>,
 }
 
+/// The machine's interrupt wiring as the host has it (for HMP `info gsi`: leak checks and
+/// diagnostics).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GsiInfo {
+    /// The GSIs allocated to MSI/MSI-X vectors, in order, each with whether it is routed now.
+    pub msi: Vec<(u32, bool)>,
+    /// Entries in KVM's GSI routing table (the fixed PIC / IO-APIC pins and the MSI routes).
+    pub routes: usize,
+    /// Level-triggered INTx lines registered (irqfds with resampling).
+    pub intx_lines: usize,
+}
+
 /// A failed command: QEMU's error class (`GenericError`, `DeviceNotFound`, ...) and text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandError {
@@ -172,6 +184,11 @@ pub trait VmControl: Send + Sync {
     /// vectors, queue rings as they are in guest memory), as (address, qdev id, report text),
     /// for HMP `info virtio`.
     fn device_reports(&self) -> Vec<(pci::PciAddress, String, String)>;
+    /// The interrupt wiring (MSI GSIs, KVM routes, INTx lines), for HMP `info gsi`; None
+    /// when the machine has none to report (the default).
+    fn gsi_info(&self) -> Option<GsiInfo> {
+        None
+    }
 }
 
 /// QEMU's class descriptions (`hw/pci/pci.c`).
