@@ -29,6 +29,7 @@ pub mod qmp_control;
 pub mod run;
 pub mod seccomp;
 pub mod signals;
+pub mod stats;
 pub mod stop;
 pub mod vcpu;
 pub mod vm;

@@ -172,6 +172,16 @@ pub trait VmControl: Send + Sync {
     /// vectors, queue rings as they are in guest memory), as (address, qdev id, report text),
     /// for HMP `info virtio`.
     fn device_reports(&self) -> Vec<(pci::PciAddress, String, String)>;
+    /// `query-stats` / `info stats`: the statistics of the VM (one source, no QOM path) or of
+    /// each vCPU (one source per vCPU, in vCPU order, with its QOM path), provider `kvm`, read
+    /// now. The default: none to be had ([`super::stats::IOCTL_FAILED`], QEMU's text).
+    fn stats(
+        &self,
+        target: super::stats::StatsTarget,
+    ) -> Result<Vec<super::stats::StatsSource>, CommandError> {
+        let _ = target;
+        Err(CommandError::generic(super::stats::IOCTL_FAILED))
+    }
 }
 
 /// QEMU's class descriptions (`hw/pci/pci.c`).
