@@ -24,6 +24,7 @@ pub mod drivers;
 pub mod layout;
 pub mod machine;
 pub mod machine_file;
+pub mod memory;
 pub mod monitor;
 pub mod qmp_control;
 pub mod run;
