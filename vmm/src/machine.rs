@@ -25,6 +25,7 @@ use crate::device_manager::{self, DeviceError, DeviceManager, DeviceSpec, Realiz
 use crate::layout::ZERO_PAGE;
 use crate::machine_file::{DeviceEntry, MachineFile};
 use crate::monitor::{EventSink, RunState};
+use crate::stats::{GuestStats, KvmStatsFile};
 use crate::stop::{ResetSource, Stop, StopReason};
 use crate::vcpu::{RunGate, Vcpu, VcpuSet};
 use crate::vm::Vm;
@@ -43,6 +44,8 @@ pub struct Guest {
     vm: Arc<Vm>,
     devices: DeviceManager,
     vcpus: VcpuSet,
+    /// KVM's statistics files of the VM and each vCPU, opened with them (read by the monitor).
+    stats: GuestStats,
 }
 
 impl Guest {
@@ -56,6 +59,10 @@ impl Guest {
     ) -> Result<Guest, Error> {
         let initrd = read_initrd(config)?;
         let vm = Arc::new(Vm::new(config.mem_size())?);
+        let mut stats = GuestStats {
+            vm: KvmStatsFile::open(&vm.fd),
+            vcpus: Vec::new(),
+        };
         let power: PowerCallback = {
             let stop = stop.clone();
             Arc::new(move |e| {
@@ -78,11 +85,15 @@ impl Guest {
         });
         let entry = load_guest(&vm, config, acpi, initrd.as_deref())?;
         let gate = Arc::new(RunGate::new());
-        let vcpus = create_vcpus(&vm, config, entry, &devices, stop, &gate)?;
+        let vcpus = create_vcpus(&vm, config, entry, &devices, stop, &gate, &mut stats)?;
+        if let Err(e) = &stats.vm {
+            tracing::info!("no KVM statistics (query-stats): {e}");
+        }
         Ok(Guest {
             vm,
             devices,
             vcpus: VcpuSet::new(gate, vcpus),
+            stats,
         })
     }
 
@@ -94,6 +105,11 @@ impl Guest {
     /// The KVM VM.
     pub fn vm(&self) -> &Arc<Vm> {
         &self.vm
+    }
+
+    /// KVM's statistics files of this run (the VM's and each vCPU's).
+    pub fn stats(&self) -> &GuestStats {
+        &self.stats
     }
 }
 
@@ -681,6 +697,7 @@ fn create_vcpus(
     devices: &DeviceManager,
     stop: &Arc<Stop>,
     gate: &Arc<RunGate>,
+    stats: &mut GuestStats,
 ) -> Result<Vec<Vcpu>, Error> {
     let supported = vm
         .kvm
@@ -692,6 +709,8 @@ fn create_vcpus(
             .fd
             .create_vcpu(u64::from(id))
             .map_err(crate::kvm_err(format!("KVM_CREATE_VCPU {id}")))?;
+        // Opened here: the vCPU fd moves into its thread, the monitor reads this file.
+        stats.vcpus.push(KvmStatsFile::open(&fd));
         let mut cpuid = supported.clone();
         cpu::filter_cpuid(&mut cpuid, id, config.cpus);
         fd.set_cpuid2(&cpuid)

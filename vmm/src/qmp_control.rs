@@ -212,6 +212,16 @@ impl VmControl for MachineControl {
             .map_err(command_error)
     }
 
+    fn stats(
+        &self,
+        target: crate::monitor::stats::StatsTarget,
+    ) -> Result<Vec<crate::monitor::stats::StatsSource>, CommandError> {
+        self.machine
+            .with_guest(|g| g.stats().read(target))
+            .unwrap_or_else(|| Err("the guest is gone".into()))
+            .map_err(CommandError::generic)
+    }
+
     fn query_compat(&self) -> Result<Value, CommandError> {
         serde_json::to_value(self.machine.record()).map_err(generic)
     }

@@ -9,7 +9,7 @@ use kvm_bindings::{
     KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::layout::*;
@@ -237,12 +237,17 @@ impl Vm {
     pub fn new(mem_size: u64) -> Result<Vm, Error> {
         let kvm = Kvm::new().map_err(kvm_err("cannot open /dev/kvm"))?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_size)
-            .into_iter()
-            .map(|(a, s)| (GuestAddress(a), s as usize))
-            .collect();
-        let mem =
-            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::MemoryAlloc(e.to_string()))?;
+        // 2 MiB-aligned, transparent huge pages (host side only: the guest sees the same map).
+        let (mem, backing) = crate::memory::guest_ram(&ram_ranges(mem_size))?;
+        for r in &backing {
+            tracing::debug!(
+                "guest RAM {:#x}+{:#x} at host {:#x}: {:?}",
+                r.guest,
+                r.size,
+                r.host,
+                r.thp
+            );
+        }
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())

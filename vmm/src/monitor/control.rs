@@ -189,6 +189,16 @@ pub trait VmControl: Send + Sync {
     fn gsi_info(&self) -> Option<GsiInfo> {
         None
     }
+    /// `query-stats` / `info stats`: the statistics of the VM (one source, no QOM path) or of
+    /// each vCPU (one source per vCPU, in vCPU order, with its QOM path), provider `kvm`, read
+    /// now. The default: none to be had ([`super::stats::IOCTL_FAILED`], QEMU's text).
+    fn stats(
+        &self,
+        target: super::stats::StatsTarget,
+    ) -> Result<Vec<super::stats::StatsSource>, CommandError> {
+        let _ = target;
+        Err(CommandError::generic(super::stats::IOCTL_FAILED))
+    }
 }
 
 /// QEMU's class descriptions (`hw/pci/pci.c`).

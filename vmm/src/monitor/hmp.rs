@@ -37,6 +37,11 @@ const INFO: &[(&str, &str, &str)] = &[
     ),
     ("pci", "", "show PCI info"),
     ("qtree", "", "show device tree"),
+    (
+        "stats",
+        "target [names] [provider]",
+        "show statistics for the given target (vm or vcpu); optionally filter by name (comma-separated list, or '*' for all) and provider",
+    ),
     ("status", "", "show the current VM status (running|paused)"),
     (
         "virtio",
@@ -153,6 +158,10 @@ fn run_lf(backend: &dyn VmControl, line: &str, quit: &mut bool) -> String {
             let Some(found) = find(INFO, sub) else {
                 return format!("unknown command: 'info {sub}'\n");
             };
+            if found == "stats" {
+                let args: Vec<&str> = extra.split_whitespace().collect();
+                return super::stats::info_stats(backend, &args);
+            }
             if !extra.is_empty() {
                 return format!("{sub}: extraneous characters at the end of line\n");
             }
