@@ -18,8 +18,8 @@ use vm_memory::GuestMemoryMmap;
 
 use super::worker::serve_queue;
 use super::{
-    types, Activation, ActiveQueue, QueueHandler, QueueWorker, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1,
+    types, ActivateError, Activation, ActiveQueue, QueueHandler, QueueWorker, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 
 /// Queue size the device offers.
@@ -289,13 +289,13 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config_bytes(), offset, data);
     }
 
-    fn activate(&self, a: Activation) -> Result<(), String> {
+    fn activate(&self, a: Activation) -> Result<(), ActivateError> {
         let file = self
             .file
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .ok_or("the device was released")?;
+            .ok_or(ActivateError::Released)?;
         let handler = BlockHandler {
             mem: a.mem,
             interrupt: a.interrupt,

@@ -25,8 +25,8 @@ use vmm_sys_util::epoll::EventSet;
 use super::blk::{os_error_text, read_config_bytes};
 use super::worker::serve_queue;
 use super::{
-    types, Activation, ActiveQueue, QueueHandler, QueueWorker, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1,
+    types, ActivateError, Activation, ActiveQueue, QueueHandler, QueueWorker, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 
 /// Queue size the device offers.
@@ -321,13 +321,13 @@ impl VirtioDevice for Net {
         read_config_bytes(&self.config_bytes(), offset, data);
     }
 
-    fn activate(&self, a: Activation) -> Result<(), String> {
+    fn activate(&self, a: Activation) -> Result<(), ActivateError> {
         let tap = self
             .tap
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .ok_or("the device was released")?;
+            .ok_or(ActivateError::Released)?;
         let fd = tap.file.as_raw_fd();
         let name = format!("virtio-net-{}", tap.name());
         let handler = NetHandler {

@@ -34,7 +34,10 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::work::{DeviceJob, DeviceWork};
-use super::{status, Activation, ActiveQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{
+    status, ActivateError, Activation, ActiveQueue, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
+};
 
 /// Red Hat / virtio vendor ID.
 pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
@@ -1036,7 +1039,7 @@ impl DeviceJob for Shared {
 impl Shared {
     /// The activation for the queues the driver enabled (on the executor: it duplicates the
     /// queues' eventfds). Err: a queue set up with bad addresses or size.
-    fn activation(&self, regs: &[QueueRegs], features: u64) -> Result<Activation, String> {
+    fn activation(&self, regs: &[QueueRegs], features: u64) -> Result<Activation, ActivateError> {
         let mut queues = Vec::new();
         for (i, r) in regs.iter().enumerate() {
             if !r.enabled {
@@ -1059,8 +1062,13 @@ impl Shared {
                     queue: q,
                     event,
                 }),
-                (_, Err(e)) => return Err(format!("queue {i}: eventfd: {e}")),
-                _ => return Err(format!("queue {i} set up with bad addresses or size")),
+                (_, Err(e)) => {
+                    return Err(ActivateError::Host {
+                        what: "queue eventfd",
+                        source: e,
+                    })
+                }
+                _ => return Err(ActivateError::BadQueue(i as u16)),
             }
         }
         Ok(Activation {
@@ -1250,7 +1258,7 @@ mod tests {
         fn features(&self) -> u64 {
             VIRTIO_F_VERSION_1
         }
-        fn activate(&self, _: Activation) -> Result<(), String> {
+        fn activate(&self, _: Activation) -> Result<(), ActivateError> {
             self.activated_on
                 .lock()
                 .unwrap()
