@@ -33,9 +33,9 @@
 //! - `pci/src/msix.rs`, `MsixTable::read_table` / `read_pba`: `AtomicU32` / `AtomicU64` loads.
 //! - `devices/src/virtio/pci.rs`, `VirtioPciDevice::bar_read`: the MSI-X BAR arms go straight to
 //!   the `MsixTable`. Locks in that file sit elsewhere: `common` (BAR4 common config: driver
-//!   set-up only), `notify_base` (`sync_notify`, on BAR4/decode changes),
-//!   `Interrupts::queue_vectors` (taken by the device worker when it signals a queue, not by a
-//!   vCPU reading config space).
+//!   set-up only), `notify_base` (`sync_notify`, on BAR4/decode changes). Signalling a queue
+//!   (`Interrupts::signal_queue`, on a device worker) looks its MSI-X vector up in atomics,
+//!   without a lock.
 //! - `vmm/src/vcpu.rs`: an unclaimed access only fills all-ones and hits a disabled
 //!   `tracing::debug!` callsite (an atomic interest check).
 

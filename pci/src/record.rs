@@ -221,6 +221,11 @@ pub struct MachineRecord {
     pub ecam_base: u64,
     /// 32-bit PCI memory window (base, size).
     pub mmio32_window: (u64, u64),
+    /// ACPI PCI hot-plug on bus 0 (slot objects with `_SUN`/`_EJ0`: the guest sees
+    /// `Physical Slot: N` and names NICs after slots). A record written before this property
+    /// existed has none: off, so that machine keeps the guest view it had.
+    #[serde(default)]
+    pub pci_hotplug: bool,
 }
 
 /// A compat record.
@@ -562,6 +567,7 @@ mod tests {
 
     fn machine() -> MachineRecord {
         MachineRecord {
+            pci_hotplug: true,
             host_bridge_vendor: 0x1b36,
             host_bridge_device: 8,
             ecam_base: 0xe000_0000,

@@ -102,6 +102,11 @@ pub struct RunArgs {
     /// Start paused: devices are realized, vCPUs wait for the QMP command `cont`.
     #[arg(short = 'S')]
     pub paused: bool,
+    /// ACPI PCI hot-plug on bus 0 (QMP device_add/device_del while the guest runs). It is
+    /// guest-visible ABI: default on for a new machine, and what the compat record says for an
+    /// existing one (off for a record written before hot-plug existed).
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub hotplug: Option<bool>,
     /// A guest reset ends the process with status 0 instead of restarting the guest in place
     /// (QEMU's `-no-reboot`).
     #[arg(long)]
@@ -110,6 +115,14 @@ pub struct RunArgs {
     /// process), `log` (allowed, logged by the kernel), `off`.
     #[arg(long, value_enum, default_value_t = SeccompLevel::Kill)]
     pub seccomp: SeccompLevel,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(format!("'{s}': expected 'on' or 'off'")),
+    }
 }
 
 /// `--seccomp`.

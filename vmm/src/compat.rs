@@ -118,8 +118,9 @@ pub fn hints(specs: &[DeviceSpec], record: Option<&CompatRecord>) -> HashMap<Str
 }
 
 /// The machine part of every record this build writes.
-pub fn machine_record() -> MachineRecord {
+pub fn machine_record(pci_hotplug: bool) -> MachineRecord {
     MachineRecord {
+        pci_hotplug,
         host_bridge_vendor: pci::root::HOST_BRIDGE_VENDOR,
         host_bridge_device: pci::root::HOST_BRIDGE_DEVICE,
         ecam_base: ECAM_START,
@@ -128,7 +129,7 @@ pub fn machine_record() -> MachineRecord {
 }
 
 /// The record of the realized devices.
-pub fn record_of(devices: &[Realized]) -> CompatRecord {
+pub fn record_of(devices: &[Realized], pci_hotplug: bool) -> CompatRecord {
     let devices = devices
         .iter()
         .map(|r| {
@@ -142,7 +143,7 @@ pub fn record_of(devices: &[Realized]) -> CompatRecord {
             )
         })
         .collect();
-    CompatRecord::new(machine_record(), devices)
+    CompatRecord::new(machine_record(pci_hotplug), devices)
 }
 
 /// `--compat-strict`: every change to a device present in both records (or to the machine),
@@ -180,7 +181,7 @@ mod tests {
             props: [("vectors".to_string(), vectors.to_string())].into(),
         };
         CompatRecord::new(
-            machine_record(),
+            machine_record(true),
             [(
                 id.to_string(),
                 DeviceRecord {

@@ -14,8 +14,10 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, BusDevice};
 use devices::legacy::{
-    AcpiPm, PowerCallback, Rtc, Serial, ACPI_PM_PORT, ACPI_PM_PORT_LEN, I8042, I8042_COMMAND_PORT,
-    I8042_DATA_PORT, RTC_PORT, RTC_PORT_LEN, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN,
+    AcpiPm, EjectCallback, Ged, PciHotplug, PowerCallback, Rtc, Serial, ACPI_PM_PORT,
+    ACPI_PM_PORT_LEN, GED_GSI, GED_PCI_HOTPLUG, GED_PORT, GED_PORT_LEN, I8042, I8042_COMMAND_PORT,
+    I8042_DATA_PORT, PCI_HOTPLUG_PORT, PCI_HOTPLUG_PORT_LEN, RTC_PORT, RTC_PORT_LEN, SERIAL_IRQ,
+    SERIAL_PORT, SERIAL_PORT_LEN,
 };
 use devices::pci_host::{BarMapper, ConfigPorts, Ecam};
 use devices::virtio::pci::{TransportProps, VirtioHost, VirtioPciDevice};
@@ -461,16 +463,29 @@ pub struct DeviceManager {
     mapper: Arc<BarMapper>,
     set: Mutex<DeviceSet>,
     serial: Arc<Serial>,
+    hotplug: Option<HotplugHardware>,
+}
+
+/// The guest-visible side of ACPI PCI hot-plug: QEMU's register block (PCIU/PCID/B0EJ) and the
+/// Generic Event Device whose interrupt makes the guest read it.
+struct HotplugHardware {
+    regs: Arc<PciHotplug>,
+    ged: Arc<Ged>,
 }
 
 impl DeviceManager {
     /// The fixed devices of the machine on fresh buses: COM1 (guest output to `console`), the
     /// i8042 and ACPI PM port (reporting to `power`), the CMOS clock, and the PCI host bridge
     /// with its CF8/CFC ports and ECAM window. No PCI device yet.
+    ///
+    /// With `eject` (ACPI PCI hot-plug on), the hot-plug registers and the GED are on the port
+    /// bus too; `eject` is called on a vCPU thread with the slot the guest ejected (it must only
+    /// post and return).
     pub fn new(
         vm: Arc<Vm>,
         power: PowerCallback,
         console: Box<dyn std::io::Write + Send>,
+        eject: Option<EjectCallback>,
     ) -> Result<Self, DeviceManagerError> {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
@@ -514,6 +529,28 @@ impl DeviceManager {
             what: "ECAM",
             source,
         })?;
+        let hotplug = match eject {
+            Some(eject) => {
+                let regs = Arc::new(PciHotplug::new(eject));
+                on_pio(
+                    "PCI hot-plug registers",
+                    PCI_HOTPLUG_PORT,
+                    PCI_HOTPLUG_PORT_LEN,
+                    regs.clone(),
+                )?;
+                let irq = EventFd::new(0)?;
+                vm.fd
+                    .register_irqfd(&irq, GED_GSI)
+                    .map_err(|source| DeviceManagerError::Kvm {
+                        what: "irqfd for the generic event device",
+                        source,
+                    })?;
+                let ged = Arc::new(Ged::new(irq));
+                on_pio("ACPI GED", GED_PORT, GED_PORT_LEN, ged.clone())?;
+                Some(HotplugHardware { regs, ged })
+            }
+            None => None,
+        };
         Ok(DeviceManager {
             vm,
             pio,
@@ -522,7 +559,52 @@ impl DeviceManager {
             mapper,
             set: Mutex::new(DeviceSet::new()),
             serial,
+            hotplug,
         })
+    }
+
+    /// Tells the guest that slot `slot` has a new device (PCIU bit, GED interrupt). Nothing
+    /// without hot-plug hardware.
+    pub fn notify_plugged(&self, slot: u8) -> Result<(), DeviceManagerError> {
+        if let Some(h) = &self.hotplug {
+            h.regs.plugged(slot).map_err(std::io::Error::other)?;
+            h.ged.notify(GED_PCI_HOTPLUG)?;
+        }
+        Ok(())
+    }
+
+    /// Asks the guest to eject slot `slot` (PCID bit, stays set until the eject; GED
+    /// interrupt). Asking again is harmless.
+    pub fn request_unplug(&self, slot: u8) -> Result<(), DeviceManagerError> {
+        if let Some(h) = &self.hotplug {
+            h.regs.unplug_request(slot).map_err(std::io::Error::other)?;
+            h.ged.notify(GED_PCI_HOTPLUG)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the guest has an eject of `slot` outstanding (asked, not yet ejected).
+    pub fn unplug_pending(&self, slot: u8) -> bool {
+        self.hotplug
+            .as_ref()
+            .is_some_and(|h| h.regs.removal_pending(slot))
+    }
+
+    /// Whether the guest has GED events it has not read yet (its interrupt may have been lost,
+    /// e.g. raised before its driver was up).
+    pub fn events_unread(&self) -> bool {
+        self.hotplug.as_ref().is_some_and(|h| h.ged.pending() != 0)
+    }
+
+    /// Raises the GED interrupt again for events still unread.
+    pub fn renotify(&self) -> Result<(), DeviceManagerError> {
+        if let Some(h) = &self.hotplug {
+            let pending = h.ged.pending();
+            if pending != 0 {
+                h.ged.notify(pending)?;
+            }
+        }
+        Ok(())
     }
 
     /// A device manager for a new run of the guest on `vm`: fresh fixed devices, and every PCI
@@ -531,9 +613,10 @@ impl DeviceManager {
         vm: Arc<Vm>,
         power: PowerCallback,
         console: Box<dyn std::io::Write + Send>,
+        eject: Option<EjectCallback>,
         placement: &Placement,
     ) -> Result<Self, DeviceManagerError> {
-        let dm = DeviceManager::new(vm, power, console)?;
+        let dm = DeviceManager::new(vm, power, console, eject)?;
         let set = DeviceSet::realize_placement(placement, &dm.root, &dm.vm.mem, dm.vm.clone())?;
         let addrs: Vec<PciAddress> = set.devices().iter().map(|r| r.placed.addr).collect();
         *dm.set() = set;
@@ -554,12 +637,12 @@ impl DeviceManager {
 
     /// Places `specs` around the devices already there (explicit addresses, then `hints`,
     /// then the first free slot), realizes them and maps their BARs. Returns the new devices'
-    /// ids in `specs` order. On error nothing was added.
+    /// ids and addresses in address order. On error nothing was added.
     pub fn add(
         &self,
         specs: &[DeviceSpec],
         hints: &HashMap<String, PciAddress>,
-    ) -> Result<Vec<String>, DeviceManagerError> {
+    ) -> Result<Vec<(String, PciAddress)>, DeviceManagerError> {
         let mut set = self.set();
         let addrs = set.add(specs, hints, &self.root, &self.vm.mem, self.vm.clone())?;
         for a in &addrs {
@@ -571,7 +654,10 @@ impl DeviceManager {
             .filter(|r| addrs.contains(&r.placed.addr))
             .map(|r| (r.placed.addr, r.placed.id.clone()))
             .collect::<HashMap<_, _>>();
-        Ok(addrs.iter().filter_map(|a| ids.get(a).cloned()).collect())
+        Ok(addrs
+            .iter()
+            .filter_map(|a| ids.get(a).map(|id| (id.clone(), *a)))
+            .collect())
     }
 
     /// Removes the device `id`: off the root complex, its BARs unmapped, its slot free.

@@ -8,20 +8,23 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-use devices::legacy::{PowerCallback, PowerEvent};
+use devices::legacy::{EjectCallback, PowerCallback, PowerEvent};
 use pci::record::CompatRecord;
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
 
+use crate::acpi::AcpiOptions;
 use crate::boot::{self, Entry};
 use crate::cli::RunArgs;
 use crate::compat::{self, Globals};
 use crate::config::MachineConfig;
-use crate::device_manager::{self, DeviceManager, Realized};
+use crate::device_manager::{self, DeviceError, DeviceManager, Realized};
 use crate::layout::ZERO_PAGE;
 use crate::machine_file::{DeviceEntry, MachineFile};
-use crate::monitor::RunState;
+use crate::monitor::{EventSink, RunState};
 use crate::stop::{ResetSource, Stop, StopReason};
 use crate::vcpu::{RunGate, Vcpu, VcpuSet};
 use crate::vm::Vm;
@@ -47,6 +50,7 @@ impl Guest {
     /// ACPI tables, and creates the vCPUs (not running).
     fn build(
         config: &MachineConfig,
+        acpi: &AcpiOptions,
         stop: &Arc<Stop>,
         make_devices: impl FnOnce(Arc<Vm>, PowerCallback) -> Result<DeviceManager, Error>,
     ) -> Result<Guest, Error> {
@@ -72,7 +76,7 @@ impl Guest {
                 );
             }
         });
-        let entry = load_guest(&vm, config, initrd.as_deref())?;
+        let entry = load_guest(&vm, config, acpi, initrd.as_deref())?;
         let gate = Arc::new(RunGate::new());
         let vcpus = create_vcpus(&vm, config, entry, &devices, stop, &gate)?;
         Ok(Guest {
@@ -106,7 +110,42 @@ pub struct Machine {
     dump_machine: Option<PathBuf>,
     globals: Globals,
     seccomp: Option<crate::seccomp::Filter>,
+    /// ACPI PCI hot-plug on bus 0 (a recorded machine property).
+    pci_hotplug: bool,
+    /// Slots the guest ejected, posted by vCPUs for the hot-plug thread.
+    ejects: Arc<Ejects>,
+    /// Where events go (QMP), once the monitor runs.
+    events: OnceLock<EventSink>,
 }
+
+/// Slots the guest ejected (B0EJ writes), from the vCPU threads to the hot-plug thread: an
+/// atomic bitmap and an eventfd, so the vCPU side neither locks nor allocates.
+struct Ejects {
+    slots: AtomicU32,
+    wake: EventFd,
+}
+
+impl Ejects {
+    fn callback(self: &Arc<Self>) -> EjectCallback {
+        let me = self.clone();
+        Arc::new(move |slot: u8| {
+            me.slots.fetch_or(1 << (slot & 31), Ordering::AcqRel);
+            let _ = me.wake.write(1);
+        })
+    }
+}
+
+/// What `device_del` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// The device is gone (before the guest ran: cold-unplug); DEVICE_DELETED was sent.
+    Done,
+    /// The guest was asked to eject it; DEVICE_DELETED follows the eject.
+    Requested,
+}
+
+/// QEMU's text for hot-plug on a machine without it.
+const NO_HOTPLUG: &str = "Bus 'pci.0' does not support hotplugging";
 
 impl Machine {
     /// Builds the machine: everything but running the vCPUs.
@@ -147,13 +186,25 @@ impl Machine {
             reason: e.to_string(),
         })?;
 
+        // Guest-visible: the command line, else what the record says (off for a record from
+        // before the property), else on for a new machine.
+        let pci_hotplug = args
+            .hotplug
+            .or(old.map(|r| r.machine.pci_hotplug))
+            .unwrap_or(true);
+        let ejects = Arc::new(Ejects {
+            slots: AtomicU32::new(0),
+            wake: EventFd::new(0)?,
+        });
+        let eject = pci_hotplug.then(|| ejects.callback());
         let stop = Arc::new(Stop::new()?);
-        let guest = Guest::build(&config, &stop, |vm, power| {
-            let devices = DeviceManager::new(vm, power, Box::new(std::io::stdout()))?;
+        let acpi = AcpiOptions { pci_hotplug };
+        let guest = Guest::build(&config, &acpi, &stop, |vm, power| {
+            let devices = DeviceManager::new(vm, power, Box::new(std::io::stdout()), eject)?;
             devices.add(&specs, &hints)?;
             Ok(devices)
         })?;
-        Ok(Arc::new(Machine {
+        let machine = Arc::new(Machine {
             config,
             guest: RwLock::new(Some(guest)),
             stop,
@@ -162,7 +213,64 @@ impl Machine {
             dump_machine: args.dump_machine.clone(),
             globals,
             seccomp,
-        }))
+            pci_hotplug,
+            ejects,
+            events: OnceLock::new(),
+        });
+        if pci_hotplug {
+            let weak = Arc::downgrade(&machine);
+            std::thread::Builder::new()
+                .name("hotplug".into())
+                .spawn(move || hotplug_thread(weak))?;
+        }
+        Ok(machine)
+    }
+
+    /// Where the machine's events (DEVICE_DELETED) go.
+    pub fn set_events(&self, sink: EventSink) {
+        let _ = self.events.set(sink);
+    }
+
+    fn events(&self) -> EventSink {
+        self.events
+            .get()
+            .cloned()
+            .unwrap_or_else(EventSink::disconnected)
+    }
+
+    /// Whether ACPI PCI hot-plug is on.
+    pub fn pci_hotplug(&self) -> bool {
+        self.pci_hotplug
+    }
+
+    /// Rewrites the compat record (after a completed hot-plug or removal), if there is one.
+    fn rewrite_record(&self) -> Result<(), Error> {
+        match &self.compat {
+            Some(c) => self.save_record(&c.path),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes every device in `slot` (the guest ejected it), sends DEVICE_DELETED for each and
+    /// rewrites the record. Runs on the hot-plug thread (or during a reboot), never on a vCPU.
+    fn complete_eject(&self, slot: u8) {
+        let removed = self
+            .with_guest(|g| remove_slot(&g.devices, slot))
+            .unwrap_or_default();
+        self.announce_removed(&removed);
+    }
+
+    fn announce_removed(&self, ids: &[String]) {
+        if ids.is_empty() {
+            return;
+        }
+        for id in ids {
+            tracing::info!("device {id} removed");
+            self.events().device_deleted(Some(id), &qom_path(id));
+        }
+        if let Err(e) = self.rewrite_record() {
+            tracing::error!("compat record not rewritten after a removal: {e}");
+        }
     }
 
     /// The run state.
@@ -199,8 +307,9 @@ impl Machine {
 
     /// The compat record of the devices as they are now.
     pub fn record(&self) -> CompatRecord {
-        self.with_guest(|g| g.devices.with_devices(compat::record_of))
-            .unwrap_or_else(|| compat::record_of(&[]))
+        let hp = self.pci_hotplug;
+        self.with_guest(|g| g.devices.with_devices(|l| compat::record_of(l, hp)))
+            .unwrap_or_else(|| compat::record_of(&[], hp))
     }
 
     /// The fully resolved machine description.
@@ -311,38 +420,78 @@ impl Machine {
         Ok(())
     }
 
-    /// Adds a device (QMP `device_add`): only before the guest first runs (cold-plug).
-    /// Returns its id.
+    /// Adds a device (QMP `device_add`): cold-plug before the guest first runs, hot-plug
+    /// afterwards (ACPI, bus 0, function 0 of a free slot): the device is fully wired, then the
+    /// guest is notified and the record rewritten. Returns its id.
     pub fn device_add(&self, option: &str) -> Result<String, Error> {
-        if self.run_state() != RunState::Prelaunch {
-            return Err(Error::Config(
-                "device_add: hot-plug is not supported; add devices before the first 'cont' (-S)"
-                    .into(),
-            ));
+        let hot = self.run_state() != RunState::Prelaunch;
+        if hot && !self.pci_hotplug {
+            return Err(Error::Config(NO_HOTPLUG.into()));
         }
         let spec = device_manager::parse_device(option)?;
+        if let (true, Some((slot, Some(f)))) = (hot, spec.addr) {
+            if f != 0 {
+                return Err(Error::Config(format!(
+                    "PCI: hot-plug of function {slot:x}.{f:x} is not supported: only function 0 of an empty slot can be hot-plugged"
+                )));
+            }
+        }
         let old = self.compat.as_ref().and_then(|c| c.old.as_ref());
         let (specs, warnings) = compat::resolve_props(&[spec], old, &self.globals);
         for w in warnings {
             eprintln!("vmm: warning: {w}");
         }
         let hints = compat::hints(&specs, old);
-        let ids = self
-            .with_guest(|g| g.devices.add(&specs, &hints))
+        let added = self
+            .with_guest(|g| -> Result<_, Error> {
+                let added = g.devices.add(&specs, &hints)?;
+                if hot {
+                    for (_, addr) in &added {
+                        g.devices.notify_plugged(addr.device())?;
+                    }
+                }
+                Ok(added)
+            })
             .ok_or_else(|| Error::Config("the guest is gone".into()))??;
-        Ok(ids.into_iter().next().unwrap_or_default())
+        if hot {
+            self.rewrite_record()?;
+        }
+        Ok(added
+            .into_iter()
+            .next()
+            .map(|(id, _)| id)
+            .unwrap_or_default())
     }
 
-    /// Removes a device (QMP `device_del`): only before the guest first runs.
-    pub fn device_del(&self, id: &str) -> Result<(), Error> {
-        if self.run_state() != RunState::Prelaunch {
-            return Err(Error::Config(
-                "device_del: hot-unplug is not supported once the guest runs".into(),
-            ));
+    /// Removes a device (QMP `device_del`): at once before the guest first runs; afterwards
+    /// the guest is asked to eject its slot (again, if asked before) and the device goes when
+    /// it does.
+    pub fn device_del(&self, id: &str) -> Result<Removal, Error> {
+        let hot = self.run_state() != RunState::Prelaunch;
+        if hot && !self.pci_hotplug {
+            return Err(Error::Config(NO_HOTPLUG.into()));
         }
-        self.with_guest(|g| g.devices.remove(id))
+        let removal = self
+            .with_guest(|g| -> Result<Removal, Error> {
+                if hot {
+                    let addr = g
+                        .devices
+                        .with_devices(|l| {
+                            l.iter().find(|r| r.placed.id == id).map(|r| r.placed.addr)
+                        })
+                        .ok_or_else(|| DeviceError::NotFound(id.to_string()))?;
+                    g.devices.request_unplug(addr.device())?;
+                    Ok(Removal::Requested)
+                } else {
+                    g.devices.remove(id)?;
+                    Ok(Removal::Done)
+                }
+            })
             .ok_or_else(|| Error::Config("the guest is gone".into()))??;
-        Ok(())
+        if removal == Removal::Done {
+            self.events().device_deleted(Some(id), &qom_path(id));
+        }
+        Ok(removal)
     }
 
     /// The realized devices' ids and drivers by address (for queries).
@@ -376,14 +525,26 @@ impl Machine {
             return Err(Error::Config("the guest is gone".into()));
         };
         old.vcpus.end();
+        // Removals the guest did not complete happen now, as in QEMU.
+        let removed: Vec<String> = (1..32u8)
+            .filter(|s| old.devices.unplug_pending(*s))
+            .flat_map(|s| remove_slot(&old.devices, s))
+            .collect();
         let placement = old.devices.placement();
         // Before the new run opens them again: files, sockets, taps, worker threads, the VM.
         drop(old);
-        let guest = Guest::build(&self.config, &self.stop, |vm, power| {
+        let acpi = AcpiOptions {
+            pci_hotplug: self.pci_hotplug,
+        };
+        let eject = self.pci_hotplug.then(|| self.ejects.callback());
+        // Ejects posted by the old run's vCPUs are moot: those devices are gone or rebuilt.
+        self.ejects.slots.store(0, Ordering::Release);
+        let guest = Guest::build(&self.config, &acpi, &self.stop, |vm, power| {
             Ok(DeviceManager::rebuilt(
                 vm,
                 power,
                 Box::new(std::io::stdout()),
+                eject,
                 &placement,
             )?)
         })?;
@@ -391,7 +552,82 @@ impl Machine {
             guest.vcpus.start(self.seccomp.clone(), &self.stop)?;
         }
         *slot = Some(guest);
+        drop(slot);
+        self.announce_removed(&removed);
         Ok(())
+    }
+}
+
+/// Removes every device in `slot`, functions above 0 first; returns their ids.
+fn remove_slot(devices: &DeviceManager, slot: u8) -> Vec<String> {
+    let mut in_slot: Vec<(u8, String)> = devices.with_devices(|l| {
+        l.iter()
+            .filter(|r| r.placed.addr.device() == slot)
+            .map(|r| (r.placed.addr.function(), r.placed.id.clone()))
+            .collect()
+    });
+    in_slot.sort_by_key(|(f, _)| std::cmp::Reverse(*f));
+    let mut removed = Vec::new();
+    for (_, id) in in_slot {
+        match devices.remove(&id) {
+            Ok(()) => removed.push(id),
+            Err(e) => tracing::error!("ejecting {id}: {e}"),
+        }
+    }
+    removed
+}
+
+/// QEMU's QOM path of a device: `/machine/peripheral/ID`, or for an id-less device
+/// (`device[N]`) `/machine/peripheral-anon/device[N]`.
+fn qom_path(id: &str) -> String {
+    if id.starts_with("device[") {
+        format!("/machine/peripheral-anon/{id}")
+    } else {
+        format!("/machine/peripheral/{id}")
+    }
+}
+
+/// The hot-plug thread: completes the ejects the vCPUs post, and raises the GED interrupt
+/// again while the guest leaves events unread (an interrupt raised before its GED driver was
+/// up is lost: requests made right after `cont` must not be). Ends with the machine.
+fn hotplug_thread(machine: std::sync::Weak<Machine>) {
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    let Some(m) = machine.upgrade() else { return };
+    let epoll = match Epoll::new() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!("hot-plug thread: epoll: {e}");
+            return;
+        }
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&m.ejects.wake);
+    if let Err(e) = epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 0)) {
+        tracing::error!("hot-plug thread: epoll: {e}");
+        return;
+    }
+    drop(m);
+    let mut events = [EpollEvent::default(); 1];
+    loop {
+        let n = epoll.wait(1000, &mut events).unwrap_or(0);
+        let Some(m) = machine.upgrade() else { return };
+        if m.run_state() == RunState::Shutdown {
+            return;
+        }
+        if n > 0 {
+            let _ = m.ejects.wake.read();
+        }
+        let slots = m.ejects.slots.swap(0, Ordering::AcqRel);
+        for slot in (1..32u8).filter(|s| slots & (1 << s) != 0) {
+            m.complete_eject(slot);
+        }
+        if n == 0 && m.run_state() == RunState::Running {
+            let _ = m.with_guest(|g| {
+                if g.devices.events_unread() {
+                    tracing::debug!("GED events unread: raising its interrupt again");
+                    let _ = g.devices.renotify();
+                }
+            });
+        }
     }
 }
 
@@ -408,7 +644,12 @@ fn read_initrd(config: &MachineConfig) -> Result<Option<Vec<u8>>, Error> {
 
 /// Loads the kernel, command line, initrd, ACPI tables and boot parameters into guest memory.
 /// Returns the kernel's entry.
-fn load_guest(vm: &Vm, config: &MachineConfig, initrd: Option<&[u8]>) -> Result<Entry, Error> {
+fn load_guest(
+    vm: &Vm,
+    config: &MachineConfig,
+    acpi: &AcpiOptions,
+    initrd: Option<&[u8]>,
+) -> Result<Entry, Error> {
     let kernel = boot::load_kernel(&vm.mem, &config.kernel)?;
     boot::write_cmdline(&vm.mem, &config.cmdline)?;
     boot::write_reset_vector(&vm.mem)?;
@@ -424,7 +665,7 @@ fn load_guest(vm: &Vm, config: &MachineConfig, initrd: Option<&[u8]>) -> Result<
         }
         None => None,
     };
-    let rsdp = acpi::write_tables(&vm.mem, config.cpus)?;
+    let rsdp = acpi::write_tables_with(&vm.mem, config.cpus, acpi)?;
     let e820 = boot::e820_map(config.mem_size());
     match kernel.entry {
         Entry::Linux64 { .. } => {
@@ -480,7 +721,7 @@ fn create_vcpus(
     Ok(vcpus)
 }
 
-/// Builds the vCPU filter and installs the device-worker filter for `level`.
+/// Builds the vCPU filter and installs the device-worker and executor filters for `level`.
 fn seccomp_filters(
     level: crate::cli::SeccompLevel,
 ) -> Result<Option<crate::seccomp::Filter>, Error> {
@@ -492,9 +733,13 @@ fn seccomp_filters(
         SeccompLevel::Log => SeccompAction::Log,
     };
     let vcpu = crate::seccomp::vcpu_filter_with(action.clone())?;
-    let device = crate::seccomp::device_filter_with(action)?;
+    let device = crate::seccomp::device_filter_with(action.clone())?;
+    let executor = crate::seccomp::executor_filter_with(action)?;
     devices::virtio::set_thread_init(move || {
         crate::seccomp::apply(&device).map_err(|e| e.to_string())
+    });
+    devices::virtio::set_executor_init(move || {
+        crate::seccomp::apply(&executor).map_err(|e| e.to_string())
     });
     Ok(Some(vcpu))
 }

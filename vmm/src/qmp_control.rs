@@ -30,6 +30,7 @@ impl MachineControl {
 
     /// Where events go (the server's sink, known once the server runs).
     pub fn set_events(&self, sink: EventSink) {
+        self.machine.set_events(sink.clone());
         let _ = self.events.set(sink);
     }
 
@@ -183,12 +184,10 @@ impl VmControl for MachineControl {
     }
 
     fn device_del(&self, id: &str) -> Result<(), CommandError> {
+        // DEVICE_DELETED comes from the machine: at once for a cold-unplug, after the guest's
+        // eject for a hot-unplug.
         match self.machine.device_del(id) {
-            Ok(()) => {
-                self.events()
-                    .device_deleted(Some(id), &format!("/machine/peripheral/{id}"));
-                Ok(())
-            }
+            Ok(_) => Ok(()),
             Err(crate::Error::Device(crate::device_manager::DeviceError::NotFound(_))) => {
                 Err(CommandError::device_not_found(id))
             }

@@ -1,25 +1,29 @@
-//! seccomp filters for the threads that act on guest input: vCPU threads, virtio device
-//! workers and the INTx resampler (built with the `seccompiler` crate, applied per thread,
-//! never process-wide).
+//! seccomp filters for the threads that act on guest input: vCPU threads, the device-work
+//! executor (virtio activations and resets), virtio device workers and the INTx resampler
+//! (built with the `seccompiler` crate, applied per thread, never process-wide).
 //!
-//! The allow-lists come from `strace -f` of the probe guest (config, ECAM, MSI-X and serial
-//! exits) and of the device workers, plus what the code reached from those threads can do:
+//! The allow-lists come from `strace -f` of the probe guest (config, ECAM, MSI-X, serial exits
+//! and virtio driver bring-ups and resets) and of the device workers, plus what the code reached
+//! from those threads can do:
 //!
-//! - vCPU threads: `KVM_RUN` and the few VM ioctls a config or BAR write leads to
-//!   (`KVM_IOEVENTFD` when BAR 4 or decode moves the notify area, `KVM_IRQFD` /
-//!   `KVM_SET_GSI_ROUTING` when MSI-X vectors are allocated or programmed, `KVM_GET_REGS` /
-//!   `KVM_GET_SREGS` / `KVM_TRANSLATE` for error reports); serial output; eventfd signalling;
-//!   memory management; futexes; and starting / stopping a device worker (`DRIVER_OK` and
-//!   device reset are guest writes handled on the vCPU thread: thread creation, epoll and
-//!   eventfd set-up, `dup`).
+//! - vCPU threads (`VCPU`, `VCPU_IOCTLS`): `KVM_RUN` and the few VM ioctls a config or BAR write leads to
+//!   (`KVM_IOEVENTFD` when BAR 4 or decode moves the notify area, `KVM_SET_GSI_ROUTING` when
+//!   MSI-X vectors are programmed, `KVM_GET_REGS` / `KVM_GET_SREGS` / `KVM_TRANSLATE` for error
+//!   reports); serial output and eventfd signalling (`write`); memory management; futexes;
+//!   signals (the kick out of `KVM_RUN`); clocks. No thread creation, no `open`, no epoll, no
+//!   eventfd creation, no device I/O: a status write that activates or resets a virtio device
+//!   is posted to the executor.
+//! - the executor ([`executor_filter`]): the device filter plus starting workers (`clone`,
+//!   `clone3` and the new thread's set-up, `epoll_create1`, `dup`) and opening files (`open`,
+//!   `openat`).
 //! - device workers: epoll, eventfds, queue I/O on their backend fd (read/write/pread/pwrite
 //!   and their vector forms, `fdatasync`, `lseek`), `getrandom` (virtio-rng), the console's
 //!   listening socket (`accept4`, `recvfrom`, `sendto`, `setsockopt`, `ioctl(FIONBIO)`).
 //!
 //! Filters stack: a thread created by a filtered thread inherits its filter, and a filter applied
-//! later can only narrow what is allowed. A worker started from a vCPU thread therefore runs
-//! under the vCPU filter *and* its own; the vCPU filter is a superset of the device filter for
-//! that reason (see [`vcpu_filter`]).
+//! later can only narrow what is allowed. A worker started from the executor therefore runs
+//! under the executor filter *and* its own; the executor filter is a superset of the device
+//! filter for that reason (see [`executor_filter`]).
 //!
 //! Nothing here panics: building or applying a filter returns an [`Error`].
 
@@ -83,9 +87,9 @@ pub const KVM_SIGNAL_MSI: u64 = iow(0xa5, size_of::<kvm_bindings::kvm_msi>());
 /// `FIONBIO` (std's `set_nonblocking` on a socket).
 pub const FIONBIO: u64 = 0x5421;
 
-/// Syscalls every filtered thread may make (memory, futexes, signals, thread exit, eventfds,
-/// epoll, plain reads and writes, clocks).
-const COMMON: &[libc::c_long] = &[
+/// Syscalls every filtered thread may make (memory, futexes, signals, thread exit, plain reads
+/// and writes, clocks): all a vCPU thread needs besides its ioctls.
+const VCPU: &[libc::c_long] = &[
     libc::SYS_read,
     libc::SYS_write,
     libc::SYS_readv,
@@ -111,16 +115,20 @@ const COMMON: &[libc::c_long] = &[
     libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
+    // Debug builds check an fd with fcntl(F_GETFD) before closing it (std's OwnedFd).
+    libc::SYS_fcntl,
+];
+
+/// What device threads wait and draw on besides (epoll, eventfds, entropy).
+const EVENTS: &[libc::c_long] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
     libc::SYS_eventfd2,
     libc::SYS_getrandom,
-    // Debug builds check an fd with fcntl(F_GETFD) before closing it (std's OwnedFd).
-    libc::SYS_fcntl,
 ];
 
-/// Thread creation (a vCPU thread starts a device worker at `DRIVER_OK`).
+/// Thread creation and set-up (the executor starts a device worker at `DRIVER_OK`).
 const THREADS: &[libc::c_long] = &[
     libc::SYS_clone,
     libc::SYS_clone3,
@@ -129,6 +137,9 @@ const THREADS: &[libc::c_long] = &[
     libc::SYS_epoll_create1,
     libc::SYS_dup,
 ];
+
+/// Opening files (the executor: a backend opened at activation).
+const OPEN: &[libc::c_long] = &[libc::SYS_open, libc::SYS_openat];
 
 /// Backend I/O of device workers.
 const DEVICE_IO: &[libc::c_long] = &[
@@ -155,10 +166,8 @@ const VCPU_IOCTLS: &[u64] = &[
     KVM_GET_REGS,
     KVM_GET_SREGS,
     KVM_TRANSLATE,
-    KVM_IRQFD,
     KVM_IOEVENTFD,
     KVM_SET_GSI_ROUTING,
-    KVM_SIGNAL_MSI,
 ];
 
 /// ioctl requests a device worker makes.
@@ -234,15 +243,23 @@ fn build(
 
 /// The vCPU-thread filter with the given action for anything not allowed.
 pub fn vcpu_filter_with(mismatch: SeccompAction) -> Result<Filter, Error> {
-    // A superset of the device filter: workers started from a vCPU thread inherit it.
-    let mut ioctls = VCPU_IOCTLS.to_vec();
-    ioctls.extend_from_slice(DEVICE_IOCTLS);
-    build(&[COMMON, THREADS, DEVICE_IO], &ioctls, mismatch)
+    build(&[VCPU], VCPU_IOCTLS, mismatch)
 }
 
 /// The device-worker filter with the given action for anything not allowed.
 pub fn device_filter_with(mismatch: SeccompAction) -> Result<Filter, Error> {
-    build(&[COMMON, DEVICE_IO], DEVICE_IOCTLS, mismatch)
+    build(&[VCPU, EVENTS, DEVICE_IO], DEVICE_IOCTLS, mismatch)
+}
+
+/// The device-work executor's filter with the given action for anything not allowed: the
+/// device filter (a superset of it: the workers it starts inherit it) plus thread creation and
+/// opening files.
+pub fn executor_filter_with(mismatch: SeccompAction) -> Result<Filter, Error> {
+    build(
+        &[VCPU, EVENTS, DEVICE_IO, THREADS, OPEN],
+        DEVICE_IOCTLS,
+        mismatch,
+    )
 }
 
 /// The filter for vCPU threads: a forbidden syscall kills the process (`SIGSYS`).
@@ -253,6 +270,11 @@ pub fn vcpu_filter() -> Result<Filter, Error> {
 /// The filter for virtio device worker threads: a forbidden syscall kills the process.
 pub fn device_filter() -> Result<Filter, Error> {
     device_filter_with(SeccompAction::KillProcess)
+}
+
+/// The filter for the device-work executor: a forbidden syscall kills the process.
+pub fn executor_filter() -> Result<Filter, Error> {
+    executor_filter_with(SeccompAction::KillProcess)
 }
 
 /// Makes glibc's allocator safe to use under the filters; call it first thing in `main`, before
@@ -310,47 +332,99 @@ mod tests {
     }
 
     #[test]
-    fn vcpu_filter_refuses_sockets_and_exec_but_allows_its_work() {
+    fn vcpu_filter_refuses_sockets_exec_threads_and_files_but_allows_its_work() {
         let filter = vcpu_filter_with(SeccompAction::Errno(libc::EPERM as u32)).unwrap();
-        let (sock, exec, ioctl_other, ioctl_run, work) = in_filtered_thread(filter, || {
-            // SAFETY: plain syscalls with valid (or null) arguments; results only inspected.
-            let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-            let sock_errno = errno();
-            let path = c"/bin/true";
-            let argv = [path.as_ptr(), std::ptr::null()];
-            // SAFETY: a valid path and a null-terminated argv; on success it would not return.
-            let exec = unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), std::ptr::null()) };
-            let exec_errno = errno();
-            let ev = EventFd::new(0).unwrap();
-            let mut n = 0i32;
-            // SAFETY: FIONREAD on an eventfd with a valid out pointer.
-            unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&ev), libc::FIONREAD, &mut n) };
-            let other_errno = errno();
-            // SAFETY: KVM_RUN on an eventfd: the kernel answers ENOTTY (the filter let it by).
-            unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&ev), KVM_RUN as _) };
-            let run_errno = errno();
-            // What a vCPU thread does besides: eventfds, allocation, a worker thread.
-            ev.write(1).unwrap();
-            let v = vec![0u8; 1 << 20];
-            let worker = std::thread::Builder::new()
-                .name("worker".into())
-                .spawn(move || ev.read().unwrap())
-                .unwrap()
-                .join()
-                .unwrap();
-            (
-                (sock, sock_errno),
-                (exec, exec_errno),
-                other_errno,
-                run_errno,
-                (v.len(), worker),
-            )
-        });
+        let ev = EventFd::new(0).unwrap();
+        let (sock, exec, ioctl_other, ioctl_run, work, refused) =
+            in_filtered_thread(filter, move || {
+                // SAFETY: plain syscalls with valid (or null) arguments; results only inspected.
+                let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                let sock_errno = errno();
+                let path = c"/bin/true";
+                let argv = [path.as_ptr(), std::ptr::null()];
+                // SAFETY: a valid path and a null-terminated argv; on success it would not return.
+                let exec = unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), std::ptr::null()) };
+                let exec_errno = errno();
+                let mut n = 0i32;
+                // SAFETY: FIONREAD on an eventfd with a valid out pointer.
+                unsafe {
+                    libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&ev), libc::FIONREAD, &mut n)
+                };
+                let other_errno = errno();
+                // SAFETY: KVM_RUN on an eventfd: the kernel answers ENOTTY (the filter let it by).
+                unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&ev), KVM_RUN as _) };
+                let run_errno = errno();
+                // What a vCPU thread does besides: eventfd signalling, allocation.
+                ev.write(1).unwrap();
+                let v = vec![0u8; 1 << 20];
+                // What it must no longer do: threads, files, epoll, new eventfds, device I/O.
+                let mut refused = Vec::new();
+                if std::thread::Builder::new().spawn(|| ()).is_err() {
+                    refused.push("clone");
+                }
+                let open = std::fs::File::open("/etc/hostname").err();
+                if open.and_then(|e| e.raw_os_error()) == Some(libc::EPERM) {
+                    refused.push("open");
+                }
+                if vmm_sys_util::epoll::Epoll::new().is_err() && errno() == libc::EPERM {
+                    refused.push("epoll_create1");
+                }
+                if EventFd::new(0).is_err() && errno() == libc::EPERM {
+                    refused.push("eventfd2");
+                }
+                let mut b = [0u8; 8];
+                // SAFETY: a pread into a valid 8-byte buffer; the result is only inspected.
+                let r = unsafe {
+                    libc::pread(
+                        std::os::fd::AsRawFd::as_raw_fd(&ev),
+                        b.as_mut_ptr().cast(),
+                        8,
+                        0,
+                    )
+                };
+                if r < 0 && errno() == libc::EPERM {
+                    refused.push("pread64");
+                }
+                (
+                    (sock, sock_errno),
+                    (exec, exec_errno),
+                    other_errno,
+                    run_errno,
+                    (v.len(), ev.read().unwrap()),
+                    refused,
+                )
+            });
         assert_eq!(sock, (-1, libc::EPERM));
         assert_eq!(exec, (-1, libc::EPERM));
         assert_eq!(ioctl_other, libc::EPERM);
         assert_eq!(ioctl_run, libc::ENOTTY);
         assert_eq!(work, (1 << 20, 1));
+        assert_eq!(
+            refused,
+            ["clone", "open", "epoll_create1", "eventfd2", "pread64"]
+        );
+    }
+
+    #[test]
+    fn executor_filter_allows_workers_and_files_but_not_kvm_run_or_sockets() {
+        let filter = executor_filter_with(SeccompAction::Errno(libc::EPERM as u32)).unwrap();
+        let (spawned, opened, run_errno, sock) = in_filtered_thread(filter, || {
+            let spawned = std::thread::Builder::new()
+                .spawn(|| 7)
+                .map(|h| h.join().unwrap());
+            let opened = std::fs::File::open("/etc/hostname").is_ok();
+            let ev = EventFd::new(0).unwrap();
+            // SAFETY: KVM_RUN on an eventfd; refused by the filter before the kernel sees it.
+            unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&ev), KVM_RUN as _) };
+            let run_errno = errno();
+            // SAFETY: plain socket(2) call, the result is only checked.
+            let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            (spawned.ok(), opened, run_errno, sock)
+        });
+        assert_eq!(spawned, Some(7));
+        assert!(opened);
+        assert_eq!(run_errno, libc::EPERM);
+        assert_eq!(sock, -1);
     }
 
     #[test]
@@ -416,6 +490,9 @@ mod tests {
         use devices::virtio::pci::VirtioHost;
         let vm = crate::vm::Vm::new(16 << 20).expect("a VM on /dev/kvm");
         let mut vcpu = vm.fd.create_vcpu(0).expect("vCPU");
+        // Made when the machine is built, before any vCPU runs: an eventfd, its irqfd, a GSI.
+        let ev = EventFd::new(0).unwrap();
+        let (gsi, _irqfd) = vm.allocate_msi().expect("an MSI GSI with its irqfd");
         let filter = vcpu_filter_with(SeccompAction::Errno(libc::EPERM as u32)).unwrap();
         let refused = std::thread::scope(|s| {
             s.spawn(|| {
@@ -426,7 +503,6 @@ mod tests {
                         refused.push(what.to_string());
                     }
                 };
-                let ev = EventFd::new(0).unwrap();
                 check(
                     "KVM_IOEVENTFD",
                     vm.register_ioevent(&ev, 0xc000_3000)
@@ -439,20 +515,13 @@ mod tests {
                         .err()
                         .and_then(|e| e.raw_os_error()),
                 );
-                let gsi = match vm.allocate_msi() {
-                    Ok((gsi, _fd)) => Some(gsi),
-                    Err(e) => {
-                        check("KVM_IRQFD", e.raw_os_error());
-                        None
-                    }
-                };
-                if let Some(gsi) = gsi {
-                    let r = vm.set_msi_route(gsi, Some((0xfee0_0000, 0x41)));
-                    let perm = r.err().map(|e| e.to_string()).filter(|e| {
-                        e.contains("Operation not permitted") || e.contains("os error 1)")
-                    });
-                    check("KVM_SET_GSI_ROUTING", perm.map(|_| libc::EPERM));
-                }
+                // An MSI-X table write reprograms the vector's route.
+                let r = vm.set_msi_route(gsi, Some((0xfee0_0000, 0x41)));
+                let perm = r
+                    .err()
+                    .map(|e| e.to_string())
+                    .filter(|e| e.contains("Operation not permitted") || e.contains("os error 1)"));
+                check("KVM_SET_GSI_ROUTING", perm.map(|_| libc::EPERM));
                 check("KVM_GET_REGS", vcpu.get_regs().err().map(|e| e.errno()));
                 check("KVM_GET_SREGS", vcpu.get_sregs().err().map(|e| e.errno()));
                 check(
@@ -469,10 +538,11 @@ mod tests {
     }
 
     #[test]
-    fn vcpu_filter_lets_a_virtio_blk_bring_up_and_its_worker_run() {
+    fn a_virtio_blk_bring_up_and_reset_under_the_vcpu_and_executor_filters() {
         // What a vCPU thread does when a driver brings virtio-blk up (config writes, common
-        // config, DRIVER_OK starts the worker thread, a notify), on a real VM, under the
-        // filter; the worker inherits the filter and serves a write, a read and a flush.
+        // config, DRIVER_OK posts the activation, notifies) and resets it, on a real VM, under
+        // the vCPU filter; the executor (under its filter) starts the worker, which adds the
+        // device filter and serves a write, a read and a flush; the reset joins it there.
         use devices::virtio::blk::{Block, BlockConfig};
         use devices::virtio::pci::{TransportProps, VirtioPciDevice};
         use pci::PciFunction;
@@ -484,6 +554,15 @@ mod tests {
             .set_len(1 << 16)
             .unwrap();
         let vm = std::sync::Arc::new(crate::vm::Vm::new(16 << 20).expect("a VM on /dev/kvm"));
+        let executor = executor_filter_with(SeccompAction::Errno(libc::EPERM as u32)).unwrap();
+        let work = devices::virtio::DeviceWork::start_with(move || {
+            apply(&executor).map_err(|e| e.to_string())
+        })
+        .expect("a filtered executor");
+        let host = std::sync::Arc::new(ExecutorHost {
+            vm: vm.clone(),
+            work,
+        });
         let blk = Block::new(&BlockConfig {
             path: img.clone(),
             readonly: false,
@@ -498,7 +577,7 @@ mod tests {
                 multifunction: false,
             },
             vm.mem.clone(),
-            vm.clone(),
+            host,
         )
         .unwrap();
         let mem = vm.mem.clone();
@@ -583,7 +662,19 @@ mod tests {
                     }
                     statuses.push(mem.read_obj::<u8>(GuestAddress(status)).unwrap());
                 }
-                w(0x14, &[0]); // reset: the worker stops and is joined
+                // Reset: the worker is stopped and joined on the executor; the status reads
+                // the old value until then, 0 after.
+                w(0x14, &[0]);
+                let mut st = [0xffu8];
+                for _ in 0..2000 {
+                    dev.bar_read(4, 0x14, &mut st);
+                    if st[0] == 0 {
+                        break;
+                    }
+                    assert_eq!(st[0], 0xf, "status while the reset is carried out");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                statuses.push(st[0]);
                 statuses
             })
             .join()
@@ -594,20 +685,44 @@ mod tests {
         let _ = std::fs::remove_file(&img);
         assert_eq!(
             statuses,
-            [0, 0, 0],
-            "write, read, flush statuses under the filter"
+            [0, 0, 0, 0],
+            "write, read, flush statuses under the filters, then the status after the reset"
         );
         assert_eq!(back, [0xa5; 512], "the read returned what was written");
     }
 
-    /// A device worker started from a filtered vCPU thread installs the device filter on top:
-    /// the vCPU filter must allow that (and only narrowing is possible).
+    /// The VM's host services with lifecycle work on a given executor.
+    struct ExecutorHost {
+        vm: std::sync::Arc<crate::vm::Vm>,
+        work: devices::virtio::DeviceWork,
+    }
+
+    impl devices::virtio::pci::VirtioHost for ExecutorHost {
+        fn register_ioevent(&self, e: &EventFd, a: u64) -> std::io::Result<()> {
+            self.vm.register_ioevent(e, a)
+        }
+        fn unregister_ioevent(&self, e: &EventFd, a: u64) -> std::io::Result<()> {
+            self.vm.unregister_ioevent(e, a)
+        }
+        fn allocate_msi(&self) -> std::io::Result<(u32, EventFd)> {
+            self.vm.allocate_msi()
+        }
+        fn set_msi_route(&self, g: u32, m: Option<(u64, u32)>) -> std::io::Result<()> {
+            devices::virtio::pci::VirtioHost::set_msi_route(&*self.vm, g, m)
+        }
+        fn device_work(&self) -> devices::virtio::DeviceWork {
+            self.work.clone()
+        }
+    }
+
+    /// A device worker started from the filtered executor installs the device filter on top:
+    /// the executor filter must allow that (and only narrowing is possible).
     #[test]
-    fn a_worker_started_under_the_vcpu_filter_can_add_the_device_filter() {
-        let vcpu = vcpu_filter_with(SeccompAction::Errno(libc::EPERM as u32)).unwrap();
+    fn a_worker_started_under_the_executor_filter_can_add_the_device_filter() {
+        let executor = executor_filter_with(SeccompAction::Errno(libc::EPERM as u32)).unwrap();
         let device = device_filter_with(SeccompAction::Errno(libc::EPERM as u32)).unwrap();
         let r = std::thread::spawn(move || {
-            apply(&vcpu).unwrap();
+            apply(&executor).unwrap();
             std::thread::spawn(move || {
                 apply(&device).map_err(|e| e.to_string())?;
                 // Still filtered: a socket is refused.

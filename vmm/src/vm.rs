@@ -28,6 +28,8 @@ pub struct Vm {
     pub mem: GuestMemoryMmap,
     routing: Mutex<Routing>,
     intx: std::sync::OnceLock<std::sync::Arc<Resampler>>,
+    /// Where virtio activations and resets run (never on a vCPU thread).
+    work: devices::virtio::DeviceWork,
 }
 
 /// Re-raises level-triggered INTx lines: KVM lowers an irqfd-with-resample line at the guest's
@@ -230,6 +232,8 @@ impl Vm {
             mem,
             routing: Mutex::new(Routing::new()),
             intx: std::sync::OnceLock::new(),
+            work: devices::virtio::DeviceWork::start()
+                .map_err(|e| Error::Config(format!("device-work thread: {e}")))?,
         })
     }
 
@@ -322,6 +326,10 @@ impl VirtioHost for Vm {
 
     fn set_msi_route(&self, gsi: u32, msg: Option<(u64, u32)>) -> std::io::Result<()> {
         Vm::set_msi_route(self, gsi, msg).map_err(std::io::Error::other)
+    }
+
+    fn device_work(&self) -> devices::virtio::DeviceWork {
+        self.work.clone()
     }
 
     fn register_intx(

@@ -2,10 +2,11 @@
 //!
 //! A device ([`VirtioDevice`]) knows its type, features, queues and config; the transport
 //! owns everything guest-visible on PCI (config space, capabilities, MSI-X, the common config
-//! registers, ISR, notifications). When the driver sets DRIVER_OK the transport hands the
-//! device its queues; the device processes them on a worker thread of its own (never on a vCPU
-//! thread), woken by the queues' ioeventfds, and signals used buffers through
-//! [`VirtioInterrupt`].
+//! registers, ISR, notifications). When the driver sets DRIVER_OK the transport posts the
+//! activation to the machine's [`DeviceWork`] executor, which hands the device its queues (a
+//! reset is posted the same way): the vCPU thread that made the write only records it. The
+//! device processes its queues on a worker thread of its own (never on a vCPU thread), woken by
+//! the queues' ioeventfds, and signals used buffers through [`VirtioInterrupt`].
 
 pub mod blk;
 pub mod console;
@@ -13,8 +14,10 @@ pub mod net;
 pub mod pci;
 pub mod rng;
 pub mod testing;
+pub mod work;
 pub mod worker;
 
+pub use work::{set_executor_init, DeviceJob, DeviceWork};
 pub use worker::{run_thread_init, set_thread_init, QueueHandler, QueueWorker};
 
 use std::sync::Arc;

@@ -9,7 +9,8 @@ use super::pci::VirtioHost;
 use super::VirtioInterrupt;
 
 /// Host services for a transport outside a VM: fresh eventfds and GSIs (counting up from
-/// `next_gsi`), notifications and routes accepted and ignored, no INTx.
+/// `next_gsi`), notifications and routes accepted and ignored, no INTx, lifecycle work inline
+/// ([`super::DeviceWork::inline`]).
 #[derive(Debug, Default)]
 pub struct NullHost {
     /// The GSI the next [`VirtioHost::allocate_msi`] hands out.
@@ -34,6 +35,11 @@ impl VirtioHost for NullHost {
 
     fn set_msi_route(&self, _: u32, _: Option<(u64, u32)>) -> std::io::Result<()> {
         Ok(())
+    }
+
+    /// Lifecycle work runs at once on the thread that writes the status (no vCPUs here).
+    fn device_work(&self) -> super::DeviceWork {
+        super::DeviceWork::inline()
     }
 }
 

@@ -76,6 +76,10 @@ impl VirtioHost for FuzzHost {
             .insert(gsi, msg);
         Ok(())
     }
+    /// Lifecycle work inline: deterministic runs.
+    fn device_work(&self) -> devices::virtio::DeviceWork {
+        devices::virtio::DeviceWork::inline()
+    }
 }
 
 /// The ioeventfd checks: `leak` checks ioeventfds also after a refused registration, `clash`
