@@ -116,6 +116,11 @@ pub struct Machine {
     ejects: Arc<Ejects>,
     /// Where events go (QMP), once the monitor runs.
     events: OnceLock<EventSink>,
+    /// Held while the compat record is read off the devices and written: rewrites come from
+    /// the QMP thread (device_add, save-compat) and the hot-plug thread (ejects) and share one
+    /// temporary file name, so two at once made one fail ("No such file or directory") and
+    /// could rename a half-written file into place.
+    record_lock: Mutex<()>,
 }
 
 /// Slots the guest ejected (B0EJ writes), from the vCPU threads to the hot-plug thread: an
@@ -216,6 +221,7 @@ impl Machine {
             pci_hotplug,
             ejects,
             events: OnceLock::new(),
+            record_lock: Mutex::new(()),
         });
         if pci_hotplug {
             let weak = Arc::downgrade(&machine);
@@ -264,12 +270,13 @@ impl Machine {
         if ids.is_empty() {
             return;
         }
+        // The record first: a client that reads it on DEVICE_DELETED finds the device gone.
+        if let Err(e) = self.rewrite_record() {
+            tracing::error!("compat record not rewritten after a removal: {e}");
+        }
         for id in ids {
             tracing::info!("device {id} removed");
             self.events().device_deleted(Some(id), &qom_path(id));
-        }
-        if let Err(e) = self.rewrite_record() {
-            tracing::error!("compat record not rewritten after a removal: {e}");
         }
     }
 
@@ -348,6 +355,7 @@ impl Machine {
 
     /// Writes the compat record (atomically) to `path`.
     pub fn save_record(&self, path: &Path) -> Result<(), Error> {
+        let _one_writer = self.record_lock.lock().unwrap_or_else(|p| p.into_inner());
         Ok(self.record().save(path)?)
     }
 
@@ -453,8 +461,13 @@ impl Machine {
                 Ok(added)
             })
             .ok_or_else(|| Error::Config("the guest is gone".into()))??;
+        // The device is in and the guest was told: the command succeeded even if the record
+        // cannot be written (an error here would make the client retry a device that exists).
         if hot {
-            self.rewrite_record()?;
+            if let Err(e) = self.rewrite_record() {
+                tracing::error!("compat record not rewritten after a hot-plug: {e}");
+                eprintln!("vmm: warning: compat record not rewritten after a hot-plug: {e}");
+            }
         }
         Ok(added
             .into_iter()
