@@ -126,12 +126,22 @@ class Vm:
         if count() < nth:
             raise Failure(f"the vmm ended before guest boot #{nth} was ready")
 
+    async def send(self, line):
+        """Types `line` on the guest console. Lines stay shorter than the UART's 64-byte receive
+        FIFO: a longer line typed at once never reached the guest whole (vmm bug, see
+        tests/tests/hotplug.rs)."""
+        if len(line) >= 60:
+            raise Failure(f"console line too long ({len(line)} bytes): {line!r}")
+        sys.stderr.write(f"send| {line[:100]}\n")
+        sys.stderr.flush()
+        self.proc.stdin.write(line.encode() + b"\n")
+        await self.proc.stdin.drain()
+
     async def guest(self, name, cmd, timeout=180):
         self.ntag += 1
         tag = f"C{self.ntag}"
         start = len(self.lines)
-        self.proc.stdin.write(f"{tag} {cmd}\n".encode())
-        await self.proc.stdin.drain()
+        await self.send(f"{tag} {cmd}")
         end = f"=== {tag}-END rc="
 
         await self.wait_for(lambda: self.console_has(end, start), f"guest command {name}", timeout)
@@ -233,25 +243,14 @@ def md5(b):
     return hashlib.md5(b).hexdigest()
 
 
-# Guest-side helpers, defined once per boot (the command loop runs each line with eval).
-GUEST_HELPERS = (
-    "waitfor() { i=0; while [ ! -e \"$1\" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; "
-    "[ -e \"$1\" ]; }; "
-    "waitgone() { i=0; while [ -e \"$1\" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; "
-    "[ ! -e \"$1\" ]; }; "
-    "drv() { basename \"$(readlink /sys/bus/pci/devices/0000:00:$1/driver)\"; }"
-)
-
-
 async def session(vm, args):
     rec = os.path.join(args.workdir, "rec.json")
     disk = os.path.join(args.workdir, "hd1.img")
     vm.step = "boot1"
     await vm.wait_ready(1)
-    await vm.guest("helpers", GUEST_HELPERS)
     await vm.guest("boot1-lspci-nn", "lspci -nn")
     await vm.guest("boot1-lspci-v-04", "lspci -v -s 04.0")
-    await vm.guest("boot1-slots", "ls /sys/bus/pci/slots | sort -n | tr '\\n' ' '")
+    await vm.guest("boot1-slots", "slots")
     await vm.guest("boot1-drv-04", "drv 04.0")
 
     # Hot-plug a virtio-blk at 07.0; the host wrote a pattern the guest must read.
@@ -263,17 +262,11 @@ async def session(vm, args):
     emit({"host": "host-pattern", "md5": md5(HOST_PATTERN)})
     await vm.qmp("add-hd1", "device_add", {"driver": "virtio-blk-pci", "id": "hd1",
                                            "addr": "0x7", "file": disk})
-    await vm.guest("hd1-bound", "waitfor /sys/bus/pci/devices/0000:00:07.0/driver && "
-                   "waitfor /dev/vda && drv 07.0 && cat /sys/block/vda/size")
+    await vm.guest("hd1-bound", "hdbound")
     await vm.guest("hd1-lspci-nn", "lspci -nn")
     await vm.guest("hd1-lspci-v-07", "lspci -v -s 07.0")
-    await vm.guest("hd1-read-host",
-                   f"dd if=/dev/vda bs=4096 skip={HOST_OFFSET // 4096} count=1 2>/dev/null | md5sum")
-    await vm.guest("hd1-write",
-                   "i=0; while [ $i -lt 512 ]; do printf 'HP-PATTERN-%04d\\n' $i; i=$((i+1)); "
-                   "done > /tmp/p && dd if=/tmp/p of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null "
-                   "&& md5sum < /tmp/p && echo 3 > /proc/sys/vm/drop_caches && "
-                   "dd if=/dev/vda bs=4096 skip=1 count=2 2>/dev/null | md5sum")
+    await vm.guest("hd1-read-host", "hdhost")
+    await vm.guest("hd1-write", "hdwrite")
     with open(disk, "rb") as f:
         f.seek(4096)
         host = f.read(len(PATTERN))
@@ -306,22 +299,22 @@ async def session(vm, args):
     await vm.wait_deleted("rng0", since)
     vm.step = "del-rng0-done"
     await vm.qmp("del-rng0-after-event", "device_del", {"id": "rng0"})
-    await vm.guest("rng0-gone", "waitgone /sys/bus/pci/devices/0000:00:04.0; lspci -nn")
+    await vm.guest("rng0-gone", "gone 04.0")
     await abi_show(vm, "abi-after-del", rec)
     vm.step = "readd-rng0"
     await vm.qmp("readd-rng0", "device_add", {"driver": "virtio-rng-pci", "id": "rng0",
                                               "addr": "0x4"})
-    await vm.guest("rng0-back", "waitfor /sys/bus/pci/devices/0000:00:04.0/driver && drv 04.0")
+    await vm.guest("rng0-back", "bound 04.0")
 
     # A removal while running, no pause: asked, ejected by the guest, gone.
     vm.step = "running-del"
     since = len(vm.events)
     await vm.qmp("add-tmp", "device_add", {"driver": "virtio-rng-pci", "id": "tmp",
                                            "addr": "0x9"})
-    await vm.guest("tmp-bound", "waitfor /sys/bus/pci/devices/0000:00:09.0/driver && drv 09.0")
+    await vm.guest("tmp-bound", "bound 09.0")
     await vm.qmp("del-tmp", "device_del", {"id": "tmp"})
     await vm.wait_deleted("tmp", since)
-    await vm.guest("tmp-gone", "waitgone /sys/bus/pci/devices/0000:00:09.0; lspci -n")
+    await vm.guest("tmp-gone", "gone 09.0")
     await abi_show(vm, "abi-before-reboot", rec)
 
     # Reboot in place: the guest's view must be the same (hot-plugged devices included).
@@ -329,17 +322,24 @@ async def session(vm, args):
     await vm.guest("boot1-lspci-vvv", "lspci -nn -vvv")
     since = len(vm.events)
     vm.step = "reboot"
-    vm.proc.stdin.write(b"R reboot -f\n")
-    await vm.proc.stdin.drain()
+    await vm.send("R reboot -f")
     await vm.wait_ready(2)
     vm.step = "boot2"
-    await vm.guest("helpers2", GUEST_HELPERS)
-    await vm.guest("boot2-settled", "waitfor /sys/bus/pci/devices/0000:00:07.0/driver && "
-                   "waitfor /sys/bus/pci/devices/0000:00:04.0/driver && waitfor /dev/vda && "
-                   "drv 04.0 && drv 07.0")
+    await vm.guest("boot2-settled", "settled")
     await vm.guest("boot2-lspci-vvv", "lspci -nn -vvv")
-    await vm.guest("boot2-read-pattern", "dd if=/dev/vda bs=4096 skip=1 count=2 2>/dev/null | md5sum")
+    await vm.guest("boot2-read-pattern", "hdread")
     emit({"host": "reset-events", "events": [e for e in vm.events[since:] if e["event"] == "RESET"]})
+
+    # A second reset, from QMP: the boot after it sees exactly what the boot before it saw.
+    since = len(vm.events)
+    vm.step = "system_reset"
+    await vm.qmp("system-reset", "system_reset")
+    await vm.wait_ready(3)
+    vm.step = "boot3"
+    await vm.guest("boot3-settled", "settled")
+    await vm.guest("boot3-lspci-vvv", "lspci -nn -vvv")
+    emit({"host": "reset-events-qmp",
+          "events": [e for e in vm.events[since:] if e["event"] == "RESET"]})
 
     # Add/del cycles: the vmm's fds and threads come back to where they were.
     if args.cycles:
@@ -369,8 +369,7 @@ async def session(vm, args):
         await abi_show(vm, "abi-after-cycles", rec)
 
     vm.step = "poweroff"
-    vm.proc.stdin.write(b"P poweroff -f\n")
-    await vm.proc.stdin.drain()
+    await vm.send("P poweroff -f")
     await vm.wait_exit()
     await abi_show(vm, "abi-final", rec)
 
@@ -382,8 +381,7 @@ async def oldrec(vm, args):
     await vm.guest("old-slots", "ls /sys/bus/pci/slots | wc -l")
     await vm.qmp("old-add", "device_add", {"driver": "virtio-rng-pci", "id": "late",
                                            "addr": "0x9"})
-    vm.proc.stdin.write(b"P poweroff -f\n")
-    await vm.proc.stdin.drain()
+    await vm.send("P poweroff -f")
     await vm.wait_exit()
 
 
