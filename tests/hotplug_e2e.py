@@ -231,6 +231,20 @@ def resources(pid):
     return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
 
 
+def fd_kinds(pid):
+    """How many of the process's fds point at each kind of file (for a leak report)."""
+    kinds = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        kind = target.split(":[")[0] if target.startswith(("anon_inode:", "socket:", "pipe:")) \
+            else target
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
 async def abi_show(vm, name, rec):
     p = await asyncio.create_subprocess_exec(vm.args.vmm, "abi", "show", rec,
                                              stdout=asyncio.subprocess.PIPE,
@@ -346,6 +360,7 @@ async def session(vm, args):
         vm.step = "cycles"
         pid = vm_pid = vmm_pid(args.vmm)
         before = resources(pid)
+        kinds_before = fd_kinds(pid)
         for i in range(args.cycles):
             since = len(vm.events)
             r = await vm.qmp(f"cycle-add-{i}", "device_add",
@@ -364,7 +379,8 @@ async def session(vm, args):
             await asyncio.sleep(0.1)
             after = resources(vm_pid)
         emit({"host": "resources", "cycles": args.cycles, "before": list(before),
-              "after": list(after)})
+              "after": list(after), "fd_kinds_before": kinds_before,
+              "fd_kinds_after": fd_kinds(vm_pid)})
         await vm.guest("cycles-lspci", "lspci -n")
         await abi_show(vm, "abi-after-cycles", rec)
 

@@ -361,7 +361,8 @@ echo "hotplug timing: session $t0..$t1 s, old record $t1..$t2 s (L1 uptime)"
     let res = s.host("resources");
     assert_eq!(
         res["before"], res["after"],
-        "the vmm's [fds, threads] before and after {CYCLES} add/del cycles"
+        "the vmm's [fds, threads] before and after {CYCLES} add/del cycles; fds by kind before {} after {}",
+        res["fd_kinds_before"], res["fd_kinds_after"]
     );
     assert!(!s.guest("cycles-lspci").contains("00:09.0"));
     assert!(!s.host_out("abi-after-cycles").contains("id=cyc"));
