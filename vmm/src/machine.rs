@@ -532,12 +532,18 @@ impl Machine {
     /// and KVM VM go, and a new run is built with the same devices at the same addresses, each
     /// at its power-on state, the kernel and initrd loaded again; its vCPUs start (or wait,
     /// if the machine was paused or never started).
-    pub fn reboot(&self) -> Result<(), Error> {
+    pub fn reboot(&self) -> Result<Option<ResetSource>, Error> {
         let mut slot = self.guest.write().unwrap_or_else(|p| p.into_inner());
         let Some(old) = slot.take() else {
             return Err(Error::Config("the guest is gone".into()));
         };
         old.vcpus.end();
+        // The reset that ended the old run, taken once its vCPUs are gone and before the new
+        // run's start: a reset the new run reports at once (a guest that reboots in
+        // milliseconds) must stay pending, or the main thread would wait for a stop that
+        // already happened while no vCPU runs. (None: a reason that ends the process came in;
+        // the console loop returns it at once.)
+        let source = self.stop.take_reset();
         // Removals the guest did not complete happen now, as in QEMU.
         let removed: Vec<String> = (1..32u8)
             .filter(|s| old.devices.unplug_pending(*s))
@@ -567,7 +573,7 @@ impl Machine {
         *slot = Some(guest);
         drop(slot);
         self.announce_removed(&removed);
-        Ok(())
+        Ok(source)
     }
 }
 
