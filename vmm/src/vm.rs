@@ -39,7 +39,12 @@ pub struct Vm {
 struct Resampler {
     epoll: vmm_sys_util::epoll::Epoll,
     lines: Mutex<Vec<IntxLine>>,
+    /// Ends the thread (the VM is gone: a reboot builds a new one with its own resampler).
+    quit: EventFd,
 }
+
+/// The epoll token of [`Resampler::quit`] (line tokens are indices).
+const RESAMPLER_QUIT: u64 = u64::MAX;
 
 struct IntxLine {
     resample: EventFd,
@@ -49,10 +54,17 @@ struct IntxLine {
 
 impl Resampler {
     fn start() -> std::io::Result<std::sync::Arc<Resampler>> {
+        use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
         let r = std::sync::Arc::new(Resampler {
             epoll: vmm_sys_util::epoll::Epoll::new()?,
             lines: Mutex::new(Vec::new()),
+            quit: EventFd::new(0)?,
         });
+        r.epoll.ctl(
+            ControlOperation::Add,
+            std::os::fd::AsRawFd::as_raw_fd(&r.quit),
+            EpollEvent::new(EventSet::IN, RESAMPLER_QUIT),
+        )?;
         let me = r.clone();
         let (ready, set_up) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
@@ -88,6 +100,9 @@ impl Resampler {
                     return;
                 }
             };
+            if events[..n].iter().any(|ev| ev.data() == RESAMPLER_QUIT) {
+                return;
+            }
             let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
             for ev in &events[..n] {
                 if let Some(l) = lines.get(ev.data() as usize) {
@@ -97,6 +112,16 @@ impl Resampler {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Without this the resampler thread (and its epoll, and every INTx line's eventfds) outlived
+/// the VM: one more `intx-resample` thread per reboot in place.
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(r) = self.intx.get() {
+            let _ = r.quit.write(1);
         }
     }
 }
