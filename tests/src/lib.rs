@@ -4,3 +4,4 @@
 pub mod ground;
 pub mod probe;
 pub mod shim;
+pub mod tmpfs;

@@ -197,25 +197,14 @@ fn a_kvm_internal_error_is_reported_with_rip_and_status_1() {
 
 #[test]
 fn sigterm_ends_the_vmm_cleanly() {
-    integration_tests::probe::require_kvm();
-    let vmm = integration_tests::ground::vmm_binary().unwrap();
-    let elf = probe_elf();
     // A long benchmark loop keeps the guest busy until the signal.
-    let child = std::process::Command::new(&vmm)
-        .args([
-            "run",
-            "--no-reboot",
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--append",
-            "mode=bench op=null n=100000000",
-            "--device",
-            "virtio-rng-pci",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_probe(&[
+        "--no-reboot",
+        "--append",
+        "mode=bench op=null n=100000000",
+        "--device",
+        "virtio-rng-pci",
+    ]);
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let st = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -241,23 +230,12 @@ fn sigterm_ends_the_vmm_cleanly() {
 #[test]
 fn a_reset_reboots_in_place_until_sigterm() {
     use std::io::Read;
-    integration_tests::probe::require_kvm();
-    let vmm = integration_tests::ground::vmm_binary().unwrap();
-    let elf = probe_elf();
-    let mut child = std::process::Command::new(&vmm)
-        .args([
-            "run",
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--append",
-            "mode=hello",
-            "--device",
-            "virtio-rng-pci,id=r,addr=07.0",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_probe(&[
+        "--append",
+        "mode=hello",
+        "--device",
+        "virtio-rng-pci,id=r,addr=07.0",
+    ]);
     let mut stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -291,4 +269,18 @@ fn a_reset_reboots_in_place_until_sigterm() {
     );
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// `vmm run --kernel PROBE ARGS...` with stdout and stderr piped.
+fn spawn_probe(args: &[&str]) -> std::process::Child {
+    integration_tests::probe::require_kvm();
+    let vmm = integration_tests::ground::vmm_binary().unwrap();
+    let elf = probe_elf();
+    std::process::Command::new(&vmm)
+        .args(["run", "--kernel", elf.to_str().unwrap()])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
 }

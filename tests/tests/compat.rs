@@ -197,6 +197,25 @@ fn a_kill_during_the_record_write_leaves_a_valid_record() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("id=b"));
 }
 
+/// Boots the probe from machine file `m1`, dumping to `m2`; asserts the dump is `m1` byte for
+/// byte and returns the probe's output.
+fn refeed(m1: &Path, m2: &Path) -> String {
+    let out = run_probe(
+        "mode=probe",
+        &[
+            "--machine-file",
+            m1.to_str().unwrap(),
+            "--dump-machine",
+            m2.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(m1).unwrap(),
+        std::fs::read_to_string(m2).unwrap()
+    );
+    out
+}
+
 fn write(p: &Path, s: &str) {
     std::fs::write(p, s).unwrap();
 }
@@ -406,19 +425,7 @@ fn a_dumped_machine_fed_back_is_the_same_machine() {
     ]));
     let args: Vec<&str> = a.iter().map(String::as_str).collect();
     let first = run_probe("mode=probe", &args);
-    let out = run_probe(
-        "mode=probe",
-        &[
-            "--machine-file",
-            m1.to_str().unwrap(),
-            "--dump-machine",
-            m2.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(
-        std::fs::read_to_string(&m1).unwrap(),
-        std::fs::read_to_string(&m2).unwrap()
-    );
+    let out = refeed(&m1, &m2);
     let (c1, e1) = dumps(&first);
     let (c2, e2) = dumps(&out);
     assert_eq!(parse_dump(&c1), parse_dump(&c2));
@@ -452,6 +459,101 @@ fn a_dumped_machine_fed_back_is_the_same_machine() {
         .unwrap();
     assert_eq!(x["addr"], "00:09.0");
     assert_eq!(m["cmdline"], "mode=hello");
+}
+
+/// Issue 11: a value containing a comma (`,,` in `--device` text) is one value all the way: the
+/// disk and the console file are opened under their real names, the dump writes typed JSON
+/// values (never joined option text), and dump -> machine file -> dump is byte-identical.
+#[test]
+fn a_path_with_a_comma_is_opened_dumped_and_fed_back() {
+    let d = tmpdir("comma");
+    let dir = d.join("x,y");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("a,b.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let console = dir.join("con,out");
+    let esc = |p: &Path| p.to_str().unwrap().replace(',', ",,");
+    let (m1, m2) = (d.join("m1.json"), d.join("m2.json"));
+    let mut a: Vec<String> = vec!["--dump-machine".into(), m1.display().to_string()];
+    a.extend(devices(&[
+        "virtio-rng-pci,id=r0,addr=3",
+        &format!(
+            "virtio-blk-pci,id=disk0,addr=5,file={},readonly=on,serial=s,,1",
+            esc(&img)
+        ),
+        &format!("virtio-console-pci,id=con0,path={}", esc(&console)),
+        "virtio-rng-pci,vectors=4",
+    ]));
+    let args: Vec<&str> = a.iter().map(String::as_str).collect();
+    let first = run_probe("mode=probe", &args);
+    // Realized: a virtio-blk function (1af4:1042) at 00:05.0.
+    let (c1, e1) = dumps(&first);
+    let blk = parse_dump(&c1)
+        .into_iter()
+        .find(|f| f.addr == "00:05.0")
+        .expect("a function at 00:05.0");
+    assert_eq!(
+        blk.bytes[..4],
+        [0xf4, 0x1a, 0x42, 0x10],
+        "virtio-blk at 05.0"
+    );
+    // The console's file was created under its whole name, and nothing under a cut-off one.
+    assert!(console.exists(), "{} not created", console.display());
+    assert!(!dir.join("con").exists());
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&m1).unwrap()).unwrap();
+    let by_id = |id: &str| {
+        m["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .unwrap_or_else(|| panic!("no {id} in {m}"))
+            .clone()
+    };
+    let disk = by_id("disk0");
+    assert_eq!(disk["addr"], "00:05.0");
+    assert_eq!(
+        disk["props"],
+        serde_json::json!({"file": img.to_str().unwrap(), "readonly": true,
+            "serial": "s,1", "vectors": 2}),
+        "typed values, the comma kept"
+    );
+    assert_eq!(by_id("con0")["props"]["path"], console.to_str().unwrap());
+    std::fs::remove_file(&console).unwrap();
+    let out = refeed(&m1, &m2);
+    assert!(
+        console.exists(),
+        "the machine file's console path was not opened"
+    );
+    let (c2, e2) = dumps(&out);
+    assert_eq!(parse_dump(&c1), parse_dump(&c2));
+    assert_eq!(parse_dump(&e1), parse_dump(&e2));
+    // The disk is opened under the whole name: a missing one is reported with its comma.
+    let missing = dir.join("no,such.img");
+    let elf = probe_elf();
+    let out = vmm(
+        &[
+            "run",
+            "--no-reboot",
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--device",
+            &format!("virtio-blk-pci,id=d9,file={}", esc(&missing)),
+        ],
+        30,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        format!(
+            "vmm: d9: Could not open '{}': No such file or directory",
+            missing.display()
+        )
+    );
 }
 
 /// Real Linux, several restarts in one KVM-host image: (a) survivors keep their addresses in

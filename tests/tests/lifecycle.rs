@@ -38,6 +38,7 @@ fn every_device_class_survives_activate_reset_reactivate_under_seccomp_kill() {
     let elf = probe_elf();
     let mut args: Vec<&str> = vec![
         "run",
+        "--no-reboot",
         "--kernel",
         elf.to_str().expect("utf-8 path"),
         "--append",

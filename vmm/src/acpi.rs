@@ -801,16 +801,33 @@ mod tests {
     /// each PCIU slot and eject request (3) to each PCID slot.
     #[test]
     fn acpiexec_ged_event_notifies_the_plugged_and_unplugged_slots() {
-        let log = acpiexec(
-            "evt",
-            "\\_SB.PCI0.PCIU 0x80000006\n\\_SB.PCI0.PCID 0x10\n\\_SB.GED0.GDAT 1\n",
-            "execute \\_SB.GED0._EVT 9",
-        );
         let want: Vec<(String, u8)> = [("S08_", 1), ("S10_", 1), ("SF8_", 1), ("S20_", 3)]
             .iter()
             .map(|(o, v)| (o.to_string(), *v))
             .collect();
-        assert_eq!(notifies(&log), want, "{log}");
+        // acpiexec prints notifications from deferred threads and may exit before all of them
+        // are printed: every printed one must be right, and together a few runs must show all.
+        let mut seen: Vec<(String, u8)> = Vec::new();
+        for run in 0..8 {
+            let log = acpiexec(
+                &format!("evt{run}"),
+                "\\_SB.PCI0.PCIU 0x80000006\n\\_SB.PCI0.PCID 0x10\n\\_SB.GED0.GDAT 1\n",
+                "execute \\_SB.GED0._EVT 9",
+            );
+            for n in notifies(&log) {
+                assert!(want.contains(&n), "unexpected notify {n:?}:\n{log}");
+                if !seen.contains(&n) {
+                    seen.push(n);
+                }
+            }
+            if seen.len() == want.len() {
+                break;
+            }
+        }
+        seen.sort();
+        let mut sorted = want.clone();
+        sorted.sort();
+        assert_eq!(seen, sorted);
 
         // Another event bit: PCNT does not run.
         let log = acpiexec(

@@ -111,7 +111,7 @@ pub struct RunArgs {
     /// (QEMU's `-no-reboot`).
     #[arg(long)]
     pub no_reboot: bool,
-    /// seccomp filters on vCPU and device threads: `kill` (a forbidden syscall kills the
+    /// seccomp filters on every thread (vCPUs, devices, main, QMP, signals, hot-plug): `kill` (a forbidden syscall kills the
     /// process), `log` (allowed, logged by the kernel), `off`.
     #[arg(long, value_enum, default_value_t = SeccompLevel::Kill)]
     pub seccomp: SeccompLevel,

@@ -17,8 +17,10 @@ use std::collections::{BTreeMap, HashMap};
 use pci::record::{diff, Change, CompatRecord, DeviceRecord, Fingerprint, MachineRecord};
 use pci::PciAddress;
 
+use crate::device_config::check_prop;
+use crate::device_config::{parse_prop, RawValue};
 use crate::device_manager::{DeviceError, DeviceSpec, Realized};
-use crate::drivers::{check_prop, driver};
+use crate::drivers::driver;
 use crate::layout::{ECAM_START, PCI_MMIO32_SIZE, PCI_MMIO32_START};
 
 /// `--global DRIVER.PROP=VALUE` defaults, by driver then property.
@@ -74,29 +76,45 @@ pub fn resolve_props(
     let mut out = Vec::with_capacity(specs.len());
     for s in specs {
         let mut s = s.clone();
-        let Some(info) = driver(&s.driver) else {
-            out.push(s);
-            continue;
-        };
-        let rec = recorded(record, s.id.as_deref(), &s.driver);
+        let info = s.config.info();
+        let rec = recorded(record, s.id.as_deref(), info.name);
         for p in info.props.iter().filter(|p| p.abi) {
-            let pinned = rec.and_then(|r| r.fingerprint.props.get(p.name));
-            match (s.props.get(p.name), pinned) {
+            // Recorded values are strings (the fingerprint's shape); a value this build cannot
+            // read is ignored with a warning.
+            let pinned = rec
+                .and_then(|r| r.fingerprint.props.get(p.name))
+                .and_then(
+                    |old| match parse_prop(info.name, p.name, RawValue::Text(old)) {
+                        Ok(v) => Some(v),
+                        Err(e) => {
+                            warnings.push(format!(
+                                "{}: ignoring the compat record's {}: {e}",
+                                s.id.as_deref().unwrap_or(info.name),
+                                p.name
+                            ));
+                            None
+                        }
+                    },
+                );
+            match (s.config.get(p.name), pinned) {
                 (Some(explicit), Some(old)) if explicit != old => warnings.push(format!(
                     "{}: {}={} on the command line differs from the compat record ({}); using {}",
-                    s.id.as_deref().unwrap_or(&s.driver),
+                    s.id.as_deref().unwrap_or(info.name),
                     p.name,
-                    explicit,
-                    old,
-                    explicit
+                    explicit.to_text(),
+                    old.to_text(),
+                    explicit.to_text()
                 )),
                 (Some(_), _) => {}
                 (None, Some(old)) => {
-                    s.props.insert(p.name.to_string(), old.clone());
+                    s.config.set(p.name, old);
                 }
                 (None, None) => {
-                    if let Some(v) = globals.get(&s.driver, p.name) {
-                        s.props.insert(p.name.to_string(), v.to_string());
+                    let global = globals
+                        .get(info.name, p.name)
+                        .and_then(|v| parse_prop(info.name, p.name, RawValue::Text(v)).ok());
+                    if let Some(v) = global {
+                        s.config.set(p.name, v);
                     }
                 }
             }
@@ -111,7 +129,7 @@ pub fn hints(specs: &[DeviceSpec], record: Option<&CompatRecord>) -> HashMap<Str
     specs
         .iter()
         .filter_map(|s| {
-            let r = recorded(record, s.id.as_deref(), &s.driver)?;
+            let r = recorded(record, s.id.as_deref(), s.driver())?;
             Some((s.id.clone()?, r.addr))
         })
         .collect()
@@ -136,7 +154,7 @@ pub fn record_of(devices: &[Realized], pci_hotplug: bool) -> CompatRecord {
             (
                 r.placed.id.clone(),
                 DeviceRecord {
-                    driver: r.placed.spec.driver.clone(),
+                    driver: r.placed.spec.driver().to_string(),
                     addr: r.placed.addr,
                     fingerprint: Fingerprint::of(r.function.config(), r.abi.clone()),
                 },
@@ -163,6 +181,7 @@ pub fn strict_check(old: &CompatRecord, new: &CompatRecord) -> Result<(), Vec<Ch
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device_config::PropValue;
     use crate::device_manager::parse_device;
 
     fn rec(id: &str, vectors: &str) -> CompatRecord {
@@ -211,15 +230,53 @@ mod tests {
             Some(&r),
             &g,
         );
-        assert_eq!(s[0].props["vectors"], "2", "the record pins the old value");
-        assert_eq!(s[1].props["vectors"], "4", "a new device takes the global");
-        assert_eq!(s[2].props["vectors"], "3", "explicit wins");
+        assert_eq!(
+            s[0].config.vectors(),
+            Some(2),
+            "the record pins the old value"
+        );
+        assert_eq!(
+            s[1].config.vectors(),
+            Some(4),
+            "a new device takes the global"
+        );
+        assert_eq!(s[2].config.vectors(), Some(3), "explicit wins");
         assert!(w.is_empty());
+        // The same number in another spelling is no change.
+        let (s, w) = resolve_props(&specs(&["virtio-rng-pci,id=old,vectors=0x2"]), Some(&r), &g);
+        assert_eq!(s[0].config.vectors(), Some(2));
+        assert!(w.is_empty(), "{w:?}");
         let (s, w) = resolve_props(&specs(&["virtio-rng-pci,id=old,vectors=5"]), Some(&r), &g);
-        assert_eq!(s[0].props["vectors"], "5");
+        assert_eq!(s[0].config.vectors(), Some(5));
         assert_eq!(
             w,
             ["old: vectors=5 on the command line differs from the compat record (2); using 5"]
+        );
+    }
+
+    #[test]
+    fn typed_globals_and_unreadable_record_values() {
+        let g = Globals::parse(&["virtio-blk-pci.readonly=on".to_string()]).unwrap();
+        let (s, _) = resolve_props(
+            &specs(&[
+                "virtio-blk-pci,file=/a,,b",
+                "virtio-blk-pci,file=/c,readonly=off",
+            ]),
+            None,
+            &g,
+        );
+        assert_eq!(s[0].config.get("readonly"), Some(PropValue::Bool(true)));
+        assert_eq!(s[1].config.get("readonly"), Some(PropValue::Bool(false)));
+        let (s, w) = resolve_props(
+            &specs(&["virtio-rng-pci,id=old"]),
+            Some(&rec("old", "x")),
+            &g,
+        );
+        assert_eq!(s[0].config.vectors(), None, "the default applies");
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].starts_with("old: ignoring the compat record's vectors: "),
+            "{w:?}"
         );
     }
 

@@ -29,6 +29,9 @@ pub struct MachineConfig {
     pub cpus: u8,
     /// Devices, as specs (machine file devices merged with `--device`).
     pub devices: Vec<DeviceSpec>,
+    /// ACPI PCI hot-plug as asked for (`--hotplug`, else the machine file); None: what the
+    /// compat record says, or on for a new machine.
+    pub pci_hotplug: Option<bool>,
 }
 
 impl MachineConfig {
@@ -73,6 +76,7 @@ impl MachineConfig {
             cmdline: args.append.clone().or(file.cmdline).unwrap_or_default(),
             memory_mib,
             cpus,
+            pci_hotplug: args.hotplug.or(file.pci_hotplug),
             devices: merge_devices(&file_devices, cli_devices),
         })
     }

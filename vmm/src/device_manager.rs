@@ -1,6 +1,7 @@
 //! Devices from the command line to the PCI bus, and the [`DeviceManager`] that owns them.
 //!
-//! `--device` strings -> [`DeviceSpec`]s ([`parse_device`]) -> ids and addresses
+//! `--device` strings / QMP / machine file -> [`DeviceSpec`]s ([`crate::device_config`]) -> ids
+//! and addresses
 //! ([`place`]: explicit addresses first, then hinted ones, then the first free slot in
 //! command-line order) -> realized functions on the root complex ([`realize`]).
 //!
@@ -12,6 +13,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+pub use crate::device_config::{parse_device, DeviceError, DeviceSpec, DriverConfig};
+
 use devices::bus::{Bus, BusDevice};
 use devices::legacy::{
     AcpiPm, EjectCallback, Ged, PciHotplug, PowerCallback, Rtc, Serial, ACPI_PM_PORT,
@@ -20,181 +23,22 @@ use devices::legacy::{
     SERIAL_PORT, SERIAL_PORT_LEN,
 };
 use devices::pci_host::{BarMapper, ConfigPorts, Ecam};
+use devices::virtio::blk::{Block, BlockConfig};
+use devices::virtio::console::Console;
+use devices::virtio::net::{default_mac, Net, Tap};
 use devices::virtio::pci::{TransportProps, VirtioHost, VirtioPciDevice};
+use devices::virtio::rng::Rng;
+use devices::virtio::VirtioDevice;
 use pci::config::{BarKind, PCI_INTERRUPT_LINE};
-use pci::{parse_qemu_addr, Owner, PciAddress, PciFunction, PciRoot, SlotAllocator};
+use pci::{Owner, PciAddress, PciFunction, PciRoot, SlotAllocator};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::drivers::{self, check_prop, driver};
+use crate::drivers;
 use crate::layout::{
     ECAM_SIZE, ECAM_START, PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN, PCI_MMIO32_SIZE, PCI_MMIO32_START,
 };
 use crate::vm::Vm;
-
-/// Errors in device options and placement. Texts follow QEMU's.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DeviceError {
-    /// Unknown driver.
-    #[error("'{0}' is not a valid device model name")]
-    UnknownDriver(String),
-    /// Unknown property.
-    #[error("Property '{driver}.{prop}' not found")]
-    UnknownProperty {
-        /// Driver.
-        driver: String,
-        /// Property.
-        prop: String,
-    },
-    /// A property value that does not parse.
-    #[error("Property '{driver}.{prop}' can't take value '{value}': {reason}")]
-    BadValue {
-        /// Driver.
-        driver: String,
-        /// Property.
-        prop: String,
-        /// The value given.
-        value: String,
-        /// Why not.
-        reason: String,
-    },
-    /// The same id twice.
-    #[error("Duplicate ID '{0}' for device")]
-    DuplicateId(String),
-    /// An id that is not an identifier.
-    #[error("Parameter 'id' expects an identifier")]
-    BadId,
-    /// A bus other than pci.0.
-    #[error("Bus '{0}' not found")]
-    NoBus(String),
-    /// Function 0 of a slot whose other functions stay.
-    #[error("PCI: function 0 of slot {slot:x} cannot be removed while {slot:x}.{function:x} is populated")]
-    Function0Busy {
-        /// The slot.
-        slot: u8,
-        /// A populated function above 0.
-        function: u8,
-    },
-    /// No device with that id.
-    #[error("Device '{0}' not found")]
-    NotFound(String),
-    /// A malformed `--global`.
-    #[error("Invalid --global '{0}': expected DRIVER.PROP=VALUE")]
-    BadGlobal(String),
-    /// A property given twice in one --device.
-    #[error("Parameter '{0}' given more than once")]
-    RepeatedProperty(String),
-    /// The slot allocator refused.
-    #[error("{0}")]
-    Slot(#[from] pci::SlotError),
-    /// BARs do not fit in the PCI window.
-    #[error("PCI: no room for BAR {bar} of {device} in the 32-bit PCI window")]
-    NoBarSpace {
-        /// Device id.
-        device: String,
-        /// BAR index.
-        bar: usize,
-    },
-    /// The device could not be built.
-    #[error("{id}: {reason}")]
-    Realize {
-        /// Device id.
-        id: String,
-        /// What failed.
-        reason: String,
-    },
-}
-
-/// One `--device` option, parsed and checked against its driver.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceSpec {
-    /// Driver name.
-    pub driver: String,
-    /// `id=`, if given.
-    pub id: Option<String>,
-    /// `addr=`: slot and optional function.
-    pub addr: Option<(u8, Option<u8>)>,
-    /// `multifunction=`.
-    pub multifunction: bool,
-    /// Driver-specific properties as given (name -> value), already validated.
-    pub props: BTreeMap<String, String>,
-}
-
-pub(crate) fn parse_bool(driver: &str, prop: &str, v: &str) -> Result<bool, DeviceError> {
-    match v {
-        "on" | "yes" | "true" => Ok(true),
-        "off" | "no" | "false" => Ok(false),
-        _ => Err(DeviceError::BadValue {
-            driver: driver.into(),
-            prop: prop.into(),
-            value: v.into(),
-            reason: "expected 'on' or 'off'".into(),
-        }),
-    }
-}
-
-fn valid_id(id: &str) -> bool {
-    let mut c = id.chars();
-    c.next().is_some_and(|f| f.is_ascii_alphabetic())
-        && c.all(|x| x.is_ascii_alphanumeric() || matches!(x, '-' | '.' | '_'))
-}
-
-/// Parses `DRIVER[,id=ID][,addr=SS[.F]][,multifunction=on|off][,bus=pci.0][,PROP=VALUE...]`
-/// (also `driver=DRIVER,...`).
-pub fn parse_device(s: &str) -> Result<DeviceSpec, DeviceError> {
-    let mut parts = s.split(',');
-    let first = parts.next().unwrap_or_default();
-    let name = first.strip_prefix("driver=").unwrap_or(first);
-    let info = driver(name).ok_or_else(|| DeviceError::UnknownDriver(name.to_string()))?;
-    let mut spec = DeviceSpec {
-        driver: info.name.to_string(),
-        id: None,
-        addr: None,
-        multifunction: false,
-        props: BTreeMap::new(),
-    };
-    let mut seen = HashSet::new();
-    for kv in parts {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, "on"));
-        if !seen.insert(k.to_string()) {
-            return Err(DeviceError::RepeatedProperty(k.to_string()));
-        }
-        match k {
-            "id" => {
-                if !valid_id(v) {
-                    return Err(DeviceError::BadId);
-                }
-                spec.id = Some(v.to_string());
-            }
-            "addr" => {
-                let a = parse_qemu_addr(v).map_err(|_| DeviceError::BadValue {
-                    driver: info.name.into(),
-                    prop: "addr".into(),
-                    value: v.into(),
-                    reason: "invalid PCI address".into(),
-                })?;
-                spec.addr = Some(a);
-            }
-            "multifunction" => spec.multifunction = parse_bool(info.name, k, v)?,
-            "bus" => {
-                if v != "pci.0" {
-                    return Err(DeviceError::NoBus(v.to_string()));
-                }
-            }
-            _ if info.props.iter().any(|p| p.name == k) => {
-                check_prop(info.name, k, v)?;
-                spec.props.insert(k.to_string(), v.to_string());
-            }
-            _ => {
-                return Err(DeviceError::UnknownProperty {
-                    driver: info.name.into(),
-                    prop: k.into(),
-                })
-            }
-        }
-    }
-    Ok(spec)
-}
 
 /// A device with its id and address decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,7 +94,7 @@ pub fn place_into(
         ids.push(id);
     }
     let owner = |s: &DeviceSpec| Owner {
-        driver: s.driver.clone(),
+        driver: s.driver().to_string(),
         id: s.id.clone(),
         multifunction: s.multifunction,
     };
@@ -341,7 +185,8 @@ impl DeviceSet {
         Ok(addrs)
     }
 
-    /// Removes the device `id` from `root` and frees its slot.
+    /// Removes the device `id` from `root` and frees its slot. The device gives back its host
+    /// resources when the returned [`Realized`] is dropped.
     pub fn remove(&mut self, id: &str, root: &PciRoot) -> Result<Realized, DeviceError> {
         let i = self
             .realized
@@ -660,11 +505,14 @@ impl DeviceManager {
             .collect())
     }
 
-    /// Removes the device `id`: off the root complex, its BARs unmapped, its slot free.
+    /// Removes the device `id`: off the root complex, its BARs unmapped, its slot free, and
+    /// everything it took from the host given back (MSI GSIs and routes, irqfds, its INTx
+    /// line, ioeventfds, its worker thread, its files) before this returns.
     pub fn remove(&self, id: &str) -> Result<(), DeviceManagerError> {
         let mut set = self.set();
         let r = set.remove(id, &self.root)?;
         self.mapper.remap(r.placed.addr);
+        drop(r);
         Ok(())
     }
 
@@ -694,7 +542,28 @@ impl DeviceManager {
     }
 }
 
-/// A device realized on the bus.
+/// Builds the virtio device for a config. `id` is the device's id (given or `device[N]`), from
+/// which defaults such as a MAC address derive.
+pub fn build_device(config: &DriverConfig, id: &str) -> Result<Arc<dyn VirtioDevice>, String> {
+    match config {
+        DriverConfig::Rng(_) => Ok(Arc::new(Rng::new())),
+        DriverConfig::Blk(c) => Ok(Arc::new(Block::new(&BlockConfig {
+            path: c.file.clone(),
+            readonly: c.readonly.unwrap_or(false),
+            serial: c.serial.clone(),
+        })?)),
+        DriverConfig::Console(c) => Ok(Arc::new(Console::new(&c.backend)?)),
+        DriverConfig::Net(c) => {
+            let mac = c.mac.map_or_else(|| default_mac(id), |m| m.0);
+            let tap = Tap::open(&c.tap)?;
+            Ok(Arc::new(Net::new(tap, mac)))
+        }
+    }
+}
+
+/// A device realized on the bus. Dropping it gives back what the device took from the host
+/// ([`VirtioPciDevice::release`]: GSIs, irqfds, ioeventfds, worker, files), on the thread
+/// that drops it: the device set's owner (monitor or main thread), never a vCPU.
 pub struct Realized {
     /// Its placement.
     pub placed: Placed,
@@ -702,11 +571,19 @@ pub struct Realized {
     pub function: Arc<dyn PciFunction>,
     /// The ABI-shaping properties the realized device has (recorded in fingerprints).
     pub abi: BTreeMap<String, String>,
+    /// The same function as a virtio transport (to release it).
+    transport: Arc<VirtioPciDevice>,
+}
+
+impl Drop for Realized {
+    fn drop(&mut self) {
+        self.transport.release();
+    }
 }
 
 fn transport_props(p: &Placed) -> TransportProps {
     TransportProps {
-        vectors: drivers::vectors(&p.spec.driver, &p.spec.props),
+        vectors: p.spec.config.effective_vectors(),
         multifunction: p.spec.multifunction,
     }
 }
@@ -730,9 +607,9 @@ pub fn realize_one(
         id: p.id.clone(),
         reason,
     };
-    let device = drivers::build(&p.spec.driver, &p.spec.props, &p.id).map_err(realize_err)?;
+    let device = build_device(&p.spec.config, &p.id).map_err(realize_err)?;
     let f = VirtioPciDevice::new(
-        &p.spec.driver,
+        p.spec.driver(),
         device,
         transport_props(p),
         mem.clone(),
@@ -762,13 +639,15 @@ pub fn realize_one(
         next = base + bar.size;
     }
     debug_assert!(window + FUNCTION_BAR_WINDOW <= PCI_MMIO32_START + PCI_MMIO32_SIZE);
-    let function: Arc<dyn PciFunction> = Arc::new(f);
+    let transport = Arc::new(f);
+    let function: Arc<dyn PciFunction> = transport.clone();
     root.add(p.addr, function.clone())
         .map_err(|e| realize_err(e.to_string()))?;
     Ok(Realized {
         placed: p.clone(),
         function,
         abi,
+        transport,
     })
 }
 
@@ -790,7 +669,8 @@ pub fn device_help() -> String {
     s.push_str(
         "  Devices without addr= take function 0 of the first free slot from 1 up, in\n  \
          command-line order, after every explicit address is reserved. Devices without id=\n  \
-         are called device[0], device[1], ... in command-line order.\n",
+         are called device[0], device[1], ... in command-line order. A doubled comma in a value\n  \
+         is a comma: file=/img/a,,b.raw opens /img/a,b.raw.\n",
     );
     s
 }
@@ -807,52 +687,6 @@ mod tests {
         place(&specs(list), &HashMap::new())
             .map(|v| v.into_iter().map(|p| (p.id, p.addr.to_string())).collect())
             .map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn parses_qemu_device_syntax() {
-        let s = parse_device(
-            "virtio-rng-pci,id=rng0,addr=0x5.0x1,multifunction=on,bus=pci.0,vectors=4",
-        )
-        .unwrap();
-        assert_eq!(s.driver, "virtio-rng-pci");
-        assert_eq!(s.id.as_deref(), Some("rng0"));
-        assert_eq!(s.addr, Some((5, Some(1))));
-        assert!(s.multifunction);
-        assert_eq!(s.props.get("vectors").map(String::as_str), Some("4"));
-        assert_eq!(
-            parse_device("driver=virtio-rng-pci").unwrap().driver,
-            "virtio-rng-pci"
-        );
-    }
-
-    #[test]
-    fn bad_device_options_have_qemu_messages() {
-        let err = |s: &str| parse_device(s).unwrap_err().to_string();
-        assert_eq!(
-            err("virtio-rng-pci,addr=zz"),
-            "Property 'virtio-rng-pci.addr' can't take value 'zz': invalid PCI address"
-        );
-        assert_eq!(
-            err("virtio-rng-pci,addr=20"),
-            "Property 'virtio-rng-pci.addr' can't take value '20': invalid PCI address"
-        );
-        assert_eq!(
-            err("virtio-rng-pci,foo=1"),
-            "Property 'virtio-rng-pci.foo' not found"
-        );
-        assert_eq!(
-            err("nosuch-pci"),
-            "'nosuch-pci' is not a valid device model name"
-        );
-        assert_eq!(err("virtio-rng-pci,bus=pci.1"), "Bus 'pci.1' not found");
-        assert_eq!(
-            err("virtio-rng-pci,id=0bad"),
-            "Parameter 'id' expects an identifier"
-        );
-        assert!(err("virtio-rng-pci,vectors=9999")
-            .starts_with("Property 'virtio-rng-pci.vectors' can't take value '9999'"));
-        assert!(err("virtio-rng-pci,multifunction=maybe").contains("multifunction"));
     }
 
     #[test]
@@ -982,5 +816,41 @@ mod tests {
                 hints = placed.into_iter().map(|p| (p.id, p.addr)).collect();
             }
         }
+    }
+
+    fn config(s: &str) -> DriverConfig {
+        parse_device(s).unwrap().config
+    }
+
+    #[test]
+    fn build_checks_backends() {
+        let e = |s: &str| build_device(&config(s), "x").err().unwrap();
+        assert_eq!(
+            e("virtio-blk-pci,file=/nonexistent/a.img"),
+            "Could not open '/nonexistent/a.img': No such file or directory"
+        );
+        assert_eq!(
+            e("virtio-console-pci,path=/nonexistent/dir/o"),
+            "Could not open '/nonexistent/dir/o': No such file or directory"
+        );
+        let dir = std::env::temp_dir().join(format!("drivers-test-{},x", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A comma in the path: escaped in the option, a plain comma in the file name opened.
+        let img = dir.join("a,b.img");
+        std::fs::write(&img, vec![0u8; 4096]).unwrap();
+        let path = img.to_str().unwrap().replace(',', ",,");
+        let rw = build_device(&config(&format!("virtio-blk-pci,file={path}")), "d0").unwrap();
+        let ro = build_device(
+            &config(&format!("virtio-blk-pci,file={path},readonly=on")),
+            "d1",
+        )
+        .unwrap();
+        let ro_bit = devices::virtio::blk::F_RO;
+        assert_eq!(rw.features() & ro_bit, 0);
+        assert_ne!(ro.features() & ro_bit, 0);
+        let mut cap = [0u8; 8];
+        rw.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 8);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -21,14 +21,15 @@ use crate::boot::{self, Entry};
 use crate::cli::RunArgs;
 use crate::compat::{self, Globals};
 use crate::config::MachineConfig;
-use crate::device_manager::{self, DeviceError, DeviceManager, Realized};
+use crate::device_manager::{self, DeviceError, DeviceManager, DeviceSpec, Realized};
 use crate::layout::ZERO_PAGE;
 use crate::machine_file::{DeviceEntry, MachineFile};
 use crate::monitor::{EventSink, RunState};
+use crate::stats::{GuestStats, KvmStatsFile};
 use crate::stop::{ResetSource, Stop, StopReason};
 use crate::vcpu::{RunGate, Vcpu, VcpuSet};
 use crate::vm::Vm;
-use crate::{acpi, cpu, drivers, Error};
+use crate::{acpi, cpu, Error};
 
 /// Where the compat record lives and what it said when we started.
 struct CompatState {
@@ -43,6 +44,8 @@ pub struct Guest {
     vm: Arc<Vm>,
     devices: DeviceManager,
     vcpus: VcpuSet,
+    /// KVM's statistics files of the VM and each vCPU, opened with them (read by the monitor).
+    stats: GuestStats,
 }
 
 impl Guest {
@@ -56,6 +59,10 @@ impl Guest {
     ) -> Result<Guest, Error> {
         let initrd = read_initrd(config)?;
         let vm = Arc::new(Vm::new(config.mem_size())?);
+        let mut stats = GuestStats {
+            vm: KvmStatsFile::open(&vm.fd),
+            vcpus: Vec::new(),
+        };
         let power: PowerCallback = {
             let stop = stop.clone();
             Arc::new(move |e| {
@@ -70,7 +77,7 @@ impl Guest {
             for r in list {
                 tracing::info!(
                     "{} {} at {}",
-                    r.placed.spec.driver,
+                    r.placed.spec.driver(),
                     r.placed.id,
                     r.placed.addr
                 );
@@ -78,11 +85,15 @@ impl Guest {
         });
         let entry = load_guest(&vm, config, acpi, initrd.as_deref())?;
         let gate = Arc::new(RunGate::new());
-        let vcpus = create_vcpus(&vm, config, entry, &devices, stop, &gate)?;
+        let vcpus = create_vcpus(&vm, config, entry, &devices, stop, &gate, &mut stats)?;
+        if let Err(e) = &stats.vm {
+            tracing::info!("no KVM statistics (query-stats): {e}");
+        }
         Ok(Guest {
             vm,
             devices,
             vcpus: VcpuSet::new(gate, vcpus),
+            stats,
         })
     }
 
@@ -94,6 +105,11 @@ impl Guest {
     /// The KVM VM.
     pub fn vm(&self) -> &Arc<Vm> {
         &self.vm
+    }
+
+    /// KVM's statistics files of this run (the VM's and each vCPU's).
+    pub fn stats(&self) -> &GuestStats {
+        &self.stats
     }
 }
 
@@ -191,10 +207,10 @@ impl Machine {
             reason: e.to_string(),
         })?;
 
-        // Guest-visible: the command line, else what the record says (off for a record from
-        // before the property), else on for a new machine.
-        let pci_hotplug = args
-            .hotplug
+        // Guest-visible: the command line or machine file, else what the record says (off for a
+        // record from before the property), else on for a new machine.
+        let pci_hotplug = config
+            .pci_hotplug
             .or(old.map(|r| r.machine.pci_hotplug))
             .unwrap_or(true);
         let ejects = Arc::new(Ejects {
@@ -225,9 +241,9 @@ impl Machine {
         });
         if pci_hotplug {
             let weak = Arc::downgrade(&machine);
-            std::thread::Builder::new()
-                .name("hotplug".into())
-                .spawn(move || hotplug_thread(weak))?;
+            let filter =
+                crate::seccomp::filter_for(args.seccomp, crate::seccomp::hotplug_filter_with)?;
+            crate::seccomp::spawn_confined("hotplug", filter, move || hotplug_thread(weak))?;
         }
         Ok(machine)
     }
@@ -327,26 +343,12 @@ impl Machine {
         m.cmdline = Some(self.config.cmdline.clone());
         m.memory_mib = Some(self.config.memory_mib);
         m.cpus = Some(self.config.cpus);
+        m.pci_hotplug = Some(self.pci_hotplug);
         m.devices = self.with_devices(|list| {
             list.iter()
+                // Every ABI-shaping property with its value, defaults included.
                 .map(|r| {
-                    let spec = &r.placed.spec;
-                    let mut props = spec.props.clone();
-                    // Every ABI-shaping property with its value, defaults included.
-                    if let Some(info) = drivers::driver(&spec.driver) {
-                        for p in info.props.iter().filter(|p| p.abi) {
-                            if let Some(v) = r.abi.get(p.name) {
-                                props.entry(p.name.to_string()).or_insert_with(|| v.clone());
-                            }
-                        }
-                    }
-                    DeviceEntry {
-                        driver: spec.driver.clone(),
-                        id: spec.id.clone(),
-                        addr: Some(r.placed.addr.to_string()),
-                        multifunction: spec.multifunction,
-                        props,
-                    }
+                    DeviceEntry::from_spec(&r.placed.spec.with_abi(&r.abi), Some(r.placed.addr))
                 })
                 .collect()
         });
@@ -431,12 +433,11 @@ impl Machine {
     /// Adds a device (QMP `device_add`): cold-plug before the guest first runs, hot-plug
     /// afterwards (ACPI, bus 0, function 0 of a free slot): the device is fully wired, then the
     /// guest is notified and the record rewritten. Returns its id.
-    pub fn device_add(&self, option: &str) -> Result<String, Error> {
+    pub fn device_add(&self, spec: DeviceSpec) -> Result<String, Error> {
         let hot = self.run_state() != RunState::Prelaunch;
         if hot && !self.pci_hotplug {
             return Err(Error::Config(NO_HOTPLUG.into()));
         }
-        let spec = device_manager::parse_device(option)?;
         if let (true, Some((slot, Some(f)))) = (hot, spec.addr) {
             if f != 0 {
                 return Err(Error::Config(format!(
@@ -461,19 +462,20 @@ impl Machine {
                 Ok(added)
             })
             .ok_or_else(|| Error::Config("the guest is gone".into()))??;
-        // The device is in and the guest was told: the command succeeded even if the record
-        // cannot be written (an error here would make the client retry a device that exists).
-        if hot {
-            if let Err(e) = self.rewrite_record() {
-                tracing::error!("compat record not rewritten after a hot-plug: {e}");
-                eprintln!("vmm: warning: compat record not rewritten after a hot-plug: {e}");
-            }
-        }
-        Ok(added
+        let id = added
             .into_iter()
             .next()
             .map(|(id, _)| id)
-            .unwrap_or_default())
+            .unwrap_or_default();
+        if hot {
+            // The device is in the guest already: say so, and that the record is the old one.
+            self.rewrite_record().map_err(|e| {
+                Error::Config(format!(
+                    "device '{id}' was added, but the compat record was not written (it still describes the machine without it): {e}"
+                ))
+            })?;
+        }
+        Ok(id)
     }
 
     /// Removes a device (QMP `device_del`): at once before the guest first runs; afterwards
@@ -515,7 +517,7 @@ impl Machine {
                     (
                         r.placed.addr,
                         r.placed.id.clone(),
-                        r.placed.spec.driver.clone(),
+                        r.placed.spec.driver().to_string(),
                     )
                 })
                 .collect()
@@ -533,6 +535,9 @@ impl Machine {
     /// at its power-on state, the kernel and initrd loaded again; its vCPUs start (or wait,
     /// if the machine was paused or never started).
     pub fn reboot(&self) -> Result<Option<ResetSource>, Error> {
+        // Lock order: the run state is never locked while the guest is held for writing
+        // (start and pause lock the state, then read the guest).
+        let running = self.run_state() == RunState::Running;
         let mut slot = self.guest.write().unwrap_or_else(|p| p.into_inner());
         let Some(old) = slot.take() else {
             return Err(Error::Config("the guest is gone".into()));
@@ -567,7 +572,7 @@ impl Machine {
                 &placement,
             )?)
         })?;
-        if self.run_state() == RunState::Running {
+        if running {
             guest.vcpus.start(self.seccomp.clone(), &self.stop)?;
         }
         *slot = Some(guest);
@@ -706,6 +711,7 @@ fn create_vcpus(
     devices: &DeviceManager,
     stop: &Arc<Stop>,
     gate: &Arc<RunGate>,
+    stats: &mut GuestStats,
 ) -> Result<Vec<Vcpu>, Error> {
     let supported = vm
         .kvm
@@ -717,6 +723,8 @@ fn create_vcpus(
             .fd
             .create_vcpu(u64::from(id))
             .map_err(crate::kvm_err(format!("KVM_CREATE_VCPU {id}")))?;
+        // Opened here: the vCPU fd moves into its thread, the monitor reads this file.
+        stats.vcpus.push(KvmStatsFile::open(&fd));
         let mut cpuid = supported.clone();
         cpu::filter_cpuid(&mut cpuid, id, config.cpus);
         fd.set_cpuid2(&cpuid)

@@ -8,18 +8,29 @@
 //! Options given beside `--machine-file` override it: `--kernel`, `--initrd`, `--append`,
 //! `--memory` and `--cpus` replace the file's values; each `--device` is added, and replaces the
 //! file's device with the same `id=`.
+//!
+//! A device is `{"driver", "id", "addr", "multifunction", "props": {...}}`. Version 2 (written
+//! by this build) keeps each property's JSON type: `{"file": "/a,b.img", "readonly": true,
+//! "vectors": 2}`; version 1 files (every value a string: `"vectors": "2"`) still load, since a
+//! property takes its value as a string too (as QMP `device_add` does). Values are never
+//! joined into `--device` text, so any character, a comma included, survives a round trip.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use pci::PciAddress;
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
-use crate::device_manager::{parse_device, DeviceSpec};
+use crate::device_config::DeviceError;
+use crate::device_config::{DeviceSpec, RawValue};
 
 /// The `format` field.
 pub const MACHINE_FORMAT: &str = "vmm-machine";
-/// The version this build reads and writes.
-pub const MACHINE_VERSION: u32 = 1;
+/// The version this build writes.
+pub const MACHINE_VERSION: u32 = 2;
+/// The versions this build reads.
+pub const MACHINE_VERSIONS_READ: &[u32] = &[1, 2];
 
 /// A device in a machine description.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,30 +46,46 @@ pub struct DeviceEntry {
     /// `multifunction=on`.
     #[serde(default)]
     pub multifunction: bool,
-    /// Driver-specific properties.
+    /// Driver-specific properties, typed (`"vectors": 2`) or as strings (`"vectors": "2"`).
     #[serde(default)]
-    pub props: BTreeMap<String, String>,
+    pub props: Map<String, Value>,
 }
 
 impl DeviceEntry {
-    /// The `--device` string this entry stands for.
-    pub fn to_option(&self) -> String {
-        let mut s = self.driver.clone();
+    /// The entry for `spec`, at `addr` when given (else the spec's own `addr=`, if any).
+    pub fn from_spec(spec: &DeviceSpec, addr: Option<PciAddress>) -> Self {
+        let addr = addr.map(|a| a.to_string()).or_else(|| {
+            spec.addr.map(|(slot, f)| match f {
+                Some(f) => format!("{slot:02x}.{f}"),
+                None => format!("{slot:02x}"),
+            })
+        });
+        DeviceEntry {
+            driver: spec.driver().to_string(),
+            id: spec.id.clone(),
+            addr,
+            multifunction: spec.multifunction,
+            props: spec.props_json(),
+        }
+    }
+
+    /// The spec this entry stands for, checked like a QMP `device_add`.
+    pub fn to_spec(&self) -> Result<DeviceSpec, DeviceError> {
+        let mut common: Vec<(&str, RawValue<'_>)> = Vec::new();
         if let Some(id) = &self.id {
-            s += &format!(",id={id}");
+            common.push(("id", RawValue::Text(id)));
         }
         if let Some(a) = &self.addr {
-            // Accept the lspci form too: "00:05.0" -> "05.0".
-            let a = a.strip_prefix("00:").unwrap_or(a);
-            s += &format!(",addr={a}");
+            common.push(("addr", RawValue::Text(a)));
         }
         if self.multifunction {
-            s += ",multifunction=on";
+            common.push(("multifunction", RawValue::Text("on")));
         }
-        for (k, v) in &self.props {
-            s += &format!(",{k}={v}");
-        }
-        s
+        let props = self
+            .props
+            .iter()
+            .map(|(k, v)| (k.as_str(), RawValue::Json(v)));
+        DeviceSpec::from_props(&self.driver, common.into_iter().chain(props))
     }
 }
 
@@ -67,7 +94,7 @@ impl DeviceEntry {
 pub struct MachineFile {
     /// Always [`MACHINE_FORMAT`].
     pub format: String,
-    /// Always [`MACHINE_VERSION`].
+    /// [`MACHINE_VERSION`] when written; one of [`MACHINE_VERSIONS_READ`] when read.
     pub version: u32,
     /// Kernel path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -84,6 +111,9 @@ pub struct MachineFile {
     /// vCPUs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u8>,
+    /// ACPI PCI hot-plug on bus 0 (guest-visible; see `vmm run --help`, `--hotplug`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_hotplug: Option<bool>,
     /// Devices.
     #[serde(default)]
     pub devices: Vec<DeviceEntry>,
@@ -110,6 +140,7 @@ impl MachineFile {
             cmdline: None,
             memory_mib: None,
             cpus: None,
+            pci_hotplug: None,
             devices: Vec::new(),
         }
     }
@@ -131,9 +162,13 @@ impl MachineFile {
             serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
         let format = v.get("format").and_then(|f| f.as_str()).unwrap_or_default();
         let version = v.get("version").and_then(|f| f.as_u64()).unwrap_or(0);
-        if format != MACHINE_FORMAT || version != u64::from(MACHINE_VERSION) {
+        if format != MACHINE_FORMAT
+            || !MACHINE_VERSIONS_READ
+                .iter()
+                .any(|v| u64::from(*v) == version)
+        {
             return Err(format!(
-                "unsupported format '{format}' version {version} (this build reads '{MACHINE_FORMAT}' version {MACHINE_VERSION})"
+                "unsupported format '{format}' version {version} (this build reads '{MACHINE_FORMAT}' versions 1 and {MACHINE_VERSION})"
             ));
         }
         let m: MachineFile =
@@ -149,7 +184,7 @@ impl MachineFile {
         let mut addrs = HashSet::new();
         let mut out = Vec::new();
         for (i, d) in self.devices.iter().enumerate() {
-            let spec = parse_device(&d.to_option()).map_err(|e| format!("device {i}: {e}"))?;
+            let spec = d.to_spec().map_err(|e| format!("device {i}: {e}"))?;
             if let Some(id) = &spec.id {
                 if !ids.insert(id.clone()) {
                     return Err(format!("duplicate device id '{id}'"));
@@ -204,6 +239,7 @@ pub fn merge_devices(file: &[DeviceSpec], cli: Vec<DeviceSpec>) -> Vec<DeviceSpe
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device_config::{parse_device, BlkConfig, DriverConfig};
 
     fn file(devs: &str) -> String {
         format!(
@@ -220,15 +256,121 @@ mod tests {
         assert_eq!(m.memory_mib, Some(128));
         let specs = m.device_specs().unwrap();
         assert_eq!(specs[0].addr, Some((5, Some(0))));
-        assert_eq!(specs[0].props["vectors"], "3");
+        assert_eq!(specs[0].config.vectors(), Some(3));
         assert_eq!(MachineFile::from_json(&m.to_json()).unwrap(), m);
+    }
+
+    #[test]
+    fn hotplug_is_optional_and_round_trips() {
+        let m = MachineFile::from_json(&file("")).unwrap();
+        assert_eq!(
+            m.pci_hotplug, None,
+            "a file without it leaves it to the record"
+        );
+        let mut off = m.clone();
+        off.pci_hotplug = Some(false);
+        let json = off.to_json();
+        assert!(json.contains("\"pci_hotplug\": false"), "{json}");
+        assert_eq!(MachineFile::from_json(&json).unwrap(), off);
+    }
+
+    #[test]
+    fn version_1_string_values_and_version_2_typed_values_are_the_same_devices() {
+        let v1 = MachineFile::from_json(&file(
+            r#"{"driver":"virtio-blk-pci","id":"d","addr":"00:05.0","multifunction":false,
+                "props":{"file":"/a,b.img","readonly":"on","serial":"s,1","vectors":"3"}}"#,
+        ))
+        .unwrap();
+        let v2 = MachineFile::from_json(
+            &file(
+                r#"{"driver":"virtio-blk-pci","id":"d","addr":"00:05.0","multifunction":false,
+                "props":{"file":"/a,b.img","readonly":true,"serial":"s,1","vectors":3}}"#,
+            )
+            .replace("\"version\":1", "\"version\":2"),
+        )
+        .unwrap();
+        assert_eq!(v2.version, 2);
+        let spec = v1.device_specs().unwrap().remove(0);
+        assert_eq!(v2.device_specs().unwrap(), std::slice::from_ref(&spec));
+        assert_eq!(
+            spec.config,
+            DriverConfig::Blk(BlkConfig {
+                file: "/a,b.img".into(),
+                readonly: Some(true),
+                serial: Some("s,1".into()),
+                vectors: Some(3),
+            })
+        );
+        assert_eq!(
+            parse_device(
+                "virtio-blk-pci,id=d,addr=5.0,file=/a,,b.img,readonly=on,serial=s,,1,vectors=3"
+            )
+            .unwrap(),
+            spec
+        );
+    }
+
+    #[test]
+    fn a_written_description_has_typed_values_and_reads_back_byte_identical() {
+        let specs: Vec<DeviceSpec> = [
+            "virtio-blk-pci,id=d,file=/tmp/x/a,,b.img,readonly=on,vectors=3",
+            "virtio-console-pci,id=c,path=/tmp/c,,out",
+            "virtio-net-pci,tap=tap0,mac=52:54:00:12:34:56",
+            "virtio-rng-pci,addr=6.0,multifunction=on",
+        ]
+        .iter()
+        .map(|s| parse_device(s).unwrap())
+        .collect();
+        let mut m = MachineFile::new();
+        m.devices = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| DeviceEntry::from_spec(s, PciAddress::new(0, i as u8 + 1, 0).ok()))
+            .collect();
+        let text = m.to_json();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["version"], 2);
+        assert_eq!(
+            v["devices"][0]["props"],
+            serde_json::json!({"file": "/tmp/x/a,b.img", "readonly": true, "vectors": 3})
+        );
+        assert_eq!(
+            v["devices"][1]["props"],
+            serde_json::json!({"path": "/tmp/c,out"})
+        );
+        assert_eq!(v["devices"][0]["addr"], "00:01.0");
+        let again = MachineFile::from_json(&text).unwrap();
+        let back = again.device_specs().unwrap();
+        for (a, b) in specs.iter().zip(&back) {
+            assert_eq!(a.config, b.config);
+            assert_eq!((&a.id, a.multifunction), (&b.id, b.multifunction));
+        }
+        let mut m2 = MachineFile::new();
+        m2.devices = back
+            .iter()
+            .map(|s| {
+                let (slot, f) = s.addr.unwrap();
+                DeviceEntry::from_spec(s, PciAddress::new(0, slot, f.unwrap_or(0)).ok())
+            })
+            .collect();
+        assert_eq!(m2.to_json(), text);
     }
 
     #[test]
     fn bad_files_are_refused_with_the_reason() {
         let e = |t: &str| MachineFile::from_json(t).unwrap_err();
         assert!(e("{").contains("not valid JSON"));
-        assert!(e(r#"{"format":"vmm-machine","version":2}"#).contains("unsupported format"));
+        assert!(e(r#"{"format":"vmm-machine","version":3}"#).contains("unsupported format"));
+        assert!(e(&file(
+            r#"{"driver":"virtio-rng-pci","props":{"vectors":[2]}}"#
+        ))
+        .contains("device 0: Invalid parameter type for 'vectors', expected: integer"));
+        assert!(e(&file(
+            r#"{"driver":"virtio-rng-pci","id":"a","props":{"id":"b"}}"#
+        ))
+        .contains("Parameter 'id' given more than once"));
+        assert!(e(&file(r#"{"driver":"virtio-blk-pci"}"#))
+            .contains("device 0: virtio-blk-pci: 'file' property is required"));
         assert!(e(&file(
             r#"{"driver":"virtio-rng-pci","id":"a"},{"driver":"virtio-rng-pci","id":"a"}"#
         ))

@@ -7,9 +7,11 @@ use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
 
+use crate::device_config::{DeviceError, DeviceSpec};
 use crate::machine::Machine;
 use crate::monitor::{
-    CommandError, EventSink, PciFunctionInfo, PciRegionInfo, RegionKind, RunState, VmControl,
+    CommandError, EventSink, GsiInfo, PciFunctionInfo, PciRegionInfo, RegionKind, RunState,
+    VmControl,
 };
 use crate::stop::{ResetSource, StopReason};
 
@@ -59,6 +61,15 @@ fn generic(e: impl std::fmt::Display) -> CommandError {
     CommandError::generic(e.to_string())
 }
 
+/// QEMU's error class for a machine error: `DeviceNotFound` for an unknown device id, else
+/// `GenericError` (QEMU's other classes name situations we do not have).
+fn command_error(e: crate::Error) -> CommandError {
+    match e {
+        crate::Error::Device(DeviceError::NotFound(id)) => CommandError::device_not_found(&id),
+        other => generic(other),
+    }
+}
+
 impl VmControl for MachineControl {
     fn status(&self) -> RunState {
         self.machine.run_state()
@@ -66,7 +77,7 @@ impl VmControl for MachineControl {
 
     fn cont(&self) -> Result<(), CommandError> {
         let was = self.machine.run_state();
-        self.machine.cont().map_err(generic)?;
+        self.machine.cont().map_err(command_error)?;
         if was != RunState::Running {
             self.events().resume();
         }
@@ -75,7 +86,7 @@ impl VmControl for MachineControl {
 
     fn stop(&self) -> Result<(), CommandError> {
         let was = self.machine.run_state();
-        self.machine.pause().map_err(generic)?;
+        self.machine.pause().map_err(command_error)?;
         if was == RunState::Running {
             self.events().stop();
         }
@@ -172,27 +183,43 @@ impl VmControl for MachineControl {
             .collect()
     }
 
-    fn device_add(&self, driver: &str, props: &[(String, String)]) -> Result<(), CommandError> {
-        let mut option = driver.to_string();
-        for (k, v) in props {
-            option += &format!(",{k}={v}");
-        }
+    fn gsi_info(&self) -> Option<GsiInfo> {
+        self.machine.with_guest(|g| {
+            let vm = g.vm();
+            let (msi, routes) = vm.msi_gsis();
+            GsiInfo {
+                msi,
+                routes,
+                intx_lines: vm.intx_lines(),
+            }
+        })
+    }
+
+    fn device_add(&self, args: &serde_json::Map<String, Value>) -> Result<(), CommandError> {
+        let spec = DeviceSpec::from_qmp(args).map_err(generic)?;
         self.machine
-            .device_add(&option)
+            .device_add(spec)
             .map(|_| ())
-            .map_err(generic)
+            .map_err(command_error)
     }
 
     fn device_del(&self, id: &str) -> Result<(), CommandError> {
         // DEVICE_DELETED comes from the machine: at once for a cold-unplug, after the guest's
         // eject for a hot-unplug.
-        match self.machine.device_del(id) {
-            Ok(_) => Ok(()),
-            Err(crate::Error::Device(crate::device_manager::DeviceError::NotFound(_))) => {
-                Err(CommandError::device_not_found(id))
-            }
-            Err(e) => Err(generic(e)),
-        }
+        self.machine
+            .device_del(id)
+            .map(|_| ())
+            .map_err(command_error)
+    }
+
+    fn stats(
+        &self,
+        target: crate::monitor::stats::StatsTarget,
+    ) -> Result<Vec<crate::monitor::stats::StatsSource>, CommandError> {
+        self.machine
+            .with_guest(|g| g.stats().read(target))
+            .unwrap_or_else(|| Err("the guest is gone".into()))
+            .map_err(CommandError::generic)
     }
 
     fn query_compat(&self) -> Result<Value, CommandError> {
@@ -200,7 +227,9 @@ impl VmControl for MachineControl {
     }
 
     fn save_compat(&self, path: &str) -> Result<(), CommandError> {
-        self.machine.save_record(Path::new(path)).map_err(generic)
+        self.machine
+            .save_record(Path::new(path))
+            .map_err(command_error)
     }
 
     fn query_machine(&self) -> Result<Value, CommandError> {
@@ -210,6 +239,6 @@ impl VmControl for MachineControl {
     fn dump_machine(&self, path: &str) -> Result<(), CommandError> {
         self.machine
             .save_description(Path::new(path))
-            .map_err(generic)
+            .map_err(command_error)
     }
 }

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use crate::cli::RunArgs;
 use crate::console::console_loop;
 use crate::machine::Machine;
-use crate::monitor::{parse_qmp_option, QmpServer};
+use crate::monitor::{parse_qmp_option, QmpServer, ThreadInit, ThreadSetup};
 use crate::qmp_control::MachineControl;
+use crate::seccomp;
 use crate::signals::{block_stop_signals, handle_stop_signals};
 use crate::stop::StopReason;
 use crate::vcpu::install_kick_handler;
@@ -30,11 +31,28 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
     let signals = block_stop_signals();
     let machine = Machine::build(args)?;
     install_kick_handler()?;
-    handle_stop_signals(signals, &machine.stop)?;
+    handle_stop_signals(
+        signals,
+        &machine.stop,
+        seccomp::filter_for(args.seccomp, seccomp::signals_filter_with)?,
+    )?;
+    // The machine is built: from here the main thread starts the monitor and the guest, then
+    // runs the console, reboots and the end, confined. (The QMP threads start under this filter
+    // and add their own; the socket appears only once the main thread is confined.)
+    if let Some(f) = seccomp::filter_for(args.seccomp, seccomp::main_filter_with)? {
+        seccomp::apply(&f)?;
+    }
     let control = Arc::new(MachineControl::new(machine.clone()));
     let server = match &qmp_path {
         Some(p) => {
-            let (server, sink) = QmpServer::start(p, control.clone())
+            let setup = ThreadSetup {
+                serve: confine(seccomp::filter_for(args.seccomp, seccomp::qmp_filter_with)?),
+                events: confine(seccomp::filter_for(
+                    args.seccomp,
+                    seccomp::qmp_events_filter_with,
+                )?),
+            };
+            let (server, sink) = QmpServer::start_confined(p, control.clone(), setup)
                 .map_err(|e| Error::Config(format!("--qmp: {e}")))?;
             control.set_events(sink);
             Some(server)
@@ -77,4 +95,10 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         other => tracing::info!("guest stopped: {other:?}"),
     }
     Ok(reason.exit_code())
+}
+
+/// A QMP thread's set-up that installs `filter`.
+fn confine(filter: Option<seccomp::Filter>) -> Option<ThreadInit> {
+    filter
+        .map(|f| -> ThreadInit { Box::new(move || seccomp::apply(&f).map_err(|e| e.to_string())) })
 }

@@ -1,6 +1,10 @@
-//! seccomp filters for the threads that act on guest input: vCPU threads, the device-work
-//! executor (virtio activations and resets), virtio device workers and the INTx resampler
-//! (built with the `seccompiler` crate, applied per thread, never process-wide).
+//! seccomp filters for every thread: those that act on guest input (vCPU threads, the
+//! device-work executor for virtio activations and resets, virtio device workers, the INTx
+//! resampler) and the control plane (the main thread once the machine is built, the QMP
+//! command and event threads, the signal thread, the hot-plug thread: [`main_filter_with`],
+//! [`qmp_filter_with`], [`qmp_events_filter_with`], [`signals_filter_with`],
+//! [`hotplug_filter_with`]). Built with the `seccompiler` crate, applied per thread, never
+//! process-wide.
 //!
 //! The allow-lists come from `strace -f` of the probe guest (config, ECAM, MSI-X, serial exits
 //! and virtio driver bring-ups and resets) and of the device workers, plus what the code reached
@@ -173,6 +177,95 @@ const VCPU_IOCTLS: &[u64] = &[
 /// ioctl requests a device worker makes.
 const DEVICE_IOCTLS: &[u64] = &[FIONBIO, KVM_SIGNAL_MSI];
 
+/// Files by path: records and machine dumps written atomically (create, write, `fsync`,
+/// rename, unlink of a temporary), images and kernels looked at, stale sockets replaced,
+/// paths made absolute.
+const FILES: &[libc::c_long] = &[
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fstat,
+    libc::SYS_lstat,
+    libc::SYS_stat,
+    libc::SYS_access,
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
+    libc::SYS_readlink,
+    libc::SYS_getcwd,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_chmod,
+    libc::SYS_fchmod,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_lseek,
+];
+
+/// Unix-domain sockets besides `socket(AF_UNIX)` itself (allowed by argument in [`build`]):
+/// the QMP socket, console sockets, the wake-up connection that stops the QMP server.
+const UNIX_SOCKETS: &[libc::c_long] = &[
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_connect,
+    libc::SYS_accept4,
+    libc::SYS_shutdown,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+];
+
+/// Signalling threads of this process: `tgkill` kicks a vCPU out of `KVM_RUN` (pause, stop).
+const KICK: &[libc::c_long] = &[libc::SYS_tgkill];
+
+/// `TUNSETIFF` (tap set-up through `/dev/net/tun`).
+pub const TUNSETIFF: u64 = 0x4004_54ca;
+/// `TUNSETOFFLOAD`.
+pub const TUNSETOFFLOAD: u64 = 0x4004_54d0;
+/// `TUNSETVNETHDRSZ`.
+pub const TUNSETVNETHDRSZ: u64 = 0x4004_54d8;
+
+/// ioctl requests of the threads that realize devices, besides the KVM ones: tap set-up and
+/// `FIONBIO` (sockets).
+const CONTROL_IOCTLS: &[u64] = &[FIONBIO, TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ];
+
+/// ioctl requests of the main thread outside the KVM ones: the control plane's (taps, sockets)
+/// and `TCGETS` / `TCSETS` (`isatty`, the console's raw mode and its restoration).
+const MAIN_IOCTLS: &[u64] = &[
+    FIONBIO,
+    TUNSETIFF,
+    TUNSETOFFLOAD,
+    TUNSETVNETHDRSZ,
+    libc::TCGETS,
+    libc::TCSETS,
+];
+
+/// What the control plane does (rebuilding the guest at a reboot, realizing a hot-plugged
+/// device, starting vCPUs): the executor's and device workers' lists (threads it starts
+/// inherit its filter), files by path, unix sockets, kicking vCPUs.
+const CONTROL: &[&[libc::c_long]] = &[
+    VCPU,
+    EVENTS,
+    DEVICE_IO,
+    THREADS,
+    OPEN,
+    FILES,
+    UNIX_SOCKETS,
+    KICK,
+];
+
+/// The signal thread: waiting for SIGINT/SIGTERM.
+const SIGWAIT: &[libc::c_long] = &[libc::SYS_rt_sigtimedwait];
+
+/// The QMP event writer: writes to the client (`sendto`: std writes to a unix stream with
+/// `MSG_NOSIGNAL`) and `shutdown` of a client that does not read.
+const EVENT_WRITES: &[libc::c_long] = &[libc::SYS_sendto, libc::SYS_shutdown];
+
+/// The hot-plug thread's own set-up: its epoll.
+const EPOLL_CREATE: &[libc::c_long] = &[libc::SYS_epoll_create1];
+
 fn arch() -> Result<TargetArch, Error> {
     std::env::consts::ARCH
         .try_into()
@@ -188,28 +281,72 @@ fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, Error> {
     SeccompRule::new(conds).map_err(|e| Error::Build(e.to_string()))
 }
 
-/// Builds a filter allowing `syscalls` unconditionally, `ioctl` only with the `ioctls` requests,
-/// `prctl` only as `PR_SET_NAME` (thread names) and `PR_SET_NO_NEW_PRIVS`, and `seccomp` only as
+/// What a filter allows besides `prctl(PR_SET_NAME / PR_SET_NO_NEW_PRIVS)` and
+/// `seccomp(SET_MODE_FILTER)`, which every filter allows (see [`build`]).
+struct Allow<'a> {
+    /// Syscalls allowed whatever their arguments.
+    syscalls: &'a [&'a [libc::c_long]],
+    /// `ioctl` requests allowed (exact numbers).
+    ioctls: &'a [u64],
+    /// Any KVM ioctl (type `0xAE`): the threads that build the VM or wire devices into it.
+    any_kvm_ioctl: bool,
+    /// `socket(AF_UNIX, ...)` (no other family).
+    unix_sockets: bool,
+}
+
+impl Allow<'_> {
+    const fn only(syscalls: &'static [&'static [libc::c_long]], ioctls: &'static [u64]) -> Self {
+        Allow {
+            syscalls,
+            ioctls,
+            any_kvm_ioctl: false,
+            unix_sockets: false,
+        }
+    }
+}
+
+/// Builds a filter allowing `allow.syscalls` unconditionally, `ioctl` only with the listed
+/// requests (or any KVM request), `socket` only for `AF_UNIX` if asked, `prctl` only as
+/// `PR_SET_NAME` (thread names) and `PR_SET_NO_NEW_PRIVS`, and `seccomp` only as
 /// `SECCOMP_SET_MODE_FILTER` (a device worker started from a vCPU thread installs its own,
 /// narrower filter on top of the inherited one: filters can only narrow); everything else gets
 /// `mismatch`.
-fn build(
-    syscalls: &[&[libc::c_long]],
-    ioctls: &[u64],
-    mismatch: SeccompAction,
-) -> Result<Filter, Error> {
+fn build(allow: &Allow<'_>, mismatch: SeccompAction) -> Result<Filter, Error> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for set in syscalls {
+    for set in allow.syscalls {
         for &nr in *set {
             rules.insert(nr, Vec::new());
         }
     }
     let mut ioctl_rules = Vec::new();
-    for &req in ioctls {
+    for &req in allow.ioctls {
         // The request is an `unsigned long`; compare its low 32 bits (all ioctl numbers fit).
         ioctl_rules.push(rule(vec![eq(1, SeccompCmpArgLen::Dword, req)?])?);
     }
-    rules.insert(libc::SYS_ioctl, ioctl_rules);
+    if allow.any_kvm_ioctl {
+        // The type byte of the request (bits 8..16) is KVMIO.
+        ioctl_rules.push(rule(vec![SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(0xff00),
+            KVMIO << 8,
+        )
+        .map_err(|e| Error::Build(e.to_string()))?])?);
+    }
+    // An empty rule list would allow the syscall with any arguments: only add it with rules.
+    if !ioctl_rules.is_empty() {
+        rules.insert(libc::SYS_ioctl, ioctl_rules);
+    }
+    if allow.unix_sockets {
+        rules.insert(
+            libc::SYS_socket,
+            vec![rule(vec![eq(
+                0,
+                SeccompCmpArgLen::Dword,
+                libc::AF_UNIX as u64,
+            )?])?],
+        );
+    }
     rules.insert(
         libc::SYS_prctl,
         vec![
@@ -243,12 +380,15 @@ fn build(
 
 /// The vCPU-thread filter with the given action for anything not allowed.
 pub fn vcpu_filter_with(mismatch: SeccompAction) -> Result<Filter, Error> {
-    build(&[VCPU], VCPU_IOCTLS, mismatch)
+    build(&Allow::only(&[VCPU], VCPU_IOCTLS), mismatch)
 }
 
 /// The device-worker filter with the given action for anything not allowed.
 pub fn device_filter_with(mismatch: SeccompAction) -> Result<Filter, Error> {
-    build(&[VCPU, EVENTS, DEVICE_IO], DEVICE_IOCTLS, mismatch)
+    build(
+        &Allow::only(&[VCPU, EVENTS, DEVICE_IO], DEVICE_IOCTLS),
+        mismatch,
+    )
 }
 
 /// The device-work executor's filter with the given action for anything not allowed: the
@@ -256,10 +396,111 @@ pub fn device_filter_with(mismatch: SeccompAction) -> Result<Filter, Error> {
 /// opening files.
 pub fn executor_filter_with(mismatch: SeccompAction) -> Result<Filter, Error> {
     build(
-        &[VCPU, EVENTS, DEVICE_IO, THREADS, OPEN],
-        DEVICE_IOCTLS,
+        &Allow::only(&[VCPU, EVENTS, DEVICE_IO, THREADS, OPEN], DEVICE_IOCTLS),
         mismatch,
     )
+}
+
+/// The main thread's filter once the guest is set up (the console loop, reboots, the end):
+/// the control plane ([`CONTROL`]: a reboot builds a new KVM VM with its devices, starts the
+/// executor, the INTx resampler and the vCPUs, which inherit this filter), any KVM ioctl, tap
+/// set-up, `FIONBIO` and the terminal's `TCGETS` / `TCSETS`; `socket` for `AF_UNIX` only.
+pub fn main_filter_with(mismatch: SeccompAction) -> Result<Filter, Error> {
+    build(
+        &Allow {
+            syscalls: CONTROL,
+            ioctls: MAIN_IOCTLS,
+            any_kvm_ioctl: true,
+            unix_sockets: true,
+        },
+        mismatch,
+    )
+}
+
+/// The QMP server thread's filter (it runs the commands: `device_add` opens images, taps and
+/// console sockets and wires the device into the VM; `cont` starts the vCPU threads, which
+/// inherit it): the control plane ([`CONTROL`]), any KVM ioctl, tap set-up and `FIONBIO`;
+/// `socket` for `AF_UNIX` only. No terminal ioctls.
+pub fn qmp_filter_with(mismatch: SeccompAction) -> Result<Filter, Error> {
+    build(
+        &Allow {
+            syscalls: CONTROL,
+            ioctls: CONTROL_IOCTLS,
+            any_kvm_ioctl: true,
+            unix_sockets: true,
+        },
+        mismatch,
+    )
+}
+
+/// The QMP event writer's filter: the common list ([`VCPU`]: writes, futexes, memory),
+/// `sendto` and `shutdown`; no ioctl, no open, no socket.
+pub fn qmp_events_filter_with(mismatch: SeccompAction) -> Result<Filter, Error> {
+    build(&Allow::only(&[VCPU, EVENT_WRITES], &[]), mismatch)
+}
+
+/// The signal thread's filter: the common list and `rt_sigtimedwait`; no ioctl, no open, no
+/// socket.
+pub fn signals_filter_with(mismatch: SeccompAction) -> Result<Filter, Error> {
+    build(&Allow::only(&[VCPU, SIGWAIT], &[]), mismatch)
+}
+
+/// The hot-plug thread's filter (completing ejects: a device is unwired from the VM, its
+/// worker joined, the record rewritten; GED interrupts raised again): the common list, epoll
+/// and eventfds, device I/O, files by path and `open`, any KVM ioctl. No thread creation, no
+/// socket.
+pub fn hotplug_filter_with(mismatch: SeccompAction) -> Result<Filter, Error> {
+    build(
+        &Allow {
+            syscalls: &[VCPU, EVENTS, EPOLL_CREATE, DEVICE_IO, OPEN, FILES],
+            ioctls: &[],
+            any_kvm_ioctl: true,
+            unix_sockets: false,
+        },
+        mismatch,
+    )
+}
+
+/// What a forbidden syscall gets at `level` (None: `--seccomp off`, no filters).
+pub fn mismatch_action(level: crate::cli::SeccompLevel) -> Option<SeccompAction> {
+    use crate::cli::SeccompLevel;
+    match level {
+        SeccompLevel::Off => None,
+        SeccompLevel::Kill => Some(SeccompAction::KillProcess),
+        SeccompLevel::Log => Some(SeccompAction::Log),
+    }
+}
+
+/// Builds the filter for `level` with `make` (None for `--seccomp off`).
+pub fn filter_for(
+    level: crate::cli::SeccompLevel,
+    make: fn(SeccompAction) -> Result<Filter, Error>,
+) -> Result<Option<Filter>, Error> {
+    mismatch_action(level).map(make).transpose()
+}
+
+/// Starts a named thread that installs `filter` (if any) first, then runs `f`. Returns once
+/// the filter is in place: Err if the thread cannot be created or the kernel refuses the
+/// filter (then `f` never runs).
+pub fn spawn_confined<T: Send + 'static>(
+    name: &str,
+    filter: Option<Filter>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<Option<T>>> {
+    let (ready, set_up) = std::sync::mpsc::sync_channel(1);
+    let handle = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let applied = filter.as_ref().map_or(Ok(()), apply);
+            let ok = applied.is_ok();
+            let _ = ready.send(applied);
+            ok.then(f)
+        })?;
+    match set_up.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => Err(std::io::Error::other(format!("{name} thread: {e}"))),
+        Err(_) => Err(std::io::Error::other(format!("{name} thread ended"))),
+    }
 }
 
 /// The filter for vCPU threads: a forbidden syscall kills the process (`SIGSYS`).
@@ -481,6 +722,193 @@ mod tests {
             libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
             "child status {status:#x}: expected death by SIGSYS"
         );
+    }
+
+    /// Runs `forbidden` in a forked child under the real (KillProcess) filter `make` builds:
+    /// the child must die by SIGSYS (exit 3 if the call returned, 2 if the filter was refused).
+    fn killed_by_sigsys(make: fn(SeccompAction) -> Result<Filter, Error>, forbidden: fn()) {
+        let filter = make(SeccompAction::KillProcess).unwrap();
+        // SAFETY: the child only installs the already built filter, makes the forbidden
+        // syscall and `_exit`s.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let code = match seccompiler::apply_filter(&filter) {
+                Ok(()) => {
+                    forbidden();
+                    3
+                }
+                Err(_) => 2,
+            };
+            // SAFETY: ends the forked child without running the parent's destructors.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child with a valid status pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "child status {status:#x}: expected death by SIGSYS"
+        );
+    }
+
+    fn inet_socket() {
+        // SAFETY: plain socket(2) call; under the filter it does not return.
+        unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    }
+
+    fn open_file() {
+        // SAFETY: a valid NUL-terminated path; under the filter it does not return.
+        unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+    }
+
+    fn new_thread() {
+        // SAFETY: clone with thread flags and no stack would crash the child if it ran: under
+        // the filter it does not. (A process-creating clone is as forbidden.)
+        unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+    }
+
+    #[test]
+    fn a_forbidden_call_from_the_main_thread_kills_the_process() {
+        killed_by_sigsys(main_filter_with, inet_socket);
+    }
+
+    #[test]
+    fn a_forbidden_call_from_the_qmp_thread_kills_the_process() {
+        killed_by_sigsys(qmp_filter_with, inet_socket);
+    }
+
+    #[test]
+    fn a_forbidden_call_from_the_qmp_event_thread_kills_the_process() {
+        killed_by_sigsys(qmp_events_filter_with, open_file);
+    }
+
+    #[test]
+    fn a_forbidden_call_from_the_signal_thread_kills_the_process() {
+        killed_by_sigsys(signals_filter_with, open_file);
+    }
+
+    #[test]
+    fn a_forbidden_call_from_the_hotplug_thread_kills_the_process() {
+        killed_by_sigsys(hotplug_filter_with, new_thread);
+    }
+
+    /// What one filtered thread could do: each entry is a call and whether the filter let it
+    /// through (EPERM means refused; any other result, success or another error, means the
+    /// kernel saw it).
+    fn reach(filter: Filter) -> BTreeMap<&'static str, bool> {
+        let ev = EventFd::new(0).unwrap();
+        in_filtered_thread(filter, move || {
+            let mut r = BTreeMap::new();
+            let passed = |ret: i64| ret >= 0 || errno() != libc::EPERM;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&ev);
+            // SAFETY: plain syscalls with valid or null arguments; results only inspected,
+            // descriptors closed. execve of a missing path cannot succeed.
+            unsafe {
+                let sock = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                r.insert("socket(AF_INET)", passed(sock.into()));
+                libc::close(sock);
+                let sock = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                r.insert("socket(AF_UNIX)", passed(sock.into()));
+                libc::close(sock);
+                let path = c"/nonexistent/vmm-seccomp-test";
+                let argv = [path.as_ptr(), std::ptr::null()];
+                let ret = libc::execve(path.as_ptr(), argv.as_ptr(), std::ptr::null());
+                r.insert("execve", passed(ret.into()));
+                let ret = libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
+                r.insert("ptrace", passed(ret));
+                let f = libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY);
+                r.insert("open", passed(f.into()));
+                libc::close(f);
+                let mut n = 0i32;
+                let ret = libc::ioctl(fd, libc::FIONREAD, &mut n);
+                r.insert("ioctl(FIONREAD)", passed(ret.into()));
+                let ret = libc::ioctl(fd, KVM_RUN as _);
+                r.insert("ioctl(KVM_RUN)", passed(ret.into()));
+                let ret = libc::ioctl(fd, 0xae01); // KVM_CREATE_VM
+                r.insert("ioctl(KVM_CREATE_VM)", passed(ret.into()));
+                let ret = libc::ioctl(fd, libc::TCGETS, &mut [0u8; 64]);
+                r.insert("ioctl(TCGETS)", passed(ret.into()));
+            }
+            r.insert(
+                "thread",
+                std::thread::Builder::new()
+                    .spawn(|| ())
+                    .is_ok_and(|h| h.join().is_ok()),
+            );
+            r.insert("write", ev.write(1).is_ok());
+            r
+        })
+    }
+
+    fn errno_filter(make: fn(SeccompAction) -> Result<Filter, Error>) -> Filter {
+        make(SeccompAction::Errno(libc::EPERM as u32)).unwrap()
+    }
+
+    fn passed(r: &BTreeMap<&'static str, bool>) -> Vec<&'static str> {
+        r.iter().filter(|(_, ok)| **ok).map(|(k, _)| *k).collect()
+    }
+
+    #[test]
+    fn the_main_filter_allows_the_control_plane_and_the_terminal_only() {
+        let r = reach(errno_filter(main_filter_with));
+        assert_eq!(
+            passed(&r),
+            [
+                "ioctl(KVM_CREATE_VM)",
+                "ioctl(KVM_RUN)",
+                "ioctl(TCGETS)",
+                "open",
+                "socket(AF_UNIX)",
+                "thread",
+                "write"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_qmp_filter_allows_the_control_plane_without_the_terminal() {
+        let r = reach(errno_filter(qmp_filter_with));
+        assert_eq!(
+            passed(&r),
+            [
+                "ioctl(KVM_CREATE_VM)",
+                "ioctl(KVM_RUN)",
+                "open",
+                "socket(AF_UNIX)",
+                "thread",
+                "write"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_qmp_event_and_signal_filters_allow_little_more_than_writes() {
+        for make in [qmp_events_filter_with, signals_filter_with] {
+            let r = reach(errno_filter(make));
+            assert_eq!(passed(&r), ["write"]);
+        }
+    }
+
+    #[test]
+    fn the_hotplug_filter_allows_files_and_kvm_but_no_threads_or_sockets() {
+        let r = reach(errno_filter(hotplug_filter_with));
+        assert_eq!(
+            passed(&r),
+            ["ioctl(KVM_CREATE_VM)", "ioctl(KVM_RUN)", "open", "write"]
+        );
+        // A record rewrite (create, write, fsync, rename, directory fsync) under it.
+        let dir = std::env::temp_dir().join(format!("seccomp-hotplug-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("rec.json");
+        let p = path.clone();
+        let written = in_filtered_thread(errno_filter(hotplug_filter_with), move || {
+            pci::record::write_atomically(&p, b"{}").map_err(|e| e.to_string())
+        });
+        let back = std::fs::read(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(written, Ok(()));
+        assert_eq!(back.unwrap(), b"{}");
     }
 
     #[test]
@@ -706,6 +1134,9 @@ mod tests {
         }
         fn allocate_msi(&self) -> std::io::Result<(u32, EventFd)> {
             self.vm.allocate_msi()
+        }
+        fn release_msi(&self, g: u32, e: &EventFd) -> std::io::Result<()> {
+            self.vm.release_msi(g, e)
         }
         fn set_msi_route(&self, g: u32, m: Option<(u64, u32)>) -> std::io::Result<()> {
             devices::virtio::pci::VirtioHost::set_msi_route(&*self.vm, g, m)

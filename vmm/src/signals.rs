@@ -19,17 +19,21 @@ pub fn block_stop_signals() -> libc::sigset_t {
     }
 }
 
-/// Turns SIGINT and SIGTERM (blocked by [`block_stop_signals`]) into a clean stop.
-pub fn handle_stop_signals(set: libc::sigset_t, stop: &Arc<Stop>) -> Result<(), Error> {
+/// Turns SIGINT and SIGTERM (blocked by [`block_stop_signals`]) into a clean stop, on a
+/// `signals` thread confined by `filter` (see [`crate::seccomp::signals_filter_with`]) before
+/// it waits.
+pub fn handle_stop_signals(
+    set: libc::sigset_t,
+    stop: &Arc<Stop>,
+    filter: Option<crate::seccomp::Filter>,
+) -> Result<(), Error> {
     let stop = stop.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let mut sig = 0;
-            // SAFETY: `set` is a valid, initialised signal set and `sig` a valid out pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                stop.stop(StopReason::Signal(sig));
-            }
-        })?;
+    crate::seccomp::spawn_confined("signals", filter, move || loop {
+        let mut sig = 0;
+        // SAFETY: `set` is a valid, initialised signal set and `sig` a valid out pointer.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            stop.stop(StopReason::Signal(sig));
+        }
+    })?;
     Ok(())
 }

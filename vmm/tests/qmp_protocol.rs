@@ -8,13 +8,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
+use vmm::device_config::{parse_device, DeviceSpec};
 use vmm::monitor::{
     CommandError, EventSink, PciFunctionInfo, QmpServer, RunState, VmControl, MAX_MESSAGE_SIZE,
 };
 
-/// A `device_add` call: driver and properties.
-type Added = (String, Vec<(String, String)>);
+/// A `device_add` call, parsed as the real machine parses it.
+type Added = DeviceSpec;
 
 #[derive(Default)]
 struct Mock {
@@ -85,16 +86,9 @@ impl VmControl for Mock {
             },
         ]
     }
-    fn device_add(&self, driver: &str, props: &[(String, String)]) -> Result<(), CommandError> {
-        if driver != "virtio-rng-pci" {
-            return Err(CommandError::generic(format!(
-                "'{driver}' is not a valid device model name"
-            )));
-        }
-        self.added
-            .lock()
-            .unwrap()
-            .push((driver.to_string(), props.to_vec()));
+    fn device_add(&self, args: &Map<String, Value>) -> Result<(), CommandError> {
+        let spec = DeviceSpec::from_qmp(args).map_err(|e| CommandError::generic(e.to_string()))?;
+        self.added.lock().unwrap().push(spec);
         Ok(())
     }
     fn device_del(&self, id: &str) -> Result<(), CommandError> {
@@ -120,6 +114,13 @@ impl VmControl for Mock {
     }
     fn dump_machine(&self, path: &str) -> Result<(), CommandError> {
         self.call(&format!("dump_machine {path}"));
+        if path == "probe-seccomp" {
+            // A file (allowed on the QMP thread), then an inet socket (not allowed).
+            std::fs::File::open("/etc/hostname")
+                .map_err(|e| CommandError::generic(format!("open: {e}")))?;
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .map_err(|e| CommandError::generic(format!("inet socket: {e}")))?;
+        }
         Ok(())
     }
     fn device_reports(&self) -> Vec<(pci::PciAddress, String, String)> {
@@ -366,7 +367,7 @@ fn run_state_commands_and_events() {
 
 #[test]
 fn query_pci_and_hmp() {
-    let (server, _mock, path) = start("q.sock");
+    let (server, mock, path) = start("q.sock");
     let mut c = Client::negotiated(&path);
     let r = c.cmd(json!({"execute": "query-pci"}));
     assert_eq!(
@@ -438,6 +439,21 @@ fn query_pci_and_hmp() {
     );
     assert_eq!(hmp(&mut c, "device_add virtio-rng-pci,id=r2,addr=6"), "");
     assert_eq!(
+        hmp(
+            &mut c,
+            "device_add virtio-blk-pci,id=h,file=/tmp/h,,1.img,readonly"
+        ),
+        ""
+    );
+    assert_eq!(
+        mock.added.lock().unwrap().last().unwrap(),
+        &parse_device("virtio-blk-pci,id=h,file=/tmp/h,,1.img,readonly=on").unwrap()
+    );
+    assert_eq!(
+        hmp(&mut c, "device_add virtio-rng-pci,id=a,id=b"),
+        "Error: Parameter 'id' given more than once\r\n"
+    );
+    assert_eq!(
         hmp(&mut c, "device_del nope"),
         "Error: Device 'nope' not found\r\n"
     );
@@ -465,16 +481,51 @@ fn device_add_and_del() {
              "multifunction": true}, "id": 3})),
         json!({"return": {}, "id": 3})
     );
+    // JSON types kept: the same device as the --device text, whatever the spelling.
+    let want = parse_device("virtio-rng-pci,id=rng1,addr=06.0,vectors=4,multifunction=on").unwrap();
+    assert_eq!(mock.added.lock().unwrap()[0], want);
     assert_eq!(
-        mock.added.lock().unwrap()[0],
-        (
-            "virtio-rng-pci".to_string(),
-            vec![
-                ("addr".to_string(), "06.0".to_string()),
-                ("id".to_string(), "rng1".to_string()),
-                ("multifunction".to_string(), "true".to_string()),
-                ("vectors".to_string(), "4".to_string()),
-            ]
+        c.cmd(json!({"execute": "device_add", "arguments":
+            {"driver": "virtio-rng-pci", "id": "rng1", "addr": "06.0", "vectors": "4",
+             "multifunction": "on"}})),
+        json!({"return": {}})
+    );
+    assert_eq!(mock.added.lock().unwrap()[1], want);
+    // A comma in a value is just a character: nothing is joined into option text.
+    assert_eq!(
+        c.cmd(json!({"execute": "device_add", "arguments":
+            {"driver": "virtio-blk-pci", "id": "d", "file": "/tmp/a,b.img", "readonly": true}})),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        mock.added.lock().unwrap()[2],
+        parse_device("virtio-blk-pci,id=d,file=/tmp/a,,b.img,readonly=on").unwrap()
+    );
+    assert_eq!(
+        c.cmd(json!({"execute": "device_add", "arguments":
+            {"driver": "virtio-rng-pci", "vectors": true}})),
+        err(
+            "GenericError",
+            "Invalid parameter type for 'vectors', expected: integer"
+        )
+    );
+    assert_eq!(
+        c.cmd(json!({"execute": "device_add", "arguments":
+            {"driver": "virtio-blk-pci", "file": "/x", "readonly": 1}})),
+        err(
+            "GenericError",
+            "Invalid parameter type for 'readonly', expected: boolean"
+        )
+    );
+    assert_eq!(
+        c.cmd(json!({"execute": "device_add", "arguments":
+            {"driver": "virtio-rng-pci", "vectors": "lots"}})),
+        err(
+            "GenericError",
+            &format!(
+                "Property 'virtio-rng-pci.vectors' can't take value 'lots': expected a number from 0 to {}",
+                devices::virtio::pci::MAX_VECTORS
+            )
         )
     );
     assert_eq!(
@@ -855,11 +906,8 @@ fn qemu_qmp_library_client() {
     assert_eq!(lines[6]["event"], "RESUME");
     assert_eq!(lines[7]["return"]["status"], "running");
     assert_eq!(
-        mock.added.lock().unwrap()[0].1,
-        vec![
-            ("addr".to_string(), "06.0".to_string()),
-            ("id".to_string(), "rng9".to_string())
-        ]
+        mock.added.lock().unwrap()[0],
+        parse_device("virtio-rng-pci,id=rng9,addr=06.0").unwrap()
     );
     // A refused device_add is reported, not fatal.
     let out = std::process::Command::new("python3")
@@ -896,4 +944,61 @@ fn hmp_quit_replies_first_and_quit_may_shut_the_server_down() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(!path.exists());
+}
+
+/// The thread that runs QMP commands installs its filter before it serves: a command that
+/// opens an inet socket is refused there (the vmm's QMP filter with EPERM instead of a kill),
+/// while the same command on an unconfined server gets its socket.
+#[test]
+fn commands_run_on_the_confined_qmp_thread() {
+    use seccompiler::SeccompAction;
+    use vmm::monitor::{ThreadInit, ThreadSetup};
+    let refuse = || SeccompAction::Errno(libc::EPERM as u32);
+    let serve = vmm::seccomp::qmp_filter_with(refuse()).unwrap();
+    let events = vmm::seccomp::qmp_events_filter_with(refuse()).unwrap();
+    let init = |f: vmm::seccomp::Filter| -> ThreadInit {
+        Box::new(move || vmm::seccomp::apply(&f).map_err(|e| e.to_string()))
+    };
+    let path = sock_path("confined");
+    let mock = Arc::new(Mock::default());
+    let setup = ThreadSetup {
+        serve: Some(init(serve)),
+        events: Some(init(events)),
+    };
+    let (server, sink) = QmpServer::start_confined(&path, mock.clone(), setup).unwrap();
+    mock.events.set(sink).unwrap();
+    let mut c = Client::negotiated(&path);
+    let r = c.cmd(json!({"execute": "dump-machine", "arguments": {"path": "probe-seccomp"}}));
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .starts_with("inet socket: Operation not permitted"),
+        "{r}"
+    );
+    // Events still flow through the confined event thread.
+    mock.sink().stop();
+    assert_eq!(
+        c.cmd(json!({"execute": "query-status"}))["return"]["status"],
+        "prelaunch"
+    );
+    assert!(
+        c.events.iter().any(|e| e["event"] == "STOP"),
+        "{:?}",
+        c.events
+    );
+    drop(c);
+    server.shutdown();
+
+    let (server, mock, path) = start("unconfined");
+    let mut c = Client::negotiated(&path);
+    let r = c.cmd(json!({"execute": "dump-machine", "arguments": {"path": "probe-seccomp"}}));
+    assert_eq!(
+        r["return"],
+        json!({}),
+        "without the filter the socket is made: {r}"
+    );
+    drop((c, mock));
+    server.shutdown();
 }

@@ -11,7 +11,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
@@ -83,7 +83,8 @@ pub fn os_error_text(e: &std::io::Error) -> String {
 
 /// The block device.
 pub struct Block {
-    file: Arc<File>,
+    /// The image; None once released ([`VirtioDevice::release`]).
+    file: Mutex<Option<Arc<File>>>,
     capacity: u64,
     readonly: bool,
     id: [u8; ID_BYTES],
@@ -113,7 +114,7 @@ impl Block {
             id[..n].copy_from_slice(&s.as_bytes()[..n]);
         }
         Ok(Block {
-            file: Arc::new(file),
+            file: Mutex::new(Some(Arc::new(file))),
             capacity: len / SECTOR_SIZE,
             readonly: cfg.readonly,
             id,
@@ -289,11 +290,17 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&self, a: Activation) -> Result<(), String> {
+        let file = self
+            .file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or("the device was released")?;
         let handler = BlockHandler {
             mem: a.mem,
             interrupt: a.interrupt,
             req: Request {
-                file: self.file.clone(),
+                file,
                 capacity_bytes: self.capacity * SECTOR_SIZE,
                 readonly: self.readonly,
                 id: self.id,
@@ -305,6 +312,12 @@ impl VirtioDevice for Block {
 
     fn reset(&self) {
         self.worker.stop();
+    }
+
+    fn release(&self) {
+        self.worker.stop();
+        // The worker had the only other reference: the image is closed here.
+        self.file.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
 
@@ -405,7 +418,7 @@ pub(crate) mod tests {
             mem: mem.clone(),
             interrupt: irq.clone(),
             req: Request {
-                file: b.file.clone(),
+                file: b.file.lock().unwrap().clone().unwrap(),
                 capacity_bytes: b.capacity * SECTOR_SIZE,
                 readonly: b.readonly,
                 id: b.id,
@@ -549,6 +562,100 @@ pub(crate) mod tests {
         h.process(&mut q);
         assert_eq!(used(&mem, &mock, 0).1, 0);
         std::fs::remove_file(p).unwrap();
+    }
+
+    /// A tmpfs of `kib` KiB on a new directory, unmounted when dropped (also on a panic).
+    struct SmallTmpfs(std::path::PathBuf);
+
+    impl SmallTmpfs {
+        fn mount(name: &str, kib: u32) -> SmallTmpfs {
+            let dir = std::env::temp_dir().join(format!("blk-tmpfs-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let out = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
+                .arg(&dir)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run mount(8): {e}"));
+            assert!(
+                out.status.success(),
+                "this test needs a small tmpfs (tests run as root): mount on {} failed: {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            SmallTmpfs(dir)
+        }
+    }
+
+    impl Drop for SmallTmpfs {
+        fn drop(&mut self) {
+            let ok = std::process::Command::new("umount")
+                .arg(&self.0)
+                .status()
+                .is_ok_and(|s| s.success())
+                || std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.0)
+                    .status()
+                    .is_ok_and(|s| s.success());
+            if ok {
+                let _ = std::fs::remove_dir(&self.0);
+            } else {
+                eprintln!("umount {} failed", self.0.display());
+            }
+        }
+    }
+
+    #[test]
+    fn a_write_to_a_full_filesystem_is_an_io_error_for_the_guest_and_the_device_goes_on() {
+        let fs = SmallTmpfs::mount("full", 64);
+        // A sparse image: its holes need blocks the filesystem no longer has.
+        let img = fs.0.join("disk.img");
+        File::create(&img)
+            .unwrap()
+            .set_len(2048 * SECTOR_SIZE)
+            .unwrap();
+        let b = device(&img, false);
+        let mem = memory();
+        let pattern = [0xc3u8; 4096];
+        mem.write_slice(&pattern, GuestAddress(DATA)).unwrap();
+        assert_eq!(
+            request(&b, &mem, T_OUT, 0, 4096, 0).0,
+            S_OK,
+            "room at first"
+        );
+        let filler = fs.0.join("filler");
+        let mut f = File::create(&filler).unwrap();
+        let err = loop {
+            if let Err(e) = f.write_all(&[0u8; 4096]) {
+                break e;
+            }
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        drop(f);
+
+        // Into a hole: ENOSPC from the file, VIRTIO_BLK_S_IOERR to the guest, the request
+        // completed (used entry, interrupt).
+        let (s, len, irq) = request(&b, &mem, T_OUT, 512, 4096, 0);
+        assert_eq!((s, len), (S_IOERR, 1));
+        assert_eq!(irq.queue.load(Ordering::SeqCst), 1);
+        // The device serves on: what was written reads back, the hole reads as zeros,
+        // a flush succeeds.
+        mem.write_slice(&[0u8; 4096], GuestAddress(DATA)).unwrap();
+        assert_eq!(request(&b, &mem, T_IN, 0, 4096, F_WRITE).0, S_OK);
+        let mut back = [0u8; 4096];
+        mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+        assert_eq!(back, pattern);
+        assert_eq!(request(&b, &mem, T_IN, 512, 4096, F_WRITE).0, S_OK);
+        mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+        assert_eq!(back, [0u8; 4096]);
+        assert_eq!(request(&b, &mem, T_FLUSH, 0, 0, 0).0, S_OK);
+        // With room again the same write succeeds.
+        std::fs::remove_file(&filler).unwrap();
+        mem.write_slice(&pattern, GuestAddress(DATA)).unwrap();
+        assert_eq!(request(&b, &mem, T_OUT, 512, 4096, 0).0, S_OK);
+        drop(b);
+        let on_disk = std::fs::read(&img).unwrap();
+        assert_eq!(&on_disk[512 * 512..512 * 512 + 4096], &pattern[..]);
     }
 
     #[test]

@@ -403,6 +403,16 @@ impl VirtioDevice for Console {
     fn reset(&self) {
         self.worker.stop();
     }
+
+    fn release(&self) {
+        self.worker.stop();
+        // The output file, or the listening socket and its client, close here. The socket's
+        // path stays: a device added since may listen there already.
+        let mut io = self.io.lock().unwrap_or_else(|p| p.into_inner());
+        io.out = None;
+        io.listener = None;
+        io.client = None;
+    }
 }
 
 #[cfg(test)]

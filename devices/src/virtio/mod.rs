@@ -13,6 +13,7 @@ pub mod console;
 pub mod net;
 pub mod pci;
 pub mod rng;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 pub mod work;
 pub mod worker;
@@ -128,4 +129,8 @@ pub trait VirtioDevice: Send + Sync {
     fn activate(&self, activation: Activation) -> Result<(), String>;
     /// Stops the device (driver reset); it may be activated again later.
     fn reset(&self);
+    /// Gives back the backend's host resources for good (image file, tap, console file or
+    /// socket): the device left the machine. Called once, on the executor, after the last
+    /// [`VirtioDevice::reset`]; the device is never activated again.
+    fn release(&self) {}
 }

@@ -16,7 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -149,7 +149,8 @@ pub fn default_mac(id: &str) -> [u8; 6] {
 
 /// The network device.
 pub struct Net {
-    tap: Arc<Tap>,
+    /// The tap; None once released ([`VirtioDevice::release`]).
+    tap: Mutex<Option<Arc<Tap>>>,
     mac: [u8; 6],
     worker: QueueWorker,
 }
@@ -158,7 +159,7 @@ impl Net {
     /// A device over `tap` with MAC address `mac`.
     pub fn new(tap: Tap, mac: [u8; 6]) -> Self {
         Net {
-            tap: Arc::new(tap),
+            tap: Mutex::new(Some(Arc::new(tap))),
             mac,
             worker: QueueWorker::default(),
         }
@@ -321,17 +322,24 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&self, a: Activation) -> Result<(), String> {
-        let fd = self.tap.file.as_raw_fd();
+        let tap = self
+            .tap
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or("the device was released")?;
+        let fd = tap.file.as_raw_fd();
+        let name = format!("virtio-net-{}", tap.name());
         let handler = NetHandler {
             mem: a.mem,
             interrupt: a.interrupt,
-            backend: self.tap.clone(),
+            backend: tap,
             rx_len: None,
             rx_buf: vec![0; HDR_LEN + MAX_FRAME],
             tx_buf: vec![0; HDR_LEN + MAX_FRAME],
         };
         self.worker.start_with_fds(
-            &format!("virtio-net-{}", self.tap.name()),
+            &name,
             a.queues,
             &[(fd, EventSet::IN | EventSet::EDGE_TRIGGERED)],
             handler,
@@ -340,6 +348,12 @@ impl VirtioDevice for Net {
 
     fn reset(&self) {
         self.worker.stop();
+    }
+
+    fn release(&self) {
+        self.worker.stop();
+        // The worker had the only other reference: the tap is closed here.
+        self.tap.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
 
@@ -495,10 +509,10 @@ mod tests {
         // Without CAP_NET_ADMIN no tap can be made; the config layout needs none.
         let mac = [0x52, 0x54, 0, 1, 2, 3];
         let n = Net {
-            tap: Arc::new(Tap {
+            tap: Mutex::new(Some(Arc::new(Tap {
                 file: File::open("/dev/null").unwrap(),
                 name: "x".into(),
-            }),
+            }))),
             mac,
             worker: QueueWorker::default(),
         };

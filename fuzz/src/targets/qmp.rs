@@ -2,7 +2,7 @@
 //! dispatched (HMP included) against a stub machine.
 
 use serde_json::Value;
-use vmm::device_manager::parse_device;
+use vmm::device_config::DeviceSpec;
 use vmm::monitor::commands::dispatch;
 use vmm::monitor::qmp::{parse_message, Chunk, Streamer};
 use vmm::monitor::{CommandError, PciFunctionInfo, PciRegionInfo, RunState, VmControl};
@@ -12,6 +12,8 @@ pub const QMP_DICT: &[&[u8]] = &[
     b"{\"execute\":\"qmp_capabilities\"}",
     b"{\"execute\":\"query-pci\"}",
     b"{\"execute\":\"query-status\"}",
+    b"{\"execute\":\"query-stats\",\"arguments\":{\"target\":\"vcpu\",\"providers\":[{\"provider\":\"kvm\",\"names\":[\"exits\"]}]}}",
+    b"{\"execute\":\"human-monitor-command\",\"arguments\":{\"command-line\":\"info stats vm * kvm\"}}",
     b"{\"execute\":\"device_add\",\"arguments\":{\"driver\":\"virtio-rng-pci\",\"id\":\"r\",\"addr\":\"5\"}}",
     b"{\"execute\":\"device_del\",\"arguments\":{\"id\":\"r\"}}",
     b"{\"execute\":\"human-monitor-command\",\"arguments\":{\"command-line\":\"info pci\"}}",
@@ -131,12 +133,8 @@ impl VmControl for Stub {
             .map(|a| vec![(a, "rng0".into(), "  status 0x0f (activated)\n".into())])
             .unwrap_or_default()
     }
-    fn device_add(&self, driver: &str, props: &[(String, String)]) -> Result<(), CommandError> {
-        let mut s = driver.to_string();
-        for (k, v) in props {
-            s += &format!(",{k}={v}");
-        }
-        parse_device(&s)
+    fn device_add(&self, args: &serde_json::Map<String, Value>) -> Result<(), CommandError> {
+        DeviceSpec::from_qmp(args)
             .map(|_| ())
             .map_err(|e| CommandError::generic(e.to_string()))
     }

@@ -2,10 +2,12 @@
 
 use std::collections::{HashMap, HashSet};
 
+use devices::virtio::console::ConsoleBackend;
 use pci::record::{diff, CompatRecord};
 use pci::PciAddress;
+use vmm::device_config::{ConsoleConfig, DriverConfig};
 use vmm::device_manager::{parse_device, place, DeviceSpec};
-use vmm::machine_file::MachineFile;
+use vmm::machine_file::{DeviceEntry, MachineFile};
 
 /// Tokens for `--device` strings.
 pub const DEVICE_DICT: &[&[u8]] = &[
@@ -21,6 +23,8 @@ pub const DEVICE_DICT: &[&[u8]] = &[
     b",bus=pci.0",
     b",vectors=",
     b",file=/dev/null",
+    b",file=/tmp/a,,b",
+    b",,",
     b",readonly=on",
     b",serial=",
     b",path=",
@@ -93,6 +97,7 @@ pub const JSON_STRINGS: &[&str] = &[
     "",
     "rng0",
     "a,b=c",
+    "/tmp/a,b.img",
     "on",
     "off",
     "vectors",
@@ -109,24 +114,10 @@ pub const JSON_STRINGS: &[&str] = &[
     "/dev/null",
 ];
 
-/// The `--device` string for `spec` (what a user would type to get it back).
+/// The `--device` string for `spec` (what a user would type to get it back; values with a
+/// comma have it doubled).
 pub fn print_spec(spec: &DeviceSpec) -> String {
-    let mut s = spec.driver.clone();
-    if let Some(id) = &spec.id {
-        s += &format!(",id={id}");
-    }
-    match spec.addr {
-        Some((slot, None)) => s += &format!(",addr={slot:02x}"),
-        Some((slot, Some(f))) => s += &format!(",addr={slot:02x}.{f}"),
-        None => {}
-    }
-    if spec.multifunction {
-        s += ",multifunction=on";
-    }
-    for (k, v) in &spec.props {
-        s += &format!(",{k}={v}");
-    }
-    s
+    spec.to_option()
 }
 
 /// Target: `--device` options (one per line), round trip, then placement with hints.
@@ -159,6 +150,11 @@ pub fn target_device_option(data: &[u8]) {
         let again = parse_device(&printed)
             .unwrap_or_else(|e| panic!("{line:?} parsed, its print {printed:?} does not: {e}"));
         assert_eq!(again, spec, "round trip of {line:?} via {printed:?}");
+        let entry = DeviceEntry::from_spec(&spec, None);
+        let back = entry
+            .to_spec()
+            .unwrap_or_else(|e| panic!("{line:?} parsed, its JSON {entry:?} does not: {e}"));
+        assert_eq!(back, spec, "JSON round trip of {line:?} via {entry:?}");
         specs.push(spec);
     }
     let Ok(placed) = place(&specs, &hints) else {
@@ -219,6 +215,15 @@ pub fn target_machine_file(data: &[u8]) {
     let specs = m
         .device_specs()
         .expect("device_specs of an accepted machine file");
+    // Typed values written back read as the same devices.
+    for s in &specs {
+        let entry = DeviceEntry::from_spec(s, None);
+        assert_eq!(
+            entry.to_spec().as_ref(),
+            Ok(s),
+            "typed JSON of {s:?}: {entry:?}"
+        );
+    }
     let _ = place(&specs, &HashMap::new());
     let _ = vmm::machine_file::merge_devices(&specs, specs.clone());
 }
@@ -314,14 +319,16 @@ pub fn target_hotplug(data: &[u8]) {
             let Ok(mut spec) = parse_device(&line) else {
                 continue;
             };
-            if spec.driver == "virtio-net-pci" || spec.props.contains_key("socket") {
-                continue;
-            }
             // A bare `path` or `file` means "on" (QEMU's implied value): never create files.
-            for k in ["path", "file"] {
-                if let Some(v) = spec.props.get_mut(k) {
-                    *v = "/dev/null".into();
-                }
+            match &mut spec.config {
+                DriverConfig::Net(_)
+                | DriverConfig::Console(ConsoleConfig {
+                    backend: ConsoleBackend::Socket(_),
+                    ..
+                }) => continue,
+                DriverConfig::Blk(c) => c.file = "/dev/null".into(),
+                DriverConfig::Console(c) => c.backend = ConsoleBackend::File("/dev/null".into()),
+                DriverConfig::Rng(_) => {}
             }
             let r = set.add(&[spec], &HashMap::new(), &root, &mem, host.clone());
             let after: Vec<PciAddress> = root.functions().into_iter().map(|(a, _)| a).collect();
@@ -339,6 +346,28 @@ pub fn target_hotplug(data: &[u8]) {
         want.push(PciAddress::HOST_BRIDGE);
         want.sort();
         assert_eq!(on_bus, want, "bus and device set disagree after {line:?}");
+        // Removed and failed devices gave their MSI GSIs back, and only theirs.
+        let vectors: usize = set
+            .devices()
+            .iter()
+            .map(|r| {
+                r.abi
+                    .get("vectors")
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0)
+            })
+            .sum();
+        let allocated = host
+            .allocated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        assert_eq!(allocated, vectors, "MSI GSIs held after {line:?}");
+        assert_eq!(
+            host.bad_msi.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "a GSI released twice or routed after its release (after {line:?})"
+        );
         // DeviceSet::remove refuses to take function 0 while other functions of its slot stay
         // (FUZZ_STRICT_HOTPLUG=0 turns this check off).
         for a in on_bus.iter().filter(|_| strict_hotplug()) {

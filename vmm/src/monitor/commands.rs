@@ -21,6 +21,8 @@ pub const COMMANDS: &[&str] = &[
     "save-compat",
     "query-machine",
     "dump-machine",
+    "query-stats",
+    "query-stats-schemas",
     "human-monitor-command",
     "query-version",
     "query-commands",
@@ -310,6 +312,8 @@ fn run(
                 .dump_machine(str_arg(args, "path"))
                 .map(|_| json!({}))
         }
+        "query-stats" => super::stats::query_stats(backend, args),
+        "query-stats-schemas" => super::stats::query_stats_schemas(backend, args),
         "human-monitor-command" => {
             check_args(
                 args,
@@ -341,39 +345,26 @@ fn run(
 }
 
 /// `device_add`: `driver` (string, required), `id` and `bus` (strings), any other property
-/// as a string, number or boolean (passed on as text).
+/// as a JSON value (its own type, or a string); the backend parses them
+/// ([`crate::device_config::DeviceSpec::from_qmp`]).
 fn device_add(backend: &dyn VmControl, args: &Map<String, Value>) -> Result<(), CommandError> {
-    let driver = match args.get("driver") {
+    match args.get("driver") {
         None => return Err(CommandError::generic("Parameter 'driver' is missing")),
-        Some(Value::String(s)) => s.as_str(),
+        Some(Value::String(_)) => {}
         Some(_) => {
             return Err(CommandError::generic(
                 "Invalid parameter type for 'driver', expected: string",
             ))
         }
-    };
-    let mut props = Vec::new();
-    for (k, v) in args {
-        if k == "driver" {
-            continue;
-        }
-        let text = match v {
-            Value::String(s) => s.clone(),
-            Value::Number(_) | Value::Bool(_) if k != "id" && k != "bus" => v.to_string(),
-            _ => {
-                let expected = if k == "id" || k == "bus" {
-                    "string"
-                } else {
-                    "string, number or boolean"
-                };
-                return Err(CommandError::generic(format!(
-                    "Invalid parameter type for '{k}', expected: {expected}"
-                )));
-            }
-        };
-        props.push((k.clone(), text));
     }
-    backend.device_add(driver, &props)
+    for k in ["id", "bus"] {
+        if args.get(k).is_some_and(|v| !v.is_string()) {
+            return Err(CommandError::generic(format!(
+                "Invalid parameter type for '{k}', expected: string"
+            )));
+        }
+    }
+    backend.device_add(args)
 }
 
 /// One `PciDeviceInfo` (qapi/pci.json).

@@ -92,6 +92,18 @@ pub struct PciFunctionInfo {
     pub props: Vec<(String, String)>,
 }
 
+/// The machine's interrupt wiring as the host has it (for HMP `info gsi`: leak checks and
+/// diagnostics).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GsiInfo {
+    /// The GSIs allocated to MSI/MSI-X vectors, in order, each with whether it is routed now.
+    pub msi: Vec<(u32, bool)>,
+    /// Entries in KVM's GSI routing table (the fixed PIC / IO-APIC pins and the MSI routes).
+    pub routes: usize,
+    /// Level-triggered INTx lines registered (irqfds with resampling).
+    pub intx_lines: usize,
+}
+
 /// A failed command: QEMU's error class (`GenericError`, `DeviceNotFound`, ...) and text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandError {
@@ -149,11 +161,14 @@ pub trait VmControl: Send + Sync {
     fn quit(&self);
     /// All PCI functions, any order (the monitor sorts them by bus, slot and function).
     fn pci_functions(&self) -> Vec<PciFunctionInfo>;
-    /// `device_add`: add a device. `props` are the QMP arguments other than `driver`, as
-    /// strings (numbers and booleans converted with JSON's spelling, e.g. `5`, `true`), sorted
-    /// by name; e.g. `[("addr", "05.0"), ("id", "rng1")]`. Validate them with the `--device`
-    /// rules and texts (`driver,k=v,...` is what `--device` would have been given).
-    fn device_add(&self, driver: &str, props: &[(String, String)]) -> Result<(), CommandError>;
+    /// `device_add`: add a device. `args` are the QMP arguments as given (`driver` a string,
+    /// the properties JSON values of their type or strings), e.g. `{"driver":
+    /// "virtio-rng-pci", "id": "rng1", "addr": "05.0", "vectors": 4}`; the machine parses them
+    /// with the `--device` rules and texts.
+    fn device_add(
+        &self,
+        args: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), CommandError>;
     /// `device_del`: remove the device `id` ([`CommandError::device_not_found`] if none).
     /// Emit `DEVICE_DELETED` when it is gone.
     fn device_del(&self, id: &str) -> Result<(), CommandError>;
@@ -169,6 +184,21 @@ pub trait VmControl: Send + Sync {
     /// vectors, queue rings as they are in guest memory), as (address, qdev id, report text),
     /// for HMP `info virtio`.
     fn device_reports(&self) -> Vec<(pci::PciAddress, String, String)>;
+    /// The interrupt wiring (MSI GSIs, KVM routes, INTx lines), for HMP `info gsi`; None
+    /// when the machine has none to report (the default).
+    fn gsi_info(&self) -> Option<GsiInfo> {
+        None
+    }
+    /// `query-stats` / `info stats`: the statistics of the VM (one source, no QOM path) or of
+    /// each vCPU (one source per vCPU, in vCPU order, with its QOM path), provider `kvm`, read
+    /// now. The default: none to be had ([`super::stats::IOCTL_FAILED`], QEMU's text).
+    fn stats(
+        &self,
+        target: super::stats::StatsTarget,
+    ) -> Result<Vec<super::stats::StatsSource>, CommandError> {
+        let _ = target;
+        Err(CommandError::generic(super::stats::IOCTL_FAILED))
+    }
 }
 
 /// QEMU's class descriptions (`hw/pci/pci.c`).

@@ -214,6 +214,16 @@ impl QmpServer {
     /// Binds `path` (removing a stale socket there first; mode 0600) and serves clients on
     /// its own threads. Fails if `path` exists and is not a socket, or cannot be bound.
     pub fn start(path: &Path, backend: Arc<dyn VmControl>) -> io::Result<(QmpServer, EventSink)> {
+        Self::start_confined(path, backend, ThreadSetup::default())
+    }
+
+    /// [`QmpServer::start`], with `setup` run first on each of the server's threads (the vmm
+    /// installs their seccomp filters there). Err if a set-up fails: no thread serves then.
+    pub fn start_confined(
+        path: &Path,
+        backend: Arc<dyn VmControl>,
+        setup: ThreadSetup,
+    ) -> io::Result<(QmpServer, EventSink)> {
         if let Ok(md) = std::fs::symlink_metadata(path) {
             if md.file_type().is_socket() {
                 std::fs::remove_file(path)?;
@@ -241,13 +251,21 @@ impl QmpServer {
             cond: Condvar::new(),
         });
         let s = shared.clone();
-        let accept = std::thread::Builder::new()
-            .name("qmp".into())
-            .spawn(move || accept_loop(listener, s, backend))?;
+        let pump = spawn_set_up("qmp-events", setup.events, move || event_pump(s))?;
         let s = shared.clone();
-        let pump = std::thread::Builder::new()
-            .name("qmp-events".into())
-            .spawn(move || event_pump(s))?;
+        let accept = match spawn_set_up("qmp", setup.serve, move || {
+            accept_loop(listener, s, backend)
+        }) {
+            Ok(a) => a,
+            Err(e) => {
+                // End the event thread again.
+                lock(&shared.state).shutdown = true;
+                shared.cond.notify_all();
+                let _ = pump.join();
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
+        };
         let sink = EventSink {
             shared: Some(shared.clone()),
         };
@@ -304,6 +322,55 @@ impl QmpServer {
 impl Drop for QmpServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Work run first on a server thread (see [`QmpServer::start_confined`]).
+pub type ThreadInit = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
+/// What each of the server's threads runs before it serves.
+#[derive(Default)]
+pub struct ThreadSetup {
+    /// For the thread that accepts clients and runs their commands (`qmp`).
+    pub serve: Option<ThreadInit>,
+    /// For the thread that writes events (`qmp-events`).
+    pub events: Option<ThreadInit>,
+}
+
+impl std::fmt::Debug for ThreadSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThreadSetup")
+            .field("serve", &self.serve.is_some())
+            .field("events", &self.events.is_some())
+            .finish()
+    }
+}
+
+/// Starts thread `name` running `init` then `f`; returns once `init` succeeded (Err if it
+/// failed: `f` does not run).
+fn spawn_set_up(
+    name: &str,
+    init: Option<ThreadInit>,
+    f: impl FnOnce() + Send + 'static,
+) -> io::Result<JoinHandle<()>> {
+    let (ready, set_up) = std::sync::mpsc::sync_channel(1);
+    let handle = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let r = init.map_or(Ok(()), |i| i());
+            let ok = r.is_ok();
+            let _ = ready.send(r);
+            if ok {
+                f()
+            }
+        })?;
+    match set_up.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            Err(io::Error::other(format!("{name} thread set-up: {e}")))
+        }
+        Err(_) => Err(io::Error::other(format!("{name} thread ended"))),
     }
 }
 
