@@ -371,15 +371,19 @@ async def session(vm, args):
             if "return" not in r:
                 raise Failure(f"cycle {i}: device_del failed: {r}")
             await vm.wait_deleted("cyc", since)
+            if i == 0:
+                first = resources(vm_pid)
+                kinds_first = fd_kinds(vm_pid)
         # Device threads end after DEVICE_DELETED: wait (bounded) for them to be gone.
         after = resources(vm_pid)
         for _ in range(300):
-            if after == before:
+            if after == first:
                 break
             await asyncio.sleep(0.1)
             after = resources(vm_pid)
         emit({"host": "resources", "cycles": args.cycles, "before": list(before),
-              "after": list(after), "fd_kinds_before": kinds_before,
+              "after_first": list(first), "after": list(after), "fd_kinds_before": kinds_before,
+              "fd_kinds_after_first": kinds_first,
               "fd_kinds_after": fd_kinds(vm_pid)})
         await vm.guest("cycles-lspci", "lspci -n")
         await abi_show(vm, "abi-after-cycles", rec)
