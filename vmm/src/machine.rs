@@ -132,6 +132,11 @@ pub struct Machine {
     ejects: Arc<Ejects>,
     /// Where events go (QMP), once the monitor runs.
     events: OnceLock<EventSink>,
+    /// Held while the compat record is read off the devices and written: rewrites come from
+    /// the QMP thread (device_add, save-compat) and the hot-plug thread (ejects) and share one
+    /// temporary file name, so two at once made one fail ("No such file or directory") and
+    /// could rename a half-written file into place.
+    record_lock: Mutex<()>,
 }
 
 /// Slots the guest ejected (B0EJ writes), from the vCPU threads to the hot-plug thread: an
@@ -232,6 +237,7 @@ impl Machine {
             pci_hotplug,
             ejects,
             events: OnceLock::new(),
+            record_lock: Mutex::new(()),
         });
         if pci_hotplug {
             let weak = Arc::downgrade(&machine);
@@ -280,12 +286,13 @@ impl Machine {
         if ids.is_empty() {
             return;
         }
+        // The record first: a client that reads it on DEVICE_DELETED finds the device gone.
+        if let Err(e) = self.rewrite_record() {
+            tracing::error!("compat record not rewritten after a removal: {e}");
+        }
         for id in ids {
             tracing::info!("device {id} removed");
             self.events().device_deleted(Some(id), &qom_path(id));
-        }
-        if let Err(e) = self.rewrite_record() {
-            tracing::error!("compat record not rewritten after a removal: {e}");
         }
     }
 
@@ -350,6 +357,7 @@ impl Machine {
 
     /// Writes the compat record (atomically) to `path`.
     pub fn save_record(&self, path: &Path) -> Result<(), Error> {
+        let _one_writer = self.record_lock.lock().unwrap_or_else(|p| p.into_inner());
         Ok(self.record().save(path)?)
     }
 
@@ -526,7 +534,7 @@ impl Machine {
     /// and KVM VM go, and a new run is built with the same devices at the same addresses, each
     /// at its power-on state, the kernel and initrd loaded again; its vCPUs start (or wait,
     /// if the machine was paused or never started).
-    pub fn reboot(&self) -> Result<(), Error> {
+    pub fn reboot(&self) -> Result<Option<ResetSource>, Error> {
         // Lock order: the run state is never locked while the guest is held for writing
         // (start and pause lock the state, then read the guest).
         let running = self.run_state() == RunState::Running;
@@ -535,6 +543,12 @@ impl Machine {
             return Err(Error::Config("the guest is gone".into()));
         };
         old.vcpus.end();
+        // The reset that ended the old run, taken once its vCPUs are gone and before the new
+        // run's start: a reset the new run reports at once (a guest that reboots in
+        // milliseconds) must stay pending, or the main thread would wait for a stop that
+        // already happened while no vCPU runs. (None: a reason that ends the process came in;
+        // the console loop returns it at once.)
+        let source = self.stop.take_reset();
         // Removals the guest did not complete happen now, as in QEMU.
         let removed: Vec<String> = (1..32u8)
             .filter(|s| old.devices.unplug_pending(*s))
@@ -564,7 +578,7 @@ impl Machine {
         *slot = Some(guest);
         drop(slot);
         self.announce_removed(&removed);
-        Ok(())
+        Ok(source)
     }
 }
 
