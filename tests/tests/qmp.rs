@@ -539,7 +539,21 @@ fn every_thread_of_the_vmm_is_confined() {
                 "arguments": {"driver": "virtio-rng-pci", "id": "hot", "addr": "0x9"}}))["return"],
             json!({})
         );
-        let threads = threads_seccomp(vm.child.id());
+        // A new thread carries its creator's name until it runs and names itself (the vCPU
+        // thread `cont` spawned is a second "qmp" until then): wait for every vCPU to have
+        // started and applied its filter. The deadline only catches a hang.
+        let pid = vm.child.id();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let threads = loop {
+            let t = threads_seccomp(pid);
+            let vcpu_ready = t
+                .iter()
+                .any(|(n, _, f)| n == "vcpu0" && (level == "off" || *f == 3));
+            if vcpu_ready || std::time::Instant::now() > deadline {
+                break t;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         let names: Vec<&str> = threads.iter().map(|(n, _, _)| n.as_str()).collect();
         for want in [
             "vmm",
