@@ -27,9 +27,8 @@ use serde_json::{json, Value};
 
 /// The guest's /scenario: helpers, then a command loop on the console. Each line is
 /// `TAG COMMAND`; the answer is COMMAND's output between `=== TAG-BEGIN ===` and
-/// `=== TAG-END rc=N ===`. Commands stay short (hotplug_e2e.py refuses lines of 60 bytes or
-/// more): a console line longer than the UART's 64-byte FIFO never reaches the guest whole
-/// (see the test report).
+/// `=== TAG-END rc=N ===`. One command is a 300-byte line typed at once: longer than the UART's
+/// 64-byte receive FIFO, it must still arrive whole.
 const GUEST_LOOP: &str = r#"waitfor() { i=0; while [ ! -e "$1" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ -e "$1" ]; }
 waitgone() { i=0; while [ -e "$1" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ ! -e "$1" ]; }
 dev() { echo "/sys/bus/pci/devices/0000:00:$1"; }

@@ -70,6 +70,15 @@ pub fn console_loop(
         stop.event().as_raw_fd(),
         EpollEvent::new(EventSet::IN, STOP),
     )?;
+    // The stop event alone: what to wait on while the UART's receive FIFO is full (stdin is
+    // level-triggered and would wake every wait at once, spinning this thread while the
+    // guest, which needs the CPU to drain the FIFO, waits).
+    let stop_only = Epoll::new()?;
+    stop_only.ctl(
+        ControlOperation::Add,
+        stop.event().as_raw_fd(),
+        EpollEvent::new(EventSet::IN, STOP),
+    )?;
     // Unbuffered reads from the fd: a buffered reader could keep bytes epoll no longer reports.
     let mut input = std::io::stdin()
         .as_fd()
@@ -92,14 +101,18 @@ pub fn console_loop(
         if let Some(reason) = stop.reason() {
             return Ok(reason);
         }
-        // With the UART's FIFO full, poll again shortly instead of reading more.
         // The UART of the current run of the guest (a reboot replaces it).
         let Some(serial) = current_serial() else {
             return Ok(StopReason::Error("the guest is gone".into()));
         };
         let room = serial.input_room();
-        let timeout = if stdin_open && room == 0 { 10 } else { -1 };
-        let n = match epoll.wait(timeout, &mut events) {
+        // With the FIFO full, look again in 10 ms (or at a stop) instead of reading more.
+        let (waiting, timeout) = if stdin_open && room == 0 {
+            (&stop_only, 10)
+        } else {
+            (&epoll, -1)
+        };
+        let n = match waiting.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),
