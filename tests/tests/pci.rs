@@ -117,6 +117,101 @@ fn multifunction_bit_is_set_on_function_0_only() {
     assert_eq!(header("00:05.0"), 0x00);
 }
 
+/// Two levels of bridges: 00:1e.0 (bus 1, buses 1-2) with a device at 01:01.0 and a bridge at
+/// 01:03.0 (bus 2) with a device at 02:04.0; rng0 stays at 00:05.0 as in [`DEVICES`].
+const BRIDGED: &[&str] = &[
+    "--device",
+    "virtio-rng-pci,id=b,bus=br2,addr=4.0",
+    "--device",
+    "virtio-rng-pci,id=rng0,addr=05.0",
+    "--device",
+    "pci-bridge,id=br1,chassis_nr=1,addr=1e.0",
+    "--device",
+    "virtio-rng-pci,id=a,bus=br1,addr=1.0",
+    "--device",
+    "pci-bridge,id=br2,chassis_nr=2,bus=br1,addr=3",
+];
+
+fn bridged_run() -> &'static str {
+    static OUT: OnceLock<String> = OnceLock::new();
+    OUT.get_or_init(|| run_probe("mode=probe", BRIDGED))
+}
+
+#[test]
+fn bridges_cf8_and_ecam_enumerations_through_two_levels_agree() {
+    let (cf8, ecam) = dumps(bridged_run());
+    let a = parse_dump(&cf8);
+    let b = parse_dump(&ecam);
+    let addrs: Vec<&str> = a.iter().map(|f| f.addr.as_str()).collect();
+    assert_eq!(
+        addrs,
+        ["00:00.0", "00:05.0", "00:1e.0", "01:01.0", "01:03.0", "02:04.0"]
+    );
+    let ecam_addrs: Vec<&str> = b.iter().map(|f| f.addr.as_str()).collect();
+    assert_eq!(addrs, ecam_addrs);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((x.bytes.len(), y.bytes.len()), (256, 4096), "{}", x.addr);
+        assert_eq!(
+            x.bytes[..],
+            y.bytes[..256],
+            "{}: CF8 and ECAM differ",
+            x.addr
+        );
+    }
+    // A bus-0 device's config space (BAR addresses included) is the same as on the machine
+    // without bridges: its BARs depend on its own address only.
+    let plain = parse_dump(&dumps(probe_run()).1);
+    let find = |d: &[integration_tests::probe::FunctionDump], at: &str| {
+        d.iter().find(|f| f.addr == at).unwrap().bytes.clone()
+    };
+    assert_eq!(find(&b, "00:05.0"), find(&plain, "00:05.0"));
+}
+
+#[test]
+fn lspci_decodes_bridges_their_bus_numbers_and_windows() {
+    let (_, ecam) = dumps(bridged_run());
+    let tree = lspci_decode(&ecam, &["-t"]);
+    assert_eq!(
+        tree.trim_end(),
+        "-[0000:00]-+-00.0\n           +-05.0\n           \\-1e.0-[01-02]--+-01.0\n                           \\-03.0-[02]----04.0",
+        "{tree}"
+    );
+    let nn = lspci_decode(&ecam, &["-nn", "-s", "1e.0"]);
+    assert!(
+        nn.contains("00:1e.0 PCI bridge [0604]: Red Hat, Inc. QEMU PCI-PCI bridge [1b36:0001]"),
+        "{nn}"
+    );
+    let br1 = lspci_decode(&ecam, &["-vvv", "-s", "00:1e.0"]);
+    for want in [
+        "Bus: primary=00, secondary=01, subordinate=02, sec-latency=0",
+        "I/O behind bridge: f000-0fff [disabled]",
+        "Memory behind bridge: c4000000-c4ffffff [size=16M]",
+        "Prefetchable memory behind bridge: 00000000fff00000-00000000000fffff [disabled]",
+        "Capabilities: [40] Slot ID: 0 slots, First+, chassis 01",
+    ] {
+        assert!(br1.contains(want), "{want:?} not in:\n{br1}");
+    }
+    let br2 = lspci_decode(&ecam, &["-vvv", "-s", "01:03.0"]);
+    for want in [
+        "Bus: primary=01, secondary=02, subordinate=02",
+        "Memory behind bridge: c4800000-c4ffffff [size=8M]",
+        "chassis 02",
+    ] {
+        assert!(br2.contains(want), "{want:?} not in:\n{br2}");
+    }
+    // Each function's BARs in its bus's window, at its devfn's place: bus 1 at 0xc4000000,
+    // bus 2 at 0xc4800000, 32 KiB per devfn; INTx swizzled through both bridges to bus 0.
+    let a = lspci_decode(&ecam, &["-vv", "-s", "01:01.0"]);
+    assert!(a.contains("Region 1: Memory at c4040000 (32-bit"), "{a}");
+    assert!(
+        a.contains("Region 4: Memory at c4044000 (64-bit, prefetchable)"),
+        "{a}"
+    );
+    let b = lspci_decode(&ecam, &["-vv", "-s", "02:04.0"]);
+    assert!(b.contains("Region 1: Memory at c4900000 (32-bit"), "{b}");
+    assert!(b.contains("pin A routed to IRQ 17"), "{b}");
+}
+
 fn vmm_err(devices: &[&str]) -> (Option<i32>, String) {
     let elf = integration_tests::probe::probe_elf();
     let mut args = vec!["run", "--no-reboot", "--kernel", elf.to_str().unwrap()];
@@ -160,6 +255,39 @@ fn device_errors_have_qemu_wording_and_stop_before_anything_runs() {
         assert_eq!(code, Some(1), "{devices:?}: {err}");
         assert_eq!(&err, want, "{devices:?}");
     }
+    let br = "pci-bridge,id=br1,chassis_nr=1,addr=1e.0";
+    let bridge_cases: &[(&[&str], &str)] = &[
+        (&["virtio-rng-pci,bus=br9"], "vmm: Bus 'br9' not found"),
+        (&[br, "virtio-rng-pci,bus=br9"], "vmm: Bus 'br9' not found"),
+        (&["virtio-rng-pci,id=r", "virtio-rng-pci,bus=r"], "vmm: Bus 'r' not found"),
+        (&["pci-bridge,id=me,chassis_nr=1,bus=me"], "vmm: Bus 'me' not found"),
+        (
+            &["pci-bridge,id=br1"],
+            "vmm: Bridge chassis not specified. Each bridge is required to be assigned a unique chassis id > 0.",
+        ),
+        (
+            &[br, "pci-bridge,id=br2,chassis_nr=1"],
+            "vmm: Bridge chassis 1 is already used by 'br1'. Each bridge is required to be assigned a unique chassis id > 0.",
+        ),
+        (
+            &[br, "virtio-rng-pci,id=x,bus=br1,addr=2", "virtio-rng-pci,bus=br1,addr=2"],
+            "vmm: PCI: slot 2 function 0 not available for virtio-rng-pci, in use by virtio-rng-pci,id=x",
+        ),
+    ];
+    for (devices, want) in bridge_cases {
+        let (code, err) = vmm_err(devices);
+        assert_eq!(code, Some(1), "{devices:?}: {err}");
+        assert_eq!(&err, want, "{devices:?}");
+    }
+    let mut behind: Vec<String> = vec![br.to_string()];
+    behind.extend((0..33).map(|i| format!("virtio-rng-pci,id=d{i},bus=br1")));
+    let behind: Vec<&str> = behind.iter().map(String::as_str).collect();
+    let (code, err) = vmm_err(&behind);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        err,
+        "vmm: PCI: no slot/function available for virtio-rng-pci, all in use or reserved"
+    );
     let full: Vec<String> = (0..32).map(|_| "virtio-rng-pci".to_string()).collect();
     let full: Vec<&str> = full.iter().map(String::as_str).collect();
     let (code, err) = vmm_err(&full);
