@@ -444,3 +444,86 @@ fn linux_gets_level_triggered_intx_without_msix() {
         .unwrap_or(0);
     assert!(count > 0, "INTx interrupts were delivered: {line}");
 }
+
+/// The record and machine file carry bridges and buses: a device without `bus=` keeps its
+/// recorded place behind a bridge, a dump restarts the same machine, `abi diff` reports a moved
+/// bridge, `query-pci`-style nesting aside (unit-tested in the monitor).
+#[test]
+fn records_keep_bus_slot_function_and_abi_diff_reports_a_moved_bridge() {
+    let dir = std::env::temp_dir().join(format!("vmm-bridges-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let elf = integration_tests::probe::probe_elf();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    let run = |devices: &[&str], extra: &[&str]| {
+        let mut args = vec![
+            "run".to_string(),
+            "--no-reboot".into(),
+            "--kernel".into(),
+            elf.to_str().unwrap().into(),
+            "--append".into(),
+            "mode=hello".into(),
+        ];
+        for d in devices {
+            args.push("--device".into());
+            args.push(d.to_string());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = vmm(&args, 60);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let first = [
+        "virtio-rng-pci,id=rng0,addr=05.0",
+        "pci-bridge,id=br1,chassis_nr=1,addr=1e.0",
+        "virtio-rng-pci,id=a,bus=br1,addr=1.0",
+        "pci-bridge,id=br2,chassis_nr=2,bus=br1,addr=3",
+        "virtio-rng-pci,id=b,bus=br2",
+    ];
+    run(
+        &first,
+        &["--compat", &p("rec.json"), "--dump-machine", &p("m.json")],
+    );
+    let rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("rec.json")).unwrap()).unwrap();
+    assert_eq!(rec["devices"]["b"]["addr"], "02:00.0");
+    assert_eq!(rec["devices"]["b"]["bus"], "br2");
+    assert_eq!(rec["devices"]["rng0"].get("bus"), None, "root bus unsaid");
+    assert_eq!(
+        rec["devices"]["br2"]["fingerprint"]["props"]["secondary_bus"],
+        "2"
+    );
+    std::fs::copy(p("rec.json"), p("old.json")).unwrap();
+    // b without bus=: the record puts it back at 02:00.0; br1 moves to 1d.0.
+    let moved = [
+        "virtio-rng-pci,id=rng0,addr=05.0",
+        "pci-bridge,id=br1,chassis_nr=1,addr=1d.0",
+        "virtio-rng-pci,id=a,bus=br1,addr=1.0",
+        "pci-bridge,id=br2,chassis_nr=2,bus=br1,addr=3",
+        "virtio-rng-pci,id=b",
+    ];
+    run(&moved, &["--compat", &p("rec.json")]);
+    let out = vmm(&["abi", "diff", &p("old.json"), &p("rec.json")], 10);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "moved   br1: 00:1e.0 -> 00:1d.0"
+    );
+    // The dumped description restarts the first machine exactly.
+    run(
+        &[],
+        &["--machine-file", &p("m.json"), "--compat", &p("m.rec")],
+    );
+    let out = vmm(&["abi", "diff", &p("old.json"), &p("m.rec")], 10);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -28,6 +28,8 @@ pub mod qmp;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
-pub use control::{CommandError, PciFunctionInfo, PciRegionInfo, RegionKind, RunState, VmControl};
+pub use control::{
+    CommandError, PciBridgeInfo, PciFunctionInfo, PciRegionInfo, RegionKind, RunState, VmControl,
+};
 pub use option::parse_qmp_option;
 pub use qmp::{EventSink, QmpServer, ThreadInit, ThreadSetup, MAX_MESSAGE_SIZE};
