@@ -9,6 +9,11 @@
  *   mode=hostile seed=N n=N [spare=SS]
  *                         N random hostile config/MMIO operations on every
  *                         function but 00:00.0 and slot SS, then mode=probe
+ *   mode=hotplug seed=N n=N [wait=N]
+ *                         N random accesses to the ACPI PCI hot-plug registers
+ *                         (0xae00) and the GED (0xaf00), checks, optionally
+ *                         waits for an eject request and ejects it, then
+ *                         mode=probe
  *   mode=lifecycle        every virtio function: driver bring-up, kick,
  *                         reset, bring-up again, reset again
  *   ecam=0x...            ECAM base (default 0xE0000000; 0 skips ECAM)
@@ -50,6 +55,13 @@ static inline u32 inl(u16 port)
 {
 	u32 v;
 	asm volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+
+static inline u16 inw(u16 port)
+{
+	u16 v;
+	asm volatile("inw %1, %0" : "=a"(v) : "Nd"(port));
 	return v;
 }
 
@@ -133,6 +145,7 @@ struct opts {
 	u32 seed;	/* hostile: PRNG seed */
 	u32 spare;	/* hostile: slot not to touch (0xff: none) */
 	u32 steal;	/* hostile: aim a notify area at the spare's command register */
+	u32 wait;	/* hotplug: polls of PCID while waiting for an eject request */
 };
 
 static int is_space(char c)
@@ -215,6 +228,7 @@ static void parse_cmdline(const char *p, struct opts *o)
 	o->seed = 1;
 	o->spare = 0xff;
 	o->steal = 0;
+	o->wait = 0;
 	if (!p)
 		return;
 	for (;;) {
@@ -235,6 +249,8 @@ static void parse_cmdline(const char *p, struct opts *o)
 			o->ring = parse_num(v);
 		else if ((v = match_key(p, "seed")))
 			o->seed = parse_num(v);
+		else if ((v = match_key(p, "wait")))
+			o->wait = parse_num(v);
 		else if ((v = match_key(p, "steal")))
 			o->steal = parse_num(v);
 		else if ((v = match_key(p, "spare")))
@@ -717,6 +733,210 @@ static void mode_hostile(const struct opts *o)
 }
 
 /*
+ * ---- mode=hotplug seed=N n=N [wait=N] ----
+ * N random operations on the hot-plug register block (PCIU 0x0, PCID 0x4,
+ * B0EJ 0x8, PCI_RMV 0xc, BNUM 0x10 at port 0xae00) and the GED event register
+ * (0xaf00): every width at every offset (inside, around and across the
+ * blocks), random values, bus selectors other than 0, ejects of empty slots,
+ * of the host bridge's slot and of occupied slots nobody asked to remove,
+ * floods of GED reads. Nobody asked for a removal, so between operations:
+ * PCID reads 0, PCIU reads 0 (nothing was hot-added), PCI_RMV reads
+ * 0xfffffffe on bus 0 and 0 on any other selector, the GED has no event.
+ * Each disagreement is counted and the first few printed ("hotplug: BAD").
+ * With wait=N it then polls PCID up to N times for an eject request and
+ * ejects what is requested (one B0EJ write per slot, as _EJ0 does). Then the
+ * usual probe dump.
+ */
+#define HP_PORT 0xae00
+#define HP_PCIU 0x0
+#define HP_PCID 0x4
+#define HP_B0EJ 0x8
+#define HP_RMV 0xc
+#define HP_BNUM 0x10
+#define GED_PORT 0xaf00
+
+static u32 hp_bad;
+
+static void hp_check(const char *what, u32 got, u32 want)
+{
+	if (got == want)
+		return;
+	if (hp_bad++ < 8) {
+		puts("hotplug: BAD ");
+		puts(what);
+		puts(" read 0x");
+		puthex(got, 8);
+		puts(" expected 0x");
+		puthex(want, 8);
+		putc('\n');
+	}
+}
+
+/* A read or write of width 1, 2 or 4 at `port`, value random. */
+static void hp_any_access(u16 port, u32 r)
+{
+	u32 v = rnd();
+
+	switch ((r >> 4) % 6) {
+	case 0: (void)inb(port); break;
+	case 1: (void)inw(port); break;
+	case 2: (void)inl(port); break;
+	case 3: outb(port, (u8)v); break;
+	case 4: outw(port, (u16)v); break;
+	default: outl(port, v); break;
+	}
+}
+
+/* A bitmap for B0EJ: random, all ones, one slot, the host bridge, bit 31. */
+static u32 hp_bitmap(u32 r)
+{
+	switch ((r >> 8) % 6) {
+	case 0: return 0xffffffffu;
+	case 1: return 1u;
+	case 2: return 1u << (rnd() & 31);
+	case 3: return 0x80000000u;
+	case 4: return 0;
+	default: return rnd();
+	}
+}
+
+/* Bus 0 selected: the registers must say "nothing happened". */
+static void hp_check_quiet(void)
+{
+	outl(HP_PORT + HP_BNUM, 0);
+	hp_check("BNUM", inl(HP_PORT + HP_BNUM), 0);
+	hp_check("PCIU", inl(HP_PORT + HP_PCIU), 0);
+	hp_check("PCID", inl(HP_PORT + HP_PCID), 0);
+	hp_check("PCI_RMV", inl(HP_PORT + HP_RMV), 0xfffffffeu);
+	hp_check("B0EJ", inl(HP_PORT + HP_B0EJ), 0);
+	hp_check("GED", inl(GED_PORT), 0);
+}
+
+static void hotplug_wait_eject(u32 polls)
+{
+	u32 i, down = 0, slot;
+
+	puts("hotplug: waiting for an eject request\n");
+	outl(HP_PORT + HP_BNUM, 0);
+	for (i = 0; i < polls; i++) {
+		down = inl(HP_PORT + HP_PCID);
+		if (down)
+			break;
+	}
+	if (!down) {
+		puts("hotplug: no eject request\n");
+		return;
+	}
+	puts("hotplug: eject request 0x");
+	puthex(down, 8);
+	puts(" ged 0x");
+	puthex(inl(GED_PORT), 8);
+	putc('\n');
+	for (slot = 1; slot < 32; slot++) {
+		if (!(down & (1u << slot)))
+			continue;
+		outl(HP_PORT + HP_B0EJ, 1u << slot);
+		puts("hotplug: ejected slot ");
+		puthex(slot, 2);
+		putc('\n');
+	}
+	puts("hotplug: after eject PCID 0x");
+	puthex(inl(HP_PORT + HP_PCID), 8);
+	putc('\n');
+}
+
+static void mode_hotplug(const struct opts *o)
+{
+	u32 i, k;
+
+	rnd_state = o->seed ? o->seed : 1;
+	hp_bad = 0;
+	puts("=== HOTPLUG seed=");
+	putdec(o->seed);
+	puts(" n=");
+	putdec(o->n);
+	puts(" start ===\n");
+	hp_check_quiet();
+	for (i = 0; i < o->n; i++) {
+		u32 r = rnd();
+
+		switch (r % 9) {
+		case 0:	/* any width, any offset in and around the block */
+			hp_any_access((u16)(HP_PORT - 4 + (rnd() % 0x20)), r);
+			break;
+		case 1:	/* another bus: reads zero, ejects nothing */
+			outl(HP_PORT + HP_BNUM, rnd() | 1);
+			hp_check("PCI_RMV (bus != 0)", inl(HP_PORT + HP_RMV), 0);
+			hp_check("PCID (bus != 0)", inl(HP_PORT + HP_PCID), 0);
+			hp_check("PCIU (bus != 0)", inl(HP_PORT + HP_PCIU), 0);
+			outl(HP_PORT + HP_B0EJ, hp_bitmap(r));
+			outl(HP_PORT + HP_BNUM, 0);
+			break;
+		case 2:	/* bus 0: eject slots nobody asked to remove */
+			outl(HP_PORT + HP_BNUM, 0);
+			outl(HP_PORT + HP_B0EJ, hp_bitmap(r));
+			break;
+		case 3:	/* partial-width ejects and selector writes */
+			if (r & 0x100)
+				outw(HP_PORT + HP_B0EJ + ((r >> 9) & 2), (u16)rnd());
+			else
+				outb(HP_PORT + HP_B0EJ + ((r >> 9) & 3), (u8)rnd());
+			outb(HP_PORT + HP_BNUM + ((r >> 12) & 3), (u8)rnd());
+			break;
+		case 4:	/* flood of GED reads, any width and offset */
+			for (k = (r >> 8) % 64; k; k--) {
+				u32 w = rnd();
+
+				if (w & 1)
+					(void)inl(GED_PORT + ((w >> 1) & 7));
+				else if (w & 2)
+					(void)inw(GED_PORT + ((w >> 2) & 7));
+				else
+					(void)inb(GED_PORT + ((w >> 2) & 7));
+			}
+			break;
+		case 5:	/* GED writes */
+			hp_any_access((u16)(GED_PORT + (rnd() % 8)), r | 0x30);
+			break;
+		case 6:	/* writes to the read-only registers */
+			outl(HP_PORT + (((r >> 8) % 4) << 2), rnd());
+			break;
+		case 7:	/* accesses that straddle the ends of the blocks */
+			(void)inl(HP_PORT + 0x12);
+			outl(HP_PORT + 0x13, rnd());
+			(void)inl(HP_PORT - 2);
+			outw(HP_PORT - 1, (u16)rnd());
+			(void)inl(GED_PORT + 2);
+			outl(GED_PORT + 3, rnd());
+			break;
+		default: /* bus 0 must still say "nothing happened" */
+			hp_check_quiet();
+			break;
+		}
+	}
+	outl(HP_PORT + HP_BNUM, 0);
+	hp_check_quiet();
+	puts("hotplug: final PCIU 0x");
+	puthex(inl(HP_PORT + HP_PCIU), 8);
+	puts(" PCID 0x");
+	puthex(inl(HP_PORT + HP_PCID), 8);
+	puts(" PCI_RMV 0x");
+	puthex(inl(HP_PORT + HP_RMV), 8);
+	puts(" BNUM 0x");
+	puthex(inl(HP_PORT + HP_BNUM), 8);
+	puts(" GED 0x");
+	puthex(inl(GED_PORT), 8);
+	putc('\n');
+	puts("hotplug: anomalies ");
+	putdec(hp_bad);
+	putc('\n');
+	if (o->wait)
+		hotplug_wait_eject(o->wait);
+	puts("=== HOTPLUG done ===\n");
+	mode_probe(o);
+}
+
+/*
  * ---- mode=lifecycle ----
  * For every virtio function (vendor 1af4) on bus 0: a minimal driver
  * bring-up (reset and wait for status 0, ACKNOWLEDGE|DRIVER, VERSION_1,
@@ -977,6 +1197,8 @@ void probe_main(const struct hvm_start_info *si)
 		puts("Hello from the probe guest\n");
 	} else if (word_eq(o.mode, "hostile")) {
 		mode_hostile(&o);
+	} else if (word_eq(o.mode, "hotplug")) {
+		mode_hotplug(&o);
 	} else if (word_eq(o.mode, "lifecycle")) {
 		mode_lifecycle(&o);
 	} else if (word_eq(o.mode, "bench")) {

@@ -455,7 +455,8 @@ impl DeviceSet {
         Ok(addrs)
     }
 
-    /// Removes the device `id` from `root` and frees its slot. Bridges stay (see
+    /// Removes the device `id` from `root` and frees its slot. The device gives back its host
+    /// resources when the returned [`Realized`] is dropped. Bridges stay (see
     /// [`DeviceSet::add`]).
     pub fn remove(&mut self, id: &str, root: &PciRoot) -> Result<Realized, DeviceError> {
         let i = self
@@ -795,11 +796,14 @@ impl DeviceManager {
             .collect())
     }
 
-    /// Removes the device `id`: off the root complex, its BARs unmapped, its slot free.
+    /// Removes the device `id`: off the root complex, its BARs unmapped, its slot free, and
+    /// everything it took from the host given back (MSI GSIs and routes, irqfds, its INTx
+    /// line, ioeventfds, its worker thread, its files) before this returns.
     pub fn remove(&self, id: &str) -> Result<(), DeviceManagerError> {
         let mut set = self.set();
         let r = set.remove(id, &self.root)?;
         self.mapper.remap(r.placed.addr);
+        drop(r);
         Ok(())
     }
 
@@ -854,7 +858,9 @@ pub fn build_device(config: &DriverConfig, id: &str) -> Result<Arc<dyn VirtioDev
     }
 }
 
-/// A device realized on the bus.
+/// A device realized on the bus. Dropping it gives back what the device took from the host
+/// ([`VirtioPciDevice::release`]: GSIs, irqfds, ioeventfds, worker, files), on the thread
+/// that drops it: the device set's owner (monitor or main thread), never a vCPU.
 pub struct Realized {
     /// Its placement.
     pub placed: Placed,
@@ -862,6 +868,16 @@ pub struct Realized {
     pub function: Arc<dyn PciFunction>,
     /// The ABI-shaping properties the realized device has (recorded in fingerprints).
     pub abi: BTreeMap<String, String>,
+    /// The same function as a virtio transport (to release it); none for a bridge.
+    transport: Option<Arc<VirtioPciDevice>>,
+}
+
+impl Drop for Realized {
+    fn drop(&mut self) {
+        if let Some(t) = &self.transport {
+            t.release();
+        }
+    }
 }
 
 fn transport_props(p: &Placed) -> TransportProps {
@@ -917,6 +933,7 @@ pub fn realize_one(
             placed: p.clone(),
             function,
             abi,
+            transport: None,
         });
     }
     let device = build_device(&p.spec.config, &p.id).map_err(realize_err)?;
@@ -955,13 +972,15 @@ pub fn realize_one(
         next = base + bar.size;
     }
     debug_assert!(window + size <= PCI_MMIO32_START + PCI_MMIO32_SIZE);
-    let function: Arc<dyn PciFunction> = Arc::new(f);
+    let transport = Arc::new(f);
+    let function: Arc<dyn PciFunction> = transport.clone();
     root.add(p.addr, function.clone())
         .map_err(|e| realize_err(e.to_string()))?;
     Ok(Realized {
         placed: p.clone(),
         function,
         abi,
+        transport: Some(transport),
     })
 }
 

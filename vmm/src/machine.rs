@@ -25,6 +25,7 @@ use crate::device_manager::{self, DeviceError, DeviceManager, DeviceSpec, Realiz
 use crate::layout::ZERO_PAGE;
 use crate::machine_file::{DeviceEntry, MachineFile};
 use crate::monitor::{EventSink, RunState};
+use crate::stats::{GuestStats, KvmStatsFile};
 use crate::stop::{ResetSource, Stop, StopReason};
 use crate::vcpu::{RunGate, Vcpu, VcpuSet};
 use crate::vm::Vm;
@@ -43,6 +44,8 @@ pub struct Guest {
     vm: Arc<Vm>,
     devices: DeviceManager,
     vcpus: VcpuSet,
+    /// KVM's statistics files of the VM and each vCPU, opened with them (read by the monitor).
+    stats: GuestStats,
 }
 
 impl Guest {
@@ -56,6 +59,10 @@ impl Guest {
     ) -> Result<Guest, Error> {
         let initrd = read_initrd(config)?;
         let vm = Arc::new(Vm::new(config.mem_size())?);
+        let mut stats = GuestStats {
+            vm: KvmStatsFile::open(&vm.fd),
+            vcpus: Vec::new(),
+        };
         let power: PowerCallback = {
             let stop = stop.clone();
             Arc::new(move |e| {
@@ -78,11 +85,15 @@ impl Guest {
         });
         let entry = load_guest(&vm, config, acpi, initrd.as_deref())?;
         let gate = Arc::new(RunGate::new());
-        let vcpus = create_vcpus(&vm, config, entry, &devices, stop, &gate)?;
+        let vcpus = create_vcpus(&vm, config, entry, &devices, stop, &gate, &mut stats)?;
+        if let Err(e) = &stats.vm {
+            tracing::info!("no KVM statistics (query-stats): {e}");
+        }
         Ok(Guest {
             vm,
             devices,
             vcpus: VcpuSet::new(gate, vcpus),
+            stats,
         })
     }
 
@@ -94,6 +105,11 @@ impl Guest {
     /// The KVM VM.
     pub fn vm(&self) -> &Arc<Vm> {
         &self.vm
+    }
+
+    /// KVM's statistics files of this run (the VM's and each vCPU's).
+    pub fn stats(&self) -> &GuestStats {
+        &self.stats
     }
 }
 
@@ -116,6 +132,11 @@ pub struct Machine {
     ejects: Arc<Ejects>,
     /// Where events go (QMP), once the monitor runs.
     events: OnceLock<EventSink>,
+    /// Held while the compat record is read off the devices and written: rewrites come from
+    /// the QMP thread (device_add, save-compat) and the hot-plug thread (ejects) and share one
+    /// temporary file name, so two at once made one fail ("No such file or directory") and
+    /// could rename a half-written file into place.
+    record_lock: Mutex<()>,
 }
 
 /// Slots the guest ejected (B0EJ writes), from the vCPU threads to the hot-plug thread: an
@@ -221,6 +242,7 @@ impl Machine {
             pci_hotplug,
             ejects,
             events: OnceLock::new(),
+            record_lock: Mutex::new(()),
         });
         if pci_hotplug {
             let weak = Arc::downgrade(&machine);
@@ -269,12 +291,13 @@ impl Machine {
         if ids.is_empty() {
             return;
         }
+        // The record first: a client that reads it on DEVICE_DELETED finds the device gone.
+        if let Err(e) = self.rewrite_record() {
+            tracing::error!("compat record not rewritten after a removal: {e}");
+        }
         for id in ids {
             tracing::info!("device {id} removed");
             self.events().device_deleted(Some(id), &qom_path(id));
-        }
-        if let Err(e) = self.rewrite_record() {
-            tracing::error!("compat record not rewritten after a removal: {e}");
         }
     }
 
@@ -343,6 +366,7 @@ impl Machine {
 
     /// Writes the compat record (atomically) to `path`.
     pub fn save_record(&self, path: &Path) -> Result<(), Error> {
+        let _one_writer = self.record_lock.lock().unwrap_or_else(|p| p.into_inner());
         Ok(self.record().save(path)?)
     }
 
@@ -542,7 +566,7 @@ impl Machine {
     /// and KVM VM go, and a new run is built with the same devices at the same addresses, each
     /// at its power-on state, the kernel and initrd loaded again; its vCPUs start (or wait,
     /// if the machine was paused or never started).
-    pub fn reboot(&self) -> Result<(), Error> {
+    pub fn reboot(&self) -> Result<Option<ResetSource>, Error> {
         // Lock order: the run state is never locked while the guest is held for writing
         // (start and pause lock the state, then read the guest).
         let running = self.run_state() == RunState::Running;
@@ -551,6 +575,12 @@ impl Machine {
             return Err(Error::Config("the guest is gone".into()));
         };
         old.vcpus.end();
+        // The reset that ended the old run, taken once its vCPUs are gone and before the new
+        // run's start: a reset the new run reports at once (a guest that reboots in
+        // milliseconds) must stay pending, or the main thread would wait for a stop that
+        // already happened while no vCPU runs. (None: a reason that ends the process came in;
+        // the console loop returns it at once.)
+        let source = self.stop.take_reset();
         // Removals the guest did not complete happen now, as in QEMU.
         let removed: Vec<String> = (1..32u8)
             .filter(|s| old.devices.unplug_pending(*s))
@@ -581,7 +611,7 @@ impl Machine {
         *slot = Some(guest);
         drop(slot);
         self.announce_removed(&removed);
-        Ok(())
+        Ok(source)
     }
 }
 
@@ -718,6 +748,7 @@ fn create_vcpus(
     devices: &DeviceManager,
     stop: &Arc<Stop>,
     gate: &Arc<RunGate>,
+    stats: &mut GuestStats,
 ) -> Result<Vec<Vcpu>, Error> {
     let supported = vm
         .kvm
@@ -729,6 +760,8 @@ fn create_vcpus(
             .fd
             .create_vcpu(u64::from(id))
             .map_err(crate::kvm_err(format!("KVM_CREATE_VCPU {id}")))?;
+        // Opened here: the vCPU fd moves into its thread, the monitor reads this file.
+        stats.vcpus.push(KvmStatsFile::open(&fd));
         let mut cpuid = supported.clone();
         cpu::filter_cpuid(&mut cpuid, id, config.cpus);
         fd.set_cpuid2(&cpuid)

@@ -10,8 +10,8 @@ use serde_json::Value;
 use crate::device_config::{DeviceError, DeviceSpec};
 use crate::machine::Machine;
 use crate::monitor::{
-    CommandError, EventSink, PciBridgeInfo, PciFunctionInfo, PciRegionInfo, RegionKind, RunState,
-    VmControl,
+    CommandError, EventSink, GsiInfo, PciBridgeInfo, PciFunctionInfo, PciRegionInfo, RegionKind,
+    RunState, VmControl,
 };
 use crate::stop::{ResetSource, StopReason};
 
@@ -195,6 +195,18 @@ impl VmControl for MachineControl {
             .collect()
     }
 
+    fn gsi_info(&self) -> Option<GsiInfo> {
+        self.machine.with_guest(|g| {
+            let vm = g.vm();
+            let (msi, routes) = vm.msi_gsis();
+            GsiInfo {
+                msi,
+                routes,
+                intx_lines: vm.intx_lines(),
+            }
+        })
+    }
+
     fn device_add(&self, args: &serde_json::Map<String, Value>) -> Result<(), CommandError> {
         let spec = DeviceSpec::from_qmp(args).map_err(generic)?;
         self.machine
@@ -210,6 +222,16 @@ impl VmControl for MachineControl {
             .device_del(id)
             .map(|_| ())
             .map_err(command_error)
+    }
+
+    fn stats(
+        &self,
+        target: crate::monitor::stats::StatsTarget,
+    ) -> Result<Vec<crate::monitor::stats::StatsSource>, CommandError> {
+        self.machine
+            .with_guest(|g| g.stats().read(target))
+            .unwrap_or_else(|| Err("the guest is gone".into()))
+            .map_err(CommandError::generic)
     }
 
     fn query_compat(&self) -> Result<Value, CommandError> {

@@ -71,11 +71,10 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             break reason;
         }
         // Reboot in place: a new run of the guest, same devices at the same addresses.
-        if let Err(e) = machine.reboot() {
-            break StopReason::Error(format!("reboot failed: {e}"));
-        }
-        if machine.stop.take_reset().is_some() {
-            control.events().reset(source.by_guest(), source.cause());
+        match machine.reboot() {
+            Ok(Some(_)) => control.events().reset(source.by_guest(), source.cause()),
+            Ok(None) => {}
+            Err(e) => break StopReason::Error(format!("reboot failed: {e}")),
         }
     };
     machine.shut_down();

@@ -1135,6 +1135,9 @@ mod tests {
         fn allocate_msi(&self) -> std::io::Result<(u32, EventFd)> {
             self.vm.allocate_msi()
         }
+        fn release_msi(&self, g: u32, e: &EventFd) -> std::io::Result<()> {
+            self.vm.release_msi(g, e)
+        }
         fn set_msi_route(&self, g: u32, m: Option<(u64, u32)>) -> std::io::Result<()> {
             devices::virtio::pci::VirtioHost::set_msi_route(&*self.vm, g, m)
         }

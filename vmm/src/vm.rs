@@ -9,7 +9,7 @@ use kvm_bindings::{
     KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::layout::*;
@@ -27,35 +27,58 @@ pub struct Vm {
     /// Guest RAM.
     pub mem: GuestMemoryMmap,
     routing: Mutex<Routing>,
-    intx: std::sync::OnceLock<std::sync::Arc<Resampler>>,
+    /// The INTx resampler, while any INTx line is registered.
+    intx: Mutex<Option<Resampler>>,
     /// Where virtio activations and resets run (never on a vCPU thread).
     work: devices::virtio::DeviceWork,
 }
 
 /// Re-raises level-triggered INTx lines: KVM lowers an irqfd-with-resample line at the guest's
 /// EOI and signals the resample eventfd; this thread then asks the device whether it is still
-/// pending. Never on a vCPU thread; a thread of its own, started with the first INTx line,
-/// under the device workers' seccomp filter.
+/// pending. Never on a vCPU thread; a thread of its own, started with the first INTx line and
+/// ended (joined) when the last one is released or the VM goes, under the device workers'
+/// seccomp filter.
 struct Resampler {
-    epoll: vmm_sys_util::epoll::Epoll,
-    lines: Mutex<Vec<IntxLine>>,
+    shared: std::sync::Arc<ResamplerShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
+struct ResamplerShared {
+    epoll: vmm_sys_util::epoll::Epoll,
+    /// The lines by epoll token, and the next token.
+    lines: Mutex<(std::collections::BTreeMap<u64, IntxLine>, u64)>,
+    /// Ends the thread.
+    stop: EventFd,
+}
+
+/// The epoll token of [`ResamplerShared::stop`].
+const STOP_TOKEN: u64 = u64::MAX;
+
 struct IntxLine {
+    gsi: u32,
+    /// The fd number of the trigger eventfd the device holds (names the line on release).
+    key: std::os::fd::RawFd,
     resample: EventFd,
     trigger: EventFd,
     still_pending: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
 impl Resampler {
-    fn start() -> std::io::Result<std::sync::Arc<Resampler>> {
-        let r = std::sync::Arc::new(Resampler {
+    fn start() -> std::io::Result<Resampler> {
+        use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
+        let shared = std::sync::Arc::new(ResamplerShared {
             epoll: vmm_sys_util::epoll::Epoll::new()?,
-            lines: Mutex::new(Vec::new()),
+            lines: Mutex::new((Default::default(), 0)),
+            stop: EventFd::new(0)?,
         });
-        let me = r.clone();
+        shared.epoll.ctl(
+            ControlOperation::Add,
+            std::os::fd::AsRawFd::as_raw_fd(&shared.stop),
+            EpollEvent::new(EventSet::IN, STOP_TOKEN),
+        )?;
+        let me = shared.clone();
         let (ready, set_up) = std::sync::mpsc::sync_channel(1);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("intx-resample".into())
             .spawn(move || {
                 // It only waits on and signals eventfds: the device workers' seccomp filter.
@@ -68,14 +91,32 @@ impl Resampler {
             })?;
         // Without its thread no INTx line would ever be raised again: fail the device instead.
         match set_up.recv() {
-            Ok(Ok(())) => Ok(r),
-            Ok(Err(e)) => Err(std::io::Error::other(format!(
-                "INTx resampler thread set-up: {e}"
-            ))),
+            Ok(Ok(())) => Ok(Resampler {
+                shared,
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(std::io::Error::other(format!(
+                    "INTx resampler thread set-up: {e}"
+                )))
+            }
             Err(_) => Err(std::io::Error::other("INTx resampler thread ended")),
         }
     }
+}
 
+impl Drop for Resampler {
+    /// Ends the thread and waits for it (it holds no lock the dropper may hold).
+    fn drop(&mut self) {
+        let _ = self.shared.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl ResamplerShared {
     fn run(&self) {
         use vmm_sys_util::epoll::EpollEvent;
         let mut events = vec![EpollEvent::default(); 16];
@@ -90,7 +131,10 @@ impl Resampler {
             };
             let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
             for ev in &events[..n] {
-                if let Some(l) = lines.get(ev.data() as usize) {
+                if ev.data() == STOP_TOKEN {
+                    return;
+                }
+                if let Some(l) = lines.0.get(&ev.data()) {
                     let _ = l.resample.read();
                     if (l.still_pending)() {
                         let _ = l.trigger.write(1);
@@ -193,12 +237,17 @@ impl Vm {
     pub fn new(mem_size: u64) -> Result<Vm, Error> {
         let kvm = Kvm::new().map_err(kvm_err("cannot open /dev/kvm"))?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_size)
-            .into_iter()
-            .map(|(a, s)| (GuestAddress(a), s as usize))
-            .collect();
-        let mem =
-            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::MemoryAlloc(e.to_string()))?;
+        // 2 MiB-aligned, transparent huge pages (host side only: the guest sees the same map).
+        let (mem, backing) = crate::memory::guest_ram(&ram_ranges(mem_size))?;
+        for r in &backing {
+            tracing::debug!(
+                "guest RAM {:#x}+{:#x} at host {:#x}: {:?}",
+                r.guest,
+                r.size,
+                r.host,
+                r.thp
+            );
+        }
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
@@ -231,7 +280,7 @@ impl Vm {
             fd,
             mem,
             routing: Mutex::new(Routing::new()),
-            intx: std::sync::OnceLock::new(),
+            intx: Mutex::new(None),
             work: devices::virtio::DeviceWork::start()
                 .map_err(|e| Error::Config(format!("device-work thread: {e}")))?,
         })
@@ -280,6 +329,30 @@ impl Vm {
         (r.msi.len(), r.entries.len())
     }
 
+    /// The allocated MSI GSIs in order, each with whether it is routed, and the number of
+    /// entries in KVM's routing table (HMP `info gsi`).
+    pub fn msi_gsis(&self) -> (Vec<(u32, bool)>, usize) {
+        let r = self.routing.lock().unwrap_or_else(|p| p.into_inner());
+        let msi = r.msi.iter().map(|(g, e)| (*g, e.is_some())).collect();
+        (msi, r.entries.len())
+    }
+
+    /// The INTx lines registered ([`VirtioHost::register_intx`] and not released).
+    pub fn intx_lines(&self) -> usize {
+        self.intx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |r| {
+                r.shared
+                    .lines
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+                    .len()
+            })
+    }
+
     /// KVM_SET_GSI_ROUTING replaces the whole table: hand it the one we keep.
     fn publish(&self, r: &Routing) -> Result<(), Error> {
         let table = KvmIrqRouting::from_entries(&r.entries)
@@ -316,12 +389,23 @@ impl VirtioHost for Vm {
     }
 
     fn allocate_msi(&self) -> std::io::Result<(u32, EventFd)> {
-        let gsi = self.allocate_msi_gsi();
         let fd = EventFd::new(0)?;
-        self.fd
-            .register_irqfd(&fd, gsi)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        let gsi = self.allocate_msi_gsi();
+        if let Err(e) = self.fd.register_irqfd(&fd, gsi) {
+            let _ = self.release_msi_gsi(gsi);
+            return Err(std::io::Error::from_raw_os_error(e.errno()));
+        }
         Ok((gsi, fd))
+    }
+
+    /// Detaches the irqfd (KVM_IRQFD deassign), then removes the route and frees the GSI.
+    fn release_msi(&self, gsi: u32, event: &EventFd) -> std::io::Result<()> {
+        let detached = self
+            .fd
+            .unregister_irqfd(event, gsi)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+        self.release_msi_gsi(gsi).map_err(std::io::Error::other)?;
+        detached
     }
 
     fn set_msi_route(&self, gsi: u32, msg: Option<(u64, u32)>) -> std::io::Result<()> {
@@ -337,31 +421,84 @@ impl VirtioHost for Vm {
         gsi: u32,
         still_pending: Box<dyn Fn() -> bool + Send + Sync>,
     ) -> std::io::Result<EventFd> {
+        use std::os::fd::AsRawFd;
         use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
         let trigger = EventFd::new(0)?;
         let resample = EventFd::new(0)?;
-        self.fd
-            .register_irqfd_with_resample(&trigger, &resample, gsi)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-        if self.intx.get().is_none() {
-            let _ = self.intx.set(Resampler::start()?);
-        }
-        let r = self
-            .intx
-            .get()
-            .ok_or_else(|| std::io::Error::other("INTx resampler not started"))?;
-        let mut lines = r.lines.lock().unwrap_or_else(|p| p.into_inner());
-        r.epoll.ctl(
-            ControlOperation::Add,
-            std::os::fd::AsRawFd::as_raw_fd(&resample),
-            EpollEvent::new(EventSet::IN, lines.len() as u64),
-        )?;
-        lines.push(IntxLine {
-            resample,
+        let line = IntxLine {
+            gsi,
+            key: trigger.as_raw_fd(),
             trigger: trigger.try_clone()?,
+            resample,
             still_pending,
-        });
+        };
+        self.fd
+            .register_irqfd_with_resample(&trigger, &line.resample, gsi)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        let mut slot = self.intx.lock().unwrap_or_else(|p| p.into_inner());
+        let added = (|| {
+            if slot.is_none() {
+                *slot = Some(Resampler::start()?);
+            }
+            let r = slot
+                .as_ref()
+                .ok_or_else(|| std::io::Error::other("INTx resampler not started"))?;
+            let mut lines = r.shared.lines.lock().unwrap_or_else(|p| p.into_inner());
+            let token = lines.1;
+            r.shared.epoll.ctl(
+                ControlOperation::Add,
+                line.resample.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token),
+            )?;
+            lines.1 += 1;
+            lines.0.insert(token, line);
+            Ok(())
+        })();
+        if let Err(e) = added {
+            let _ = self.fd.unregister_irqfd(&trigger, gsi);
+            return Err(e);
+        }
         Ok(trigger)
+    }
+
+    /// Detaches the irqfd (KVM_IRQFD deassign), takes the line off the resampler (its epoll
+    /// entry, eventfds and `still_pending` go) and ends the resampler thread with the last line.
+    fn release_intx(&self, gsi: u32, trigger: &EventFd) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        use vmm_sys_util::epoll::{ControlOperation, EpollEvent};
+        let detached = self
+            .fd
+            .unregister_irqfd(trigger, gsi)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+        let mut slot = self.intx.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(r) = slot.as_ref() else {
+            return detached;
+        };
+        let mut lines = r.shared.lines.lock().unwrap_or_else(|p| p.into_inner());
+        let key = trigger.as_raw_fd();
+        let token = lines
+            .0
+            .iter()
+            .find(|(_, l)| l.gsi == gsi && l.key == key)
+            .map(|(t, _)| *t);
+        // Unwatched before its eventfds close, under the lock the thread serves lines under.
+        let unwatched = match token.and_then(|t| lines.0.remove(&t)) {
+            Some(l) => r.shared.epoll.ctl(
+                ControlOperation::Delete,
+                l.resample.as_raw_fd(),
+                EpollEvent::default(),
+            ),
+            None => Ok(()),
+        };
+        let last = lines.0.is_empty();
+        drop(lines);
+        if last {
+            // Joins the thread (dropped outside the lock, which it never takes).
+            let r = slot.take();
+            drop(slot);
+            drop(r);
+        }
+        detached.and(unwatched)
     }
 }
 
@@ -393,5 +530,51 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+    }
+
+    /// MSI vectors and INTx lines given back leave the GSI counts where they were, their GSIs
+    /// are handed out again, and the resampler thread ends with the last INTx line.
+    #[test]
+    fn released_msi_vectors_and_intx_lines_leave_nothing_behind() {
+        let vm = Vm::new(16 << 20).expect("a VM on /dev/kvm");
+        let before = vm.gsi_counts();
+        let (g1, f1) = vm.allocate_msi().unwrap();
+        let (g2, f2) = vm.allocate_msi().unwrap();
+        Vm::set_msi_route(&vm, g1, Some((0xfee0_0000, 0x31))).unwrap();
+        assert_eq!(vm.gsi_counts(), (before.0 + 2, before.1 + 1));
+        let t1 = vm.register_intx(20, Box::new(|| false)).unwrap();
+        let t2 = vm.register_intx(21, Box::new(|| false)).unwrap();
+        let lines = |vm: &Vm| {
+            vm.intx
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map(|r| r.shared.lines.lock().unwrap().0.len())
+        };
+        assert_eq!(lines(&vm), Some(2));
+
+        vm.release_msi(g1, &f1).unwrap();
+        vm.release_msi(g2, &f2).unwrap();
+        assert_eq!(vm.gsi_counts(), before);
+        vm.release_intx(20, &t1).unwrap();
+        assert_eq!(lines(&vm), Some(1));
+        vm.release_intx(21, &t2).unwrap();
+        assert_eq!(lines(&vm), None, "the resampler ended with its last line");
+        // Given back twice (KVM ignores the second deassign): nothing changes, and the GSI
+        // is not free twice.
+        let _ = vm.release_intx(21, &t2);
+        let _ = vm.release_msi(g2, &f2);
+        assert_eq!(vm.gsi_counts(), before);
+        assert_eq!(lines(&vm), None);
+
+        let (g3, _f3) = vm.allocate_msi().unwrap();
+        let (g4, _f4) = vm.allocate_msi().unwrap();
+        let (g5, _f5) = vm.allocate_msi().unwrap();
+        let mut reused = [g3, g4];
+        reused.sort();
+        assert_eq!(reused, [g1, g2], "released GSIs are handed out again");
+        assert!(g5 > g1.max(g2), "each once: {g5}");
+        let _t3 = vm.register_intx(20, Box::new(|| false)).unwrap();
+        assert_eq!(lines(&vm), Some(1), "a new resampler for a new line");
     }
 }

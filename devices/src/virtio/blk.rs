@@ -11,15 +11,15 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
 use super::worker::serve_queue;
 use super::{
-    types, Activation, ActiveQueue, QueueHandler, QueueWorker, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1,
+    types, ActivateError, Activation, ActiveQueue, QueueHandler, QueueWorker, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 
 /// Queue size the device offers.
@@ -83,7 +83,8 @@ pub fn os_error_text(e: &std::io::Error) -> String {
 
 /// The block device.
 pub struct Block {
-    file: Arc<File>,
+    /// The image; None once released ([`VirtioDevice::release`]).
+    file: Mutex<Option<Arc<File>>>,
     capacity: u64,
     readonly: bool,
     id: [u8; ID_BYTES],
@@ -113,7 +114,7 @@ impl Block {
             id[..n].copy_from_slice(&s.as_bytes()[..n]);
         }
         Ok(Block {
-            file: Arc::new(file),
+            file: Mutex::new(Some(Arc::new(file))),
             capacity: len / SECTOR_SIZE,
             readonly: cfg.readonly,
             id,
@@ -288,12 +289,18 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config_bytes(), offset, data);
     }
 
-    fn activate(&self, a: Activation) -> Result<(), String> {
+    fn activate(&self, a: Activation) -> Result<(), ActivateError> {
+        let file = self
+            .file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(ActivateError::Released)?;
         let handler = BlockHandler {
             mem: a.mem,
             interrupt: a.interrupt,
             req: Request {
-                file: self.file.clone(),
+                file,
                 capacity_bytes: self.capacity * SECTOR_SIZE,
                 readonly: self.readonly,
                 id: self.id,
@@ -305,6 +312,12 @@ impl VirtioDevice for Block {
 
     fn reset(&self) {
         self.worker.stop();
+    }
+
+    fn release(&self) {
+        self.worker.stop();
+        // The worker had the only other reference: the image is closed here.
+        self.file.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
 
@@ -405,7 +418,7 @@ pub(crate) mod tests {
             mem: mem.clone(),
             interrupt: irq.clone(),
             req: Request {
-                file: b.file.clone(),
+                file: b.file.lock().unwrap().clone().unwrap(),
                 capacity_bytes: b.capacity * SECTOR_SIZE,
                 readonly: b.readonly,
                 id: b.id,

@@ -27,8 +27,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use super::blk::{os_error_text, read_config_bytes};
 use super::worker::serve_queue;
 use super::{
-    types, Activation, ActiveQueue, QueueHandler, QueueWorker, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1,
+    types, ActivateError, Activation, ActiveQueue, QueueHandler, QueueWorker, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 
 /// Queue size the device offers.
@@ -370,7 +370,7 @@ impl VirtioDevice for Console {
         read_config_bytes(&[0u8; CONFIG_SIZE], offset, data);
     }
 
-    fn activate(&self, a: Activation) -> Result<(), String> {
+    fn activate(&self, a: Activation) -> Result<(), ActivateError> {
         let socket = self
             .io
             .lock()
@@ -378,7 +378,7 @@ impl VirtioDevice for Console {
             .listener
             .is_some();
         let poll = if socket {
-            Some(Epoll::new().map_err(|e| e.to_string())?)
+            Some(Epoll::new().map_err(ActivateError::host("console poller"))?)
         } else {
             None
         };
@@ -402,6 +402,16 @@ impl VirtioDevice for Console {
 
     fn reset(&self) {
         self.worker.stop();
+    }
+
+    fn release(&self) {
+        self.worker.stop();
+        // The output file, or the listening socket and its client, close here. The socket's
+        // path stays: a device added since may listen there already.
+        let mut io = self.io.lock().unwrap_or_else(|p| p.into_inner());
+        io.out = None;
+        io.listener = None;
+        io.client = None;
     }
 }
 

@@ -107,6 +107,37 @@ pub struct Activation {
     pub interrupt: Arc<dyn VirtioInterrupt>,
 }
 
+/// Why a device could not be activated (DRIVER_OK). The transport then sets
+/// DEVICE_NEEDS_RESET and tells the driver; the guest never takes the vmm down.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// A queue the driver enabled has a bad size or ring addresses.
+    #[error("queue {0} set up with bad addresses or size")]
+    BadQueue(u16),
+    /// A host resource (eventfd, epoll, a backend's poller) could not be had.
+    #[error("{what}: {source}")]
+    Host {
+        /// What was being set up.
+        what: &'static str,
+        /// The host's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The worker thread could not be started.
+    #[error("cannot start the worker thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// The device was released (removed) and has no backend any more.
+    #[error("the device was released")]
+    Released,
+}
+
+impl ActivateError {
+    /// `map_err` helper for a host resource.
+    pub fn host(what: &'static str) -> impl FnOnce(std::io::Error) -> ActivateError {
+        move |source| ActivateError::Host { what, source }
+    }
+}
+
 /// A virtio device behind a transport. Methods take `&self`; state lives inside.
 pub trait VirtioDevice: Send + Sync {
     /// The virtio device type ([`types`]).
@@ -126,7 +157,11 @@ pub trait VirtioDevice: Send + Sync {
     /// Writes the device-specific config.
     fn write_config(&self, _offset: u64, _data: &[u8]) {}
     /// Starts the device with the queues the driver set up.
-    fn activate(&self, activation: Activation) -> Result<(), String>;
+    fn activate(&self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops the device (driver reset); it may be activated again later.
     fn reset(&self);
+    /// Gives back the backend's host resources for good (image file, tap, console file or
+    /// socket): the device left the machine. Called once, on the executor, after the last
+    /// [`VirtioDevice::reset`]; the device is never activated again.
+    fn release(&self) {}
 }

@@ -16,7 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -25,8 +25,8 @@ use vmm_sys_util::epoll::EventSet;
 use super::blk::{os_error_text, read_config_bytes};
 use super::worker::serve_queue;
 use super::{
-    types, Activation, ActiveQueue, QueueHandler, QueueWorker, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1,
+    types, ActivateError, Activation, ActiveQueue, QueueHandler, QueueWorker, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 
 /// Queue size the device offers.
@@ -149,7 +149,8 @@ pub fn default_mac(id: &str) -> [u8; 6] {
 
 /// The network device.
 pub struct Net {
-    tap: Arc<Tap>,
+    /// The tap; None once released ([`VirtioDevice::release`]).
+    tap: Mutex<Option<Arc<Tap>>>,
     mac: [u8; 6],
     worker: QueueWorker,
 }
@@ -158,7 +159,7 @@ impl Net {
     /// A device over `tap` with MAC address `mac`.
     pub fn new(tap: Tap, mac: [u8; 6]) -> Self {
         Net {
-            tap: Arc::new(tap),
+            tap: Mutex::new(Some(Arc::new(tap))),
             mac,
             worker: QueueWorker::default(),
         }
@@ -320,18 +321,25 @@ impl VirtioDevice for Net {
         read_config_bytes(&self.config_bytes(), offset, data);
     }
 
-    fn activate(&self, a: Activation) -> Result<(), String> {
-        let fd = self.tap.file.as_raw_fd();
+    fn activate(&self, a: Activation) -> Result<(), ActivateError> {
+        let tap = self
+            .tap
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(ActivateError::Released)?;
+        let fd = tap.file.as_raw_fd();
+        let name = format!("virtio-net-{}", tap.name());
         let handler = NetHandler {
             mem: a.mem,
             interrupt: a.interrupt,
-            backend: self.tap.clone(),
+            backend: tap,
             rx_len: None,
             rx_buf: vec![0; HDR_LEN + MAX_FRAME],
             tx_buf: vec![0; HDR_LEN + MAX_FRAME],
         };
         self.worker.start_with_fds(
-            &format!("virtio-net-{}", self.tap.name()),
+            &name,
             a.queues,
             &[(fd, EventSet::IN | EventSet::EDGE_TRIGGERED)],
             handler,
@@ -340,6 +348,12 @@ impl VirtioDevice for Net {
 
     fn reset(&self) {
         self.worker.stop();
+    }
+
+    fn release(&self) {
+        self.worker.stop();
+        // The worker had the only other reference: the tap is closed here.
+        self.tap.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
 
@@ -495,10 +509,10 @@ mod tests {
         // Without CAP_NET_ADMIN no tap can be made; the config layout needs none.
         let mac = [0x52, 0x54, 0, 1, 2, 3];
         let n = Net {
-            tap: Arc::new(Tap {
+            tap: Mutex::new(Some(Arc::new(Tap {
                 file: File::open("/dev/null").unwrap(),
                 name: "x".into(),
-            }),
+            }))),
             mac,
             worker: QueueWorker::default(),
         };

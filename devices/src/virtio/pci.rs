@@ -19,6 +19,10 @@
 //! reset has been carried out, reads of `device_status` return the status from before it (a
 //! driver polls for 0, virtio 1.x 4.1.4.3.2). A notification that arrives before the worker
 //! runs stays counted in the queue's eventfd and is served when the worker starts.
+//!
+//! Removal: [`VirtioPciDevice::release`] (the device manager's, on the monitor's or the main
+//! thread) gives back the queue ioeventfds, the vectors' GSIs and irqfds and the INTx line, and
+//! has the executor reset the device and close its backend, before it returns.
 
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,7 +34,10 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::work::{DeviceJob, DeviceWork};
-use super::{status, Activation, ActiveQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{
+    status, ActivateError, Activation, ActiveQueue, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
+};
 
 /// Red Hat / virtio vendor ID.
 pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
@@ -93,6 +100,16 @@ pub trait VirtioHost: Send + Sync {
     ) -> std::io::Result<EventFd> {
         Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
     }
+    /// Gives back what [`VirtioHost::allocate_msi`] handed out: `event` no longer injects
+    /// anything (its irqfd is detached), the route of `gsi` goes and the GSI may be handed out
+    /// again. Called once per vector when the function leaves the machine, never on a vCPU.
+    fn release_msi(&self, gsi: u32, event: &EventFd) -> std::io::Result<()>;
+    /// Gives back an INTx line of [`VirtioHost::register_intx`]: `trigger` (the eventfd it
+    /// returned) no longer raises `gsi`, and the host forgets the line (its resample eventfd
+    /// and `still_pending`). Called once when the function leaves the machine, never on a vCPU.
+    fn release_intx(&self, _gsi: u32, _trigger: &EventFd) -> std::io::Result<()> {
+        Ok(())
+    }
     /// Where the functions' lifecycle work (activation, reset) runs: the machine's executor
     /// ([`DeviceWork::start`]); [`DeviceWork::inline`] only for hosts without vCPUs (tests, the
     /// fuzzer). Asked once per function, when it is built.
@@ -148,6 +165,9 @@ struct Common {
     /// Resets the driver asked for so far (wrapping); [`Shared::reset_done`] says which the
     /// executor has carried out.
     reset_gen: u32,
+    /// Posted to the executor: after the reset, the device gives back its backend for good
+    /// ([`VirtioDevice::release`]).
+    want_release: bool,
     /// What `device_status` reads return while a reset is in progress.
     status_before_reset: u8,
 }
@@ -164,8 +184,9 @@ struct Interrupts {
     queue_vectors: Box<[AtomicU16]>,
     config_vector: std::sync::atomic::AtomicU16,
     status: AtomicU8,
-    /// Raises the INTx line, once connected ([`VirtioPciDevice::connect_intx`]).
-    intx: std::sync::OnceLock<EventFd>,
+    /// The INTx line's GSI and the eventfd that raises it, once connected
+    /// ([`VirtioPciDevice::connect_intx`]).
+    intx: std::sync::OnceLock<(u32, EventFd)>,
 }
 
 impl Interrupts {
@@ -190,7 +211,7 @@ impl Interrupts {
         if self.config.intx_disabled() {
             return;
         }
-        if let Some(t) = self.intx.get() {
+        if let Some((_, t)) = self.intx.get() {
             self.config.set_status_bits(pci::config::STATUS_INTERRUPT);
             let _ = t.write(1);
         }
@@ -239,6 +260,12 @@ struct Shared {
     queued: AtomicBool,
     /// The last reset (`Common::reset_gen`) the executor carried out.
     reset_done: AtomicU32,
+    /// The function left the machine ([`VirtioPciDevice::release`]): it is never activated
+    /// again and touches no host resource any more.
+    released: AtomicBool,
+    /// Threads in [`VirtioPciDevice::update_route`] right now (a vCPU holding a stale
+    /// reference may still be in one): the release waits for none before giving back the GSIs.
+    route_users: AtomicU32,
 }
 
 /// A virtio device on PCI.
@@ -344,14 +371,23 @@ impl VirtioPciDevice {
             )?;
         }
         let config = b.build()?;
-        let mut vectors = Vec::with_capacity(usize::from(props.vectors));
-        for _ in 0..props.vectors {
-            vectors.push(host.allocate_msi()?);
-        }
         let queue_events = queue_max
             .iter()
             .map(|_| EventFd::new(0))
             .collect::<Result<Vec<_>, _>>()?;
+        // Last, as nothing after it fails: a vector that cannot be had gives the others back.
+        let mut vectors = Vec::with_capacity(usize::from(props.vectors));
+        for _ in 0..props.vectors {
+            match host.allocate_msi() {
+                Ok(v) => vectors.push(v),
+                Err(e) => {
+                    for (gsi, fd) in &vectors {
+                        let _ = host.release_msi(*gsi, fd);
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
         let irq = Arc::new(Interrupts {
             config,
             msix: MsixTable::new(props.vectors),
@@ -390,6 +426,7 @@ impl VirtioPciDevice {
                     want_reset: false,
                     want_activate: false,
                     reset_gen: 0,
+                    want_release: false,
                     status_before_reset: 0,
                 }),
                 queue_events,
@@ -397,6 +434,8 @@ impl VirtioPciDevice {
                 mem,
                 queued: AtomicBool::new(false),
                 reset_done: AtomicU32::new(0),
+                released: AtomicBool::new(false),
+                route_users: AtomicU32::new(0),
             }),
             host,
             work,
@@ -410,9 +449,14 @@ impl VirtioPciDevice {
     pub fn connect_intx(&self, gsi: u32) {
         let weak = Arc::downgrade(&self.s.irq);
         let pending = Box::new(move || weak.upgrade().is_some_and(|i| i.intx_pending()));
+        if self.s.irq.intx.get().is_some() || self.s.released.load(Ordering::Acquire) {
+            return; // one line per function, and none once released
+        }
         match self.host.register_intx(gsi, pending) {
             Ok(trigger) => {
-                let _ = self.s.irq.intx.set(trigger);
+                if let Err((gsi, trigger)) = self.s.irq.intx.set((gsi, trigger)) {
+                    let _ = self.host.release_intx(gsi, &trigger);
+                }
             }
             Err(e) => tracing::warn!("{}: no INTx on GSI {gsi}: {e}", self.s.name),
         }
@@ -438,8 +482,12 @@ impl VirtioPciDevice {
     /// never cover another device's range. All or nothing: if one registration fails the others
     /// are undone, and notifications go through [`PciFunction::bar_write`] instead.
     fn sync_notify(&self, bar_base: Option<u64>) {
-        let want = bar_base.map(|a| a + NOTIFY_OFFSET);
         let mut cur = self.notify_base.lock().unwrap_or_else(|p| p.into_inner());
+        // Checked under the lock that [`VirtioPciDevice::release`] takes after setting it: a
+        // released function registers nothing again.
+        let want = bar_base
+            .filter(|_| !self.s.released.load(Ordering::Acquire))
+            .map(|a| a + NOTIFY_OFFSET);
         if *cur == want {
             return;
         }
@@ -659,7 +707,18 @@ impl VirtioPciDevice {
         }
     }
 
+    /// Points vector `v`'s GSI at its MSI-X table entry, unless the function was released
+    /// (its GSI may belong to another function by now): [`VirtioPciDevice::release`] waits
+    /// for calls in progress. No lock: two atomics.
     fn update_route(&self, v: u16) {
+        self.s.route_users.fetch_add(1, Ordering::SeqCst);
+        if !self.s.released.load(Ordering::SeqCst) {
+            self.route_to_entry(v);
+        }
+        self.s.route_users.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn route_to_entry(&self, v: u16) {
         let msix = &self.s.irq.msix;
         let (Some(e), Some((gsi, fd))) = (msix.entry(v), self.s.irq.vectors.get(usize::from(v)))
         else {
@@ -865,15 +924,57 @@ impl PciFunction for VirtioPciDevice {
     }
 }
 
-impl Drop for VirtioPciDevice {
-    fn drop(&mut self) {
+impl VirtioPciDevice {
+    /// Gives back everything the function took when it was built, for good: its queue
+    /// ioeventfds, every MSI-X vector's irqfd and GSI (route removed, GSI free for reuse), its
+    /// INTx line; the device is reset (its worker joined) and its backend's files closed
+    /// ([`VirtioDevice::release`]) on the executor, and this waits for that unless called on
+    /// the executor itself.
+    ///
+    /// The device manager calls it when the function leaves the machine, on the monitor's or
+    /// the main thread (the host's irqfd calls are not allowed on a vCPU): a vCPU may still
+    /// hold a reference through its cached bus tables, and when it drops it, nothing is left
+    /// to do. Guest accesses through such a reference reach a dead function that changes
+    /// nothing on the host and is never activated again. Runs once; later calls (and the drop)
+    /// do nothing.
+    pub fn release(&self) {
+        if self.s.released.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // A route update that saw the function alive finishes before its GSIs go.
+        while self.s.route_users.load(Ordering::SeqCst) != 0 {
+            std::thread::yield_now();
+        }
         self.sync_notify(None);
-        // The device stops on the executor (its worker is joined there), not on the thread
-        // that happens to drop the function.
+        for (gsi, fd) in &self.s.irq.vectors {
+            if let Err(e) = self.host.release_msi(*gsi, fd) {
+                tracing::warn!("{}: releasing MSI GSI {gsi}: {e}", self.s.name);
+            }
+        }
+        if let Some((gsi, trigger)) = self.s.irq.intx.get() {
+            if let Err(e) = self.host.release_intx(*gsi, trigger) {
+                tracing::warn!("{}: releasing INTx GSI {gsi}: {e}", self.s.name);
+            }
+        }
         let mut c = self.s.common.lock().unwrap_or_else(|p| p.into_inner());
         self.request_reset(&mut c);
+        c.want_release = true;
         drop(c);
         self.post();
+        self.work.flush();
+    }
+
+    /// Whether [`VirtioPciDevice::release`] ran.
+    pub fn is_released(&self) -> bool {
+        self.s.released.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for VirtioPciDevice {
+    /// Releases the function if nobody did ([`VirtioPciDevice::release`]): the VMM always
+    /// does before the last reference can end up on a vCPU thread.
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -881,10 +982,12 @@ impl DeviceJob for Shared {
     fn run(&self) {
         // Before taking the request: a request recorded after this point posts again.
         self.queued.store(false, Ordering::Release);
-        let (reset, gen, activation) = {
+        let (reset, gen, activation, release) = {
             let mut c = self.common.lock().unwrap_or_else(|p| p.into_inner());
             let reset = std::mem::take(&mut c.want_reset);
-            let activate = std::mem::take(&mut c.want_activate);
+            let activate =
+                std::mem::take(&mut c.want_activate) && !self.released.load(Ordering::Acquire);
+            let release = std::mem::take(&mut c.want_release);
             let was_active = c.activated;
             if reset {
                 c.activated = false;
@@ -893,7 +996,12 @@ impl DeviceJob for Shared {
             // without a reset) changes nothing, as before.
             let activation =
                 (activate && !c.activated).then(|| (c.queues.clone(), c.driver_features));
-            (reset.then_some(was_active), c.reset_gen, activation)
+            (
+                reset.then_some(was_active),
+                c.reset_gen,
+                activation,
+                release,
+            )
         };
         if let Some(was_active) = reset {
             if was_active {
@@ -903,6 +1011,9 @@ impl DeviceJob for Shared {
             self.irq.isr.store(0, Ordering::Release);
             self.irq.status.store(0, Ordering::Release);
             self.reset_done.store(gen, Ordering::Release);
+        }
+        if release {
+            self.device.release();
         }
         let Some((regs, features)) = activation else {
             return;
@@ -928,7 +1039,7 @@ impl DeviceJob for Shared {
 impl Shared {
     /// The activation for the queues the driver enabled (on the executor: it duplicates the
     /// queues' eventfds). Err: a queue set up with bad addresses or size.
-    fn activation(&self, regs: &[QueueRegs], features: u64) -> Result<Activation, String> {
+    fn activation(&self, regs: &[QueueRegs], features: u64) -> Result<Activation, ActivateError> {
         let mut queues = Vec::new();
         for (i, r) in regs.iter().enumerate() {
             if !r.enabled {
@@ -951,8 +1062,13 @@ impl Shared {
                     queue: q,
                     event,
                 }),
-                (_, Err(e)) => return Err(format!("queue {i}: eventfd: {e}")),
-                _ => return Err(format!("queue {i} set up with bad addresses or size")),
+                (_, Err(e)) => {
+                    return Err(ActivateError::Host {
+                        what: "queue eventfd",
+                        source: e,
+                    })
+                }
+                _ => return Err(ActivateError::BadQueue(i as u16)),
             }
         }
         Ok(Activation {
@@ -977,6 +1093,10 @@ mod tests {
         fds: Mutex<Vec<EventFd>>,
         /// The executor to use (none: inline).
         work: Option<DeviceWork>,
+        /// GSIs given back.
+        released: Mutex<Vec<u32>>,
+        /// Route changes asked for (GSIs).
+        routes: Mutex<Vec<u32>>,
     }
 
     impl VirtioHost for RecordingHost {
@@ -991,7 +1111,12 @@ mod tests {
             self.fds.lock().unwrap().push(fd.try_clone()?);
             Ok((gsi, fd))
         }
+        fn release_msi(&self, g: u32, e: &EventFd) -> std::io::Result<()> {
+            self.released.lock().unwrap().push(g);
+            self.null.release_msi(g, e)
+        }
         fn set_msi_route(&self, g: u32, m: Option<(u64, u32)>) -> std::io::Result<()> {
+            self.routes.lock().unwrap().push(g);
             self.null.set_msi_route(g, m)
         }
         fn device_work(&self) -> DeviceWork {
@@ -1120,6 +1245,7 @@ mod tests {
         go: Mutex<std::sync::mpsc::Receiver<()>>,
         activated_on: Mutex<Vec<std::thread::ThreadId>>,
         reset_on: Mutex<Vec<std::thread::ThreadId>>,
+        released_on: Mutex<Vec<std::thread::ThreadId>>,
     }
 
     impl VirtioDevice for Gated {
@@ -1132,7 +1258,7 @@ mod tests {
         fn features(&self) -> u64 {
             VIRTIO_F_VERSION_1
         }
-        fn activate(&self, _: Activation) -> Result<(), String> {
+        fn activate(&self, _: Activation) -> Result<(), ActivateError> {
             self.activated_on
                 .lock()
                 .unwrap()
@@ -1150,6 +1276,23 @@ mod tests {
                 .unwrap()
                 .recv_timeout(std::time::Duration::from_secs(10));
         }
+        fn release(&self) {
+            self.released_on
+                .lock()
+                .unwrap()
+                .push(std::thread::current().id());
+        }
+    }
+
+    fn gated() -> (std::sync::mpsc::Sender<()>, Arc<Gated>) {
+        let (go, gate) = std::sync::mpsc::channel();
+        let gated = Arc::new(Gated {
+            go: Mutex::new(gate),
+            activated_on: Mutex::new(Vec::new()),
+            reset_on: Mutex::new(Vec::new()),
+            released_on: Mutex::new(Vec::new()),
+        });
+        (go, gated)
     }
 
     /// A driver's bring-up of queue 0 (size 8, rings at 0x1000/0x2000/0x3000, MSI-X vector
@@ -1194,12 +1337,7 @@ mod tests {
             ..Default::default()
         });
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let (go, gate) = std::sync::mpsc::channel();
-        let gated = Arc::new(Gated {
-            go: Mutex::new(gate),
-            activated_on: Mutex::new(Vec::new()),
-            reset_on: Mutex::new(Vec::new()),
-        });
+        let (go, gated) = gated();
         let dev = VirtioPciDevice::new(
             "virtio-rng-pci",
             gated.clone(),
@@ -1304,5 +1442,72 @@ mod tests {
         dev.bar_write(VIRTIO_BAR, 0x14, &[0]);
         dev.flush_lifecycle();
         assert_eq!(status_now(&dev), 0);
+    }
+
+    /// Release gives back each vector's GSI once (dropping the function afterwards gives
+    /// nothing more), resets the running device and releases its backend on the executor
+    /// before it returns; the released function changes no route and is never activated again.
+    #[test]
+    fn release_gives_everything_back_once_and_the_function_stays_dead() {
+        let work = DeviceWork::start().unwrap();
+        let host = Arc::new(RecordingHost {
+            work: Some(work.clone()),
+            ..Default::default()
+        });
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let (go, gated) = gated();
+        let dev = VirtioPciDevice::new(
+            "virtio-rng-pci",
+            gated.clone(),
+            TransportProps {
+                vectors: 3,
+                multifunction: false,
+            },
+            mem,
+            host.clone(),
+        )
+        .unwrap();
+        const ENABLE: u16 = 1 << 15;
+        control(&dev, ENABLE);
+        assert_eq!(
+            *host.routes.lock().unwrap(),
+            [0, 1, 2],
+            "MSI-X on routes each"
+        );
+        bring_up(&dev, 0);
+        dev.flush_lifecycle();
+        assert_eq!(gated.activated_on.lock().unwrap().len(), 1);
+        go.send(()).unwrap(); // lets the release's reset through
+
+        dev.release();
+        assert!(dev.is_released());
+        assert_eq!(*host.released.lock().unwrap(), [0, 1, 2]);
+        let me = std::thread::current().id();
+        assert_eq!(
+            gated.reset_on.lock().unwrap().len(),
+            1,
+            "reset before return"
+        );
+        let released_on = gated.released_on.lock().unwrap().clone();
+        assert_eq!(released_on.len(), 1, "backend released before return");
+        assert_ne!(released_on[0], me, "on the executor");
+
+        // A guest still holding the function (a vCPU's stale table) reaches a dead one.
+        control(&dev, 0);
+        control(&dev, ENABLE);
+        dev.bar_write(MSIX_BAR, 0, &0xfee0_0000u32.to_le_bytes());
+        assert_eq!(host.routes.lock().unwrap().len(), 3, "no route changed");
+        bring_up(&dev, 0);
+        dev.flush_lifecycle();
+        assert_eq!(
+            gated.activated_on.lock().unwrap().len(),
+            1,
+            "never activated"
+        );
+
+        dev.release();
+        drop(dev);
+        assert_eq!(host.released.lock().unwrap().len(), 3, "given back once");
+        assert_eq!(gated.released_on.lock().unwrap().len(), 1);
     }
 }

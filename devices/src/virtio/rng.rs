@@ -7,8 +7,8 @@ use vm_memory::GuestMemoryMmap;
 
 use super::worker::serve_queue;
 use super::{
-    types, Activation, ActiveQueue, QueueHandler, QueueWorker, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1,
+    types, ActivateError, Activation, ActiveQueue, QueueHandler, QueueWorker, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 
 /// Queue size the device offers.
@@ -95,7 +95,7 @@ impl VirtioDevice for Rng {
         VIRTIO_F_VERSION_1
     }
 
-    fn activate(&self, a: Activation) -> Result<(), String> {
+    fn activate(&self, a: Activation) -> Result<(), ActivateError> {
         let handler = RngHandler {
             mem: a.mem,
             interrupt: a.interrupt,

@@ -9,7 +9,8 @@ use super::pci::VirtioHost;
 use super::VirtioInterrupt;
 
 /// Host services for a transport outside a VM: fresh eventfds and GSIs (counting up from
-/// `next_gsi`), notifications and routes accepted and ignored, no INTx, lifecycle work inline
+/// `next_gsi`, never reused), notifications, routes and releases accepted and ignored, no
+/// INTx, lifecycle work inline
 /// ([`super::DeviceWork::inline`]).
 #[derive(Debug, Default)]
 pub struct NullHost {
@@ -31,6 +32,10 @@ impl VirtioHost for NullHost {
             self.next_gsi.fetch_add(1, Ordering::Relaxed),
             EventFd::new(0)?,
         ))
+    }
+
+    fn release_msi(&self, _: u32, _: &EventFd) -> std::io::Result<()> {
+        Ok(())
     }
 
     fn set_msi_route(&self, _: u32, _: Option<(u64, u32)>) -> std::io::Result<()> {

@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use super::ActivateError;
 use super::ActiveQueue;
 
 /// What every worker thread runs first (the VMM installs its seccomp filter here).
@@ -89,7 +90,7 @@ impl QueueWorker {
         name: &str,
         queues: Vec<ActiveQueue>,
         handler: H,
-    ) -> Result<(), String> {
+    ) -> Result<(), ActivateError> {
         self.start_with_fds(name, queues, &[], handler)
     }
 
@@ -103,10 +104,10 @@ impl QueueWorker {
         mut queues: Vec<ActiveQueue>,
         fds: &[(RawFd, EventSet)],
         mut handler: H,
-    ) -> Result<(), String> {
+    ) -> Result<(), ActivateError> {
         self.stop();
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
-        let epoll = Epoll::new().map_err(|e| e.to_string())?;
+        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::host("worker eventfd"))?;
+        let epoll = Epoll::new().map_err(ActivateError::host("worker epoll"))?;
         let kill_token = queues.len() as u64;
         epoll
             .ctl(
@@ -114,7 +115,7 @@ impl QueueWorker {
                 kill.as_raw_fd(),
                 EpollEvent::new(EventSet::IN, kill_token),
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(ActivateError::host("worker epoll"))?;
         for (i, q) in queues.iter().enumerate() {
             epoll
                 .ctl(
@@ -122,7 +123,7 @@ impl QueueWorker {
                     q.event.as_raw_fd(),
                     EpollEvent::new(EventSet::IN, i as u64),
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(ActivateError::host("queue eventfd in the worker's epoll"))?;
         }
         let first_fd = kill_token + 1;
         for (i, &(fd, events)) in fds.iter().enumerate() {
@@ -132,9 +133,11 @@ impl QueueWorker {
                     fd,
                     EpollEvent::new(events, first_fd + i as u64),
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(ActivateError::host("backend fd in the worker's epoll"))?;
         }
-        let thread_kill = kill.try_clone().map_err(|e| e.to_string())?;
+        let thread_kill = kill
+            .try_clone()
+            .map_err(ActivateError::host("worker eventfd"))?;
         let fds_len = fds.len();
         let handle = std::thread::Builder::new()
             .name(name.to_string())
@@ -173,7 +176,7 @@ impl QueueWorker {
                     }
                 }
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(ActivateError::Thread)?;
         *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some((kill, handle));
         Ok(())
     }

@@ -8,7 +8,7 @@
 //! [`ECAM_BASE`]. A [`FuzzHost`] stands in for KVM and refuses duplicate ioeventfds as KVM
 //! does.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -43,6 +43,10 @@ pub struct FuzzHost {
     pub refused: AtomicU32,
     /// MSI routes by GSI, as last set.
     pub routes: Mutex<HashMap<u32, Option<(u64, u32)>>>,
+    /// MSI GSIs handed out and not given back.
+    pub allocated: Mutex<HashSet<u32>>,
+    /// Releases of GSIs not handed out (or given back twice), and routes set on them.
+    pub bad_msi: AtomicU32,
 }
 
 impl VirtioHost for FuzzHost {
@@ -64,12 +68,39 @@ impl VirtioHost for FuzzHost {
         Ok(())
     }
     fn allocate_msi(&self) -> std::io::Result<(u32, EventFd)> {
-        Ok((
-            24 + self.next_gsi.fetch_add(1, Ordering::Relaxed),
-            EventFd::new(EFD_NONBLOCK)?,
-        ))
+        let gsi = 24 + self.next_gsi.fetch_add(1, Ordering::Relaxed);
+        self.allocated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(gsi);
+        Ok((gsi, EventFd::new(EFD_NONBLOCK)?))
+    }
+    fn release_msi(&self, gsi: u32, _: &EventFd) -> std::io::Result<()> {
+        let known = self
+            .allocated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&gsi);
+        if !known {
+            self.bad_msi.fetch_add(1, Ordering::SeqCst);
+            return Err(std::io::Error::from_raw_os_error(libc::ENOENT));
+        }
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&gsi);
+        Ok(())
     }
     fn set_msi_route(&self, gsi: u32, msg: Option<(u64, u32)>) -> std::io::Result<()> {
+        if !self
+            .allocated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&gsi)
+        {
+            self.bad_msi.fetch_add(1, Ordering::SeqCst);
+            return Err(std::io::Error::from_raw_os_error(libc::ENOENT));
+        }
         self.routes
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -12,6 +12,8 @@ pub const QMP_DICT: &[&[u8]] = &[
     b"{\"execute\":\"qmp_capabilities\"}",
     b"{\"execute\":\"query-pci\"}",
     b"{\"execute\":\"query-status\"}",
+    b"{\"execute\":\"query-stats\",\"arguments\":{\"target\":\"vcpu\",\"providers\":[{\"provider\":\"kvm\",\"names\":[\"exits\"]}]}}",
+    b"{\"execute\":\"human-monitor-command\",\"arguments\":{\"command-line\":\"info stats vm * kvm\"}}",
     b"{\"execute\":\"device_add\",\"arguments\":{\"driver\":\"virtio-rng-pci\",\"id\":\"r\",\"addr\":\"5\"}}",
     b"{\"execute\":\"device_del\",\"arguments\":{\"id\":\"r\"}}",
     b"{\"execute\":\"human-monitor-command\",\"arguments\":{\"command-line\":\"info pci\"}}",

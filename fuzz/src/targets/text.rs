@@ -352,6 +352,28 @@ pub fn target_hotplug(data: &[u8]) {
         want.push(PciAddress::HOST_BRIDGE);
         want.sort();
         assert_eq!(on_bus, want, "bus and device set disagree after {line:?}");
+        // Removed and failed devices gave their MSI GSIs back, and only theirs.
+        let vectors: usize = set
+            .devices()
+            .iter()
+            .map(|r| {
+                r.abi
+                    .get("vectors")
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0)
+            })
+            .sum();
+        let allocated = host
+            .allocated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        assert_eq!(allocated, vectors, "MSI GSIs held after {line:?}");
+        assert_eq!(
+            host.bad_msi.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "a GSI released twice or routed after its release (after {line:?})"
+        );
         // DeviceSet::remove refuses to take function 0 while other functions of its slot stay
         // (FUZZ_STRICT_HOTPLUG=0 turns this check off).
         for a in on_bus.iter().filter(|_| strict_hotplug()) {

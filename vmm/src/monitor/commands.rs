@@ -21,6 +21,8 @@ pub const COMMANDS: &[&str] = &[
     "save-compat",
     "query-machine",
     "dump-machine",
+    "query-stats",
+    "query-stats-schemas",
     "human-monitor-command",
     "query-version",
     "query-commands",
@@ -310,6 +312,8 @@ fn run(
                 .dump_machine(str_arg(args, "path"))
                 .map(|_| json!({}))
         }
+        "query-stats" => super::stats::query_stats(backend, args),
+        "query-stats-schemas" => super::stats::query_stats_schemas(backend, args),
         "human-monitor-command" => {
             check_args(
                 args,

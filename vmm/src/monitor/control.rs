@@ -111,6 +111,18 @@ pub struct PciBridgeInfo {
     pub prefetchable_range: (u64, u64),
 }
 
+/// The machine's interrupt wiring as the host has it (for HMP `info gsi`: leak checks and
+/// diagnostics).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GsiInfo {
+    /// The GSIs allocated to MSI/MSI-X vectors, in order, each with whether it is routed now.
+    pub msi: Vec<(u32, bool)>,
+    /// Entries in KVM's GSI routing table (the fixed PIC / IO-APIC pins and the MSI routes).
+    pub routes: usize,
+    /// Level-triggered INTx lines registered (irqfds with resampling).
+    pub intx_lines: usize,
+}
+
 /// A failed command: QEMU's error class (`GenericError`, `DeviceNotFound`, ...) and text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandError {
@@ -191,6 +203,21 @@ pub trait VmControl: Send + Sync {
     /// vectors, queue rings as they are in guest memory), as (address, qdev id, report text),
     /// for HMP `info virtio`.
     fn device_reports(&self) -> Vec<(pci::PciAddress, String, String)>;
+    /// The interrupt wiring (MSI GSIs, KVM routes, INTx lines), for HMP `info gsi`; None
+    /// when the machine has none to report (the default).
+    fn gsi_info(&self) -> Option<GsiInfo> {
+        None
+    }
+    /// `query-stats` / `info stats`: the statistics of the VM (one source, no QOM path) or of
+    /// each vCPU (one source per vCPU, in vCPU order, with its QOM path), provider `kvm`, read
+    /// now. The default: none to be had ([`super::stats::IOCTL_FAILED`], QEMU's text).
+    fn stats(
+        &self,
+        target: super::stats::StatsTarget,
+    ) -> Result<Vec<super::stats::StatsSource>, CommandError> {
+        let _ = target;
+        Err(CommandError::generic(super::stats::IOCTL_FAILED))
+    }
 }
 
 /// QEMU's class descriptions (`hw/pci/pci.c`).

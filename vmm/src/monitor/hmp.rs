@@ -6,7 +6,7 @@
 use std::fmt::Write;
 
 use super::control::{class_desc, sorted};
-use super::control::{PciFunctionInfo, RegionKind, RunState, VmControl};
+use super::control::{GsiInfo, PciFunctionInfo, RegionKind, RunState, VmControl};
 use super::option::split_opts;
 
 /// `(name, params, help)`, as QEMU's `help` prints them.
@@ -30,8 +30,18 @@ const COMMANDS: &[(&str, &str, &str)] = &[
 ];
 
 const INFO: &[(&str, &str, &str)] = &[
+    (
+        "gsi",
+        "",
+        "show the interrupt wiring (MSI GSIs, KVM GSI routes, INTx lines)",
+    ),
     ("pci", "", "show PCI info"),
     ("qtree", "", "show device tree"),
+    (
+        "stats",
+        "target [names] [provider]",
+        "show statistics for the given target (vm or vcpu); optionally filter by name (comma-separated list, or '*' for all) and provider",
+    ),
     ("status", "", "show the current VM status (running|paused)"),
     (
         "virtio",
@@ -148,6 +158,10 @@ fn run_lf(backend: &dyn VmControl, line: &str, quit: &mut bool) -> String {
             let Some(found) = find(INFO, sub) else {
                 return format!("unknown command: 'info {sub}'\n");
             };
+            if found == "stats" {
+                let args: Vec<&str> = extra.split_whitespace().collect();
+                return super::stats::info_stats(backend, &args);
+            }
             if !extra.is_empty() {
                 return format!("{sub}: extraneous characters at the end of line\n");
             }
@@ -155,6 +169,7 @@ fn run_lf(backend: &dyn VmControl, line: &str, quit: &mut bool) -> String {
                 "pci" => info_pci(&backend.pci_functions()),
                 "qtree" => info_qtree(&backend.pci_functions()),
                 "virtio" => info_virtio(&backend.device_reports()),
+                "gsi" => info_gsi(backend.gsi_info().as_ref()),
                 _ => info_status(backend.status()),
             }
         }
@@ -270,6 +285,29 @@ pub fn info_virtio(reports: &[(pci::PciAddress, String, String)]) -> String {
         out = "no virtio devices\n".into();
     }
     out
+}
+
+/// `info gsi` (ours, not QEMU's): the GSIs allocated to MSI-X vectors (`*`: routed now), the
+/// size of KVM's GSI routing table and the INTx lines, one `name: count` per line.
+pub fn info_gsi(info: Option<&GsiInfo>) -> String {
+    let Some(info) = info else {
+        return "no interrupt wiring to report\n".into();
+    };
+    let list: Vec<String> = info
+        .msi
+        .iter()
+        .map(|(gsi, routed)| format!("{gsi}{}", if *routed { "*" } else { "" }))
+        .collect();
+    let routed = info.msi.iter().filter(|(_, r)| *r).count();
+    let mut s = format!("MSI GSIs allocated: {}", info.msi.len());
+    if !list.is_empty() {
+        let _ = write!(s, " ({})", list.join(" "));
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "MSI GSIs routed: {routed}");
+    let _ = writeln!(s, "KVM GSI routes: {}", info.routes);
+    let _ = writeln!(s, "INTx lines: {}", info.intx_lines);
+    s
 }
 
 /// `info qtree`, simplified: the PCIe host with its bus and the PCI functions on it.
@@ -405,6 +443,24 @@ mod tests {
     fn info_qtree_layout() {
         let t = info_qtree(&[rng()]);
         assert!(t.contains("      dev: virtio-rng-pci, id \"rng0\"\n        addr = 05.0\n        class Class 00ff, addr 00:05.0, pci id 1af4:1044 (sub 1af4:1100)\n        bar 1: mem at 0xc0008000 [0xc0008fff]\n        bar 4: mem at 0xc000c000 [0xc000ffff]\n"), "{t}");
+    }
+
+    #[test]
+    fn info_gsi_layout() {
+        let info = GsiInfo {
+            msi: vec![(24, true), (25, false), (31, true)],
+            routes: 41,
+            intx_lines: 2,
+        };
+        assert_eq!(
+            info_gsi(Some(&info)),
+            "MSI GSIs allocated: 3 (24* 25 31*)\nMSI GSIs routed: 2\nKVM GSI routes: 41\nINTx lines: 2\n"
+        );
+        assert_eq!(
+            info_gsi(Some(&GsiInfo::default())),
+            "MSI GSIs allocated: 0\nMSI GSIs routed: 0\nKVM GSI routes: 0\nINTx lines: 0\n"
+        );
+        assert_eq!(info_gsi(None), "no interrupt wiring to report\n");
     }
 
     #[test]

@@ -13,8 +13,9 @@
 //!
 //! Commands ([`commands`]): `qmp_capabilities`, `query-status`, `cont`, `stop`,
 //! `system_reset`, `quit`, `query-pci`, `device_add`, `device_del`, `query-compat`,
-//! `save-compat`, `query-machine`, `dump-machine`, `human-monitor-command` ([`hmp`]: `info
-//! pci`, `info qtree`, `info status`, ...), `query-version`, `query-commands`.
+//! `save-compat`, `query-machine`, `dump-machine`, `query-stats` and `query-stats-schemas`
+//! ([`stats`]), `human-monitor-command` ([`hmp`]: `info pci`, `info qtree`, `info status`,
+//! `info virtio`, `info gsi`, `info stats`, ...), `query-version`, `query-commands`.
 //!
 //! One client at a time, like a QEMU socket chardev: a second client's connection waits in
 //! the listen backlog and is greeted when the first one leaves.
@@ -25,11 +26,13 @@ pub mod control;
 pub mod hmp;
 pub mod option;
 pub mod qmp;
+pub mod stats;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
 pub use control::{
-    CommandError, PciBridgeInfo, PciFunctionInfo, PciRegionInfo, RegionKind, RunState, VmControl,
+    CommandError, GsiInfo, PciBridgeInfo, PciFunctionInfo, PciRegionInfo, RegionKind, RunState,
+    VmControl,
 };
 pub use option::parse_qmp_option;
 pub use qmp::{EventSink, QmpServer, ThreadInit, ThreadSetup, MAX_MESSAGE_SIZE};

@@ -1,0 +1,754 @@
+//! Issue 12, ACPI PCI hot-plug, end to end.
+//!
+//! - Real Linux on the test ground (one L1 boot): `tests/hotplug_e2e.py` (QEMU's `qemu.qmp`
+//!   client, inside L1) runs one vmm with a QMP socket, `--compat`, and a cold-plugged
+//!   virtio-rng at 04.0, and talks to the guest through a command loop on its serial console.
+//!   It hot-plugs a virtio-blk at 07.0 (the guest binds it and a write/read round trip works
+//!   from both sides), unplugs the cold-plugged rng (answered at once, `DEVICE_DELETED` only
+//!   after the guest ejects, id and slot taken until then), reboots the guest in the same process
+//!   (the same `lspci -vvv`), runs 50 add/del cycles (the vmm's fds and threads come back), and
+//!   powers off (status 0). A second vmm then starts from the record with its hot-plug field
+//!   removed (a record from before the property): no hot-plug slots, device_add refused.
+//! - The probe guest on the local KVM (`mode=hotplug`): random accesses to the hot-plug
+//!   registers and the GED remove nothing and leave every device as it was; and its eject
+//!   path completes a QMP `device_del`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use integration_tests::ground::{
+    build_part, host_script, run_host_scenario_with, section, vmm_binary,
+};
+use integration_tests::probe::{dumps, lspci_decode, parse_dump, probe_elf, require_kvm, vmm};
+use serde_json::{json, Value};
+
+/// The guest's /scenario: helpers, then a command loop on the console. Each line is
+/// `TAG COMMAND`; the answer is COMMAND's output between `=== TAG-BEGIN ===` and
+/// `=== TAG-END rc=N ===`. Commands stay short (hotplug_e2e.py refuses lines of 60 bytes or
+/// more): a console line longer than the UART's 64-byte FIFO never reaches the guest whole
+/// (see the test report).
+const GUEST_LOOP: &str = r#"waitfor() { i=0; while [ ! -e "$1" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ -e "$1" ]; }
+waitgone() { i=0; while [ -e "$1" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ ! -e "$1" ]; }
+dev() { echo "/sys/bus/pci/devices/0000:00:$1"; }
+drv() { basename "$(readlink "$(dev "$1")/driver")"; }
+bound() { waitfor "$(dev "$1")/driver" && drv "$1"; }
+gone() { waitgone "$(dev "$1")" && lspci -nn; }
+slots() { ls /sys/bus/pci/slots | sort -n | tr '\n' ' '; echo; }
+hdbound() { bound 07.0 && waitfor /dev/vda && cat /sys/block/vda/size; }
+hdread() { dd if=/dev/vda bs=4096 skip=1 count=2 2>/dev/null | md5sum; }
+hdhost() { dd if=/dev/vda bs=4096 skip=16 count=1 2>/dev/null | md5sum; }
+hdwrite() {
+    i=0; while [ $i -lt 512 ]; do printf 'HP-PATTERN-%04d\n' $i; i=$((i+1)); done > /tmp/p
+    dd if=/tmp/p of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null || return 1
+    md5sum < /tmp/p && echo 3 > /proc/sys/vm/drop_caches && hdread
+}
+settled() { bound 04.0 && bound 07.0 && waitfor /dev/vda; }
+stty -echo 2>/dev/null
+echo "=== CMDLOOP-READY ==="
+while read -r tag cmd; do
+    echo "=== $tag-BEGIN ==="
+    eval "$cmd"
+    echo "=== $tag-END rc=$? ==="
+done
+"#;
+
+/// Seconds the whole hot-plug session (two guest boots, 50 cycles) may take before vmmwatch
+/// reports the vmm as hung; a deadline that only catches hangs.
+const SESSION_DEADLINE_SECS: u32 = 600;
+const CYCLES: u32 = 50;
+
+/// The JSON lines hotplug_e2e.py printed in one section.
+struct Run {
+    text: String,
+    lines: Vec<Value>,
+}
+
+impl Run {
+    fn new(text: String) -> Run {
+        let lines = text
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        Run { text, lines }
+    }
+    fn find(&self, key: &str, name: &str) -> &Value {
+        self.lines
+            .iter()
+            .find(|v| v[key] == name)
+            .unwrap_or_else(|| panic!("no {key} {name:?} in:\n{}", self.text))
+    }
+    /// A guest command's output (asserting it exited 0).
+    fn guest(&self, name: &str) -> String {
+        let v = self.find("guest", name);
+        assert_eq!(v["rc"], 0, "guest command {name} failed: {v}");
+        v["out"].as_str().unwrap().to_string()
+    }
+    fn qmp(&self, name: &str) -> &Value {
+        self.find("qmp", name)
+    }
+    fn ok(&self, name: &str) {
+        let v = self.qmp(name);
+        assert_eq!(v["return"], json!({}), "{name}: {v}");
+    }
+    fn error(&self, name: &str) -> (String, String) {
+        let v = self.qmp(name);
+        let e = &v["error"];
+        assert!(e.is_object(), "{name} should have failed: {v}");
+        (
+            e["class"].as_str().unwrap().to_string(),
+            e["desc"].as_str().unwrap().to_string(),
+        )
+    }
+    fn host(&self, name: &str) -> &Value {
+        self.find("host", name)
+    }
+    fn host_out(&self, name: &str) -> String {
+        let v = self.host(name);
+        assert_eq!(v["rc"], 0, "{name}: {v}");
+        v["out"].as_str().unwrap().to_string()
+    }
+    fn events(&self, name: &str) -> Vec<&Value> {
+        self.lines.iter().filter(|v| v["event"] == name).collect()
+    }
+    fn exit(&self) -> i64 {
+        self.lines
+            .iter()
+            .find_map(|v| v["exit"].as_i64())
+            .unwrap_or_else(|| panic!("the vmm never ended:\n{}", self.text))
+    }
+    fn no_failure(&self) {
+        if let Some(f) = self.lines.iter().find(|v| v.get("failure").is_some()) {
+            panic!("hotplug_e2e.py gave up: {f}\n{}", self.text);
+        }
+    }
+}
+
+/// `lspci -vvv` text with what Linux chooses itself for a hot-plugged function masked out:
+/// the BAR addresses in `Region N: Memory at ADDR` and IRQ numbers.
+fn mask_linux_choices(text: &str) -> String {
+    text.lines()
+        .map(|l| {
+            let mut words: Vec<String> = Vec::new();
+            let mut prev = "";
+            for w in l.split(' ') {
+                let masked = match prev {
+                    "at" if l.contains("Region ") => "ADDR",
+                    "IRQ" => "N",
+                    _ => w,
+                };
+                words.push(masked.trim_end_matches(',').to_string());
+                prev = w;
+            }
+            words.join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn md5_line(out: &str) -> &str {
+    out.split_whitespace().next().unwrap_or("")
+}
+
+fn line_with<'a>(text: &'a str, a: &str, b: &str) -> Option<&'a str> {
+    text.lines().find(|l| l.contains(a) && l.contains(b))
+}
+
+#[test]
+fn linux_hot_plugs_unplugs_reboots_and_keeps_its_view() {
+    let python = build_part("build-python-part.sh").unwrap_or_else(|e| panic!("{e}"));
+    let driver = include_str!("../hotplug_e2e.py");
+    let script = host_script(&[format!(
+        r#"W="$TMPDIR/hp"; mkdir -p "$W"
+cat > "$W/guest.sh" <<'GUEST_EOF'
+{GUEST_LOOP}GUEST_EOF
+mkguestinitrd "$W/guest.cpio.gz" "$W/guest.sh" || exit 90
+cat > "$W/hp.py" <<'HOTPLUG_E2E_EOF'
+{driver}HOTPLUG_E2E_EOF
+t0=$(cut -d' ' -f1 /proc/uptime)
+echo "=== SESSION-BEGIN ==="
+python3 "$W/hp.py" session --vmm "$VMM" --kernel "$GUEST_KERNEL" --initrd "$W/guest.cpio.gz" --workdir "$W" --deadline {SESSION_DEADLINE_SECS} --cycles {CYCLES} 2>&1
+echo "=== SESSION-END rc=$? ==="
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo "=== OLDREC-BEGIN ==="
+python3 "$W/hp.py" oldrec --vmm "$VMM" --kernel "$GUEST_KERNEL" --initrd "$W/guest.cpio.gz" --workdir "$W" --deadline 180 2>&1
+echo "=== OLDREC-END rc=$? ==="
+t2=$(cut -d' ' -f1 /proc/uptime)
+echo "hotplug timing: session $t0..$t1 s, old record $t1..$t2 s (L1 uptime)"
+"#,
+    )]);
+    let out =
+        run_host_scenario_with(&script, &[python]).unwrap_or_else(|e| panic!("test ground: {e}"));
+    let s = Run::new(section(&out.stdout, "SESSION").unwrap_or_else(|| panic!("{}", out.stdout)));
+    s.no_failure();
+    assert!(
+        out.stdout.contains("=== SESSION-END rc=0 ==="),
+        "{}",
+        s.text
+    );
+
+    // Boot 1: the cold-plugged rng at 04.0 sits in an ACPI slot.
+    let nn = s.guest("boot1-lspci-nn");
+    assert!(line_with(&nn, "00:04.0 ", "[1af4:1044]").is_some(), "{nn}");
+    let v04 = s.guest("boot1-lspci-v-04");
+    assert!(v04.contains("Physical Slot: 4"), "{v04}");
+    let slots = s.guest("boot1-slots");
+    let slots: Vec<&str> = slots.split_whitespace().collect();
+    assert!(
+        slots.contains(&"4") && slots.contains(&"7") && slots.contains(&"31"),
+        "ACPI slots in /sys/bus/pci/slots: {slots:?}"
+    );
+    assert_eq!(s.guest("boot1-drv-04"), "virtio-pci");
+
+    // Hot-plug a virtio-blk at 07.0: bound, the disk reads what the host wrote, and what the
+    // guest writes lands in the image.
+    s.ok("add-hd1");
+    let bound = s.guest("hd1-bound");
+    assert_eq!(
+        bound.lines().collect::<Vec<_>>(),
+        ["virtio-pci", "32768"],
+        "{bound}"
+    );
+    let nn = s.guest("hd1-lspci-nn");
+    assert!(line_with(&nn, "00:07.0 ", "[1af4:1042]").is_some(), "{nn}");
+    assert!(line_with(&nn, "00:04.0 ", "[1af4:1044]").is_some(), "{nn}");
+    let v07 = s.guest("hd1-lspci-v-07");
+    assert!(v07.contains("Physical Slot: 7"), "{v07}");
+    assert!(v07.contains("Kernel driver in use: virtio-pci"), "{v07}");
+    let host_md5 = s.host("host-pattern")["md5"].as_str().unwrap().to_string();
+    assert_eq!(md5_line(&s.guest("hd1-read-host")), host_md5);
+    let write = s.guest("hd1-write");
+    let disk = s.host("disk-after-guest-write");
+    let want = disk["want"].as_str().unwrap();
+    assert_eq!(
+        write.lines().map(md5_line).collect::<Vec<_>>(),
+        [want, want],
+        "guest write / read back: {write}"
+    );
+    assert_eq!(disk["md5"], want, "the image on the host: {disk}");
+    let abi = s.host_out("abi-after-add");
+    assert!(
+        line_with(&abi, "00:07.0 0100: 1af4:1042", "id=hd1").is_some(),
+        "{abi}"
+    );
+
+    // Errors.
+    let (class, desc) = s.error("add-fn1");
+    assert_eq!(class, "GenericError", "{desc}");
+    assert_eq!(
+        s.error("del-unknown"),
+        (
+            "DeviceNotFound".to_string(),
+            "Device 'nosuch' not found".to_string()
+        )
+    );
+
+    // Unplug rng0 while paused: answered, still there, id and slot taken, no event.
+    s.ok("stop");
+    s.ok("del-rng0");
+    s.ok("del-rng0-again");
+    let (_, same_id) = s.error("readd-rng0-same-id");
+    assert!(
+        same_id.contains("'rng0'") || same_id.contains("slot 4"),
+        "{same_id}"
+    );
+    let (_, same_slot) = s.error("readd-other-id-same-slot");
+    assert!(
+        same_slot.contains("slot 4") && same_slot.contains("rng0"),
+        "{same_slot}"
+    );
+    let devs = &s.qmp("query-pci-paused")["return"][0]["devices"];
+    assert!(
+        devs.as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["qdev_id"] == "rng0" && d["slot"] == 4),
+        "rng0 must stay until the guest ejects it: {devs}"
+    );
+    assert_eq!(
+        s.host("deleted-while-paused")["events"],
+        json!([]),
+        "DEVICE_DELETED before the guest could eject"
+    );
+    s.ok("cont");
+    let deleted = s.events("DEVICE_DELETED");
+    let rng0: Vec<_> = deleted
+        .iter()
+        .filter(|e| e["data"]["device"] == "rng0")
+        .collect();
+    assert_eq!(rng0.len(), 1, "one DEVICE_DELETED for rng0: {deleted:?}");
+    assert_eq!(rng0[0]["step"], "del-rng0-cont", "{:?}", rng0[0]);
+    assert!(
+        rng0[0]["data"]["path"]
+            .as_str()
+            .is_some_and(|p| !p.is_empty()),
+        "{:?}",
+        rng0[0]
+    );
+    assert_eq!(s.error("del-rng0-after-event").0, "DeviceNotFound");
+    let gone = s.guest("rng0-gone");
+    assert!(
+        !gone.contains("00:04.0") && gone.contains("00:07.0"),
+        "{gone}"
+    );
+    let abi = s.host_out("abi-after-del");
+    assert!(!abi.contains("id=rng0") && abi.contains("id=hd1"), "{abi}");
+    s.ok("readd-rng0");
+    assert_eq!(s.guest("rng0-back"), "virtio-pci");
+
+    // Unplug while running.
+    s.ok("add-tmp");
+    assert_eq!(s.guest("tmp-bound"), "virtio-pci");
+    s.ok("del-tmp");
+    let tmp: Vec<_> = deleted
+        .iter()
+        .filter(|e| e["data"]["device"] == "tmp")
+        .collect();
+    assert_eq!(tmp.len(), 1, "{deleted:?}");
+    assert_eq!(tmp[0]["step"], "running-del");
+    assert!(!s.guest("tmp-gone").contains("00:09.0"));
+    let abi = s.host_out("abi-before-reboot");
+    for want in ["00:04.0 00ff: 1af4:1044", "00:07.0 0100: 1af4:1042"] {
+        assert!(abi.contains(want), "{want}: {abi}");
+    }
+    assert!(!abi.contains("00:09.0") && !abi.contains("id=tmp"), "{abi}");
+
+    // Reboot in place: the same view, hot-plugged devices included.
+    let first = s.guest("boot1-lspci-vvv");
+    let second = s.guest("boot2-lspci-vvv");
+    assert!(
+        first.contains("Physical Slot: 7") && first.contains("00:07.0 SCSI storage"),
+        "{first}"
+    );
+    // Linux gives a hot-plugged function BAR addresses of its own (acpiphp assigns them; the
+    // vmm's per-function addresses are what the next boot finds, as SeaBIOS's are in QEMU), and
+    // numbers IRQs in the order it meets them. Everything else is the same.
+    assert_eq!(
+        mask_linux_choices(&first),
+        mask_linux_choices(&second),
+        "lspci -nn -vvv changed across the reboot in place (beyond BAR addresses and IRQ numbers)"
+    );
+    // From boot to boot (both started with every device present), byte for byte.
+    let third = s.guest("boot3-lspci-vvv");
+    assert_eq!(
+        second, third,
+        "lspci -nn -vvv changed across a reboot in place (QMP system_reset)"
+    );
+    let qmp_reset = &s.host("reset-events-qmp")["events"];
+    assert_eq!(
+        qmp_reset[0]["data"]["guest"],
+        json!(false),
+        "RESET after system_reset: {qmp_reset}"
+    );
+    assert!(
+        !s.host("reset-events")["events"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "no RESET event for the guest's reboot"
+    );
+    assert_eq!(md5_line(&s.guest("boot2-read-pattern")), want);
+
+    // 50 add/del cycles: every one completed, the vmm's fds and threads are back.
+    let cyc = deleted
+        .iter()
+        .filter(|e| e["data"]["device"] == "cyc")
+        .count();
+    assert_eq!(cyc, CYCLES as usize, "DEVICE_DELETED for the cycles");
+    let res = s.host("resources");
+    // After the first cycle and after the last: no growth per cycle. (What the first cycle
+    // adds for good is printed: lazily created things are allowed.)
+    eprintln!(
+        "hotplug cycles: [fds, threads] before {} after the first {} after {CYCLES} {}",
+        res["before"], res["after_first"], res["after"]
+    );
+    assert_eq!(
+        res["after_first"], res["after"],
+        "the vmm's [fds, threads] after the first and after {CYCLES} add/del cycles; fds by kind after the first {} after the last {}",
+        res["fd_kinds_after_first"], res["fd_kinds_after"]
+    );
+    assert_eq!(
+        res["before"][1], res["after"][1],
+        "threads before and after the cycles"
+    );
+    assert!(!s.guest("cycles-lspci").contains("00:09.0"));
+    assert!(!s.host_out("abi-after-cycles").contains("id=cyc"));
+
+    // Power-off ends the vmm with status 0; the record has what was there at the end.
+    assert_eq!(s.exit(), 0, "vmm exit status after poweroff -f");
+    let abi = s.host_out("abi-final");
+    assert!(
+        line_with(&abi, "00:04.0 00ff: 1af4:1044", "id=rng0").is_some()
+            && line_with(&abi, "00:07.0 0100: 1af4:1042", "id=hd1").is_some(),
+        "{abi}"
+    );
+
+    // A record from before the hot-plug property: no hot-plug.
+    let o = Run::new(section(&out.stdout, "OLDREC").unwrap_or_else(|| panic!("{}", out.stdout)));
+    o.no_failure();
+    let dropped = &o.host("old-record")["dropped"];
+    assert!(
+        dropped.as_array().is_some_and(|d| !d.is_empty()),
+        "the record has no hot-plug field to drop: {}",
+        o.host("old-record")
+    );
+    let v = o.guest("old-lspci-v");
+    assert!(v.contains("00:04.0 ") && v.contains("00:07.0 "), "{v}");
+    assert!(!v.contains("Physical Slot"), "{v}");
+    assert_eq!(o.guest("old-slots"), "0");
+    assert_eq!(
+        o.error("old-add"),
+        (
+            "GenericError".to_string(),
+            "Bus 'pci.0' does not support hotplugging".to_string()
+        )
+    );
+    assert_eq!(o.exit(), 0);
+    assert!(out.stdout.contains("=== OLDREC-END rc=0 ==="));
+}
+
+// ---- the probe guest on the local KVM ----
+
+const SPARE_IMG_LEN: u64 = 1 << 20;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmm-hotplug-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Devices at fixed addresses (a multi-function slot, a disk), `--hotplug on`, a record.
+fn probe_devices(dir: &Path) -> Vec<String> {
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(SPARE_IMG_LEN))
+        .unwrap();
+    let mut args: Vec<String> = [
+        "virtio-rng-pci,id=p1,addr=4".to_string(),
+        "virtio-rng-pci,id=p2,addr=6.0,multifunction=on".into(),
+        "virtio-rng-pci,id=p3,addr=6.1".into(),
+        format!("virtio-blk-pci,id=p4,file={},addr=7", img.display()),
+        "virtio-rng-pci,id=p5,addr=1f".into(),
+    ]
+    .into_iter()
+    .flat_map(|d| ["--device".to_string(), d])
+    .collect();
+    args.extend([
+        "--compat".to_string(),
+        dir.join("rec.json").display().to_string(),
+    ]);
+    args
+}
+
+const PROBE_FUNCTIONS: [&str; 6] = [
+    "00:00.0", "00:04.0", "00:06.0", "00:06.1", "00:07.0", "00:1f.0",
+];
+
+fn run_probe_vmm(cmdline: &str, extra: &[String]) -> String {
+    let elf = probe_elf();
+    let mut args: Vec<&str> = vec![
+        "run",
+        "--no-reboot",
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--append",
+        cmdline,
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    let out = vmm(&args, 120);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "{cmdline}: vmm failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert!(!stderr.contains("panicked"), "{cmdline}: {stderr}");
+    assert!(
+        stdout.contains("=== PROBE-DONE ==="),
+        "{cmdline}: the probe did not finish:\n{stdout}"
+    );
+    stdout
+}
+
+/// `mode=hotplug`: random widths, offsets and values on the hot-plug registers and the GED,
+/// other bus selectors, ejects of empty slots and of occupied slots nobody asked to remove,
+/// GED read floods. The vmm lives, the registers keep saying "nothing happened", every device
+/// of the command line is still there, byte for byte, and the dumps decode with `lspci -F`.
+#[test]
+fn probe_hammering_the_hotplug_registers_removes_nothing() {
+    require_kvm();
+    let dir = scratch("hammer");
+    let mut devices = probe_devices(&dir);
+    devices.extend(["--hotplug".to_string(), "on".to_string()]);
+    let base = run_probe_vmm("mode=probe", &devices);
+    let (cf8, ecam) = dumps(&base);
+    let (base_cf8, base_ecam) = (parse_dump(&cf8), parse_dump(&ecam));
+    let present: Vec<&str> = base_cf8.iter().map(|f| f.addr.as_str()).collect();
+    assert_eq!(present, PROBE_FUNCTIONS, "the baseline run");
+
+    let mut seeds = vec![1u32, 7, 42, 2026];
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() | 1)
+        .unwrap_or(99);
+    seeds.push(t);
+    for seed in seeds {
+        let cmdline = format!("mode=hotplug seed={seed} n=2000");
+        eprintln!("hotplug probe run: {cmdline}");
+        let out = run_probe_vmm(&cmdline, &devices);
+        assert!(out.contains("=== HOTPLUG done ==="), "{cmdline}:\n{out}");
+        assert!(
+            out.contains("hotplug: anomalies 0\n"),
+            "{cmdline}: the registers said something happened:\n{out}"
+        );
+        assert!(
+            out.contains(
+                "hotplug: final PCIU 0x00000000 PCID 0x00000000 PCI_RMV 0xfffffffe BNUM 0x00000000 GED 0x00000000"
+            ),
+            "{cmdline}:\n{out}"
+        );
+        let (cf8, ecam) = dumps(&out);
+        assert_eq!(
+            parse_dump(&cf8),
+            base_cf8,
+            "{cmdline}: the CF8 view changed"
+        );
+        assert_eq!(
+            parse_dump(&ecam),
+            base_ecam,
+            "{cmdline}: the ECAM view changed"
+        );
+        for dump in [&cf8, &ecam] {
+            let decoded = lspci_decode(dump, &["-nn"]);
+            for addr in &PROBE_FUNCTIONS[1..] {
+                let short = &addr[3..];
+                assert!(
+                    decoded.contains(&format!("{short} ")),
+                    "{cmdline}: {addr} in lspci -F:\n{decoded}"
+                );
+            }
+        }
+    }
+    // The record still lists every device at its address.
+    let out = vmm(&["abi", "show", dir.join("rec.json").to_str().unwrap()], 30);
+    let abi = String::from_utf8_lossy(&out.stdout);
+    for (addr, id) in [
+        ("00:04.0", "p1"),
+        ("00:06.0", "p2"),
+        ("00:06.1", "p3"),
+        ("00:07.0", "p4"),
+        ("00:1f.0", "p5"),
+    ] {
+        assert!(
+            line_with(&abi, addr, &format!("id={id} ")).is_some(),
+            "{addr} {id}: {abi}"
+        );
+    }
+    // Without hot-plug nothing decodes those ports; the guest's accesses change nothing either.
+    let mut off = probe_devices(&scratch("hammer-off"));
+    off.extend(["--hotplug".to_string(), "off".to_string()]);
+    let out = run_probe_vmm("mode=hotplug seed=3 n=500", &off);
+    assert!(
+        out.contains("hotplug: final PCIU 0xffffffff PCID 0xffffffff PCI_RMV 0xffffffff BNUM 0xffffffff GED 0xffffffff"),
+        "--hotplug off: no hot-plug registers and no GED on the port bus:\n{out}"
+    );
+    let (cf8, _) = dumps(&out);
+    assert_eq!(parse_dump(&cf8), base_cf8, "--hotplug off: the CF8 view");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The probe as a minimal ACPI-less OS: it polls PCID, and ejects what QMP's `device_del`
+/// asked for (one B0EJ write per slot, like `_EJ0`). `device_del` answers at once,
+/// `DEVICE_DELETED` follows the eject, the function is gone from the guest's bus and from the
+/// record, and the others stay.
+#[test]
+fn probe_guest_ejects_what_device_del_asked_for() {
+    require_kvm();
+    let dir = scratch("eject");
+    let sock = dir.join("qmp.sock");
+    let elf = probe_elf();
+    let mut child: Child = Command::new(vmm_binary().unwrap())
+        .args([
+            "run",
+            "--no-reboot",
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--append",
+            "mode=hotplug seed=9 n=300 wait=3000000",
+        ])
+        .arg("--qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .args(probe_devices(&dir))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut console = BufReader::new(child.stdout.take().unwrap());
+    let mut text = String::new();
+    let mut read_until = |marker: &str, text: &mut String| loop {
+        let mut l = String::new();
+        if console.read_line(&mut l).unwrap() == 0 {
+            panic!("the vmm ended before {marker:?}:\n{text}");
+        }
+        text.push_str(&l);
+        if l.contains(marker) {
+            return;
+        }
+    };
+    read_until("hotplug: waiting for an eject request", &mut text);
+    let s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut next = || {
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        serde_json::from_str::<Value>(&l).unwrap_or_else(|e| panic!("{l:?}: {e}"))
+    };
+    assert!(next()["QMP"].is_object());
+    let mut events = vec![];
+    let mut cmd = |v: Value, events: &mut Vec<Value>| {
+        w.write_all(format!("{v}\n").as_bytes()).unwrap();
+        loop {
+            let v = next();
+            if v.get("event").is_some() {
+                events.push(v);
+            } else {
+                return v;
+            }
+        }
+    };
+    assert_eq!(
+        cmd(json!({"execute": "qmp_capabilities"}), &mut events)["return"],
+        json!({})
+    );
+    let del = cmd(
+        json!({"execute": "device_del", "arguments": {"id": "p1"}}),
+        &mut events,
+    );
+    assert_eq!(del["return"], json!({}), "{del}");
+    read_until("=== PROBE-DONE ===", &mut text);
+    // The guest's reset ends the vmm (--no-reboot); the event came before.
+    while !events.iter().any(|e| e["event"] == "DEVICE_DELETED") {
+        let v = next();
+        assert!(v.get("event").is_some(), "{v}");
+        events.push(v);
+    }
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status}: {stderr}\n{text}");
+    assert!(
+        text.contains("hotplug: eject request 0x00000010"),
+        "PCID should have had slot 4 only:\n{text}"
+    );
+    assert!(text.contains("hotplug: ejected slot 04"), "{text}");
+    assert!(
+        text.contains("hotplug: after eject PCID 0x00000000"),
+        "{text}"
+    );
+    assert!(text.contains("hotplug: anomalies 0\n"), "{text}");
+    let deleted: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "DEVICE_DELETED")
+        .collect();
+    assert_eq!(deleted.len(), 1, "{events:?}");
+    assert_eq!(deleted[0]["data"]["device"], "p1", "{events:?}");
+    let (cf8, _) = dumps(&text);
+    let present: Vec<String> = parse_dump(&cf8).into_iter().map(|f| f.addr).collect();
+    assert_eq!(
+        present,
+        ["00:00.0", "00:06.0", "00:06.1", "00:07.0", "00:1f.0"],
+        "after the eject"
+    );
+    let out = vmm(&["abi", "show", dir.join("rec.json").to_str().unwrap()], 30);
+    let abi = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !abi.contains("id=p1 ") && abi.contains("id=p4 "),
+        "the record after the removal: {abi}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `(threads, fds)` of a process.
+fn task_and_fd_counts(pid: u32) -> (usize, usize) {
+    let count = |d: &str| {
+        std::fs::read_dir(format!("/proc/{pid}/{d}"))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    };
+    (count("task"), count("fd"))
+}
+
+/// Reboot in place, many times in a row, with a guest that resets within milliseconds of
+/// starting (the probe's `mode=hello`): the vmm keeps rebooting (a reset reported by the new
+/// run while the old one's was still being taken once left it waiting with no vCPU), and its
+/// threads and fds stay where they were (each reboot used to leave an `intx-resample` thread
+/// with its eventfds behind).
+#[test]
+fn reboots_in_place_keep_going_and_leave_nothing_behind() {
+    require_kvm();
+    let elf = probe_elf();
+    let mut child = Command::new(vmm_binary().unwrap())
+        .args([
+            "run",
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--append",
+            "mode=hello",
+        ])
+        .args(["--device", "virtio-rng-pci,id=a,addr=4"])
+        .args(["--device", "virtio-rng-pci,id=b,addr=5"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let console = BufReader::new(child.stdout.take().unwrap());
+    // A deadline that only catches a hang: the vmm is stopped, and the count below falls short.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(Duration::from_secs(120)).is_err() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+    });
+    let (mut boots, mut early, mut late) = (0, (0, 0), (0, 0));
+    for line in console.lines() {
+        let Ok(line) = line else { break };
+        if !line.contains("Hello from the probe guest") {
+            continue;
+        }
+        boots += 1;
+        if boots == 5 {
+            early = task_and_fd_counts(pid);
+        }
+        if boots == 80 {
+            late = task_and_fd_counts(pid);
+            break;
+        }
+    }
+    let _ = done_tx.send(());
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+    let status = child.wait().unwrap();
+    watchdog.join().unwrap();
+    assert_eq!(boots, 80, "the guest stopped rebooting after {boots} boots");
+    assert!(status.success(), "vmm after SIGTERM: {status}");
+    // Sampled while the guest runs: a reboot in flight may add a few transient ones.
+    assert!(
+        late.0 <= early.0 + 3 && late.1 <= early.1 + 8,
+        "(threads, fds) after 5 boots {early:?}, after 80 boots {late:?}"
+    );
+}
