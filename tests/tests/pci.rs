@@ -349,6 +349,20 @@ echo "=== HWRNG-BEGIN ==="; cat /sys/class/misc/hw_random/rng_available; dd if=/
                 "--device virtio-rng-pci,id=f0,addr=6.0,multifunction=on --device virtio-rng-pci,id=f1,addr=6.1",
                 Some("lspci -n"),
             ),
+            // A bridge at 00:1e.0 with devices at 01:01.0 and 01:02.0 (issue 13).
+            guest_boot(
+                "BRIDGE",
+                "--device virtio-rng-pci,id=rng0,addr=05.0 --device pci-bridge,id=br1,chassis_nr=1,addr=1e.0 \
+                 --device virtio-rng-pci,id=a,bus=br1,addr=01.0 --device virtio-rng-pci,id=b,bus=br1,addr=02.0",
+                Some(
+                    r#"echo "=== LSPCI-N-BEGIN ==="; lspci -n; echo "=== LSPCI-N-END ==="
+echo "=== DRIVERS-BEGIN ==="
+for d in /sys/bus/pci/devices/*; do echo "$(basename $d) $(basename $(readlink $d/driver 2>/dev/null) 2>/dev/null)"; done
+echo "=== DRIVERS-END ==="
+echo "=== BRIDGE-BEGIN ==="; lspci -vv -s 00:1e.0; echo "=== BRIDGE-END ==="
+echo "=== DMESG-BEGIN ==="; dmesg | grep -iE "pci 0000:00:1e|bus 01|busn|bridge|reassign|can't|conflict"; echo "=== DMESG-END ===""#,
+                ),
+            ),
         ]);
         run_host_scenario(&script).unwrap_or_else(|e| panic!("test ground: {e}"))
     })
@@ -406,6 +420,44 @@ fn linux_binds_virtio_rng_and_reads_entropy_over_msix() {
     let hex = hw.lines().last().unwrap_or_default().trim().to_string();
     assert_eq!(hex.len(), 64, "32 bytes from /dev/hwrng: {hw}");
     assert_ne!(hex, "0".repeat(64), "entropy is not all zero");
+}
+
+#[test]
+fn linux_keeps_the_bridge_bus_numbers_and_binds_devices_behind_it() {
+    let n = boot_section("BRIDGE", "LSPCI-N");
+    let got: Vec<String> = n
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "00:00.0 0600: 1b36:0008",
+            "00:05.0 00ff: 1af4:1044 (rev 01)",
+            "00:1e.0 0604: 1b36:0001",
+            "01:01.0 00ff: 1af4:1044 (rev 01)",
+            "01:02.0 00ff: 1af4:1044 (rev 01)",
+        ]
+    );
+    let drivers = boot_section("BRIDGE", "DRIVERS");
+    for a in [
+        "0000:00:05.0 virtio-pci",
+        "0000:01:01.0 virtio-pci",
+        "0000:01:02.0 virtio-pci",
+    ] {
+        assert!(drivers.contains(a), "{a} not bound:\n{drivers}");
+    }
+    let br = boot_section("BRIDGE", "BRIDGE");
+    // Linux kept what the vmm programmed (bus numbers and the memory window).
+    assert!(
+        br.contains("Bus: primary=00, secondary=01, subordinate=01"),
+        "{br}"
+    );
+    assert!(
+        br.contains("Memory behind bridge: c4000000-c47fffff"),
+        "{br}"
+    );
 }
 
 #[test]
