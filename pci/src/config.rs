@@ -101,6 +101,47 @@ pub const STATUS_CAP_LIST: u16 = 1 << 4;
 pub const STATUS_W1C: u16 = 0xf900;
 /// Header type bit: multifunction device.
 pub const HEADER_TYPE_MULTIFUNCTION: u8 = 0x80;
+/// Header type 1: PCI-to-PCI bridge.
+pub const HEADER_TYPE_BRIDGE: u8 = 0x01;
+
+/// Type-1 (PCI-to-PCI bridge) header register offsets and bits.
+pub mod bridge {
+    /// Primary bus number.
+    pub const PRIMARY_BUS: usize = 0x18;
+    /// Secondary bus number.
+    pub const SECONDARY_BUS: usize = 0x19;
+    /// Subordinate bus number.
+    pub const SUBORDINATE_BUS: usize = 0x1a;
+    /// Secondary latency timer.
+    pub const SEC_LATENCY_TIMER: usize = 0x1b;
+    /// I/O base (bits 7:4 are address bits 15:12).
+    pub const IO_BASE: usize = 0x1c;
+    /// I/O limit.
+    pub const IO_LIMIT: usize = 0x1d;
+    /// Secondary status.
+    pub const SEC_STATUS: usize = 0x1e;
+    /// Memory base (bits 15:4 are address bits 31:20).
+    pub const MEMORY_BASE: usize = 0x20;
+    /// Memory limit.
+    pub const MEMORY_LIMIT: usize = 0x22;
+    /// Prefetchable memory base (bits 3:0: 1 = 64-bit).
+    pub const PREF_BASE: usize = 0x24;
+    /// Prefetchable memory limit.
+    pub const PREF_LIMIT: usize = 0x26;
+    /// Prefetchable base, upper 32 bits.
+    pub const PREF_BASE_UPPER32: usize = 0x28;
+    /// Prefetchable limit, upper 32 bits.
+    pub const PREF_LIMIT_UPPER32: usize = 0x2c;
+    /// Bridge control.
+    pub const CONTROL: usize = 0x3e;
+    /// Bridge control bits the guest may write (QEMU: parity, SERR, ISA, VGA,
+    /// VGA 16-bit, master abort, bus reset, fast back-to-back, both discard
+    /// timers, discard SERR).
+    pub const CONTROL_WRITABLE: u16 = 0x0bff;
+    /// Bridge control: discard timer status (write 1 to clear).
+    pub const CONTROL_DISCARD_STATUS: u16 = 0x0400;
+}
+
 /// Capability ID of MSI-X.
 pub const CAP_ID_MSIX: u8 = 0x11;
 /// MSI-X message control: function mask bit.
@@ -385,6 +426,45 @@ impl ConfigSpaceBuilder {
         b
     }
 
+    /// Starts a type-1 (PCI-to-PCI bridge) header with QEMU's masks
+    /// (`pci_init_mask_bridge`, `pci_bridge_initfn`): bus numbers and the
+    /// secondary latency timer writable; I/O window 16-bit (bits 7:4 of base
+    /// and limit writable); memory and prefetchable windows in 1 MiB units
+    /// (bits 15:4 writable), the prefetchable one 64-bit (upper dwords
+    /// writable); bridge control as QEMU; status and secondary status 66 MHz
+    /// and fast back-to-back capable; no BARs, no expansion ROM, no subsystem
+    /// IDs (those are type-0 registers). Class 0604.
+    pub(crate) fn new_bridge(vendor: u16, device: u16) -> Self {
+        let mut b = Self::new(vendor, device);
+        b.put16(PCI_SUBSYSTEM_VENDOR_ID, 0);
+        b.put16(PCI_SUBSYSTEM_ID, 0);
+        b.class(0x06, 0x04, 0x00);
+        b.bytes[PCI_HEADER_TYPE] = HEADER_TYPE_BRIDGE;
+        // 66 MHz capable, fast back-to-back capable.
+        b.bytes[PCI_STATUS] |= 0xa0;
+        b.bytes[bridge::SEC_STATUS] = 0xa0;
+        b.wmask[bridge::PRIMARY_BUS..bridge::PRIMARY_BUS + 4].fill(0xff);
+        b.wmask[bridge::IO_BASE] = 0xf0;
+        b.wmask[bridge::IO_LIMIT] = 0xf0;
+        for off in [
+            bridge::MEMORY_BASE,
+            bridge::MEMORY_LIMIT,
+            bridge::PREF_BASE,
+            bridge::PREF_LIMIT,
+        ] {
+            b.wmask[off..off + 2].copy_from_slice(&0xfff0u16.to_le_bytes());
+        }
+        b.wmask[bridge::PREF_BASE_UPPER32..bridge::PREF_BASE_UPPER32 + 8].fill(0xff);
+        // Prefetchable window: 64-bit decoding.
+        b.bytes[bridge::PREF_BASE] = 0x01;
+        b.bytes[bridge::PREF_LIMIT] = 0x01;
+        let ctl = bridge::CONTROL_WRITABLE.to_le_bytes();
+        b.wmask[bridge::CONTROL..bridge::CONTROL + 2].copy_from_slice(&ctl);
+        let w1c = bridge::CONTROL_DISCARD_STATUS.to_le_bytes();
+        b.w1cmask[bridge::CONTROL..bridge::CONTROL + 2].copy_from_slice(&w1c);
+        b
+    }
+
     fn put16(&mut self, off: usize, v: u16) {
         self.bytes[off..off + 2].copy_from_slice(&v.to_le_bytes());
     }
@@ -414,9 +494,11 @@ impl ConfigSpaceBuilder {
         self
     }
 
-    /// Sets the multifunction bit of the header type (0x80 vs 0x00).
+    /// Sets the multifunction bit of the header type (bit 7), keeping the
+    /// layout (type 0 or 1).
     pub fn multifunction(&mut self, on: bool) -> &mut Self {
-        self.bytes[PCI_HEADER_TYPE] = if on { HEADER_TYPE_MULTIFUNCTION } else { 0 };
+        let layout = self.bytes[PCI_HEADER_TYPE] & !HEADER_TYPE_MULTIFUNCTION;
+        self.bytes[PCI_HEADER_TYPE] = layout | if on { HEADER_TYPE_MULTIFUNCTION } else { 0 };
         self
     }
 

@@ -14,8 +14,10 @@
 //!   decision [`Delivery`].
 //! - [`slots`]: [`SlotAllocator`] with explicit [`SlotState`]s and QEMU's
 //!   error messages.
-//! - [`root`]: [`PciRoot`], bus 0's function table behind an `ArcSwap`
-//!   (lock-free readers) plus type-1 and ECAM decoding; [`HostBridge`].
+//! - [`root`]: [`PciRoot`], the function tables of bus 0 and of the buses
+//!   behind bridges, behind an `ArcSwap` (lock-free readers), plus type-1 and
+//!   ECAM decoding with type-1 forwarding through bridges; [`HostBridge`].
+//! - [`bridge`]: [`PciBridge`], QEMU's `pci-bridge` (type-1 header).
 //!
 //! Nothing here panics on guest- or user-controlled input: invalid config,
 //! table or port accesses read all-ones and drop writes.
@@ -54,6 +56,7 @@
 #![forbid(unsafe_code)]
 
 pub mod address;
+pub mod bridge;
 pub mod config;
 pub mod msix;
 pub mod record;
@@ -61,6 +64,7 @@ pub mod root;
 pub mod slots;
 
 pub use address::{parse_qemu_addr, AddressError, PciAddress};
+pub use bridge::{BridgeSetup, BridgeWindows, PciBridge};
 pub use config::{
     BarInfo, BarKind, CapInfo, ConfigError, ConfigSpace, ConfigSpaceBuilder, MsixCapInfo,
     WriteEffect,

@@ -204,7 +204,12 @@ fn read_u32(config: &ConfigSpace, offset: usize) -> u32 {
 pub struct DeviceRecord {
     /// Driver name.
     pub driver: String,
-    /// Address.
+    /// The bus it sits on by name, when that is not the root bus `pci.0`: the id of the
+    /// `pci-bridge` in front of it. Records of machines without bridges have none (and read
+    /// as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bus: Option<String>,
+    /// Address (with the bus number the machine gave the bus).
     pub addr: PciAddress,
     /// What the guest sees.
     pub fingerprint: Fingerprint,
@@ -288,11 +293,21 @@ impl CompatRecord {
                     reason: "a device has an empty id".into(),
                 });
             }
-            if d.addr.bus() != 0 || d.addr.device() == 0 {
+            let on_root = d.bus.is_none();
+            if on_root && (d.addr.bus() != 0 || d.addr.device() == 0) {
                 return Err(RecordError::Invalid {
                     path: path.into(),
                     reason: format!(
                         "device '{id}' has address {} outside bus 0 slots 1-31",
+                        d.addr
+                    ),
+                });
+            }
+            if !on_root && d.addr.bus() == 0 {
+                return Err(RecordError::Invalid {
+                    path: path.into(),
+                    reason: format!(
+                        "device '{id}' is behind a bridge but has address {} on bus 0",
                         d.addr
                     ),
                 });
@@ -501,7 +516,7 @@ pub fn diff(old: &CompatRecord, new: &CompatRecord) -> Vec<Change> {
                 addr: o.addr,
             }),
             Some(n) => {
-                if o.addr != n.addr {
+                if o.addr != n.addr || o.bus != n.bus {
                     out.push(Change::Moved {
                         id: id.clone(),
                         old: o.addr,
@@ -584,6 +599,7 @@ mod tests {
                         id.to_string(),
                         DeviceRecord {
                             driver: "virtio-rng-pci".into(),
+                            bus: None,
                             addr: PciAddress::new(0, slot, 0).unwrap(),
                             fingerprint: fp(vectors),
                         },

@@ -1,21 +1,29 @@
-//! The root complex of bus 0: the function table and configuration access
-//! decoding (type-1 ports 0xcf8/0xcfc and an ECAM window), lock-free on the
-//! read side.
+//! The root complex: the function tables of bus 0 and of every bus behind a PCI-to-PCI bridge,
+//! and configuration access decoding (type-1 ports 0xcf8/0xcfc and an ECAM window), lock-free
+//! on the read side.
 //!
 //! Invariants:
-//! - The 256-entry function table of bus 0 is immutable once published in
-//!   an [`ArcSwap`]; readers (vCPU threads decoding config accesses) read it
-//!   through their thread's cache of it (one relaxed pointer comparison per
-//!   access, which notices every publication) or a `load()` guard: no lock, no
-//!   `Arc` clone, and they see either the table before or after a concurrent
-//!   [`PciRoot::add`]/[`PciRoot::remove`], never a partial one.
-//! - Writers (`add`, `remove`) copy the table, change the copy and publish
-//!   it; a mutex serializes writers only, so concurrent adds never lose each
-//!   other's updates. Readers never touch that mutex.
-//! - A function may still receive an access through a guard loaded just
-//!   before its removal; functions must tolerate that (they are `Arc`s and
-//!   stay alive while referenced).
-//! - Absent functions and other buses read all-ones; writes to them are
+//! - The table (one 256-entry function table per bus, bus 0 first, each with the list of the
+//!   bridges on it and the table of each bridge's secondary bus) is immutable once published in
+//!   an [`ArcSwap`]; readers (vCPU threads decoding config accesses) read it through their
+//!   thread's cache of it (one relaxed pointer comparison per access, which notices every
+//!   publication) or a `load()` guard: no lock, no `Arc` clone, and they see either the table
+//!   before or after a concurrent [`PciRoot::add`]/[`PciRoot::remove`], never a partial one.
+//! - Buses behind bridges have no number of their own: an access to bus N != 0 is routed as
+//!   hardware routes a type-1 cycle, from bus 0 down through the bridge whose programmed
+//!   secondary..=subordinate range holds N, until a bridge's secondary bus is N (then the access
+//!   goes to that bus's table, as a type-0 cycle). The bus numbers are read from the bridges'
+//!   config space (atomics) on every such access, so a guest that renumbers its buses is
+//!   followed at once. Routing only ever descends the tree, so it ends after at most as many
+//!   steps as the tree is deep, whatever the guest programs. Bus 0 accesses never look at
+//!   bridges.
+//! - Writers (`add`, `remove`) copy the table, change the copy and publish it; a mutex
+//!   serializes writers only, so concurrent adds never lose each other's updates. Readers never
+//!   touch that mutex. `add`/`get`/`remove` resolve an address's bus number by the same
+//!   routing, so the VMM programs a bridge's bus numbers before adding functions behind it.
+//! - A function may still receive an access through a guard loaded just before its removal;
+//!   functions must tolerate that (they are `Arc`s and stay alive while referenced).
+//! - Absent functions and buses no bridge routes to read all-ones; writes to them are
 //!   dropped. Config writes to present functions go through the function's
 //!   [`ConfigSpace`] masks, then [`PciFunction::config_written`] is called,
 //!   then the [`WriteEffect`] is returned so the VMM can move BARs.
@@ -30,10 +38,13 @@ use arc_swap::ArcSwap;
 use thiserror::Error;
 
 use crate::address::PciAddress;
+use crate::bridge;
 use crate::config::{ConfigSpace, ConfigSpaceBuilder, WriteEffect};
 
 /// Size of the ECAM window covering bus 0 (1 MiB).
 pub const ECAM_BUS0_SIZE: u64 = 1 << 20;
+/// Size of an ECAM window covering all 256 buses (256 MiB).
+pub const ECAM_ALL_BUSES_SIZE: u64 = 256 << 20;
 /// Size of the type-1 port range starting at 0xcf8.
 pub const PIO_CONFIG_SIZE: u64 = 8;
 /// Host bridge vendor ID (Red Hat, as QEMU's PCIe host bridge).
@@ -42,7 +53,7 @@ pub const HOST_BRIDGE_VENDOR: u16 = 0x1b36;
 pub const HOST_BRIDGE_DEVICE: u16 = 0x0008;
 const TABLE_SIZE: usize = 256;
 
-/// A PCI function on the root bus.
+/// A PCI function on the root bus or behind a bridge.
 pub trait PciFunction: Send + Sync {
     /// The function's configuration space.
     fn config(&self) -> &ConfigSpace;
@@ -79,7 +90,7 @@ pub trait PciFunction: Send + Sync {
 /// Errors from changing the function table.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum RootError {
-    /// Only bus 0 exists.
+    /// No bridge routes to this bus number.
     #[error("PCI bus {0:#04x} does not exist")]
     NoSuchBus(u8),
     /// The address already holds a function.
@@ -132,22 +143,92 @@ impl PciFunction for HostBridge {
     }
 }
 
-/// An immutable snapshot of bus 0's functions, indexed by devfn.
+/// One bus: its functions by devfn and the bridges on it.
 #[derive(Clone)]
-struct Table {
+struct BusTable {
     funcs: Vec<Option<Arc<dyn PciFunction>>>,
+    /// (devfn of a bridge on this bus, index of its secondary bus in [`Table::buses`]), in
+    /// devfn order.
+    bridges: Vec<(u8, usize)>,
 }
 
-impl Table {
-    fn get(&self, addr: PciAddress) -> Option<&Arc<dyn PciFunction>> {
-        if addr.bus() != 0 {
-            return None;
+impl BusTable {
+    fn empty() -> Self {
+        Self {
+            funcs: vec![None; TABLE_SIZE],
+            bridges: Vec::new(),
         }
-        self.funcs.get(usize::from(addr.devfn()))?.as_ref()
     }
 }
 
-/// The root complex of bus 0. See the module docs for the invariants.
+/// An immutable snapshot of every bus. `buses[0]` is bus 0; the others are reached only
+/// through the bridges that own them.
+#[derive(Clone)]
+struct Table {
+    buses: Vec<BusTable>,
+}
+
+impl Table {
+    /// The index of the bus the number `nr` routes to (see the module docs).
+    fn route(&self, nr: u8) -> Option<usize> {
+        let mut cur = 0;
+        if nr == 0 {
+            return Some(cur);
+        }
+        // Each step descends one level of a tree of at most `buses.len()` buses.
+        for _ in 0..self.buses.len() {
+            let bus = self.buses.get(cur)?;
+            let mut next = None;
+            for &(devfn, child) in &bus.bridges {
+                let Some(Some(f)) = bus.funcs.get(usize::from(devfn)) else {
+                    continue;
+                };
+                let (_, secondary, subordinate) = bridge::bus_numbers(f.config());
+                if secondary == nr {
+                    return Some(child);
+                }
+                if secondary < nr && nr <= subordinate {
+                    next = Some(child);
+                    break;
+                }
+            }
+            cur = next?;
+        }
+        None
+    }
+
+    fn get(&self, addr: PciAddress) -> Option<&Arc<dyn PciFunction>> {
+        let bus = self.buses.get(self.route(addr.bus())?)?;
+        bus.funcs.get(usize::from(addr.devfn()))?.as_ref()
+    }
+
+    /// Every function with the address the current bus numbers give it, depth first.
+    fn walk(
+        &self,
+        bus: usize,
+        nr: u8,
+        depth: usize,
+        out: &mut Vec<(PciAddress, Arc<dyn PciFunction>)>,
+    ) {
+        let Some(table) = self.buses.get(bus) else {
+            return;
+        };
+        for (devfn, f) in table.funcs.iter().enumerate() {
+            let Some(f) = f else { continue };
+            out.push((PciAddress::from_devfn(nr, devfn as u8), f.clone()));
+            if depth < self.buses.len() {
+                if let Some(&(_, child)) =
+                    table.bridges.iter().find(|(d, _)| usize::from(*d) == devfn)
+                {
+                    let (_, secondary, _) = bridge::bus_numbers(f.config());
+                    self.walk(child, secondary, depth + 1, out);
+                }
+            }
+        }
+    }
+}
+
+/// The root complex. See the module docs for the invariants.
 pub struct PciRoot {
     table: Arc<ArcSwap<Table>>,
     /// Serializes writers of `table`; never taken by readers.
@@ -183,9 +264,9 @@ impl PciRoot {
     /// A root complex with the [`HostBridge`] at 00:00.0.
     pub fn new() -> Self {
         let root = Self::empty();
-        let mut funcs = vec![None; TABLE_SIZE];
-        funcs[0] = Some(Arc::new(HostBridge::new()) as Arc<dyn PciFunction>);
-        root.table.store(Arc::new(Table { funcs }));
+        let mut bus0 = BusTable::empty();
+        bus0.funcs[0] = Some(Arc::new(HostBridge::new()) as Arc<dyn PciFunction>);
+        root.table.store(Arc::new(Table { buses: vec![bus0] }));
         root
     }
 
@@ -193,7 +274,7 @@ impl PciRoot {
     pub fn empty() -> Self {
         Self {
             table: Arc::new(ArcSwap::from_pointee(Table {
-                funcs: vec![None; TABLE_SIZE],
+                buses: vec![BusTable::empty()],
             })),
             writer: Mutex::new(()),
             config_address: AtomicU32::new(0),
@@ -209,30 +290,55 @@ impl PciRoot {
         r
     }
 
-    /// Adds `function` at `addr` (bus 0 only, address must be free).
+    /// Adds `function` at `addr` (the address must be free, its bus reachable: bus 0 or the
+    /// secondary bus of a bridge, by the bus numbers programmed now). A function with a type-1
+    /// header gets a new, empty secondary bus behind it.
     pub fn add(&self, addr: PciAddress, function: Arc<dyn PciFunction>) -> Result<(), RootError> {
-        if addr.bus() != 0 {
-            return Err(RootError::NoSuchBus(addr.bus()));
-        }
-        self.update(|t| match t.funcs.get_mut(usize::from(addr.devfn())) {
-            Some(Some(present)) => Err(RootError::InUse {
-                addr,
-                name: present.name().to_string(),
-            }),
-            Some(slot) => {
-                *slot = Some(function);
-                Ok(())
+        self.update(|t| {
+            let bus = t
+                .route(addr.bus())
+                .ok_or(RootError::NoSuchBus(addr.bus()))?;
+            let devfn = addr.devfn();
+            let is_bridge = bridge::is_bridge(function.config());
+            let child = t.buses.len();
+            let table = t
+                .buses
+                .get_mut(bus)
+                .ok_or(RootError::NoSuchBus(addr.bus()))?;
+            match table.funcs.get_mut(usize::from(devfn)) {
+                Some(Some(present)) => {
+                    return Err(RootError::InUse {
+                        addr,
+                        name: present.name().to_string(),
+                    })
+                }
+                Some(slot) => *slot = Some(function),
+                None => return Err(RootError::NoSuchBus(addr.bus())),
             }
-            None => Err(RootError::NoSuchBus(addr.bus())),
+            if is_bridge {
+                table.bridges.push((devfn, child));
+                table.bridges.sort_unstable();
+                t.buses.push(BusTable::empty());
+            }
+            Ok(())
         })
     }
 
-    /// Removes and returns the function at `addr`, if any.
+    /// Removes and returns the function at `addr`, if any. Removing a bridge makes the bus
+    /// behind it (and whatever is on it) unreachable.
     pub fn remove(&self, addr: PciAddress) -> Option<Arc<dyn PciFunction>> {
-        if addr.bus() != 0 {
-            return None;
-        }
-        self.update(|t| t.funcs.get_mut(usize::from(addr.devfn()))?.take())
+        self.update(|t| {
+            let bus = t.route(addr.bus())?;
+            let table = t.buses.get_mut(bus)?;
+            let removed = table.funcs.get_mut(usize::from(addr.devfn()))?.take()?;
+            if let Some(i) = table.bridges.iter().position(|(d, _)| *d == addr.devfn()) {
+                let (_, child) = table.bridges.remove(i);
+                if let Some(c) = t.buses.get_mut(child) {
+                    *c = BusTable::empty();
+                }
+            }
+            Some(removed)
+        })
     }
 
     /// The function at `addr`, if any.
@@ -240,15 +346,13 @@ impl PciRoot {
         self.table.load().get(addr).cloned()
     }
 
-    /// All functions in address order.
+    /// All functions, each at the address the current bus numbers give it: bus 0 in devfn
+    /// order, each bridge followed by the functions behind it.
     pub fn functions(&self) -> Vec<(PciAddress, Arc<dyn PciFunction>)> {
         let table = self.table.load();
-        table
-            .funcs
-            .iter()
-            .enumerate()
-            .filter_map(|(i, f)| Some((PciAddress::from_devfn(0, i as u8), f.clone()?)))
-            .collect()
+        let mut out = Vec::new();
+        table.walk(0, 0, 0, &mut out);
+        out
     }
 
     /// Runs `f` on the current table through this thread's cache of it: a vCPU thread reads
@@ -286,7 +390,7 @@ impl PciRoot {
     }
 
     /// Reads configuration register `register` of `addr`; absent functions
-    /// and other buses read all-ones.
+    /// and buses no bridge routes to read all-ones.
     pub fn config_read(&self, addr: PciAddress, register: usize, data: &mut [u8]) {
         self.with_table(|table| match table.get(addr) {
             Some(f) => f.config().read(register, data),
@@ -296,7 +400,7 @@ impl PciRoot {
 
     /// Writes configuration register `register` of `addr`, notifies the
     /// function and returns the effect; `None` (write dropped) for absent
-    /// functions and other buses.
+    /// functions and buses no bridge routes to.
     pub fn config_write(
         &self,
         addr: PciAddress,
@@ -361,10 +465,11 @@ impl PciRoot {
         self.config_write(addr, register, data)
     }
 
-    /// Guest read of the ECAM window (bus 0 only: offsets from 1 MiB read
-    /// all-ones).
+    /// Guest read of the ECAM window (`bus << 20 | devfn << 12 | register`; the bus is routed
+    /// like a type-1 cycle). Offsets beyond 256 MiB read all-ones; the VMM decides how much of
+    /// the window the guest can reach at all.
     pub fn ecam_read(&self, offset: u64, data: &mut [u8]) {
-        if offset >= ECAM_BUS0_SIZE {
+        if offset >= ECAM_ALL_BUSES_SIZE {
             data.fill(0xff);
             return;
         }
@@ -372,9 +477,9 @@ impl PciRoot {
         self.config_read(addr, usize::from(register), data);
     }
 
-    /// Guest write of the ECAM window (bus 0 only).
+    /// Guest write of the ECAM window (see [`PciRoot::ecam_read`]).
     pub fn ecam_write(&self, offset: u64, data: &[u8]) -> Option<(PciAddress, WriteEffect)> {
-        if offset >= ECAM_BUS0_SIZE {
+        if offset >= ECAM_ALL_BUSES_SIZE {
             return None;
         }
         let (addr, register) = PciAddress::from_ecam_offset(offset);
@@ -566,6 +671,96 @@ mod tests {
         root.ecam_read(u64::MAX, &mut d);
         assert_eq!(d, [0xff; 4]);
         assert!(root.ecam_write(1 << 20 | 4, &[1]).is_none());
+    }
+
+    fn bridged(primary: u8, secondary: u8, subordinate: u8) -> Arc<crate::PciBridge> {
+        let b = Arc::new(crate::PciBridge::new(secondary.max(1), false));
+        b.program(&crate::BridgeSetup {
+            primary,
+            secondary,
+            subordinate,
+            memory: None,
+        });
+        b
+    }
+
+    fn ecam32(root: &PciRoot, addr: PciAddress, reg: u64) -> u32 {
+        let mut d = [0u8; 4];
+        root.ecam_read(addr.ecam_offset() + reg, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    fn cf8_32(root: &PciRoot, addr: PciAddress, reg: u8) -> u32 {
+        root.pio_write(0, &addr.config_address(reg).to_le_bytes());
+        pio_read32(root, 4)
+    }
+
+    #[test]
+    fn type1_forwarding_through_two_levels_of_bridges() {
+        let root = PciRoot::new();
+        let at = |b, d, f| PciAddress::new(b, d, f).unwrap();
+        // 00:1e.0 -> bus 1 (1..=2); 01:03.0 -> bus 2; 00:1f.0 -> bus 3.
+        root.add(at(0, 0x1e, 0), bridged(0, 1, 2)).unwrap();
+        root.add(at(1, 3, 0), bridged(1, 2, 2)).unwrap();
+        root.add(at(0, 0x1f, 0), bridged(0, 3, 3)).unwrap();
+        root.add(at(1, 1, 0), Dev::new(0x1001)).unwrap();
+        root.add(at(2, 0, 0), Dev::new(0x1002)).unwrap();
+        root.add(at(3, 5, 1), Dev::new(0x1003)).unwrap();
+        assert_eq!(
+            root.add(at(4, 0, 0), Dev::new(1)),
+            Err(RootError::NoSuchBus(4))
+        );
+        for (addr, id) in [
+            (at(1, 1, 0), 0x1001),
+            (at(2, 0, 0), 0x1002),
+            (at(3, 5, 1), 0x1003),
+        ] {
+            let want = (id << 16) | 0x1af4;
+            assert_eq!(ecam32(&root, addr, 0), want, "ECAM {addr}");
+            assert_eq!(cf8_32(&root, addr, 0), want, "CF8 {addr}");
+        }
+        assert_eq!(ecam32(&root, at(1, 3, 0), 0), 0x0001_1b36);
+        for absent in [at(1, 2, 0), at(2, 1, 0), at(4, 0, 0), at(0xff, 0, 0)] {
+            assert_eq!(ecam32(&root, absent, 0), u32::MAX, "{absent}");
+            assert_eq!(cf8_32(&root, absent, 0), u32::MAX, "{absent}");
+            assert!(root.ecam_write(absent.ecam_offset() + 4, &[2]).is_none());
+        }
+        let addrs: Vec<String> = root
+            .functions()
+            .iter()
+            .map(|(a, _)| a.to_string())
+            .collect();
+        assert_eq!(
+            addrs,
+            ["00:00.0", "00:1e.0", "01:01.0", "01:03.0", "02:00.0", "00:1f.0", "03:05.1"]
+        );
+        // A write behind two bridges reaches the function and reports its address.
+        let (a, e) = root
+            .ecam_write(
+                at(2, 0, 0).ecam_offset() + PCI_COMMAND as u64,
+                &[COMMAND_MEMORY as u8],
+            )
+            .unwrap();
+        assert_eq!(a, at(2, 0, 0));
+        assert!(e.decode_changed);
+        // The guest renumbers: bus 2 becomes bus 7 (1e.0 now covers 1..=7); routing follows.
+        let set = |addr: PciAddress, reg: u64, v: u8| {
+            root.ecam_write(addr.ecam_offset() + reg, &[v]).unwrap();
+        };
+        set(at(0, 0x1e, 0), 0x1a, 7);
+        set(at(1, 3, 0), 0x19, 7);
+        set(at(1, 3, 0), 0x1a, 7);
+        assert_eq!(ecam32(&root, at(7, 0, 0), 0), 0x1002_1af4);
+        assert_eq!(ecam32(&root, at(2, 0, 0), 0), u32::MAX);
+        // Nonsense numbering (secondary 0, a loop-like range) still ends and reads all-ones.
+        set(at(0, 0x1f, 0), 0x19, 0);
+        set(at(0, 0x1f, 0), 0x1a, 0xff);
+        assert_eq!(ecam32(&root, at(0xfe, 0, 0), 0), u32::MAX);
+        // Removing a bridge cuts off its buses.
+        assert!(root.remove(at(0, 0x1e, 0)).is_some());
+        assert_eq!(ecam32(&root, at(1, 1, 0), 0), u32::MAX);
+        assert_eq!(ecam32(&root, at(7, 0, 0), 0), u32::MAX);
+        assert!(root.get(at(1, 1, 0)).is_none());
     }
 
     #[test]

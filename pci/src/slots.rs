@@ -138,11 +138,15 @@ pub enum SlotError {
     Address(#[from] AddressError),
 }
 
-/// The allocator of bus 0's 32 slots x 8 functions.
+/// The allocator of one bus's 32 slots x 8 functions (bus 0, or the bus behind a bridge).
+/// Addresses it returns are on bus 0; the caller puts them on their bus.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotAllocator {
     /// Indexed by devfn; always 256 entries.
     states: Vec<SlotState>,
+    /// Where automatic placement starts: 1 on bus 0 (00.0 is the host bridge's), 0 behind a
+    /// bridge (as QEMU's secondary buses, whose lowest devfn is 0).
+    first_auto_slot: u8,
 }
 
 impl Default for SlotAllocator {
@@ -158,7 +162,19 @@ impl SlotAllocator {
         states[0] = SlotState::Reserved {
             by: HOST_BRIDGE_OWNER.to_string(),
         };
-        Self { states }
+        Self {
+            states,
+            first_auto_slot: 1,
+        }
+    }
+
+    /// The allocator of a bus behind a bridge: all 32 slots free, automatic placement from
+    /// slot 0.
+    pub fn secondary() -> Self {
+        Self {
+            states: vec![SlotState::Free; SLOTS * FUNCTIONS],
+            first_auto_slot: 0,
+        }
     }
 
     fn at(&self, slot: u8, function: u8) -> &SlotState {
@@ -254,9 +270,10 @@ impl SlotAllocator {
         Ok(addr)
     }
 
-    /// Claims function 0 of the first entirely free slot, from slot 1 up.
+    /// Claims function 0 of the first entirely free slot, from slot 1 up on bus 0 (from 0
+    /// behind a bridge).
     pub fn auto(&mut self, owner: &Owner) -> Result<PciAddress, SlotError> {
-        let slot = (1..=MAX_DEVICE)
+        let slot = (self.first_auto_slot..=MAX_DEVICE)
             .find(|s| (0..=MAX_FUNCTION).all(|f| *self.at(*s, f) == SlotState::Free))
             .ok_or_else(|| SlotError::NoSlot(owner.driver.clone()))?;
         self.claim(slot, 0, owner)
@@ -365,6 +382,23 @@ mod tests {
         assert_eq!(s.auto(&o), Ok(a(6, 0)));
         let addrs: Vec<_> = s.allocations().into_iter().map(|(a, _)| a).collect();
         assert_eq!(addrs, vec![a(1, 0), a(2, 0), a(3, 0), a(5, 3), a(6, 0)]);
+    }
+
+    #[test]
+    fn a_secondary_bus_starts_at_slot_0() {
+        let mut s = SlotAllocator::secondary();
+        let a = s.auto(&Owner::new("virtio-rng-pci")).unwrap();
+        assert_eq!(a.to_string(), "00:00.0");
+        assert_eq!(s.auto(&Owner::new("x")).unwrap().to_string(), "00:01.0");
+        for _ in 2..32 {
+            s.auto(&Owner::new("x")).unwrap();
+        }
+        assert_eq!(
+            s.auto(&Owner::new("virtio-blk-pci"))
+                .unwrap_err()
+                .to_string(),
+            "PCI: no slot/function available for virtio-blk-pci, all in use or reserved"
+        );
     }
 
     #[test]

@@ -327,25 +327,39 @@ static void dump_function(cfg_read_fn rd, u32 bdf, u32 id, u32 size)
 	putc('\n');
 }
 
-/* Scan bus 0 like Linux: function 0 first, 1..7 only if multifunction. */
-static void scan_bus0(cfg_read_fn rd, u32 size)
+/*
+ * Scan a bus like Linux: function 0 first, 1..7 only if multifunction. A
+ * bridge (header type 1) is followed by the bus behind it (its programmed
+ * secondary bus number, which must be above the bus it sits on; at most 8
+ * levels), so bus 0's dump is what it always was when there are no bridges.
+ */
+static void scan_bus(cfg_read_fn rd, u32 bus, u32 size, u32 depth)
 {
 	u32 dev, fn;
 
 	for (dev = 0; dev < 32; dev++) {
-		u32 id = rd(dev << 3, 0);
+		u32 base = (bus << 8) | (dev << 3);
+		u32 id = rd(base, 0);
 		u32 multi;
 		if (!present(id))
 			continue;
-		multi = (rd(dev << 3, 0x0c) >> 16) & 0x80;
-		dump_function(rd, dev << 3, id, size);
-		if (!multi)
-			continue;
-		for (fn = 1; fn < 8; fn++) {
-			u32 bdf = (dev << 3) | fn;
-			id = rd(bdf, 0);
-			if (present(id))
-				dump_function(rd, bdf, id, size);
+		multi = (rd(base, 0x0c) >> 16) & 0x80;
+		for (fn = 0; fn < 8; fn++) {
+			u32 bdf = base | fn;
+			u32 sec;
+			if (fn) {
+				if (!multi)
+					break;
+				id = rd(bdf, 0);
+				if (!present(id))
+					continue;
+			}
+			dump_function(rd, bdf, id, size);
+			if (((rd(bdf, 0x0c) >> 16) & 0x7f) != 1)
+				continue;
+			sec = (rd(bdf, 0x18) >> 8) & 0xff;
+			if (sec > bus && depth < 8)
+				scan_bus(rd, sec, size, depth + 1);
 		}
 	}
 }
@@ -355,14 +369,14 @@ static void scan_bus0(cfg_read_fn rd, u32 size)
 static void mode_probe(const struct opts *o)
 {
 	puts("=== PROBE-CF8-BEGIN ===\n");
-	scan_bus0(cf8_read, 256);
+	scan_bus(cf8_read, 0, 256, 0);
 	puts("=== PROBE-CF8-END ===\n");
 	if (o->ecam) {
 		ecam_base = o->ecam;
 		puts("probe: ecam base=0x");
 		puthex(o->ecam, 8);
 		puts("\n=== PROBE-ECAM-BEGIN ===\n");
-		scan_bus0(ecam_read, 4096);
+		scan_bus(ecam_read, 0, 4096, 0);
 		puts("=== PROBE-ECAM-END ===\n");
 	}
 }

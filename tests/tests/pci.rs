@@ -117,6 +117,101 @@ fn multifunction_bit_is_set_on_function_0_only() {
     assert_eq!(header("00:05.0"), 0x00);
 }
 
+/// Two levels of bridges: 00:1e.0 (bus 1, buses 1-2) with a device at 01:01.0 and a bridge at
+/// 01:03.0 (bus 2) with a device at 02:04.0; rng0 stays at 00:05.0 as in [`DEVICES`].
+const BRIDGED: &[&str] = &[
+    "--device",
+    "virtio-rng-pci,id=b,bus=br2,addr=4.0",
+    "--device",
+    "virtio-rng-pci,id=rng0,addr=05.0",
+    "--device",
+    "pci-bridge,id=br1,chassis_nr=1,addr=1e.0",
+    "--device",
+    "virtio-rng-pci,id=a,bus=br1,addr=1.0",
+    "--device",
+    "pci-bridge,id=br2,chassis_nr=2,bus=br1,addr=3",
+];
+
+fn bridged_run() -> &'static str {
+    static OUT: OnceLock<String> = OnceLock::new();
+    OUT.get_or_init(|| run_probe("mode=probe", BRIDGED))
+}
+
+#[test]
+fn bridges_cf8_and_ecam_enumerations_through_two_levels_agree() {
+    let (cf8, ecam) = dumps(bridged_run());
+    let a = parse_dump(&cf8);
+    let b = parse_dump(&ecam);
+    let addrs: Vec<&str> = a.iter().map(|f| f.addr.as_str()).collect();
+    assert_eq!(
+        addrs,
+        ["00:00.0", "00:05.0", "00:1e.0", "01:01.0", "01:03.0", "02:04.0"]
+    );
+    let ecam_addrs: Vec<&str> = b.iter().map(|f| f.addr.as_str()).collect();
+    assert_eq!(addrs, ecam_addrs);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((x.bytes.len(), y.bytes.len()), (256, 4096), "{}", x.addr);
+        assert_eq!(
+            x.bytes[..],
+            y.bytes[..256],
+            "{}: CF8 and ECAM differ",
+            x.addr
+        );
+    }
+    // A bus-0 device's config space (BAR addresses included) is the same as on the machine
+    // without bridges: its BARs depend on its own address only.
+    let plain = parse_dump(&dumps(probe_run()).1);
+    let find = |d: &[integration_tests::probe::FunctionDump], at: &str| {
+        d.iter().find(|f| f.addr == at).unwrap().bytes.clone()
+    };
+    assert_eq!(find(&b, "00:05.0"), find(&plain, "00:05.0"));
+}
+
+#[test]
+fn lspci_decodes_bridges_their_bus_numbers_and_windows() {
+    let (_, ecam) = dumps(bridged_run());
+    let tree = lspci_decode(&ecam, &["-t"]);
+    assert_eq!(
+        tree.trim_end(),
+        "-[0000:00]-+-00.0\n           +-05.0\n           \\-1e.0-[01-02]--+-01.0\n                           \\-03.0-[02]----04.0",
+        "{tree}"
+    );
+    let nn = lspci_decode(&ecam, &["-nn", "-s", "1e.0"]);
+    assert!(
+        nn.contains("00:1e.0 PCI bridge [0604]: Red Hat, Inc. QEMU PCI-PCI bridge [1b36:0001]"),
+        "{nn}"
+    );
+    let br1 = lspci_decode(&ecam, &["-vvv", "-s", "00:1e.0"]);
+    for want in [
+        "Bus: primary=00, secondary=01, subordinate=02, sec-latency=0",
+        "I/O behind bridge: f000-0fff [disabled]",
+        "Memory behind bridge: c4000000-c4ffffff [size=16M]",
+        "Prefetchable memory behind bridge: 00000000fff00000-00000000000fffff [disabled]",
+        "Capabilities: [40] Slot ID: 0 slots, First+, chassis 01",
+    ] {
+        assert!(br1.contains(want), "{want:?} not in:\n{br1}");
+    }
+    let br2 = lspci_decode(&ecam, &["-vvv", "-s", "01:03.0"]);
+    for want in [
+        "Bus: primary=01, secondary=02, subordinate=02",
+        "Memory behind bridge: c4800000-c4ffffff [size=8M]",
+        "chassis 02",
+    ] {
+        assert!(br2.contains(want), "{want:?} not in:\n{br2}");
+    }
+    // Each function's BARs in its bus's window, at its devfn's place: bus 1 at 0xc4000000,
+    // bus 2 at 0xc4800000, 32 KiB per devfn; INTx swizzled through both bridges to bus 0.
+    let a = lspci_decode(&ecam, &["-vv", "-s", "01:01.0"]);
+    assert!(a.contains("Region 1: Memory at c4040000 (32-bit"), "{a}");
+    assert!(
+        a.contains("Region 4: Memory at c4044000 (64-bit, prefetchable)"),
+        "{a}"
+    );
+    let b = lspci_decode(&ecam, &["-vv", "-s", "02:04.0"]);
+    assert!(b.contains("Region 1: Memory at c4900000 (32-bit"), "{b}");
+    assert!(b.contains("pin A routed to IRQ 17"), "{b}");
+}
+
 fn vmm_err(devices: &[&str]) -> (Option<i32>, String) {
     let elf = integration_tests::probe::probe_elf();
     let mut args = vec!["run", "--no-reboot", "--kernel", elf.to_str().unwrap()];
@@ -160,6 +255,39 @@ fn device_errors_have_qemu_wording_and_stop_before_anything_runs() {
         assert_eq!(code, Some(1), "{devices:?}: {err}");
         assert_eq!(&err, want, "{devices:?}");
     }
+    let br = "pci-bridge,id=br1,chassis_nr=1,addr=1e.0";
+    let bridge_cases: &[(&[&str], &str)] = &[
+        (&["virtio-rng-pci,bus=br9"], "vmm: Bus 'br9' not found"),
+        (&[br, "virtio-rng-pci,bus=br9"], "vmm: Bus 'br9' not found"),
+        (&["virtio-rng-pci,id=r", "virtio-rng-pci,bus=r"], "vmm: Bus 'r' not found"),
+        (&["pci-bridge,id=me,chassis_nr=1,bus=me"], "vmm: Bus 'me' not found"),
+        (
+            &["pci-bridge,id=br1"],
+            "vmm: Bridge chassis not specified. Each bridge is required to be assigned a unique chassis id > 0.",
+        ),
+        (
+            &[br, "pci-bridge,id=br2,chassis_nr=1"],
+            "vmm: Bridge chassis 1 is already used by 'br1'. Each bridge is required to be assigned a unique chassis id > 0.",
+        ),
+        (
+            &[br, "virtio-rng-pci,id=x,bus=br1,addr=2", "virtio-rng-pci,bus=br1,addr=2"],
+            "vmm: PCI: slot 2 function 0 not available for virtio-rng-pci, in use by virtio-rng-pci,id=x",
+        ),
+    ];
+    for (devices, want) in bridge_cases {
+        let (code, err) = vmm_err(devices);
+        assert_eq!(code, Some(1), "{devices:?}: {err}");
+        assert_eq!(&err, want, "{devices:?}");
+    }
+    let mut behind: Vec<String> = vec![br.to_string()];
+    behind.extend((0..33).map(|i| format!("virtio-rng-pci,id=d{i},bus=br1")));
+    let behind: Vec<&str> = behind.iter().map(String::as_str).collect();
+    let (code, err) = vmm_err(&behind);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        err,
+        "vmm: PCI: no slot/function available for virtio-rng-pci, all in use or reserved"
+    );
     let full: Vec<String> = (0..32).map(|_| "virtio-rng-pci".to_string()).collect();
     let full: Vec<&str> = full.iter().map(String::as_str).collect();
     let (code, err) = vmm_err(&full);
@@ -221,6 +349,20 @@ echo "=== HWRNG-BEGIN ==="; cat /sys/class/misc/hw_random/rng_available; dd if=/
                 "--device virtio-rng-pci,id=f0,addr=6.0,multifunction=on --device virtio-rng-pci,id=f1,addr=6.1",
                 Some("lspci -n"),
             ),
+            // A bridge at 00:1e.0 with devices at 01:01.0 and 01:02.0 (issue 13).
+            guest_boot(
+                "BRIDGE",
+                "--device virtio-rng-pci,id=rng0,addr=05.0 --device pci-bridge,id=br1,chassis_nr=1,addr=1e.0 \
+                 --device virtio-rng-pci,id=a,bus=br1,addr=01.0 --device virtio-rng-pci,id=b,bus=br1,addr=02.0",
+                Some(
+                    r#"echo "=== LSPCI-N-BEGIN ==="; lspci -n; echo "=== LSPCI-N-END ==="
+echo "=== DRIVERS-BEGIN ==="
+for d in /sys/bus/pci/devices/*; do echo "$(basename $d) $(basename $(readlink $d/driver 2>/dev/null) 2>/dev/null)"; done
+echo "=== DRIVERS-END ==="
+echo "=== BRIDGE-BEGIN ==="; lspci -vv -s 00:1e.0; echo "=== BRIDGE-END ==="
+echo "=== DMESG-BEGIN ==="; dmesg | grep -iE "pci 0000:00:1e|bus 01|busn|bridge|reassign|can't|conflict"; echo "=== DMESG-END ===""#,
+                ),
+            ),
         ]);
         run_host_scenario(&script).unwrap_or_else(|e| panic!("test ground: {e}"))
     })
@@ -281,6 +423,44 @@ fn linux_binds_virtio_rng_and_reads_entropy_over_msix() {
 }
 
 #[test]
+fn linux_keeps_the_bridge_bus_numbers_and_binds_devices_behind_it() {
+    let n = boot_section("BRIDGE", "LSPCI-N");
+    let got: Vec<String> = n
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "00:00.0 0600: 1b36:0008",
+            "00:05.0 00ff: 1af4:1044 (rev 01)",
+            "00:1e.0 0604: 1b36:0001",
+            "01:01.0 00ff: 1af4:1044 (rev 01)",
+            "01:02.0 00ff: 1af4:1044 (rev 01)",
+        ]
+    );
+    let drivers = boot_section("BRIDGE", "DRIVERS");
+    for a in [
+        "0000:00:05.0 virtio-pci",
+        "0000:01:01.0 virtio-pci",
+        "0000:01:02.0 virtio-pci",
+    ] {
+        assert!(drivers.contains(a), "{a} not bound:\n{drivers}");
+    }
+    let br = boot_section("BRIDGE", "BRIDGE");
+    // Linux kept what the vmm programmed (bus numbers and the memory window).
+    assert!(
+        br.contains("Bus: primary=00, secondary=01, subordinate=01"),
+        "{br}"
+    );
+    assert!(
+        br.contains("Memory behind bridge: c4000000-c47fffff"),
+        "{br}"
+    );
+}
+
+#[test]
 fn linux_sees_a_multifunction_slot() {
     let out = linux();
     let boot = section(&out.stdout, "BOOT-MF").expect("boot MF");
@@ -315,4 +495,87 @@ fn linux_gets_level_triggered_intx_without_msix() {
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     assert!(count > 0, "INTx interrupts were delivered: {line}");
+}
+
+/// The record and machine file carry bridges and buses: a device without `bus=` keeps its
+/// recorded place behind a bridge, a dump restarts the same machine, `abi diff` reports a moved
+/// bridge, `query-pci`-style nesting aside (unit-tested in the monitor).
+#[test]
+fn records_keep_bus_slot_function_and_abi_diff_reports_a_moved_bridge() {
+    let dir = std::env::temp_dir().join(format!("vmm-bridges-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let elf = integration_tests::probe::probe_elf();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    let run = |devices: &[&str], extra: &[&str]| {
+        let mut args = vec![
+            "run".to_string(),
+            "--no-reboot".into(),
+            "--kernel".into(),
+            elf.to_str().unwrap().into(),
+            "--append".into(),
+            "mode=hello".into(),
+        ];
+        for d in devices {
+            args.push("--device".into());
+            args.push(d.to_string());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = vmm(&args, 60);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let first = [
+        "virtio-rng-pci,id=rng0,addr=05.0",
+        "pci-bridge,id=br1,chassis_nr=1,addr=1e.0",
+        "virtio-rng-pci,id=a,bus=br1,addr=1.0",
+        "pci-bridge,id=br2,chassis_nr=2,bus=br1,addr=3",
+        "virtio-rng-pci,id=b,bus=br2",
+    ];
+    run(
+        &first,
+        &["--compat", &p("rec.json"), "--dump-machine", &p("m.json")],
+    );
+    let rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("rec.json")).unwrap()).unwrap();
+    assert_eq!(rec["devices"]["b"]["addr"], "02:00.0");
+    assert_eq!(rec["devices"]["b"]["bus"], "br2");
+    assert_eq!(rec["devices"]["rng0"].get("bus"), None, "root bus unsaid");
+    assert_eq!(
+        rec["devices"]["br2"]["fingerprint"]["props"]["secondary_bus"],
+        "2"
+    );
+    std::fs::copy(p("rec.json"), p("old.json")).unwrap();
+    // b without bus=: the record puts it back at 02:00.0; br1 moves to 1d.0.
+    let moved = [
+        "virtio-rng-pci,id=rng0,addr=05.0",
+        "pci-bridge,id=br1,chassis_nr=1,addr=1d.0",
+        "virtio-rng-pci,id=a,bus=br1,addr=1.0",
+        "pci-bridge,id=br2,chassis_nr=2,bus=br1,addr=3",
+        "virtio-rng-pci,id=b",
+    ];
+    run(&moved, &["--compat", &p("rec.json")]);
+    let out = vmm(&["abi", "diff", &p("old.json"), &p("rec.json")], 10);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "moved   br1: 00:1e.0 -> 00:1d.0"
+    );
+    // The dumped description restarts the first machine exactly.
+    run(
+        &[],
+        &["--machine-file", &p("m.json"), "--compat", &p("m.rec")],
+    );
+    let out = vmm(&["abi", "diff", &p("old.json"), &p("m.rec")], 10);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -36,6 +36,10 @@ pub struct AcpiOptions {
     /// [`PCI_HOTPLUG_PORT`] and the GED at [`GED_PORT`] (interrupt [`GED_GSI`]). The vmm must
     /// then put [`devices::legacy::PciHotplug`] and [`devices::legacy::Ged`] on the port bus.
     pub pci_hotplug: bool,
+    /// The machine has PCI bridges: the host bridge decodes buses 0-255 (`_CRS` bus range,
+    /// MCFG end bus, the ECAM window claimed in full). Without bridges the tables are the ones
+    /// a machine always had (bus 0 only).
+    pub pci_bridges: bool,
 }
 
 /// The GSI a slot's INTx pin is wired to (IO-APIC pins 16..23, swizzled like QEMU's i440fx).
@@ -91,13 +95,13 @@ fn madt(cpus: u8) -> Sdt {
     t
 }
 
-fn mcfg() -> Sdt {
+fn mcfg(opts: &AcpiOptions) -> Sdt {
     let mut t = Sdt::new(*b"MCFG", 44, 1, OEM_ID, OEM_TABLE, 1);
     let mut e = Vec::with_capacity(16);
     e.extend_from_slice(&ECAM_START.to_le_bytes());
     e.extend_from_slice(&0u16.to_le_bytes()); // segment
     e.push(0); // first bus
-    e.push(((ECAM_SIZE >> 20) - 1) as u8); // last bus
+    e.push(((ecam_size(opts.pci_bridges) >> 20) - 1) as u8); // last bus
     e.extend_from_slice(&[0; 4]);
     t.append_slice(&e);
     t.update_checksum();
@@ -108,7 +112,8 @@ fn dsdt(opts: &AcpiOptions) -> Sdt {
     let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, 1);
 
     // The host bridge: bus 0, the type-1 ports, all other I/O ports, the 32-bit BAR window.
-    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let last_bus = ((ecam_size(opts.pci_bridges) >> 20) - 1) as u16;
+    let bus = aml::AddressSpace::new_bus_number(0u16, last_bus);
     let cfg_io = aml::IO::new(PCI_CONFIG_PORT as u16, PCI_CONFIG_PORT as u16, 1, 8);
     let io_lo = aml::AddressSpace::new_io(0u16, 0x0cf7u16, None);
     let io_hi = aml::AddressSpace::new_io(0x0d00u16, 0xffffu16, None);
@@ -152,7 +157,8 @@ fn dsdt(opts: &AcpiOptions) -> Sdt {
     let pci0 = aml::Device::new("PCI0".into(), pci0_children);
 
     // The ECAM window, claimed as a motherboard resource so Linux trusts the MCFG.
-    let ecam = aml::Memory32Fixed::new(false, ECAM_START as u32, ECAM_SIZE as u32);
+    let ecam =
+        aml::Memory32Fixed::new(false, ECAM_START as u32, ecam_size(opts.pci_bridges) as u32);
     let res_crs = aml::ResourceTemplate::new(vec![&ecam]);
     let res_crs = aml::Name::new("_CRS".into(), &res_crs);
     let res_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02"));
@@ -463,7 +469,7 @@ pub fn tables_with(cpus: u8, opts: &AcpiOptions) -> Result<Vec<(u64, Vec<u8>)>, 
     let dsdt = place(dsdt(opts).as_slice().to_vec(), &mut out);
     let fadt = place(fadt(dsdt).as_slice().to_vec(), &mut out);
     let madt = place(madt(cpus).as_slice().to_vec(), &mut out);
-    let mcfg = place(mcfg().as_slice().to_vec(), &mut out);
+    let mcfg = place(mcfg(opts).as_slice().to_vec(), &mut out);
     let xsdt = place(xsdt(&[fadt, madt, mcfg]).as_slice().to_vec(), &mut out);
     if next > ACPI_END {
         return Err(Error::Config("ACPI tables do not fit".into()));
@@ -571,7 +577,7 @@ mod tests {
 
     #[test]
     fn mcfg_points_at_the_ecam_window() {
-        let m = mcfg();
+        let m = mcfg(&AcpiOptions::default());
         assert_eq!(u64_at(m.as_slice(), 44), ECAM_START);
     }
 
@@ -597,13 +603,27 @@ mod tests {
         assert_eq!(fingerprint(&old), (0xa580_e333_6785_1652, 2464));
         assert_eq!(old, tables_with(2, &AcpiOptions::default()).unwrap());
         assert_eq!(dsdt(&AcpiOptions::default()).as_slice().len(), 1902);
-        let with = tables_with(2, &AcpiOptions { pci_hotplug: true }).unwrap();
+        let with = tables_with(
+            2,
+            &AcpiOptions {
+                pci_hotplug: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_ne!(fingerprint(&with), fingerprint(&old));
     }
 
     #[test]
     fn hotplug_tables_checksum_and_fit() {
-        let t = tables_with(8, &AcpiOptions { pci_hotplug: true }).unwrap();
+        let t = tables_with(
+            8,
+            &AcpiOptions {
+                pci_hotplug: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         for (_, b) in &t[1..] {
             assert_eq!(checksum(b), 0);
             assert_eq!(
@@ -611,7 +631,10 @@ mod tests {
                 b.len()
             );
         }
-        let d = dsdt(&AcpiOptions { pci_hotplug: true });
+        let d = dsdt(&AcpiOptions {
+            pci_hotplug: true,
+            ..Default::default()
+        });
         let b = d.as_slice();
         let has = |bytes: &[u8]| b.windows(bytes.len()).any(|w| w == bytes);
         // The GED's interrupt: an extended IRQ descriptor, consumer, edge, active high,
@@ -689,7 +712,11 @@ mod tests {
     fn iasl_accepts_the_hotplug_dsdt() {
         let (dsl, summary) = iasl_round_trip(
             "hotplug",
-            dsdt(&AcpiOptions { pci_hotplug: true }).as_slice(),
+            dsdt(&AcpiOptions {
+                pci_hotplug: true,
+                ..Default::default()
+            })
+            .as_slice(),
         );
         let (_, summary_off) = iasl_round_trip("plain", dsdt(&AcpiOptions::default()).as_slice());
         let warnings = |s: &str| {
@@ -764,7 +791,14 @@ mod tests {
     /// regions as plain storage), evaluates `commands` and returns its output.
     fn acpiexec(name: &str, init: &str, commands: &str) -> String {
         use std::process::Command;
-        let dir = scratch_dir(name, dsdt(&AcpiOptions { pci_hotplug: true }).as_slice());
+        let dir = scratch_dir(
+            name,
+            dsdt(&AcpiOptions {
+                pci_hotplug: true,
+                ..Default::default()
+            })
+            .as_slice(),
+        );
         std::fs::write(dir.join("init.txt"), init).unwrap();
         let out = Command::new("acpiexec")
             .args(["-fi", "init.txt", "-b", commands, "dsdt.aml"])

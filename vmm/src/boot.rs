@@ -55,8 +55,14 @@ pub struct E820Entry {
     pub kind: u32,
 }
 
-/// The e820 map of a guest with `mem_size` bytes of RAM.
+/// The e820 map of a guest with `mem_size` bytes of RAM (ECAM of bus 0 reserved).
 pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
+    e820_map_with(mem_size, ECAM_SIZE)
+}
+
+/// The e820 map of a guest with `mem_size` bytes of RAM and an ECAM window of `ecam_size`
+/// bytes (see [`crate::layout::ecam_size`]).
+pub fn e820_map_with(mem_size: u64, ecam_size: u64) -> Vec<E820Entry> {
     let mut map = vec![
         E820Entry {
             addr: 0,
@@ -86,7 +92,7 @@ pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
     }
     map.push(E820Entry {
         addr: ECAM_START,
-        size: ECAM_SIZE,
+        size: ecam_size,
         kind: E820_RESERVED,
     });
     map.sort_by_key(|e| e.addr);

@@ -15,11 +15,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use pci::record::{diff, Change, CompatRecord, DeviceRecord, Fingerprint, MachineRecord};
-use pci::PciAddress;
 
 use crate::device_config::check_prop;
 use crate::device_config::{parse_prop, RawValue};
-use crate::device_manager::{DeviceError, DeviceSpec, Realized};
+use crate::device_manager::{DeviceError, DeviceSpec, Hint, Realized, ROOT_BUS};
 use crate::drivers::driver;
 use crate::layout::{ECAM_START, PCI_MMIO32_SIZE, PCI_MMIO32_START};
 
@@ -124,13 +123,19 @@ pub fn resolve_props(
     (out, warnings)
 }
 
-/// Recorded addresses by device id, for devices that still exist with the same driver.
-pub fn hints(specs: &[DeviceSpec], record: Option<&CompatRecord>) -> HashMap<String, PciAddress> {
+/// Recorded places (bus by name, slot, function) by device id, for devices that still exist
+/// with the same driver.
+pub fn hints(specs: &[DeviceSpec], record: Option<&CompatRecord>) -> HashMap<String, Hint> {
     specs
         .iter()
         .filter_map(|s| {
             let r = recorded(record, s.id.as_deref(), s.driver())?;
-            Some((s.id.clone()?, r.addr))
+            let hint = Hint {
+                bus: r.bus.clone().unwrap_or_else(|| ROOT_BUS.to_string()),
+                slot: r.addr.device(),
+                function: r.addr.function(),
+            };
+            Some((s.id.clone()?, hint))
         })
         .collect()
 }
@@ -155,6 +160,7 @@ pub fn record_of(devices: &[Realized], pci_hotplug: bool) -> CompatRecord {
                 r.placed.id.clone(),
                 DeviceRecord {
                     driver: r.placed.spec.driver().to_string(),
+                    bus: (r.placed.bus != ROOT_BUS).then(|| r.placed.bus.clone()),
                     addr: r.placed.addr,
                     fingerprint: Fingerprint::of(r.function.config(), r.abi.clone()),
                 },
@@ -183,6 +189,7 @@ mod tests {
     use super::*;
     use crate::device_config::PropValue;
     use crate::device_manager::parse_device;
+    use pci::PciAddress;
 
     fn rec(id: &str, vectors: &str) -> CompatRecord {
         let fp = Fingerprint {
@@ -205,6 +212,7 @@ mod tests {
                 id.to_string(),
                 DeviceRecord {
                     driver: "virtio-rng-pci".into(),
+                    bus: None,
                     addr: PciAddress::new(0, 7, 0).unwrap(),
                     fingerprint: fp,
                 },
@@ -288,7 +296,7 @@ mod tests {
             Some(&r),
         );
         assert_eq!(h.len(), 1);
-        assert_eq!(h["a"].to_string(), "00:07.0");
+        assert_eq!(h["a"], Hint::root(PciAddress::new(0, 7, 0).unwrap()));
         assert!(hints(&specs(&["virtio-rng-pci"]), Some(&r)).is_empty());
     }
 

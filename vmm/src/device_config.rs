@@ -61,9 +61,32 @@ pub enum DeviceError {
     /// An id that is not an identifier.
     #[error("Parameter 'id' expects an identifier")]
     BadId,
-    /// A bus other than pci.0.
+    /// A bus that is neither pci.0 nor a bridge's (QEMU's text, also for `bus=` naming a
+    /// device that is not a bridge, or a bridge put behind itself).
     #[error("Bus '{0}' not found")]
     NoBus(String),
+    /// A bus that does not take hot-plugged devices (QEMU's text).
+    #[error("Bus '{0}' does not support hotplugging")]
+    NoHotplugBus(String),
+    /// A pci-bridge without a chassis number, or chassis 0 (QEMU's text).
+    #[error("Bridge chassis not specified. Each bridge is required to be assigned a unique chassis id > 0.")]
+    NoChassis,
+    /// Two bridges with one chassis number.
+    #[error("Bridge chassis {chassis} is already used by '{holder}'. Each bridge is required to be assigned a unique chassis id > 0.")]
+    DuplicateChassis {
+        /// The chassis number.
+        chassis: u8,
+        /// The id of the bridge that has it.
+        holder: String,
+    },
+    /// More bridges than bus numbers.
+    #[error(
+        "PCI: no bus number left for pci-bridge,id={0}: a machine has at most 256 buses (0-255)"
+    )]
+    TooManyBuses(String),
+    /// Bridges are set up at start-up only (bus numbers, windows, ECAM).
+    #[error("{0}: PCI bridges can only be added and removed with the machine (--device or a machine file), not by device_add or device_del")]
+    BridgeNotPluggable(String),
     /// Function 0 of a slot whose other functions stay.
     #[error("PCI: function 0 of slot {slot:x} cannot be removed while {slot:x}.{function:x} is populated")]
     Function0Busy {
@@ -181,9 +204,18 @@ pub struct ConsoleConfig {
     pub vectors: Option<u16>,
 }
 
+/// `pci-bridge`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeConfig {
+    /// `chassis_nr=`: 1..=255, required.
+    pub chassis_nr: u8,
+}
+
 /// The driver and its own properties.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DriverConfig {
+    /// `pci-bridge`.
+    Bridge(BridgeConfig),
     /// `virtio-rng-pci`.
     Rng(RngConfig),
     /// `virtio-blk-pci`.
@@ -203,8 +235,10 @@ pub struct DeviceSpec {
     pub addr: Option<(u8, Option<u8>)>,
     /// `multifunction=`.
     pub multifunction: bool,
-    /// The driver and its properties. (`bus=` is checked, `pci.0` being the only bus, and
-    /// not kept.)
+    /// `bus=`: `pci.0` or a bridge's id, checked when the device is placed; `None` when not
+    /// given (the root bus, unless a compat record puts the device elsewhere).
+    pub bus: Option<String>,
+    /// The driver and its properties.
     pub config: DriverConfig,
 }
 
@@ -335,6 +369,7 @@ pub fn parse_prop(driver: &str, prop: &str, v: RawValue<'_>) -> Result<PropValue
         "vectors" => {
             parse_u16(driver, prop, v, devices::virtio::pci::MAX_VECTORS).map(PropValue::U16)
         }
+        "chassis_nr" => parse_u16(driver, prop, v, 255).map(PropValue::U16),
         "readonly" => parse_bool(driver, prop, v).map(PropValue::Bool),
         "file" | "path" | "socket" => match as_str(prop, v)? {
             "" => Err(bad_value(driver, prop, "", "expected a file name")),
@@ -399,6 +434,7 @@ impl DriverConfig {
     /// The driver's name, e.g. `virtio-blk-pci`.
     pub fn driver(&self) -> &'static str {
         match self {
+            DriverConfig::Bridge(_) => crate::drivers::PCI_BRIDGE,
             DriverConfig::Rng(_) => "virtio-rng-pci",
             DriverConfig::Blk(_) => "virtio-blk-pci",
             DriverConfig::Net(_) => "virtio-net-pci",
@@ -414,6 +450,7 @@ impl DriverConfig {
     /// `vectors=` if given.
     pub fn vectors(&self) -> Option<u16> {
         match self {
+            DriverConfig::Bridge(_) => None,
             DriverConfig::Rng(c) => c.vectors,
             DriverConfig::Blk(c) => c.vectors,
             DriverConfig::Net(c) => c.vectors,
@@ -443,6 +480,14 @@ impl DriverConfig {
             _ => None,
         };
         Ok(match info.name {
+            crate::drivers::PCI_BRIDGE => match take("chassis_nr") {
+                Some(PropValue::U16(n)) if (1..=255).contains(&n) => {
+                    DriverConfig::Bridge(BridgeConfig {
+                        chassis_nr: n as u8,
+                    })
+                }
+                _ => return Err(DeviceError::NoChassis),
+            },
             "virtio-rng-pci" => DriverConfig::Rng(RngConfig { vectors }),
             "virtio-blk-pci" => DriverConfig::Blk(BlkConfig {
                 file: match take("file") {
@@ -496,6 +541,7 @@ impl DriverConfig {
             }
         };
         match self {
+            DriverConfig::Bridge(c) => put("chassis_nr", Some(PropValue::U16(c.chassis_nr.into()))),
             DriverConfig::Rng(_) => {}
             DriverConfig::Blk(c) => {
                 put("file", Some(PropValue::Path(c.file.clone())));
@@ -540,6 +586,9 @@ impl DriverConfig {
     }
 }
 
+/// QEMU's name of the root bus.
+pub const ROOT_BUS: &str = "pci.0";
+
 /// Escapes a `--device` value: a comma is doubled.
 fn escape(s: &str) -> String {
     s.replace(',', ",,")
@@ -549,6 +598,16 @@ impl DeviceSpec {
     /// The driver's name.
     pub fn driver(&self) -> &'static str {
         self.config.driver()
+    }
+
+    /// Whether this is a PCI-to-PCI bridge.
+    pub fn is_bridge(&self) -> bool {
+        matches!(self.config, DriverConfig::Bridge(_))
+    }
+
+    /// The bus it goes on: `bus=`, else `pci.0`.
+    pub fn bus_name(&self) -> &str {
+        self.bus.as_deref().unwrap_or(ROOT_BUS)
     }
 
     /// Builds a spec of `driver` from its properties, as any front end gives them: `id`,
@@ -562,6 +621,7 @@ impl DeviceSpec {
         let mut id = None;
         let mut addr = None;
         let mut multifunction = false;
+        let mut bus = None;
         let mut typed = BTreeMap::new();
         let mut seen = HashSet::new();
         for (k, v) in props {
@@ -579,8 +639,8 @@ impl DeviceSpec {
                 "addr" => addr = Some(parse_addr(info.name, v)?),
                 "multifunction" => multifunction = parse_bool(info.name, k, v)?,
                 "bus" => match as_str(k, v)? {
-                    "pci.0" => {}
-                    other => return Err(DeviceError::NoBus(other.to_string())),
+                    "" => return Err(DeviceError::NoBus(String::new())),
+                    name => bus = Some(name.to_string()),
                 },
                 _ => {
                     let p = info.props.iter().find(|p| p.name == k).ok_or_else(|| {
@@ -598,6 +658,7 @@ impl DeviceSpec {
             id,
             addr,
             multifunction,
+            bus,
             config,
         })
     }
@@ -639,6 +700,9 @@ impl DeviceSpec {
         let mut s = self.driver().to_string();
         if let Some(id) = &self.id {
             s += &format!(",id={}", escape(id));
+        }
+        if let Some(bus) = &self.bus {
+            s += &format!(",bus={}", escape(bus));
         }
         match self.addr {
             Some((slot, None)) => s += &format!(",addr={slot:02x}"),
@@ -724,6 +788,28 @@ mod tests {
             parse_device("driver=virtio-rng-pci").unwrap().driver(),
             "virtio-rng-pci"
         );
+    }
+
+    #[test]
+    fn bridges_and_buses() {
+        let b = parse_device("pci-bridge,id=br1,chassis_nr=3,addr=1e.0").unwrap();
+        assert!(b.is_bridge());
+        assert_eq!(
+            b.config,
+            DriverConfig::Bridge(BridgeConfig { chassis_nr: 3 })
+        );
+        assert_eq!(b.bus_name(), "pci.0");
+        assert_eq!(b.to_option(), "pci-bridge,id=br1,addr=1e.0,chassis_nr=3");
+        let d = parse_device("virtio-rng-pci,id=r,bus=br1,addr=1.0").unwrap();
+        assert_eq!(
+            (d.bus.as_deref(), d.addr),
+            (Some("br1"), Some((1, Some(0))))
+        );
+        assert_eq!(d.to_option(), "virtio-rng-pci,id=r,bus=br1,addr=01.0");
+        assert_eq!(parse_device(&d.to_option()).unwrap(), d);
+        let q = qmp(json!({"driver": "pci-bridge", "id": "b2", "chassis_nr": 2, "bus": "br1"}))
+            .unwrap();
+        assert_eq!(q.bus_name(), "br1");
     }
 
     #[test]
@@ -831,7 +917,21 @@ mod tests {
             err("nosuch-pci"),
             "'nosuch-pci' is not a valid device model name"
         );
-        assert_eq!(err("virtio-rng-pci,bus=pci.1"), "Bus 'pci.1' not found");
+        assert_eq!(err("virtio-rng-pci,bus="), "Bus '' not found");
+        assert_eq!(
+            err("pci-bridge,id=br1"),
+            "Bridge chassis not specified. Each bridge is required to be assigned a unique chassis id > 0."
+        );
+        assert_eq!(
+            err("pci-bridge,id=br1,chassis_nr=0"),
+            err("pci-bridge,id=br1")
+        );
+        assert!(err("pci-bridge,id=br1,chassis_nr=256")
+            .starts_with("Property 'pci-bridge.chassis_nr' can't take value '256'"));
+        assert_eq!(
+            err("pci-bridge,id=br1,chassis_nr=1,vectors=2"),
+            "Property 'pci-bridge.vectors' not found"
+        );
         assert_eq!(
             err("virtio-rng-pci,id=0bad"),
             "Parameter 'id' expects an identifier"
@@ -937,8 +1037,8 @@ mod tests {
             "Property 'virtio-rng-pci.addr' can't take value '256': invalid PCI address"
         );
         assert_eq!(
-            e(json!({"driver": "virtio-rng-pci", "bus": "pci.1"})),
-            "Bus 'pci.1' not found"
+            e(json!({"driver": "virtio-rng-pci", "bus": 1})),
+            "Invalid parameter type for 'bus', expected: string"
         );
         assert_eq!(
             e(json!({"driver": "virtio-rng-pci", "nosuch": 1})),

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-pub use crate::device_config::{parse_device, DeviceError, DeviceSpec, DriverConfig};
+pub use crate::device_config::{parse_device, DeviceError, DeviceSpec, DriverConfig, ROOT_BUS};
 
 use devices::bus::{Bus, BusDevice};
 use devices::legacy::{
@@ -30,13 +30,13 @@ use devices::virtio::pci::{TransportProps, VirtioHost, VirtioPciDevice};
 use devices::virtio::rng::Rng;
 use devices::virtio::VirtioDevice;
 use pci::config::{BarKind, PCI_INTERRUPT_LINE};
-use pci::{Owner, PciAddress, PciFunction, PciRoot, SlotAllocator};
+use pci::{BridgeSetup, Owner, PciAddress, PciBridge, PciFunction, PciRoot, SlotAllocator};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::drivers;
 use crate::layout::{
-    ECAM_SIZE, ECAM_START, PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN, PCI_MMIO32_SIZE, PCI_MMIO32_START,
+    ecam_size, ECAM_START, PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN, PCI_MMIO32_SIZE, PCI_MMIO32_START,
 };
 use crate::vm::Vm;
 
@@ -47,36 +47,198 @@ pub struct Placed {
     pub spec: DeviceSpec,
     /// Its id (given, or `device[N]`).
     pub id: String,
-    /// Where it sits.
+    /// The bus it sits on: `pci.0` or a bridge's id (`bus=`, else the recorded bus).
+    pub bus: String,
+    /// Where it sits, with its bus's number.
     pub addr: PciAddress,
 }
 
-/// Gives every spec an id and an address on an empty bus (see [`DeviceSet::add`]).
-pub fn place(
-    specs: &[DeviceSpec],
-    hints: &HashMap<String, PciAddress>,
-) -> Result<Vec<Placed>, DeviceError> {
-    place_into(
-        &mut SlotAllocator::new(),
-        &mut 0,
-        &HashSet::new(),
-        specs,
-        hints,
-    )
+/// A recorded place for a device id: the bus by name and the slot and function on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hint {
+    /// `pci.0` or a bridge's id.
+    pub bus: String,
+    /// Slot.
+    pub slot: u8,
+    /// Function.
+    pub function: u8,
 }
 
-/// Gives every spec an id and an address, claiming slots in `slots`.
+impl Hint {
+    /// A hint for `slot.function` on the root bus.
+    pub fn root(addr: PciAddress) -> Self {
+        Hint {
+            bus: ROOT_BUS.to_string(),
+            slot: addr.device(),
+            function: addr.function(),
+        }
+    }
+}
+
+/// One bus as placement numbered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusInfo {
+    /// Its number (0 for `pci.0`).
+    pub number: u8,
+    /// The highest bus number behind it (its own number when no bridge is behind it).
+    pub subordinate: u8,
+    /// For a bridge's bus: the bus the bridge sits on and the bridge's devfn there.
+    pub upstream: Option<(String, u8)>,
+    /// For a bridge's bus: the bridge's chassis number.
+    pub chassis: u8,
+}
+
+/// Every bus of a machine: its slot allocator and its number.
 ///
-/// Order: explicit `addr=` first, then devices whose id has a hinted address (from a compat
-/// record) when that address is still free, then everything else in command-line order, each
-/// at function 0 of the first free slot from 1 up. `anon` counts the id-less devices so far;
-/// `taken` holds the ids already in use.
+/// Bus numbers are assigned as firmware does for QEMU (SeaBIOS, OVMF), depth first: starting
+/// from bus 0, each bus's bridges in devfn order get the next free number for their secondary
+/// bus, then the buses behind that bridge are numbered before its next sibling; a bridge's
+/// subordinate number is the last number given behind it. The numbers thus depend only on
+/// where the bridges are (their addresses), never on the other devices, their order on the
+/// command line or their ids: adding or removing an endpoint renumbers nothing; adding or
+/// removing a bridge renumbers the bridges after it in that order, exactly as it does under
+/// QEMU and its firmware.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Buses {
+    slots: BTreeMap<String, SlotAllocator>,
+    info: BTreeMap<String, BusInfo>,
+}
+
+impl Default for Buses {
+    fn default() -> Self {
+        Buses {
+            slots: [(ROOT_BUS.to_string(), SlotAllocator::new())].into(),
+            info: [(
+                ROOT_BUS.to_string(),
+                BusInfo {
+                    number: 0,
+                    subordinate: 0,
+                    upstream: None,
+                    chassis: 0,
+                },
+            )]
+            .into(),
+        }
+    }
+}
+
+impl Buses {
+    /// The bus called `name`.
+    pub fn get(&self, name: &str) -> Option<&BusInfo> {
+        self.info.get(name)
+    }
+
+    /// Whether any bridge is there.
+    pub fn has_bridges(&self) -> bool {
+        self.info.len() > 1
+    }
+
+    /// Where INTx pin `pin` (0 = INTA) of slot `slot` on bus `bus` arrives on bus 0: the
+    /// (slot, pin) of bus 0 after the standard swizzle at every bridge
+    /// (`pin = (pin + slot) % 4`, then the bridge's own slot), as Linux and firmware assume for
+    /// bridges without their own `_PRT`.
+    pub fn intx_on_root(&self, bus: &str, slot: u8, pin: u8) -> (u8, u8) {
+        let (mut name, mut slot, mut pin) = (bus.to_string(), slot, pin);
+        for _ in 0..self.info.len() {
+            match self.info.get(&name).and_then(|i| i.upstream.clone()) {
+                Some((parent, devfn)) => {
+                    pin = (pin + slot) % 4;
+                    slot = devfn >> 3;
+                    name = parent;
+                }
+                None => break,
+            }
+        }
+        (slot, pin)
+    }
+
+    /// Numbers every bus depth first (see the type's docs); `bridges` maps each bridge's id to
+    /// (its bus, its devfn, its chassis).
+    fn number(&mut self, bridges: &BTreeMap<String, (String, u8, u8)>) -> Result<(), DeviceError> {
+        let mut children: BTreeMap<&str, Vec<(u8, &str)>> = BTreeMap::new();
+        for (id, (bus, devfn, _)) in bridges {
+            children.entry(bus).or_default().push((*devfn, id));
+        }
+        for c in children.values_mut() {
+            c.sort_unstable();
+        }
+        fn visit(
+            bus: &str,
+            children: &BTreeMap<&str, Vec<(u8, &str)>>,
+            next: &mut u16,
+            out: &mut Vec<(String, u8, u8, String, u8)>,
+        ) -> Result<(), DeviceError> {
+            for (devfn, child) in children.get(bus).map(Vec::as_slice).unwrap_or_default() {
+                *next += 1;
+                let secondary = u8::try_from(*next)
+                    .map_err(|_| DeviceError::TooManyBuses(child.to_string()))?;
+                visit(child, children, next, out)?;
+                // `next` is at most 255 here: the visit would have failed otherwise.
+                let subordinate = u8::try_from(*next).unwrap_or(u8::MAX);
+                out.push((
+                    child.to_string(),
+                    secondary,
+                    subordinate,
+                    bus.to_string(),
+                    *devfn,
+                ));
+            }
+            Ok(())
+        }
+        let mut next = 0u16;
+        let mut out = Vec::new();
+        visit(ROOT_BUS, &children, &mut next, &mut out)?;
+        let mut info: BTreeMap<String, BusInfo> = BTreeMap::new();
+        info.insert(
+            ROOT_BUS.to_string(),
+            BusInfo {
+                number: 0,
+                subordinate: u8::try_from(next).unwrap_or(u8::MAX),
+                upstream: None,
+                chassis: 0,
+            },
+        );
+        for (id, number, subordinate, bus, devfn) in out {
+            let chassis = bridges.get(&id).map_or(0, |b| b.2);
+            info.insert(
+                id,
+                BusInfo {
+                    number,
+                    subordinate,
+                    upstream: Some((bus, devfn)),
+                    chassis,
+                },
+            );
+        }
+        self.info = info;
+        Ok(())
+    }
+}
+
+/// Gives every spec an id and an address on an empty machine (see [`DeviceSet::add`]).
+pub fn place(
+    specs: &[DeviceSpec],
+    hints: &HashMap<String, Hint>,
+) -> Result<Vec<Placed>, DeviceError> {
+    place_into(&mut Buses::default(), &mut 0, &HashSet::new(), specs, hints)
+}
+
+/// Gives every spec an id, a bus and an address, claiming slots in `buses` and numbering the
+/// buses of new bridges.
+///
+/// Buses: `bus=` names `pci.0` or a bridge (one already there or one among `specs`, in any
+/// order); anything else, a device that is not a bridge, or a bridge behind itself is QEMU's
+/// "Bus '...' not found". Order of claims, on each device's bus: explicit `addr=` first, then
+/// devices whose id has a hinted place (from a compat record) when its bus exists and the
+/// place is still free (a given `bus=` must match it), then everything else in command-line
+/// order, each at function 0 of the first free slot (from 1 on bus 0, from 0 behind a
+/// bridge). `anon` counts the id-less devices so far; `taken` holds the ids already in use.
 pub fn place_into(
-    slots: &mut SlotAllocator,
+    buses: &mut Buses,
     anon: &mut usize,
     taken: &HashSet<String>,
     specs: &[DeviceSpec],
-    hints: &HashMap<String, PciAddress>,
+    hints: &HashMap<String, Hint>,
 ) -> Result<Vec<Placed>, DeviceError> {
     let mut ids = Vec::with_capacity(specs.len());
     let mut seen = taken.clone();
@@ -88,58 +250,157 @@ pub fn place_into(
                 format!("device[{}]", *anon - 1)
             }
         };
-        if !seen.insert(id.clone()) {
+        if !seen.insert(id.clone()) || (s.is_bridge() && buses.slots.contains_key(&id)) {
             return Err(DeviceError::DuplicateId(id));
         }
         ids.push(id);
+    }
+    // The buses of new bridges exist from now on (a device may name one given after it).
+    for (s, id) in specs.iter().zip(&ids) {
+        if s.is_bridge() {
+            buses.slots.insert(id.clone(), SlotAllocator::secondary());
+        }
     }
     let owner = |s: &DeviceSpec| Owner {
         driver: s.driver().to_string(),
         id: s.id.clone(),
         multifunction: s.multifunction,
     };
-    let mut addrs: Vec<Option<PciAddress>> = vec![None; specs.len()];
+    // Each device's bus and, when a hint places it, its hinted slot.
+    let mut bus_of: Vec<String> = Vec::with_capacity(specs.len());
+    let mut hinted: Vec<Option<&Hint>> = vec![None; specs.len()];
     for (i, s) in specs.iter().enumerate() {
-        if let Some((slot, func)) = s.addr {
-            addrs[i] = Some(slots.claim(slot, func.unwrap_or(0), &owner(s))?);
+        let hint = hints
+            .get(&ids[i])
+            .filter(|h| s.addr.is_none() && s.bus.as_ref().is_none_or(|b| *b == h.bus));
+        let bus = match (&s.bus, hint) {
+            (Some(b), _) => b.clone(),
+            (None, Some(h)) if buses.slots.contains_key(&h.bus) => h.bus.clone(),
+            (None, Some(h)) => {
+                tracing::warn!("{}: recorded bus '{}' does not exist", ids[i], h.bus);
+                ROOT_BUS.to_string()
+            }
+            (None, None) => ROOT_BUS.to_string(),
+        };
+        if !buses.slots.contains_key(&bus) {
+            return Err(DeviceError::NoBus(bus));
         }
+        hinted[i] = hint.filter(|h| h.bus == bus);
+        bus_of.push(bus);
     }
+    // A bridge must not sit behind itself: follow each new bridge's buses up to pci.0.
+    let parent_of = |bus: &str| -> Option<String> {
+        match specs
+            .iter()
+            .zip(&ids)
+            .position(|(s, id)| s.is_bridge() && id == bus)
+        {
+            Some(j) => Some(bus_of[j].clone()),
+            None => buses
+                .info
+                .get(bus)
+                .and_then(|i| i.upstream.clone())
+                .map(|u| u.0),
+        }
+    };
     for (i, s) in specs.iter().enumerate() {
-        if addrs[i].is_some() {
+        if !s.is_bridge() {
             continue;
         }
-        if let Some(h) = hints.get(&ids[i]) {
-            match slots.claim(h.device(), h.function(), &owner(s)) {
-                Ok(a) => addrs[i] = Some(a),
-                Err(e) => tracing::warn!("{}: recorded address {h} not usable ({e})", ids[i]),
+        let mut bus = bus_of[i].clone();
+        for _ in 0..=specs.len() + buses.info.len() {
+            if bus == ids[i] {
+                return Err(DeviceError::NoBus(bus_of[i].clone()));
             }
+            match parent_of(&bus) {
+                Some(p) => bus = p,
+                None => break,
+            }
+        }
+        if bus != ROOT_BUS {
+            return Err(DeviceError::NoBus(bus_of[i].clone()));
+        }
+    }
+    let mut claimed: Vec<Option<PciAddress>> = vec![None; specs.len()];
+    for (i, s) in specs.iter().enumerate() {
+        if let Some((slot, func)) = s.addr {
+            let slots = buses
+                .slots
+                .get_mut(&bus_of[i])
+                .ok_or_else(|| DeviceError::NoBus(bus_of[i].clone()))?;
+            claimed[i] = Some(slots.claim(slot, func.unwrap_or(0), &owner(s))?);
         }
     }
     for (i, s) in specs.iter().enumerate() {
-        if addrs[i].is_none() {
-            addrs[i] = Some(slots.auto(&owner(s))?);
+        let (None, Some(h)) = (claimed[i], hinted[i]) else {
+            continue;
+        };
+        let Some(slots) = buses.slots.get_mut(&bus_of[i]) else {
+            continue;
+        };
+        match slots.claim(h.slot, h.function, &owner(s)) {
+            Ok(a) => claimed[i] = Some(a),
+            Err(e) => tracing::warn!(
+                "{}: recorded address {}:{:02x}.{} not usable ({e})",
+                ids[i],
+                h.bus,
+                h.slot,
+                h.function
+            ),
         }
     }
-    slots.validate()?;
-    Ok(specs
+    for (i, s) in specs.iter().enumerate() {
+        if claimed[i].is_none() {
+            let slots = buses
+                .slots
+                .get_mut(&bus_of[i])
+                .ok_or_else(|| DeviceError::NoBus(bus_of[i].clone()))?;
+            claimed[i] = Some(slots.auto(&owner(s))?);
+        }
+    }
+    for slots in buses.slots.values() {
+        slots.validate()?;
+    }
+    // Chassis numbers are unique; then every bus gets its number.
+    let mut bridges: BTreeMap<String, (String, u8, u8)> = buses
+        .info
         .iter()
-        .zip(ids)
-        .zip(addrs)
-        .filter_map(|((s, id), a)| {
-            a.map(|addr| Placed {
-                spec: s.clone(),
-                id,
-                addr,
-            })
+        .filter_map(|(id, i)| {
+            let (bus, devfn) = i.upstream.clone()?;
+            Some((id.clone(), (bus, devfn, i.chassis)))
         })
-        .collect())
+        .collect();
+    for (i, s) in specs.iter().enumerate() {
+        if let (DriverConfig::Bridge(c), Some(a)) = (&s.config, claimed[i]) {
+            if let Some((holder, _)) = bridges.iter().find(|(_, b)| b.2 == c.chassis_nr) {
+                return Err(DeviceError::DuplicateChassis {
+                    chassis: c.chassis_nr,
+                    holder: holder.clone(),
+                });
+            }
+            bridges.insert(ids[i].clone(), (bus_of[i].clone(), a.devfn(), c.chassis_nr));
+        }
+    }
+    buses.number(&bridges)?;
+    let mut out = Vec::with_capacity(specs.len());
+    for (((s, id), bus), a) in specs.iter().zip(ids).zip(bus_of).zip(claimed) {
+        let Some(a) = a else { continue };
+        let number = buses.get(&bus).map_or(0, |b| b.number);
+        out.push(Placed {
+            spec: s.clone(),
+            id,
+            bus,
+            addr: PciAddress::from_devfn(number, a.devfn()),
+        });
+    }
+    Ok(out)
 }
 
-/// The devices of one machine: the slot allocator's state and every realized device.
-/// Changes are all-or-nothing: a failed [`DeviceSet::add`] leaves the set as it was.
+/// The devices of one machine: its buses with their slot allocators and every realized
+/// device. Changes are all-or-nothing: a failed [`DeviceSet::add`] leaves the set as it was.
 #[derive(Default)]
 pub struct DeviceSet {
-    slots: SlotAllocator,
+    buses: Buses,
     anon: usize,
     realized: Vec<Realized>,
 }
@@ -150,27 +411,36 @@ impl DeviceSet {
         Self::default()
     }
 
-    /// Places and realizes `specs` onto `root`, around the devices already there.
+    /// Places and realizes `specs` onto `root`, around the devices already there. Bridges come
+    /// only with the first devices (the machine's), as their bus numbers, windows and the ECAM
+    /// window are fixed before the guest runs.
     pub fn add(
         &mut self,
         specs: &[DeviceSpec],
-        hints: &HashMap<String, PciAddress>,
+        hints: &HashMap<String, Hint>,
         root: &PciRoot,
         mem: &GuestMemoryMmap,
         host: Arc<dyn VirtioHost>,
     ) -> Result<Vec<PciAddress>, DeviceError> {
-        let mut slots = self.slots.clone();
+        if !self.realized.is_empty() {
+            if let Some(b) = specs.iter().find(|s| s.is_bridge()) {
+                return Err(DeviceError::BridgeNotPluggable(
+                    b.id.clone().unwrap_or_else(|| b.driver().to_string()),
+                ));
+            }
+        }
+        let mut buses = self.buses.clone();
         let mut anon = self.anon;
         let taken: HashSet<String> = self.realized.iter().map(|r| r.placed.id.clone()).collect();
-        let placed = place_into(&mut slots, &mut anon, &taken, specs, hints)?;
+        let placed = place_into(&mut buses, &mut anon, &taken, specs, hints)?;
         let mut sorted: Vec<&Placed> = placed.iter().collect();
         sorted.sort_by_key(|p| p.addr);
-        let mut new = Vec::new();
+        let mut new: Vec<Realized> = Vec::new();
         for p in sorted {
-            match realize_one(p, root, mem, host.clone()) {
+            match realize_one(p, &buses, root, mem, host.clone()) {
                 Ok(r) => new.push(r),
                 Err(e) => {
-                    for r in &new {
+                    for r in new.iter().rev() {
                         root.remove(r.placed.addr);
                     }
                     return Err(e);
@@ -178,7 +448,7 @@ impl DeviceSet {
             }
         }
         let addrs = new.iter().map(|r| r.placed.addr).collect();
-        self.slots = slots;
+        self.buses = buses;
         self.anon = anon;
         self.realized.extend(new);
         self.realized.sort_by_key(|r| r.placed.addr);
@@ -186,20 +456,25 @@ impl DeviceSet {
     }
 
     /// Removes the device `id` from `root` and frees its slot. The device gives back its host
-    /// resources when the returned [`Realized`] is dropped.
+    /// resources when the returned [`Realized`] is dropped. Bridges stay (see
+    /// [`DeviceSet::add`]).
     pub fn remove(&mut self, id: &str, root: &PciRoot) -> Result<Realized, DeviceError> {
         let i = self
             .realized
             .iter()
             .position(|r| r.placed.id == id)
             .ok_or_else(|| DeviceError::NotFound(id.to_string()))?;
-        let addr = self.realized[i].placed.addr;
+        let placed = &self.realized[i].placed;
+        if placed.spec.is_bridge() {
+            return Err(DeviceError::BridgeNotPluggable(id.to_string()));
+        }
+        let addr = placed.addr;
         if addr.function() == 0 {
-            if let Some(other) = self
-                .realized
-                .iter()
-                .find(|r| r.placed.addr.device() == addr.device() && r.placed.addr.function() > 0)
-            {
+            if let Some(other) = self.realized.iter().find(|r| {
+                r.placed.addr.bus() == addr.bus()
+                    && r.placed.addr.device() == addr.device()
+                    && r.placed.addr.function() > 0
+            }) {
                 return Err(DeviceError::Function0Busy {
                     slot: addr.device(),
                     function: other.placed.addr.function(),
@@ -208,7 +483,9 @@ impl DeviceSet {
         }
         let r = self.realized.remove(i);
         root.remove(r.placed.addr);
-        self.slots.release(r.placed.addr);
+        if let Some(slots) = self.buses.slots.get_mut(&r.placed.bus) {
+            slots.release(PciAddress::from_devfn(0, r.placed.addr.devfn()));
+        }
         Ok(r)
     }
 
@@ -217,10 +494,15 @@ impl DeviceSet {
         &self.realized
     }
 
+    /// The buses.
+    pub fn buses(&self) -> &Buses {
+        &self.buses
+    }
+
     /// Where every device sits, without the devices themselves.
     pub fn placement(&self) -> Placement {
         Placement {
-            slots: self.slots.clone(),
+            buses: self.buses.clone(),
             anon: self.anon,
             placed: self.realized.iter().map(|r| r.placed.clone()).collect(),
         }
@@ -234,12 +516,12 @@ impl DeviceSet {
         mem: &GuestMemoryMmap,
         host: Arc<dyn VirtioHost>,
     ) -> Result<DeviceSet, DeviceError> {
-        let mut realized = Vec::with_capacity(placement.placed.len());
+        let mut realized: Vec<Realized> = Vec::with_capacity(placement.placed.len());
         for p in &placement.placed {
-            match realize_one(p, root, mem, host.clone()) {
+            match realize_one(p, &placement.buses, root, mem, host.clone()) {
                 Ok(r) => realized.push(r),
                 Err(e) => {
-                    for r in &realized {
+                    for r in realized.iter().rev() {
                         root.remove(r.placed.addr);
                     }
                     return Err(e);
@@ -247,20 +529,27 @@ impl DeviceSet {
             }
         }
         Ok(DeviceSet {
-            slots: placement.slots.clone(),
+            buses: placement.buses.clone(),
             anon: placement.anon,
             realized,
         })
     }
 }
 
-/// Every device's id, spec and address and the slot allocator's state: what outlives one run
-/// of the guest (see [`DeviceManager::rebuilt`]).
+/// Every device's id, spec and address and the buses' state: what outlives one run of the
+/// guest (see [`DeviceManager::rebuilt`]).
 #[derive(Clone)]
 pub struct Placement {
-    slots: SlotAllocator,
+    buses: Buses,
     anon: usize,
     placed: Vec<Placed>,
+}
+
+impl Placement {
+    /// Whether the machine has bridges (and so an ECAM window for every bus).
+    pub fn has_bridges(&self) -> bool {
+        self.buses.has_bridges()
+    }
 }
 
 /// Errors of the device manager: device options and placement in QEMU's words, or the host
@@ -325,12 +614,14 @@ impl DeviceManager {
     ///
     /// With `eject` (ACPI PCI hot-plug on), the hot-plug registers and the GED are on the port
     /// bus too; `eject` is called on a vCPU thread with the slot the guest ejected (it must only
-    /// post and return).
+    /// post and return). With `bridges`, the ECAM window covers all 256 buses
+    /// ([`crate::layout::ecam_size`]).
     pub fn new(
         vm: Arc<Vm>,
         power: PowerCallback,
         console: Box<dyn std::io::Write + Send>,
         eject: Option<EjectCallback>,
+        bridges: bool,
     ) -> Result<Self, DeviceManagerError> {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
@@ -367,7 +658,7 @@ impl DeviceManager {
         )?;
         mmio.insert(
             ECAM_START,
-            ECAM_SIZE,
+            ecam_size(bridges),
             Arc::new(Ecam::new(root.clone(), mapper.clone())),
         )
         .map_err(|source| DeviceManagerError::Bus {
@@ -461,7 +752,7 @@ impl DeviceManager {
         eject: Option<EjectCallback>,
         placement: &Placement,
     ) -> Result<Self, DeviceManagerError> {
-        let dm = DeviceManager::new(vm, power, console, eject)?;
+        let dm = DeviceManager::new(vm, power, console, eject, placement.has_bridges())?;
         let set = DeviceSet::realize_placement(placement, &dm.root, &dm.vm.mem, dm.vm.clone())?;
         let addrs: Vec<PciAddress> = set.devices().iter().map(|r| r.placed.addr).collect();
         *dm.set() = set;
@@ -486,7 +777,7 @@ impl DeviceManager {
     pub fn add(
         &self,
         specs: &[DeviceSpec],
-        hints: &HashMap<String, PciAddress>,
+        hints: &HashMap<String, Hint>,
     ) -> Result<Vec<(String, PciAddress)>, DeviceManagerError> {
         let mut set = self.set();
         let addrs = set.add(specs, hints, &self.root, &self.vm.mem, self.vm.clone())?;
@@ -521,6 +812,11 @@ impl DeviceManager {
         f(self.set().devices())
     }
 
+    /// Calls `f` with the buses.
+    pub fn with_buses<R>(&self, f: impl FnOnce(&Buses) -> R) -> R {
+        f(self.set().buses())
+    }
+
     /// The root complex (every function, the host bridge included).
     pub fn root(&self) -> &Arc<PciRoot> {
         &self.root
@@ -546,6 +842,7 @@ impl DeviceManager {
 /// which defaults such as a MAC address derive.
 pub fn build_device(config: &DriverConfig, id: &str) -> Result<Arc<dyn VirtioDevice>, String> {
     match config {
+        DriverConfig::Bridge(_) => Err("a PCI bridge is not a virtio device".into()),
         DriverConfig::Rng(_) => Ok(Arc::new(Rng::new())),
         DriverConfig::Blk(c) => Ok(Arc::new(Block::new(&BlockConfig {
             path: c.file.clone(),
@@ -571,13 +868,15 @@ pub struct Realized {
     pub function: Arc<dyn PciFunction>,
     /// The ABI-shaping properties the realized device has (recorded in fingerprints).
     pub abi: BTreeMap<String, String>,
-    /// The same function as a virtio transport (to release it).
-    transport: Arc<VirtioPciDevice>,
+    /// The same function as a virtio transport (to release it); none for a bridge.
+    transport: Option<Arc<VirtioPciDevice>>,
 }
 
 impl Drop for Realized {
     fn drop(&mut self) {
-        self.transport.release();
+        if let Some(t) = &self.transport {
+            t.release();
+        }
     }
 }
 
@@ -588,17 +887,20 @@ fn transport_props(p: &Placed) -> TransportProps {
     }
 }
 
-/// Bytes of the 32-bit PCI window reserved for each function's BARs.
+/// Bytes of the 32-bit PCI window reserved for each function's BARs on bus 0.
 ///
-/// Each function's BARs live in a window of their own at `PCI_MMIO32_START + devfn * size`, so a
-/// device's BAR addresses depend on its address only: adding or removing other devices never
-/// moves them (the guest's `lspci -vvv` stays identical).
-pub const FUNCTION_BAR_WINDOW: u64 = 0x4_0000;
+/// Each function's BARs live in a window of their own at `PCI_MMIO32_START + devfn * size` (on
+/// bus 0; behind bridges see [`crate::layout::function_window`]), so a device's BAR addresses
+/// depend on its address only: adding or removing other devices never moves them (the guest's
+/// `lspci -vvv` stays identical).
+pub const FUNCTION_BAR_WINDOW: u64 = crate::layout::BUS0_FUNCTION_WINDOW;
 
-/// Builds one placed device, gives its BARs their addresses in the function's own window, and
-/// adds it to `root`.
+/// Builds one placed device, gives its BARs their addresses in the function's own window (a
+/// bridge: its bus numbers and windows), and adds it to `root`. Devices behind a bridge need
+/// the bridge on `root` (programmed) first.
 pub fn realize_one(
     p: &Placed,
+    buses: &Buses,
     root: &PciRoot,
     mem: &GuestMemoryMmap,
     host: Arc<dyn VirtioHost>,
@@ -607,6 +909,33 @@ pub fn realize_one(
         id: p.id.clone(),
         reason,
     };
+    if let DriverConfig::Bridge(c) = &p.spec.config {
+        let own = buses
+            .get(&p.id)
+            .ok_or_else(|| realize_err("its bus was not numbered".into()))?;
+        let bridge = PciBridge::new(c.chassis_nr, p.spec.multifunction);
+        bridge.program(&BridgeSetup {
+            primary: p.addr.bus(),
+            secondary: own.number,
+            subordinate: own.subordinate,
+            memory: crate::layout::bridge_window(own.number, own.subordinate),
+        });
+        let abi: BTreeMap<String, String> = [
+            ("chassis_nr".to_string(), c.chassis_nr.to_string()),
+            ("secondary_bus".to_string(), own.number.to_string()),
+            ("subordinate_bus".to_string(), own.subordinate.to_string()),
+        ]
+        .into();
+        let function: Arc<dyn PciFunction> = Arc::new(bridge);
+        root.add(p.addr, function.clone())
+            .map_err(|e| realize_err(e.to_string()))?;
+        return Ok(Realized {
+            placed: p.clone(),
+            function,
+            abi,
+            transport: None,
+        });
+    }
     let device = build_device(&p.spec.config, &p.id).map_err(realize_err)?;
     let f = VirtioPciDevice::new(
         p.spec.driver(),
@@ -620,25 +949,29 @@ pub fn realize_one(
     let cfg = f.config();
     let pin = cfg.interrupt_pin();
     if pin > 0 {
-        let gsi = crate::acpi::intx_gsi(p.addr.device(), pin - 1);
+        let (slot, pin) = buses.intx_on_root(&p.bus, p.addr.device(), pin - 1);
+        let gsi = crate::acpi::intx_gsi(slot, pin);
         cfg.set_raw(PCI_INTERRUPT_LINE, &[gsi as u8]);
         f.connect_intx(gsi);
     }
-    let window = PCI_MMIO32_START + u64::from(p.addr.devfn()) * FUNCTION_BAR_WINDOW;
+    let no_room = |bar: usize| DeviceError::NoBarSpace {
+        device: p.id.clone(),
+        bar,
+    };
+    let first = cfg.bars().first().map_or(0, |b| b.index);
+    let (window, size) =
+        crate::layout::function_window(p.addr.bus(), p.addr.devfn()).ok_or(no_room(first))?;
     let mut next = window;
     for bar in cfg.bars() {
         let base = next.next_multiple_of(bar.size);
-        if matches!(bar.kind, BarKind::Io) || base + bar.size > window + FUNCTION_BAR_WINDOW {
-            return Err(DeviceError::NoBarSpace {
-                device: p.id.clone(),
-                bar: bar.index,
-            });
+        if matches!(bar.kind, BarKind::Io) || base + bar.size > window + size {
+            return Err(no_room(bar.index));
         }
         cfg.set_bar_address(bar.index, base)
             .map_err(|e| realize_err(e.to_string()))?;
         next = base + bar.size;
     }
-    debug_assert!(window + FUNCTION_BAR_WINDOW <= PCI_MMIO32_START + PCI_MMIO32_SIZE);
+    debug_assert!(window + size <= PCI_MMIO32_START + PCI_MMIO32_SIZE);
     let transport = Arc::new(f);
     let function: Arc<dyn PciFunction> = transport.clone();
     root.add(p.addr, function.clone())
@@ -647,7 +980,7 @@ pub fn realize_one(
         placed: p.clone(),
         function,
         abi,
-        transport,
+        transport: Some(transport),
     })
 }
 
@@ -757,8 +1090,14 @@ mod tests {
     #[test]
     fn hints_are_honoured_and_new_devices_go_around_them() {
         let mut hints = HashMap::new();
-        hints.insert("b".to_string(), PciAddress::new(0, 1, 0).unwrap());
-        hints.insert("c".to_string(), PciAddress::new(0, 3, 0).unwrap());
+        hints.insert(
+            "b".to_string(),
+            Hint::root(PciAddress::new(0, 1, 0).unwrap()),
+        );
+        hints.insert(
+            "c".to_string(),
+            Hint::root(PciAddress::new(0, 3, 0).unwrap()),
+        );
         let p = place(
             &specs(&[
                 "virtio-rng-pci,id=new",
@@ -790,7 +1129,7 @@ mod tests {
         for _case in 0..200 {
             let mut next_id = 0;
             let mut live: Vec<String> = Vec::new();
-            let mut hints: HashMap<String, PciAddress> = HashMap::new();
+            let mut hints: HashMap<String, Hint> = HashMap::new();
             for _restart in 0..12 {
                 live.retain(|_| rand(4) != 0);
                 for _ in 0..rand(5) {
@@ -810,12 +1149,160 @@ mod tests {
                 let placed = place(&specs, &hints).unwrap();
                 for p in &placed {
                     if let Some(old) = hints.get(&p.id) {
-                        assert_eq!(*old, p.addr, "{} moved", p.id);
+                        assert_eq!(*old, Hint::root(p.addr), "{} moved", p.id);
                     }
                 }
-                hints = placed.into_iter().map(|p| (p.id, p.addr)).collect();
+                hints = placed
+                    .into_iter()
+                    .map(|p| (p.id, Hint::root(p.addr)))
+                    .collect();
             }
         }
+    }
+
+    #[test]
+    fn devices_behind_bridges_and_depth_first_bus_numbers() {
+        // Command-line order does not matter: a device may name a bridge given after it.
+        let p = placed(&[
+            "virtio-rng-pci,id=a,bus=br1,addr=01.0",
+            "virtio-rng-pci,id=b,bus=br1,addr=2",
+            "pci-bridge,id=br1,chassis_nr=1,addr=1e.0",
+            "pci-bridge,id=br2,chassis_nr=2,bus=br1,addr=3",
+            "pci-bridge,id=br0,chassis_nr=3,addr=5",
+            "virtio-rng-pci,id=c,bus=br2",
+            "virtio-rng-pci,id=d,bus=br0",
+            "virtio-rng-pci,id=e",
+            "pci-bridge,id=br3,chassis_nr=4,bus=br2,addr=1f",
+        ])
+        .unwrap();
+        let got: Vec<String> = p.iter().map(|(id, a)| format!("{id}@{a}")).collect();
+        // Depth first in devfn order: 00:05.0 -> bus 1, 00:1e.0 -> bus 2, its 02:03.0 -> bus 3,
+        // and 03:1f.0 -> bus 4. Behind a bridge automatic placement starts at slot 0.
+        assert_eq!(
+            got,
+            [
+                "a@02:01.0",
+                "b@02:02.0",
+                "br1@00:1e.0",
+                "br2@02:03.0",
+                "br0@00:05.0",
+                "c@03:00.0",
+                "d@01:00.0",
+                "e@00:01.0",
+                "br3@03:1f.0",
+            ]
+        );
+        let mut buses = Buses::default();
+        place_into(
+            &mut buses,
+            &mut 0,
+            &HashSet::new(),
+            &specs(&[
+                "pci-bridge,id=br1,chassis_nr=1,addr=1e.0",
+                "pci-bridge,id=br2,chassis_nr=2,bus=br1,addr=3",
+                "pci-bridge,id=br0,chassis_nr=3,addr=5",
+            ]),
+            &HashMap::new(),
+        )
+        .unwrap();
+        let info = |n: &str| {
+            let i = buses.get(n).unwrap();
+            (i.number, i.subordinate)
+        };
+        assert_eq!(info("pci.0"), (0, 3));
+        assert_eq!(info("br0"), (1, 1));
+        assert_eq!(info("br1"), (2, 3));
+        assert_eq!(info("br2"), (3, 3));
+        // INTx swizzle: slot 1 INTA behind br2 (02:03.0) behind br1 (00:1e.0).
+        assert_eq!(buses.intx_on_root("br2", 1, 0), (0x1e, (1 + 3) % 4));
+        assert_eq!(buses.intx_on_root("pci.0", 7, 2), (7, 2));
+        // Endpoints never change bus numbers: only bridges count.
+        let with_more = placed(&[
+            "virtio-rng-pci,id=x",
+            "pci-bridge,id=br1,chassis_nr=1,addr=1e.0",
+            "virtio-rng-pci,id=y,bus=br1",
+        ])
+        .unwrap();
+        assert_eq!(with_more[2].1, "01:00.0");
+    }
+
+    #[test]
+    fn bridge_errors_have_qemu_messages() {
+        let err = |l: &[&str]| placed(l).unwrap_err();
+        assert_eq!(err(&["virtio-rng-pci,bus=br9"]), "Bus 'br9' not found");
+        assert_eq!(
+            err(&["virtio-rng-pci,id=r", "virtio-rng-pci,bus=r"]),
+            "Bus 'r' not found",
+            "bus= naming a device that is not a bridge"
+        );
+        assert_eq!(
+            err(&["pci-bridge,id=br1,chassis_nr=1,bus=br1"]),
+            "Bus 'br1' not found",
+            "a bridge behind itself"
+        );
+        assert_eq!(
+            err(&[
+                "pci-bridge,id=a,chassis_nr=1,bus=b",
+                "pci-bridge,id=b,chassis_nr=2,bus=a"
+            ]),
+            "Bus 'b' not found",
+            "two bridges behind each other"
+        );
+        assert_eq!(
+            err(&["pci-bridge,id=a,chassis_nr=1", "pci-bridge,id=b,chassis_nr=1"]),
+            "Bridge chassis 1 is already used by 'a'. Each bridge is required to be assigned a unique chassis id > 0."
+        );
+        assert_eq!(
+            err(&[
+                "pci-bridge,id=a,chassis_nr=1",
+                "virtio-rng-pci,id=x,bus=a,addr=4",
+                "virtio-rng-pci,id=y,bus=a,addr=4"
+            ]),
+            "PCI: slot 4 function 0 not available for virtio-rng-pci, in use by virtio-rng-pci,id=x"
+        );
+        let mut full = vec!["pci-bridge,id=a,chassis_nr=1".to_string()];
+        full.extend((0..33).map(|i| format!("virtio-rng-pci,id=d{i},bus=a")));
+        let full: Vec<&str> = full.iter().map(String::as_str).collect();
+        assert_eq!(
+            err(&full),
+            "PCI: no slot/function available for virtio-rng-pci, all in use or reserved"
+        );
+        // 255 bridges fit (buses 1-255): 31 on bus 0, the others spread behind them.
+        let bridge = |i: u32| {
+            let bus = match i {
+                0..31 => "pci.0".to_string(),
+                _ => format!("b{}", i % 31),
+            };
+            format!("pci-bridge,id=b{i},chassis_nr={},bus={bus}", i + 1)
+        };
+        let many: Vec<String> = (0..255).map(bridge).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let p = placed(&many).unwrap();
+        assert!(p.iter().all(|(_, a)| a != "00:00.0"));
+        // Chassis numbers are 8-bit, so 256 bridges always repeat one: the bus limit on its
+        // own, through the numbering.
+        let mut b = Buses::default();
+        let mut bridges: BTreeMap<String, (String, u8, u8)> = (0..256u32)
+            .map(|i| {
+                let bus = match i {
+                    0..31 => "pci.0".to_string(),
+                    _ => format!("b{:03}", i % 31),
+                };
+                (format!("b{i:03}"), (bus, (i / 31 * 8) as u8, 1))
+            })
+            .collect();
+        let e = b.number(&bridges).unwrap_err().to_string();
+        assert!(
+            e.starts_with("PCI: no bus number left for pci-bridge,id=b"),
+            "{e}"
+        );
+        assert!(
+            e.ends_with(": a machine has at most 256 buses (0-255)"),
+            "{e}"
+        );
+        bridges.remove("b255");
+        b.number(&bridges).unwrap();
+        assert_eq!(b.get("pci.0").unwrap().subordinate, 255);
     }
 
     fn config(s: &str) -> DriverConfig {

@@ -36,7 +36,7 @@ pub const COMMON_PROPS: &[PropInfo] = &[
     },
     PropInfo {
         name: "addr",
-        help: "PCI slot[.function] on bus 0, hex: 5, 05, 5.0, 0x5.0x1, 1f.7",
+        help: "PCI slot[.function] on its bus, hex: 5, 05, 5.0, 0x5.0x1, 1f.7",
         abi: false,
     },
     PropInfo {
@@ -46,7 +46,7 @@ pub const COMMON_PROPS: &[PropInfo] = &[
     },
     PropInfo {
         name: "bus",
-        help: "pci.0 (the only bus)",
+        help: "pci.0 (the root bus, default) or the id of a pci-bridge",
         abi: false,
     },
 ];
@@ -57,8 +57,21 @@ const VECTORS: PropInfo = PropInfo {
     abi: true,
 };
 
+/// QEMU's PCI-to-PCI bridge.
+pub const PCI_BRIDGE: &str = "pci-bridge";
+
 /// Every driver.
 pub const DRIVERS: &[DriverInfo] = &[
+    DriverInfo {
+        name: PCI_BRIDGE,
+        help: "PCI-to-PCI bridge (1b36:0001) with a bus of 32 slots behind it, named by its id \
+               (devices go there with bus=ID); bus numbers and windows are set at start-up",
+        props: &[PropInfo {
+            name: "chassis_nr",
+            help: "chassis number, 1-255, unique per machine (required, as in QEMU)",
+            abi: true,
+        }],
+    },
     DriverInfo {
         name: "virtio-rng-pci",
         help: "virtio entropy source (1af4:1044), fed by the host's getrandom",

@@ -11,8 +11,12 @@
 //! 0x000e_0000  ACPI tables (RSDP first), reserved in e820
 //! 0x0010_0000  kernel
 //! ...          RAM up to min(size, 3 GiB); the rest of RAM starts at 4 GiB
-//! 0xc000_0000  32-bit PCI memory window (BARs), up to the ECAM window
-//! 0xe000_0000  ECAM (PCIe config space of bus 0, 1 MiB), reserved in e820, described by MCFG
+//! 0xc000_0000  32-bit PCI memory window (BARs), up to the ECAM window:
+//!              0xc000_0000 bus 0 (256 KiB per function, by devfn),
+//!              0xc400_0000 buses 1..=56 behind bridges (8 MiB per bus by bus number,
+//!              32 KiB per function by devfn)
+//! 0xe000_0000  ECAM (PCIe config space of bus 0, 1 MiB; of buses 0-255, 256 MiB, when the
+//!              machine has bridges), reserved in e820, described by MCFG
 //! 0xfec0_0000  IO-APIC
 //! 0xfee0_0000  local APICs
 //! ```
@@ -59,10 +63,73 @@ pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
 pub const PCI_MMIO32_START: u64 = 0xc000_0000;
 /// Size of the 32-bit PCI memory window.
 pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
+/// Bytes of the 32-bit PCI window reserved for each function's BARs on bus 0: each function's
+/// BARs live in a window of their own at `PCI_MMIO32_START + devfn * size`.
+pub const BUS0_FUNCTION_WINDOW: u64 = 0x4_0000;
+/// Start of the windows of the buses behind bridges (right after bus 0's 256 functions).
+pub const BRIDGED_MMIO_START: u64 = PCI_MMIO32_START + 256 * BUS0_FUNCTION_WINDOW;
+/// Bytes of the 32-bit PCI window for each bus behind a bridge, by bus number: bus N (N >= 1)
+/// has `BRIDGED_MMIO_START + (N - 1) * size` (a multiple of the bridges' 1 MiB granularity, so
+/// a bridge's window is exactly the windows of its buses, which depth-first numbering makes
+/// contiguous).
+pub const BRIDGED_BUS_WINDOW: u64 = 0x80_0000;
+/// Bytes for each function's BARs on a bus behind a bridge, by devfn.
+pub const BRIDGED_FUNCTION_WINDOW: u64 = BRIDGED_BUS_WINDOW / 256;
+/// The highest bus number that has a memory window (higher buses hold bridges only).
+pub const MAX_WINDOWED_BUS: u8 =
+    ((PCI_MMIO32_START + PCI_MMIO32_SIZE - BRIDGED_MMIO_START) / BRIDGED_BUS_WINDOW) as u8;
 /// ECAM window of bus 0.
 pub const ECAM_START: u64 = 0xe000_0000;
 /// ECAM size: one bus.
 pub const ECAM_SIZE: u64 = 0x10_0000;
+/// ECAM size of a machine with bridges: all 256 buses.
+pub const ECAM_ALL_BUSES_SIZE: u64 = 0x1000_0000;
+
+/// The ECAM window's size: bus 0 only, or all buses for a machine with bridges (a machine
+/// without bridges keeps the window, MCFG, e820 map and DSDT it always had).
+pub fn ecam_size(bridges: bool) -> u64 {
+    if bridges {
+        ECAM_ALL_BUSES_SIZE
+    } else {
+        ECAM_SIZE
+    }
+}
+
+/// The BAR window `(base, size)` of the function `devfn` on bus `bus`: a function of its
+/// address alone. `None` for buses above [`MAX_WINDOWED_BUS`].
+pub fn function_window(bus: u8, devfn: u8) -> Option<(u64, u64)> {
+    if bus == 0 {
+        return Some((
+            PCI_MMIO32_START + u64::from(devfn) * BUS0_FUNCTION_WINDOW,
+            BUS0_FUNCTION_WINDOW,
+        ));
+    }
+    let (base, _) = bus_window(bus)?;
+    Some((
+        base + u64::from(devfn) * BRIDGED_FUNCTION_WINDOW,
+        BRIDGED_FUNCTION_WINDOW,
+    ))
+}
+
+/// The memory window `(base, size)` of bus `bus` behind a bridge (`None` for bus 0 and buses
+/// above [`MAX_WINDOWED_BUS`]).
+pub fn bus_window(bus: u8) -> Option<(u64, u64)> {
+    if bus == 0 || bus > MAX_WINDOWED_BUS {
+        return None;
+    }
+    Some((
+        BRIDGED_MMIO_START + u64::from(bus - 1) * BRIDGED_BUS_WINDOW,
+        BRIDGED_BUS_WINDOW,
+    ))
+}
+
+/// The memory window `(base, limit)` (inclusive) of a bridge whose buses are
+/// `secondary..=subordinate`: the windows of those buses that have one.
+pub fn bridge_window(secondary: u8, subordinate: u8) -> Option<(u32, u32)> {
+    let (base, _) = bus_window(secondary)?;
+    let (last, size) = bus_window(subordinate.min(MAX_WINDOWED_BUS))?;
+    Some((base as u32, (last + size - 1) as u32))
+}
 /// IO-APIC registers.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC registers.
@@ -102,10 +169,34 @@ mod tests {
     }
 
     #[test]
+    fn bus_windows_tile_the_32_bit_window() {
+        assert_eq!(MAX_WINDOWED_BUS, 56);
+        assert_eq!(function_window(0, 0x28), Some((0xc0a0_0000, 0x4_0000)));
+        assert_eq!(
+            function_window(0, 0xff).map(|(b, s)| b + s),
+            Some(BRIDGED_MMIO_START)
+        );
+        assert_eq!(function_window(1, 0), Some((0xc400_0000, 0x8000)));
+        assert_eq!(function_window(1, 0x10), Some((0xc408_0000, 0x8000)));
+        assert_eq!(function_window(2, 0), Some((0xc480_0000, 0x8000)));
+        let (b, s) = function_window(56, 0xff).unwrap();
+        assert_eq!(b + s, PCI_MMIO32_START + PCI_MMIO32_SIZE);
+        assert_eq!(function_window(57, 0), None);
+        assert_eq!(bridge_window(1, 3), Some((0xc400_0000, 0xc57f_ffff)));
+        assert_eq!(bridge_window(56, 200), Some((0xdf80_0000, 0xdfff_ffff)));
+        assert_eq!(bridge_window(57, 57), None);
+        // Whole 1 MiB units, as a bridge decodes.
+        assert_eq!(BRIDGED_MMIO_START % (1 << 20), 0);
+        assert_eq!(BRIDGED_BUS_WINDOW % (1 << 20), 0);
+        // virtio-pci's BARs (4 KiB MSI-X, 16 KiB virtio) fit a bridged function's window.
+        const { assert!(0x4000 + 0x4000 <= BRIDGED_FUNCTION_WINDOW) };
+    }
+
+    #[test]
     fn fixed_windows_do_not_overlap() {
         let windows = [
             (PCI_MMIO32_START, PCI_MMIO32_SIZE),
-            (ECAM_START, ECAM_SIZE),
+            (ECAM_START, ECAM_ALL_BUSES_SIZE),
             (IOAPIC_START, 0x1000),
             (LAPIC_START, 0x1000),
             (KVM_IDENTITY_MAP, 0x4000),

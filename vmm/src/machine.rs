@@ -219,9 +219,14 @@ impl Machine {
         });
         let eject = pci_hotplug.then(|| ejects.callback());
         let stop = Arc::new(Stop::new()?);
-        let acpi = AcpiOptions { pci_hotplug };
+        let pci_bridges = specs.iter().any(DeviceSpec::is_bridge);
+        let acpi = AcpiOptions {
+            pci_hotplug,
+            pci_bridges,
+        };
         let guest = Guest::build(&config, &acpi, &stop, |vm, power| {
-            let devices = DeviceManager::new(vm, power, Box::new(std::io::stdout()), eject)?;
+            let devices =
+                DeviceManager::new(vm, power, Box::new(std::io::stdout()), eject, pci_bridges)?;
             devices.add(&specs, &hints)?;
             Ok(devices)
         })?;
@@ -348,7 +353,11 @@ impl Machine {
             list.iter()
                 // Every ABI-shaping property with its value, defaults included.
                 .map(|r| {
-                    DeviceEntry::from_spec(&r.placed.spec.with_abi(&r.abi), Some(r.placed.addr))
+                    let mut spec = r.placed.spec.with_abi(&r.abi);
+                    // The bus it is on (a recorded one too); the root bus goes unsaid, as
+                    // in every description written before bridges.
+                    spec.bus = Some(r.placed.bus.clone()).filter(|b| b != device_manager::ROOT_BUS);
+                    DeviceEntry::from_spec(&spec, Some(r.placed.addr))
                 })
                 .collect()
         });
@@ -435,8 +444,15 @@ impl Machine {
     /// guest is notified and the record rewritten. Returns its id.
     pub fn device_add(&self, spec: DeviceSpec) -> Result<String, Error> {
         let hot = self.run_state() != RunState::Prelaunch;
+        if spec.is_bridge() {
+            let name = spec.id.clone().unwrap_or_else(|| spec.driver().to_string());
+            return Err(DeviceError::BridgeNotPluggable(name).into());
+        }
         if hot && !self.pci_hotplug {
             return Err(Error::Config(NO_HOTPLUG.into()));
+        }
+        if hot && spec.bus_name() != device_manager::ROOT_BUS {
+            return Err(DeviceError::NoHotplugBus(spec.bus_name().to_string()).into());
         }
         if let (true, Some((slot, Some(f)))) = (hot, spec.addr) {
             if f != 0 {
@@ -450,7 +466,11 @@ impl Machine {
         for w in warnings {
             eprintln!("vmm: warning: {w}");
         }
-        let hints = compat::hints(&specs, old);
+        let mut hints = compat::hints(&specs, old);
+        if hot {
+            // Hot-plug is on bus 0 only: a recorded place behind a bridge does not apply.
+            hints.retain(|_, h| h.bus == device_manager::ROOT_BUS);
+        }
         let added = self
             .with_guest(|g| -> Result<_, Error> {
                 let added = g.devices.add(&specs, &hints)?;
@@ -489,12 +509,24 @@ impl Machine {
         let removal = self
             .with_guest(|g| -> Result<Removal, Error> {
                 if hot {
-                    let addr = g
+                    let (addr, bus, bridge) = g
                         .devices
                         .with_devices(|l| {
-                            l.iter().find(|r| r.placed.id == id).map(|r| r.placed.addr)
+                            l.iter().find(|r| r.placed.id == id).map(|r| {
+                                (
+                                    r.placed.addr,
+                                    r.placed.bus.clone(),
+                                    r.placed.spec.is_bridge(),
+                                )
+                            })
                         })
                         .ok_or_else(|| DeviceError::NotFound(id.to_string()))?;
+                    if bridge {
+                        return Err(DeviceError::BridgeNotPluggable(id.to_string()).into());
+                    }
+                    if bus != device_manager::ROOT_BUS {
+                        return Err(DeviceError::NoHotplugBus(bus).into());
+                    }
                     g.devices.request_unplug(addr.device())?;
                     Ok(Removal::Requested)
                 } else {
@@ -559,6 +591,7 @@ impl Machine {
         drop(old);
         let acpi = AcpiOptions {
             pci_hotplug: self.pci_hotplug,
+            pci_bridges: placement.has_bridges(),
         };
         let eject = self.pci_hotplug.then(|| self.ejects.callback());
         // Ejects posted by the old run's vCPUs are moot: those devices are gone or rebuilt.
@@ -582,11 +615,12 @@ impl Machine {
     }
 }
 
-/// Removes every device in `slot`, functions above 0 first; returns their ids.
+/// Removes every device in `slot` of bus 0 (the hot-plug registers' bus), functions above 0
+/// first; returns their ids.
 fn remove_slot(devices: &DeviceManager, slot: u8) -> Vec<String> {
     let mut in_slot: Vec<(u8, String)> = devices.with_devices(|l| {
         l.iter()
-            .filter(|r| r.placed.addr.device() == slot)
+            .filter(|r| r.placed.addr.bus() == 0 && r.placed.addr.device() == slot)
             .map(|r| (r.placed.addr.function(), r.placed.id.clone()))
             .collect()
     });
@@ -690,7 +724,10 @@ fn load_guest(
         None => None,
     };
     let rsdp = acpi::write_tables_with(&vm.mem, config.cpus, acpi)?;
-    let e820 = boot::e820_map(config.mem_size());
+    let e820 = boot::e820_map_with(
+        config.mem_size(),
+        crate::layout::ecam_size(acpi.pci_bridges),
+    );
     match kernel.entry {
         Entry::Linux64 { .. } => {
             let params =

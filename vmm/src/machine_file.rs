@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::device_config::DeviceError;
-use crate::device_config::{DeviceSpec, RawValue};
+use crate::device_config::{DeviceSpec, RawValue, ROOT_BUS};
 
 /// The `format` field.
 pub const MACHINE_FORMAT: &str = "vmm-machine";
@@ -40,7 +40,10 @@ pub struct DeviceEntry {
     /// `id=`; absent for an anonymous device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
-    /// `addr=` in any QEMU form, e.g. `05.0`, or `00:05.0`.
+    /// `bus=`: the id of the `pci-bridge` the device sits behind; absent for the root bus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bus: Option<String>,
+    /// `addr=` in any QEMU form, e.g. `05.0`, or `00:05.0` on the root bus.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addr: Option<String>,
     /// `multifunction=on`.
@@ -52,17 +55,25 @@ pub struct DeviceEntry {
 }
 
 impl DeviceEntry {
-    /// The entry for `spec`, at `addr` when given (else the spec's own `addr=`, if any).
+    /// The entry for `spec`, at `addr` when given (else the spec's own `addr=`, if any): on
+    /// the root bus written `00:SS.F`, behind a bridge `SS.F`; `bus` is the spec's.
     pub fn from_spec(spec: &DeviceSpec, addr: Option<PciAddress>) -> Self {
-        let addr = addr.map(|a| a.to_string()).or_else(|| {
-            spec.addr.map(|(slot, f)| match f {
-                Some(f) => format!("{slot:02x}.{f}"),
-                None => format!("{slot:02x}"),
+        let bus = spec.bus.clone();
+        let addr = addr
+            .map(|a| match spec.bus_name() {
+                ROOT_BUS => a.to_string(),
+                _ => format!("{:02x}.{}", a.device(), a.function()),
             })
-        });
+            .or_else(|| {
+                spec.addr.map(|(slot, f)| match f {
+                    Some(f) => format!("{slot:02x}.{f}"),
+                    None => format!("{slot:02x}"),
+                })
+            });
         DeviceEntry {
             driver: spec.driver().to_string(),
             id: spec.id.clone(),
+            bus,
             addr,
             multifunction: spec.multifunction,
             props: spec.props_json(),
@@ -74,6 +85,9 @@ impl DeviceEntry {
         let mut common: Vec<(&str, RawValue<'_>)> = Vec::new();
         if let Some(id) = &self.id {
             common.push(("id", RawValue::Text(id)));
+        }
+        if let Some(b) = &self.bus {
+            common.push(("bus", RawValue::Text(b)));
         }
         if let Some(a) = &self.addr {
             common.push(("addr", RawValue::Text(a)));
@@ -191,9 +205,13 @@ impl MachineFile {
                 }
             }
             if let Some((slot, f)) = spec.addr {
-                if !addrs.insert((slot, f.unwrap_or(0))) {
+                if !addrs.insert((spec.bus_name().to_string(), slot, f.unwrap_or(0))) {
+                    let on = match spec.bus_name() {
+                        ROOT_BUS => String::new(),
+                        bus => format!(" on bus '{bus}'"),
+                    };
                     return Err(format!(
-                        "two devices at address {:02x}.{}",
+                        "two devices at address {:02x}.{}{on}",
                         slot,
                         f.unwrap_or(0)
                     ));

@@ -10,8 +10,8 @@ use serde_json::Value;
 use crate::device_config::{DeviceError, DeviceSpec};
 use crate::machine::Machine;
 use crate::monitor::{
-    CommandError, EventSink, GsiInfo, PciFunctionInfo, PciRegionInfo, RegionKind, RunState,
-    VmControl,
+    CommandError, EventSink, GsiInfo, PciBridgeInfo, PciFunctionInfo, PciRegionInfo, RegionKind,
+    RunState, VmControl,
 };
 use crate::stop::{ResetSource, StopReason};
 
@@ -166,6 +166,18 @@ impl VmControl for MachineControl {
                     },
                     regions,
                     props: Vec::new(),
+                    bridge: pci::bridge::is_bridge(cfg).then(|| {
+                        let (number, secondary, subordinate) = pci::bridge::bus_numbers(cfg);
+                        let w = pci::bridge::windows(cfg);
+                        PciBridgeInfo {
+                            number,
+                            secondary,
+                            subordinate,
+                            io_range: w.io,
+                            memory_range: w.memory,
+                            prefetchable_range: w.prefetchable,
+                        }
+                    }),
                 }
             })
             .collect()

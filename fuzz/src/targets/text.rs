@@ -133,7 +133,7 @@ pub fn target_device_option(data: &[u8]) {
                 if let Some((id, a)) = w.split_once('=') {
                     if let Ok((slot, f)) = pci::parse_qemu_addr(a) {
                         if let Ok(addr) = PciAddress::new(0, slot, f.unwrap_or(0)) {
-                            hints.insert(id.to_string(), addr);
+                            hints.insert(id.to_string(), vmm::device_manager::Hint::root(addr));
                         }
                     }
                 }
@@ -167,11 +167,17 @@ pub fn target_device_option(data: &[u8]) {
         assert!(ids.insert(p.id.clone()), "id {} given twice", p.id);
         assert!(addrs.insert(p.addr), "address {} given twice", p.addr);
         assert!(
-            p.addr.device() != 0,
+            p.addr.bus() != 0 || p.addr.device() != 0,
             "{} placed on the host bridge's slot",
             p.id
         );
-        assert_eq!(p.addr.bus(), 0);
+        assert_eq!(
+            p.addr.bus() == 0,
+            p.bus == "pci.0",
+            "{} on bus {}",
+            p.id,
+            p.bus
+        );
         if let Some((slot, f)) = p.spec.addr {
             assert_eq!(
                 (p.addr.device(), p.addr.function()),
@@ -328,7 +334,7 @@ pub fn target_hotplug(data: &[u8]) {
                 }) => continue,
                 DriverConfig::Blk(c) => c.file = "/dev/null".into(),
                 DriverConfig::Console(c) => c.backend = ConsoleBackend::File("/dev/null".into()),
-                DriverConfig::Rng(_) => {}
+                DriverConfig::Rng(_) | DriverConfig::Bridge(_) => {}
             }
             let r = set.add(&[spec], &HashMap::new(), &root, &mem, host.clone());
             let after: Vec<PciAddress> = root.functions().into_iter().map(|(a, _)| a).collect();
@@ -372,7 +378,7 @@ pub fn target_hotplug(data: &[u8]) {
         // (FUZZ_STRICT_HOTPLUG=0 turns this check off).
         for a in on_bus.iter().filter(|_| strict_hotplug()) {
             if a.function() > 0 {
-                let f0 = PciAddress::new(0, a.device(), 0).expect("address");
+                let f0 = PciAddress::new(a.bus(), a.device(), 0).expect("address");
                 let hdr = root.get(f0).map(|f| f.config().header_type());
                 assert!(
                     hdr.is_some_and(|h| h & 0x80 != 0),

@@ -401,15 +401,17 @@ pub fn pci_device_info(f: &PciFunctionInfo) -> Value {
     d.insert("slot".into(), json!(f.slot));
     d.insert("function".into(), json!(f.function));
     d.insert("class_info".into(), Value::Object(class_info));
-    d.insert(
-        "id".into(),
-        json!({
+    // As QEMU: subsystem IDs only for type-0 headers.
+    let id = match f.bridge {
+        None => json!({
             "device": f.device,
             "vendor": f.vendor,
             "subsystem": f.subsystem,
             "subsystem-vendor": f.subsystem_vendor,
         }),
-    );
+        Some(_) => json!({"device": f.device, "vendor": f.vendor}),
+    };
+    d.insert("id".into(), id);
     if f.irq_pin != 0 {
         d.insert("irq".into(), json!(f.irq_line));
     }
@@ -419,22 +421,45 @@ pub fn pci_device_info(f: &PciFunctionInfo) -> Value {
     Value::Object(d)
 }
 
-/// `query-pci`: one `PciInfo` per bus, devices in devfn order.
+/// The `PciDeviceInfo`s of bus `bus` in devfn order, each bridge with its `pci_bridge`
+/// object: its `PciBusInfo` (bus numbers, windows as `{base, limit}`) and the devices of its
+/// secondary bus, as QEMU nests them.
+fn bus_devices(functions: &[PciFunctionInfo], bus: u8) -> Vec<Value> {
+    sorted(functions)
+        .into_iter()
+        .filter(|f| f.bus == bus)
+        .map(|f| {
+            let mut v = pci_device_info(f);
+            if let (Some(b), Value::Object(m)) = (f.bridge, &mut v) {
+                let range = |(base, limit): (u64, u64)| json!({"base": base, "limit": limit});
+                let mut info = Map::new();
+                info.insert(
+                    "bus".into(),
+                    json!({
+                        "number": b.number,
+                        "secondary": b.secondary,
+                        "subordinate": b.subordinate,
+                        "io_range": range(b.io_range),
+                        "memory_range": range(b.memory_range),
+                        "prefetchable_range": range(b.prefetchable_range),
+                    }),
+                );
+                // Only buses above the bridge's own: a guest's numbering cannot loop us.
+                if b.secondary > bus {
+                    info.insert(
+                        "devices".into(),
+                        Value::Array(bus_devices(functions, b.secondary)),
+                    );
+                }
+                m.insert("pci_bridge".into(), Value::Object(info));
+            }
+            v
+        })
+        .collect()
+}
+
+/// `query-pci`: the root bus (`PciInfo` of bus 0), devices in devfn order, each bridge with
+/// the devices behind it nested in its `pci_bridge` object (as QEMU).
 pub fn query_pci(functions: &[PciFunctionInfo]) -> Value {
-    let mut buses: Vec<(u8, Vec<Value>)> = Vec::new();
-    for f in sorted(functions) {
-        match buses.last_mut() {
-            Some((b, devs)) if *b == f.bus => devs.push(pci_device_info(f)),
-            _ => buses.push((f.bus, vec![pci_device_info(f)])),
-        }
-    }
-    if buses.is_empty() {
-        buses.push((0, Vec::new()));
-    }
-    Value::Array(
-        buses
-            .into_iter()
-            .map(|(bus, devices)| json!({"bus": bus, "devices": devices}))
-            .collect(),
-    )
+    json!([{"bus": 0, "devices": bus_devices(functions, 0)}])
 }

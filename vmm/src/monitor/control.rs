@@ -90,6 +90,25 @@ pub struct PciFunctionInfo {
     pub regions: Vec<PciRegionInfo>,
     /// Properties shown by `info qtree` (`name = value`, in order; values as they print).
     pub props: Vec<(String, String)>,
+    /// For a PCI-to-PCI bridge: its bus numbers and windows as programmed now.
+    pub bridge: Option<PciBridgeInfo>,
+}
+
+/// A bridge's bus numbers and windows (QEMU's `PciBusInfo`); windows are (base, limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PciBridgeInfo {
+    /// The bus the bridge sits on (its primary bus register).
+    pub number: u8,
+    /// Secondary bus.
+    pub secondary: u8,
+    /// Subordinate bus.
+    pub subordinate: u8,
+    /// I/O window.
+    pub io_range: (u64, u64),
+    /// Memory window.
+    pub memory_range: (u64, u64),
+    /// Prefetchable memory window.
+    pub prefetchable_range: (u64, u64),
 }
 
 /// The machine's interrupt wiring as the host has it (for HMP `info gsi`: leak checks and

@@ -189,7 +189,14 @@ pub fn info_status(s: RunState) -> String {
 /// `info pci` (QEMU 7.2's layout; `\n` line ends).
 pub fn info_pci(functions: &[PciFunctionInfo]) -> String {
     let mut s = String::new();
-    for f in sorted(functions) {
+    info_pci_bus(&mut s, functions, 0);
+    s
+}
+
+/// The functions of bus `bus`, each bridge followed by the bus behind it (QEMU's
+/// `hmp_info_pci_device` recursion).
+fn info_pci_bus(s: &mut String, functions: &[PciFunctionInfo], bus: u8) {
+    for f in sorted(functions).into_iter().filter(|f| f.bus == bus) {
         let _ = writeln!(
             s,
             "  Bus {:2}, device {:3}, function {}:",
@@ -201,14 +208,36 @@ pub fn info_pci(functions: &[PciFunctionInfo]) -> String {
             None => s.push_str(&format!("    Class {:04}", f.class)),
         }
         let _ = writeln!(s, ": PCI device {:04x}:{:04x}", f.vendor, f.device);
-        let _ = writeln!(
-            s,
-            "      PCI subsystem {:04x}:{:04x}",
-            f.subsystem_vendor, f.subsystem
-        );
+        if f.bridge.is_none() {
+            let _ = writeln!(
+                s,
+                "      PCI subsystem {:04x}:{:04x}",
+                f.subsystem_vendor, f.subsystem
+            );
+        }
         if f.irq_pin != 0 {
             let pin = (b'A' + f.irq_pin.saturating_sub(1).min(25)) as char;
             let _ = writeln!(s, "      IRQ {}, pin {pin}", f.irq_line);
+        }
+        if let Some(b) = &f.bridge {
+            let _ = writeln!(s, "      BUS {}.", b.number);
+            let _ = writeln!(s, "      secondary bus {}.", b.secondary);
+            let _ = writeln!(s, "      subordinate bus {}.", b.subordinate);
+            let _ = writeln!(
+                s,
+                "      IO range [0x{:04x}, 0x{:04x}]",
+                b.io_range.0, b.io_range.1
+            );
+            let _ = writeln!(
+                s,
+                "      memory range [0x{:08x}, 0x{:08x}]",
+                b.memory_range.0, b.memory_range.1
+            );
+            let _ = writeln!(
+                s,
+                "      prefetchable memory range [0x{:08x}, 0x{:08x}]",
+                b.prefetchable_range.0, b.prefetchable_range.1
+            );
         }
         for r in &f.regions {
             let _ = write!(s, "      BAR{}: ", r.bar);
@@ -235,8 +264,12 @@ pub fn info_pci(functions: &[PciFunctionInfo]) -> String {
             }
         }
         let _ = writeln!(s, "      id \"{}\"", f.qdev_id);
+        if let Some(b) = &f.bridge {
+            if b.secondary > bus {
+                info_pci_bus(s, functions, b.secondary);
+            }
+        }
     }
-    s
 }
 
 /// `info virtio` (our layout, not QEMU's): each virtio function by address with its id, then
@@ -330,6 +363,79 @@ mod tests {
         assert_eq!(
             info_pci(&[rng()]),
             "  Bus  0, device   5, function 0:\n    Class 0255: PCI device 1af4:1044\n      PCI subsystem 1af4:1100\n      IRQ 0, pin A\n      BAR1: 32 bit memory at 0xc0008000 [0xc0008fff].\n      BAR4: 64 bit prefetchable memory at 0xc000c000 [0xc000ffff].\n      id \"rng0\"\n"
+        );
+    }
+
+    #[test]
+    fn bridges_nest_in_info_pci_and_query_pci() {
+        use crate::monitor::control::PciBridgeInfo;
+        let bridge = |bus: u8, slot: u8, sec: u8, sub: u8, id: &str| PciFunctionInfo {
+            bus,
+            slot,
+            class: 0x0604,
+            vendor: 0x1b36,
+            device: 0x0001,
+            qdev_id: id.into(),
+            driver: "pci-bridge".into(),
+            bridge: Some(PciBridgeInfo {
+                number: bus,
+                secondary: sec,
+                subordinate: sub,
+                io_range: (0xf000, 0x0fff),
+                memory_range: (0xc400_0000, 0xc4ff_ffff),
+                prefetchable_range: (0xffff_ffff_fff0_0000, 0x000f_ffff),
+            }),
+            ..Default::default()
+        };
+        let mut behind = rng();
+        behind.bus = 2;
+        behind.slot = 4;
+        let list = [
+            behind,
+            bridge(1, 3, 2, 2, "br2"),
+            bridge(0, 0x1e, 1, 2, "br1"),
+            rng(),
+        ];
+        let text = info_pci(&list);
+        let want = "  Bus  0, device   5, function 0:\n    Class 0255: PCI device 1af4:1044\n      PCI subsystem 1af4:1100\n      IRQ 0, pin A\n      BAR1: 32 bit memory at 0xc0008000 [0xc0008fff].\n      BAR4: 64 bit prefetchable memory at 0xc000c000 [0xc000ffff].\n      id \"rng0\"\n  Bus  0, device  30, function 0:\n    PCI bridge: PCI device 1b36:0001\n      BUS 0.\n      secondary bus 1.\n      subordinate bus 2.\n      IO range [0xf000, 0x0fff]\n      memory range [0xc4000000, 0xc4ffffff]\n      prefetchable memory range [0xfffffffffff00000, 0x000fffff]\n      id \"br1\"\n  Bus  1, device   3, function 0:\n    PCI bridge: PCI device 1b36:0001\n      BUS 1.\n      secondary bus 2.\n      subordinate bus 2.\n";
+        assert!(text.starts_with(want), "{text}");
+        assert!(text.ends_with("      id \"br2\"\n  Bus  2, device   4, function 0:\n    Class 0255: PCI device 1af4:1044\n      PCI subsystem 1af4:1100\n      IRQ 0, pin A\n      BAR1: 32 bit memory at 0xc0008000 [0xc0008fff].\n      BAR4: 64 bit prefetchable memory at 0xc000c000 [0xc000ffff].\n      id \"rng0\"\n"), "{text}");
+        let q = crate::monitor::commands::query_pci(&list);
+        let top = q.as_array().unwrap();
+        assert_eq!(top.len(), 1, "one PciInfo: the root bus");
+        let devs = top[0]["devices"].as_array().unwrap();
+        assert_eq!(devs.len(), 2);
+        let br1 = &devs[1];
+        assert_eq!(
+            br1["id"],
+            serde_json::json!({"device": 1, "vendor": 0x1b36})
+        );
+        let bus = &br1["pci_bridge"]["bus"];
+        assert_eq!(
+            (
+                bus["number"].clone(),
+                bus["secondary"].clone(),
+                bus["subordinate"].clone()
+            ),
+            (0.into(), 1.into(), 2.into())
+        );
+        assert_eq!(
+            bus["memory_range"],
+            serde_json::json!({"base": 0xc400_0000u32, "limit": 0xc4ff_ffffu32})
+        );
+        let inner = &br1["pci_bridge"]["devices"].as_array().unwrap()[0];
+        assert_eq!(
+            (inner["bus"].clone(), inner["slot"].clone()),
+            (1.into(), 3.into())
+        );
+        let leaf = &inner["pci_bridge"]["devices"].as_array().unwrap()[0];
+        assert_eq!(
+            (
+                leaf["bus"].clone(),
+                leaf["slot"].clone(),
+                leaf["qdev_id"].clone()
+            ),
+            (2.into(), 4.into(), "rng0".into())
         );
     }
 

@@ -31,7 +31,8 @@ pub mod stats;
 pub mod testing;
 
 pub use control::{
-    CommandError, GsiInfo, PciFunctionInfo, PciRegionInfo, RegionKind, RunState, VmControl,
+    CommandError, GsiInfo, PciBridgeInfo, PciFunctionInfo, PciRegionInfo, RegionKind, RunState,
+    VmControl,
 };
 pub use option::parse_qmp_option;
 pub use qmp::{EventSink, QmpServer, ThreadInit, ThreadSetup, MAX_MESSAGE_SIZE};
