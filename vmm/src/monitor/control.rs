@@ -210,13 +210,10 @@ pub trait VmControl: Send + Sync {
     }
     /// `query-stats` / `info stats`: the statistics of the VM (one source, no QOM path) or of
     /// each vCPU (one source per vCPU, in vCPU order, with its QOM path), provider `kvm`, read
-    /// now. The default: none to be had ([`super::stats::IOCTL_FAILED`], QEMU's text).
-    fn stats(
-        &self,
-        target: super::stats::StatsTarget,
-    ) -> Result<Vec<super::stats::StatsSource>, CommandError> {
+    /// now. The default: none to be had ([`IOCTL_FAILED`], QEMU's text).
+    fn stats(&self, target: StatsTarget) -> Result<Vec<StatsSource>, CommandError> {
         let _ = target;
-        Err(CommandError::generic(super::stats::IOCTL_FAILED))
+        Err(CommandError::generic(IOCTL_FAILED))
     }
 }
 
@@ -291,3 +288,137 @@ pub fn sorted(functions: &[PciFunctionInfo]) -> Vec<&PciFunctionInfo> {
     v.sort_by_key(|f| (f.bus, f.slot, f.function));
     v
 }
+
+// ---- Statistics (`query-stats`, QEMU 7.2's qapi/stats.json): what a machine reports. ----
+
+/// What the statistics are about (`StatsTarget`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatsTarget {
+    /// The whole VM.
+    Vm,
+    /// Each vCPU.
+    Vcpu,
+}
+
+impl StatsTarget {
+    /// QEMU's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatsTarget::Vm => "vm",
+            StatsTarget::Vcpu => "vcpu",
+        }
+    }
+
+    pub(super) fn parse(s: &str) -> Option<StatsTarget> {
+        match s {
+            "vm" => Some(StatsTarget::Vm),
+            "vcpu" => Some(StatsTarget::Vcpu),
+            _ => None,
+        }
+    }
+}
+
+/// The only provider (`StatsProvider` in QEMU 7.2).
+pub const PROVIDER_KVM: &str = "kvm";
+
+/// `StatsType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatType {
+    /// Counts since creation.
+    Cumulative,
+    /// The value now.
+    Instant,
+    /// The highest value seen.
+    Peak,
+    /// Buckets of equal width (`bucket-size`).
+    LinearHistogram,
+    /// Buckets of power-of-two width.
+    Log2Histogram,
+}
+
+impl StatType {
+    /// QEMU's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatType::Cumulative => "cumulative",
+            StatType::Instant => "instant",
+            StatType::Peak => "peak",
+            StatType::LinearHistogram => "linear-histogram",
+            StatType::Log2Histogram => "log2-histogram",
+        }
+    }
+}
+
+/// `StatsUnit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatUnit {
+    /// Bytes.
+    Bytes,
+    /// Seconds.
+    Seconds,
+    /// CPU cycles.
+    Cycles,
+    /// A yes/no value.
+    Boolean,
+}
+
+impl StatUnit {
+    /// QEMU's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatUnit::Bytes => "bytes",
+            StatUnit::Seconds => "seconds",
+            StatUnit::Cycles => "cycles",
+            StatUnit::Boolean => "boolean",
+        }
+    }
+}
+
+/// `StatsSchemaValue`: what one statistic is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatSchema {
+    /// Name, e.g. `exits`.
+    pub name: String,
+    /// Type.
+    pub kind: StatType,
+    /// Unit, if any.
+    pub unit: Option<StatUnit>,
+    /// 10 or 2, given only with a non-zero exponent.
+    pub base: Option<u8>,
+    /// The value is `value * base^exponent` units.
+    pub exponent: i16,
+    /// Bucket width of a linear histogram.
+    pub bucket_size: Option<u32>,
+}
+
+/// `StatsValue`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatValue {
+    /// One number.
+    Scalar(u64),
+    /// A yes/no value.
+    Boolean(bool),
+    /// Histogram buckets.
+    List(Vec<u64>),
+}
+
+/// One statistic with its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat {
+    /// What it is.
+    pub schema: StatSchema,
+    /// Its value now.
+    pub value: StatValue,
+}
+
+/// The statistics of the VM (`qom_path` None) or of one vCPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsSource {
+    /// The vCPU's QOM path (`/machine/unattached/device[N]`).
+    pub qom_path: Option<String>,
+    /// Its statistics, in the provider's order.
+    pub stats: Vec<Stat>,
+}
+
+/// QEMU's text when the KVM statistics cannot be had.
+pub const IOCTL_FAILED: &str = "KVM stats: ioctl failed";
