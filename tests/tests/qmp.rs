@@ -760,3 +760,54 @@ echo "=== GUEST-BEGIN ==="; cat "$TMPDIR/guest.out"; echo "=== GUEST-END rc=$rc 
         out.stdout
     );
 }
+
+/// Issue 12: the record rewritten after a hot-plug is the one a restart uses. A device
+/// hot-plugged at 00:09.0 into a running guest is in the record at once; restarting with that
+/// record and the same devices on the command line, without `addr=`, puts it at 00:09.0 again
+/// (and the cold-plugged one where it was), although the first free slot is 02.0.
+#[test]
+fn a_restart_with_the_record_puts_a_hot_plugged_device_where_it_was() {
+    let dir = std::env::temp_dir().join(format!("vmm-qmp-hprec-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let rec = dir.join("rec.json");
+    let rec_arg = rec.to_str().unwrap().to_string();
+    let vm = Vm::start(
+        "hprec",
+        "mode=bench op=null n=2000000000",
+        &["--device", "virtio-rng-pci,id=cold", "--compat", &rec_arg],
+    );
+    let mut c = Client::negotiated(&vm.sock);
+    assert_eq!(c.cmd(json!({"execute": "cont"}))["return"], json!({}));
+    assert_eq!(
+        c.cmd(json!({"execute": "device_add",
+            "arguments": {"driver": "virtio-rng-pci", "id": "hot", "addr": "0x9"}}))["return"],
+        json!({})
+    );
+    // The record on disk already has it (rewritten after the add), before any quit.
+    let text = std::fs::read_to_string(&rec).unwrap();
+    let record: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(record["devices"]["hot"]["addr"], "00:09.0", "{text}");
+    assert_eq!(record["devices"]["cold"]["addr"], "00:01.0", "{text}");
+    assert_eq!(c.cmd(json!({"execute": "quit"}))["return"], json!({}));
+    let (code, _, stderr) = vm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+    // Restart: hot first on the command line, no addresses.
+    let out = integration_tests::probe::run_probe(
+        "mode=probe",
+        &[
+            "--device",
+            "virtio-rng-pci,id=hot",
+            "--device",
+            "virtio-rng-pci,id=cold",
+            "--compat",
+            &rec_arg,
+        ],
+    );
+    let (cf8, _) = integration_tests::probe::dumps(&out);
+    let lspci = lspci_decode(&cf8, &["-n"]);
+    assert!(lspci.contains("00:09.0 00ff: 1af4:1044"), "{lspci}");
+    assert!(lspci.contains("00:01.0 00ff: 1af4:1044"), "{lspci}");
+    assert!(!lspci.contains("00:02.0"), "{lspci}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
