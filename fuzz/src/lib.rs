@@ -374,3 +374,46 @@ pub fn iterations_for(t: &TargetInfo) -> u64 {
 pub fn in_corpus(name: &str, p: &Path) -> bool {
     p.starts_with(corpus_dir(name))
 }
+
+/// `fuzz/libfuzzer/`: the cargo-fuzz crate with one libFuzzer entry per target.
+pub fn libfuzzer_dir() -> PathBuf {
+    crate_dir().join("libfuzzer")
+}
+
+/// `fuzz/libfuzzer/dicts/<name>.dict`: the target's libFuzzer dictionary (`-dict=`), if it has
+/// tokens.
+pub fn libfuzzer_dict_path(name: &str) -> PathBuf {
+    libfuzzer_dir().join("dicts").join(format!("{name}.dict"))
+}
+
+/// The libFuzzer dictionary of `t`: its mutation tokens, then its JSON strings as quoted JSON
+/// strings, one `"..."` entry a line (bytes outside printable ASCII, `"` and `\` as `\xNN`).
+/// None when it has neither.
+pub fn libfuzzer_dict(t: &TargetInfo) -> Option<String> {
+    if t.dict.is_empty() && t.json_strings.is_empty() {
+        return None;
+    }
+    let mut tokens: Vec<Vec<u8>> = t.dict.iter().map(|d| d.to_vec()).collect();
+    for s in t.json_strings {
+        let quoted = serde_json::to_vec(s).expect("a string serializes");
+        if !tokens.contains(&quoted) {
+            tokens.push(quoted);
+        }
+    }
+    let mut out = format!(
+        "# libFuzzer dictionary of `{}`, generated from fuzz::TARGETS: cargo run -p fuzz -- libfuzzer-dicts\n",
+        t.name
+    );
+    for tok in tokens {
+        out.push('"');
+        for b in tok {
+            match b {
+                b'"' | b'\\' => out.push_str(&format!("\\x{b:02x}")),
+                0x20..=0x7e => out.push(char::from(b)),
+                _ => out.push_str(&format!("\\x{b:02x}")),
+            }
+        }
+        out.push_str("\"\n");
+    }
+    Some(out)
+}
