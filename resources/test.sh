@@ -2,7 +2,7 @@
 # resources/test.sh: runs every test. Installs what the tests need on a fresh Debian machine
 # (as root: apt packages; guest images are built or fetched on first use and cached in
 # ~/.cache/vmm-pci), checks formatting and lints, builds the release vmm and the probe guest,
-# then runs the unit and integration tests of the whole workspace.
+# then runs the unit and integration tests of the whole workspace and a bounded libFuzzer run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +10,7 @@ need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v lspci >/dev/null || need+=(pciutils)
 command -v gcc >/dev/null || need+=(gcc)
+command -v g++ >/dev/null || need+=(g++) # libfuzzer-sys builds libFuzzer
 command -v flock >/dev/null || need+=(util-linux)
 command -v iasl >/dev/null || need+=(acpica-tools)
 if [ ${#need[@]} -gt 0 ]; then
@@ -39,3 +40,6 @@ report_hangs() {
 }
 trap report_hangs EXIT
 cargo test --workspace
+# Coverage-guided fuzzing (libFuzzer via cargo-fuzz, installed when missing): every target for
+# a bounded time (FUZZ_SEED fixes the seed), a coverage line per target; fails on a crash.
+bash fuzz/libfuzzer/run.sh

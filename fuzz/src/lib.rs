@@ -92,6 +92,36 @@ pub const TARGETS: &[TargetInfo] = &[
         json_lines: false,
     },
     TargetInfo {
+        name: "virtq_net",
+        run: targets::virtq::target_virtq_net,
+        ci_iterations: 2000,
+        max_len: 1024,
+        dict: &[],
+        what: "virtio-net worker on fuzzed receive and transmit queues over a real tap (down: transmitted frames are dropped, none arrive), device-config reads; then a clean transmit after reset (needs root and /dev/net/tun)",
+        json_strings: &[],
+        json_lines: false,
+    },
+    TargetInfo {
+        name: "virtq_console",
+        run: targets::virtq::target_virtq_console,
+        ci_iterations: 3000,
+        max_len: 1024,
+        dict: &[],
+        what: "virtio-console worker (file backend) on fuzzed receive and transmit queues, device-config reads; then a clean transmit after reset",
+        json_strings: &[],
+        json_lines: false,
+    },
+    TargetInfo {
+        name: "acpi_hotplug",
+        run: targets::acpi::target_acpi_hotplug,
+        ci_iterations: 20000,
+        max_len: 512,
+        dict: &[],
+        what: "ACPI PCI hot-plug registers (PCIU/PCID/B0EJ/PCI_RMV/BNUM) and the GED event register on a port bus: guest accesses of any size/offset mixed with plug, unplug request, GED notify and reset, against a model (reads, ejects, GED edges); racing B0EJ writers eject each slot once",
+        json_strings: &[],
+        json_lines: false,
+    },
+    TargetInfo {
         name: "device_option",
         run: targets::text::target_device_option,
         ci_iterations: 60000,
@@ -343,4 +373,47 @@ pub fn iterations_for(t: &TargetInfo) -> u64 {
 /// Whether `p` is inside the corpus of `name` (for messages).
 pub fn in_corpus(name: &str, p: &Path) -> bool {
     p.starts_with(corpus_dir(name))
+}
+
+/// `fuzz/libfuzzer/`: the cargo-fuzz crate with one libFuzzer entry per target.
+pub fn libfuzzer_dir() -> PathBuf {
+    crate_dir().join("libfuzzer")
+}
+
+/// `fuzz/libfuzzer/dicts/<name>.dict`: the target's libFuzzer dictionary (`-dict=`), if it has
+/// tokens.
+pub fn libfuzzer_dict_path(name: &str) -> PathBuf {
+    libfuzzer_dir().join("dicts").join(format!("{name}.dict"))
+}
+
+/// The libFuzzer dictionary of `t`: its mutation tokens, then its JSON strings as quoted JSON
+/// strings, one `"..."` entry a line (bytes outside printable ASCII, `"` and `\` as `\xNN`).
+/// None when it has neither.
+pub fn libfuzzer_dict(t: &TargetInfo) -> Option<String> {
+    if t.dict.is_empty() && t.json_strings.is_empty() {
+        return None;
+    }
+    let mut tokens: Vec<Vec<u8>> = t.dict.iter().map(|d| d.to_vec()).collect();
+    for s in t.json_strings {
+        let quoted = serde_json::to_vec(s).expect("a string serializes");
+        if !tokens.contains(&quoted) {
+            tokens.push(quoted);
+        }
+    }
+    let mut out = format!(
+        "# libFuzzer dictionary of `{}`, generated from fuzz::TARGETS: cargo run -p fuzz -- libfuzzer-dicts\n",
+        t.name
+    );
+    for tok in tokens {
+        out.push('"');
+        for b in tok {
+            match b {
+                b'"' | b'\\' => out.push_str(&format!("\\x{b:02x}")),
+                0x20..=0x7e => out.push(char::from(b)),
+                _ => out.push_str(&format!("\\x{b:02x}")),
+            }
+        }
+        out.push_str("\"\n");
+    }
+    Some(out)
 }

@@ -4,6 +4,7 @@
 //! cargo run --release -p fuzz -- list
 //! cargo run --release -p fuzz -- TARGET|all [ITERATIONS] [SEED]
 //! cargo run --release -p fuzz -- --replay TARGET FILE...
+//! cargo run -p fuzz -- libfuzzer-dicts   # writes fuzz/libfuzzer/dicts/ from TARGETS
 //! ```
 //!
 //! A failing input is saved under `fuzz/artifacts/TARGET/`; copy it into `fuzz/corpus/TARGET/`
@@ -16,7 +17,7 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         None | Some("-h" | "--help") => {
             eprintln!(
-                "usage: fuzz list | fuzz TARGET|all [ITERATIONS] [SEED] | fuzz --replay TARGET FILE..."
+                "usage: fuzz list | fuzz TARGET|all [ITERATIONS] [SEED] | fuzz --replay TARGET FILE... | fuzz libfuzzer-dicts"
             );
             ExitCode::from(2)
         }
@@ -26,6 +27,24 @@ fn main() -> ExitCode {
                     "{:14} {:>6} iterations in CI: {}",
                     t.name, t.ci_iterations, t.what
                 );
+            }
+            ExitCode::SUCCESS
+        }
+        Some("libfuzzer-dicts") => {
+            for t in fuzz::TARGETS {
+                let p = fuzz::libfuzzer_dict_path(t.name);
+                let r = match fuzz::libfuzzer_dict(t) {
+                    Some(d) => std::fs::create_dir_all(p.parent().expect("a parent"))
+                        .and_then(|()| std::fs::write(&p, d)),
+                    None => std::fs::remove_file(&p).or_else(|e| match e.kind() {
+                        std::io::ErrorKind::NotFound => Ok(()),
+                        _ => Err(e),
+                    }),
+                };
+                if let Err(e) = r {
+                    eprintln!("{}: {e}", p.display());
+                    return ExitCode::FAILURE;
+                }
             }
             ExitCode::SUCCESS
         }

@@ -1,5 +1,6 @@
 //! The fuzz targets, by what they take in.
 
+pub mod acpi;
 pub mod pci;
 pub mod qmp;
 pub mod text;

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use devices::virtio::blk::{Block, BlockConfig, SECTOR_SIZE};
+use devices::virtio::console::{Console, ConsoleBackend};
+use devices::virtio::net::{default_mac, Net, Tap};
 use devices::virtio::rng::Rng;
 use devices::virtio::testing::CountingInterrupt;
 use devices::virtio::{
@@ -53,12 +55,20 @@ fn desc_len(inp: &mut Input) -> u32 {
     }
 }
 
-/// Runs `device` on one queue built from `inp`; returns the memory and the used index.
-fn run_queue(device: &dyn VirtioDevice, inp: &mut Input) {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
-        .expect("guest memory");
+/// Where queue `i`'s structures sit (a 256-entry queue takes less than 0x4000 bytes).
+fn ring_base(i: usize) -> u64 {
+    RING_BASE + 0x4000 * i as u64
+}
+
+/// Fills one split queue at `base` from `inp`: descriptors, avail ring and index, used-event
+/// field. Returns the queue and whether the input asks for event-idx.
+fn fill_queue<'a>(
+    mem: &'a GuestMemoryMmap,
+    base: u64,
+    inp: &mut Input,
+) -> (MockSplitQueue<'a, GuestMemoryMmap>, bool) {
     let size = inp.pick(&[16u16, 2, 1, 256, 8]);
-    let mock = MockSplitQueue::create(&mem, GuestAddress(RING_BASE), size);
+    let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
     let ndesc = 1 + inp.below(usize::from(size));
     for i in 0..ndesc {
         let addr = desc_addr(inp);
@@ -106,14 +116,40 @@ fn run_queue(device: &dyn VirtioDevice, inp: &mut Input) {
         used_event,
         mock.avail_addr().unchecked_add(4 + 2 * u64::from(size)),
     );
+    (mock, event_idx)
+}
+
+/// Runs `device` on `count` queues (indexes 0..count) built from `inp`: activation serves
+/// each queue once, reset stops and joins the worker.
+fn run_queues(device: &dyn VirtioDevice, inp: &mut Input, count: usize) {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
+        .expect("guest memory");
+    let mut mocks = Vec::new();
+    let mut event_idx = false;
+    for i in 0..count {
+        let (mock, e) = fill_queue(&mem, ring_base(i), inp);
+        // The driver negotiates event-idx for every queue at once: the first queue's choice.
+        if i == 0 {
+            event_idx = e;
+        }
+        mocks.push(mock);
+    }
     // The rest of the input: raw guest memory at DATA_BASE (indirect tables, headers).
     let rest = inp.rest();
     let _ = mem.write_slice(rest, GuestAddress(DATA_BASE));
-    let mut queue: Queue = match mock.create_queue() {
-        Ok(q) => q,
-        Err(_) => return,
-    };
-    virtio_queue::QueueT::set_event_idx(&mut queue, event_idx);
+    let mut queues = Vec::new();
+    for (i, mock) in mocks.iter().enumerate() {
+        let mut queue: Queue = match mock.create_queue() {
+            Ok(q) => q,
+            Err(_) => return,
+        };
+        virtio_queue::QueueT::set_event_idx(&mut queue, event_idx);
+        queues.push(ActiveQueue {
+            index: i as u16,
+            queue,
+            event: EventFd::new(0).expect("eventfd"),
+        });
+    }
     let irq = Arc::new(CountingInterrupt::default());
     let features = VIRTIO_F_VERSION_1
         | if event_idx {
@@ -124,11 +160,7 @@ fn run_queue(device: &dyn VirtioDevice, inp: &mut Input) {
         | devices::virtio::blk::F_INDIRECT_DESC;
     let activation = Activation {
         mem: mem.clone(),
-        queues: vec![ActiveQueue {
-            index: 0,
-            queue,
-            event: EventFd::new(0).expect("eventfd"),
-        }],
+        queues,
         driver_features: features,
         interrupt: irq.clone(),
     };
@@ -138,6 +170,11 @@ fn run_queue(device: &dyn VirtioDevice, inp: &mut Input) {
     // No check of the rings here: descriptors may point into them, and a device-writable
     // buffer there lets the device's own output scribble over them (what a hostile guest
     // asked for).
+}
+
+/// Runs `device` on one queue built from `inp`.
+fn run_queue(device: &dyn VirtioDevice, inp: &mut Input) {
+    run_queues(device, inp, 1);
 }
 
 /// A well-formed queue with one 64-byte device-writable buffer; returns (used idx, len).
@@ -215,4 +252,91 @@ pub fn target_virtq_blk(data: &[u8]) {
     let mut d = [0u8; 8];
     blk.read_config(inp.below(80) as u64, &mut d[..1 + inp.below(8)]);
     run_queue(&blk, &mut inp);
+}
+
+/// A clean transmit request: an empty queue 0 and, on queue 1, one 64-byte driver-readable
+/// buffer (a virtio-net header and a runt frame, or console output). Returns queue 1's used
+/// index.
+fn clean_transmit(device: &dyn VirtioDevice) -> u16 {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
+        .expect("guest memory");
+    let rx = MockSplitQueue::create(&mem, GuestAddress(ring_base(0)), 16);
+    let tx = MockSplitQueue::create(&mem, GuestAddress(ring_base(1)), 16);
+    let d = RawDescriptor::from(SplitDescriptor::new(DATA_BASE, 64, 0, 0));
+    tx.desc_table().store(0, d).expect("descriptor");
+    tx.avail().ring().ref_at(0).expect("ring").store(0);
+    tx.avail().idx().store(u16::to_le(1));
+    let queues = [&rx, &tx]
+        .iter()
+        .enumerate()
+        .map(|(i, m)| ActiveQueue {
+            index: i as u16,
+            queue: m.create_queue().expect("queue"),
+            event: EventFd::new(0).expect("eventfd"),
+        })
+        .collect();
+    let activation = Activation {
+        mem: mem.clone(),
+        queues,
+        driver_features: VIRTIO_F_VERSION_1,
+        interrupt: Arc::new(CountingInterrupt::default()),
+    };
+    device
+        .activate(activation)
+        .expect("activation of clean queues");
+    device.reset();
+    mem.read_obj(tx.used_addr().unchecked_add(2)).unwrap_or(0)
+}
+
+/// The virtio-net device of this process, over a tap `fzN<pid>` (created by the first call;
+/// it stays down, so frames sent to it are dropped and none arrive). Panics when no tap can be
+/// made: the target needs root (CAP_NET_ADMIN) and `/dev/net/tun`, as the vmm's own net tests.
+fn net() -> &'static Net {
+    static NET: OnceLock<Net> = OnceLock::new();
+    NET.get_or_init(|| {
+        let name = format!("fzN{}", std::process::id());
+        let tap = Tap::open(&name).unwrap_or_else(|e| {
+            panic!("virtq_net needs a tap (root with /dev/net/tun, `modprobe tun`): {e}")
+        });
+        Net::new(tap, default_mac(&name))
+    })
+}
+
+/// Target: virtio-net's receive and transmit queues (any chains; transmit chains of any length
+/// and layout), plus device-config reads; then the same device must complete a clean transmit
+/// request after reset.
+pub fn target_virtq_net(data: &[u8]) {
+    let dev = net();
+    let mut inp = Input::new(data);
+    let mut d = [0u8; 8];
+    dev.read_config(inp.below(32) as u64, &mut d[..1 + inp.below(8)]);
+    run_queues(dev, &mut inp, 2);
+    assert_eq!(
+        clean_transmit(dev),
+        1,
+        "virtio-net no longer completes a clean transmit after a hostile queue"
+    );
+}
+
+/// The virtio-console device of this process, writing guest output to /dev/null.
+fn console() -> &'static Console {
+    static CONSOLE: OnceLock<Console> = OnceLock::new();
+    CONSOLE.get_or_init(|| {
+        Console::new(&ConsoleBackend::File("/dev/null".into())).expect("console on /dev/null")
+    })
+}
+
+/// Target: virtio-console's receive and transmit queues (file backend), plus device-config
+/// reads; then the same device must complete a clean transmit request after reset.
+pub fn target_virtq_console(data: &[u8]) {
+    let dev = console();
+    let mut inp = Input::new(data);
+    let mut d = [0u8; 8];
+    dev.read_config(inp.below(32) as u64, &mut d[..1 + inp.below(8)]);
+    run_queues(dev, &mut inp, 2);
+    assert_eq!(
+        clean_transmit(dev),
+        1,
+        "virtio-console no longer completes a clean transmit after a hostile queue"
+    );
 }

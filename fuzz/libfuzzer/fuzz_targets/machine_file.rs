@@ -1,0 +1,4 @@
+//! libFuzzer entry for the `machine_file` target of the `fuzz` crate (see `fuzz::TARGETS`).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz_libfuzzer::run("machine_file", data));
