@@ -39,7 +39,11 @@ report_hangs() {
     fi
 }
 trap report_hangs EXIT
-cargo test --workspace
+LOG=target/test-output.log
+cargo test --workspace 2>&1 | tee "$LOG"
 # Coverage-guided fuzzing (libFuzzer via cargo-fuzz, installed when missing): every target for
 # a bounded time (FUZZ_SEED fixes the seed), a coverage line per target; fails on a crash.
 bash fuzz/libfuzzer/run.sh
+# One closing line for the whole run: every cargo test binary's passed and failed counts.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$LOG"
