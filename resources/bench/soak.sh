@@ -37,4 +37,5 @@ SCENARIO_TIMEOUT=$((DEADLINE + 300)) L1_EXTRA_CPIO="${L1_EXTRA_CPIO:-} $PY_CPIO"
     bash "$ROOT/resources/linux/run-scenario.sh" --vmm "$VMM" "$W/host.sh" > "$LOG" 2>&1 || true
 tr -d '\r' < "$LOG" | grep -E '^\s+(ok  |FAIL) |^SOAK (PASS|FAIL)|"failure"' || true
 echo "soak: wall time $(( $(date +%s) - start )) s; log $LOG"
-tr -d '\r' < "$LOG" | grep -q '=== SOAK-END rc=0 ===' && tr -d '\r' < "$LOG" | grep -q '^SOAK PASS'
+# grep -c reads to the end (grep -q would close the pipe early: SIGPIPE under pipefail).
+[ "$(grep -c '=== SOAK-END rc=0 ===' "$LOG")" -ge 1 ] && [ "$(tr -d '\r' < "$LOG" | grep -c '^SOAK PASS')" -ge 1 ]
