@@ -3,5 +3,6 @@
 
 pub mod ground;
 pub mod probe;
+pub mod qmp;
 pub mod shim;
 pub mod tmpfs;

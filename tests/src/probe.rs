@@ -111,6 +111,39 @@ pub fn parse_dump(text: &str) -> Vec<FunctionDump> {
     out
 }
 
+/// Boots the probe with `cmdline` and `extra` vmm arguments and checks the run: the vmm exits
+/// 0, never panicked, and the probe reached its end. Returns (stdout, stderr).
+pub fn run_probe_checked(cmdline: &str, extra: &[String]) -> (String, String) {
+    require_kvm();
+    let elf = probe_elf();
+    let mut args: Vec<&str> = vec![
+        "run",
+        "--no-reboot",
+        "--kernel",
+        elf.to_str().expect("utf-8 path"),
+        "--append",
+        cmdline,
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    let out = vmm(&args, 120);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "{cmdline}: vmm failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "{cmdline}: the VMM panicked:\n{stderr}"
+    );
+    assert!(
+        stdout.contains("=== PROBE-DONE ==="),
+        "{cmdline}: the probe did not finish:\n{stdout}"
+    );
+    (stdout, stderr)
+}
+
 /// Decodes a dump section with the real `lspci -F FILE` plus `lspci_args`.
 pub fn lspci_decode(dump: &str, lspci_args: &[&str]) -> String {
     let path = std::env::temp_dir().join(format!(

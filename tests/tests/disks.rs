@@ -4,14 +4,13 @@
 //! `dump-machine` and a hot-plug's record rewrite get a QMP `GenericError`, the old file stays,
 //! and the guest runs on. (virtio-blk's own I/O errors: unit tests in devices/src/virtio/blk.rs.)
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use integration_tests::ground::vmm_binary;
 use integration_tests::probe::{probe_elf, require_kvm, vmm};
+use integration_tests::qmp::Client;
 use integration_tests::tmpfs::Tmpfs;
 use serde_json::{json, Value};
 
@@ -151,46 +150,6 @@ impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-struct Client {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
-
-impl Client {
-    fn negotiated(sock: &Path) -> Client {
-        let s = UnixStream::connect(sock).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut c = Client {
-            w: s.try_clone().unwrap(),
-            r: BufReader::new(s),
-        };
-        let g = c.line();
-        assert!(g["QMP"].is_object(), "{g}");
-        assert_eq!(
-            c.cmd(json!({"execute": "qmp_capabilities"}))["return"],
-            json!({})
-        );
-        c
-    }
-    fn line(&mut self) -> Value {
-        let mut l = String::new();
-        self.r.read_line(&mut l).unwrap();
-        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{l:?}: {e}"))
-    }
-    fn cmd(&mut self, v: Value) -> Value {
-        self.w.write_all(format!("{v}\n").as_bytes()).unwrap();
-        loop {
-            let v = self.line();
-            if v.get("event").is_none() {
-                return v;
-            }
-        }
-    }
-    fn status(&mut self) -> Value {
-        self.cmd(json!({"execute": "query-status"}))["return"]["status"].clone()
     }
 }
 

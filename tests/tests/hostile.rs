@@ -7,7 +7,7 @@
 //! untouched device must read exactly as in a normal probe run, every function must still be
 //! there, and the dumps must still decode with `lspci -F`.
 
-use integration_tests::probe::{dumps, lspci_decode, parse_dump, probe_elf, require_kvm, vmm};
+use integration_tests::probe::{dumps, lspci_decode, parse_dump, require_kvm, run_probe_checked};
 
 const SPARE: &str = "00:09.0";
 
@@ -32,36 +32,6 @@ fn device_args(img: &str) -> Vec<String> {
     .collect()
 }
 
-fn run(cmdline: &str, devices: &[String]) -> (String, String) {
-    let elf = probe_elf();
-    let mut args: Vec<&str> = vec![
-        "run",
-        "--no-reboot",
-        "--kernel",
-        elf.to_str().unwrap(),
-        "--append",
-        cmdline,
-    ];
-    args.extend(devices.iter().map(String::as_str));
-    let out = vmm(&args, 120);
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        out.status.success(),
-        "{cmdline}: vmm failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        out.status
-    );
-    assert!(
-        !stderr.contains("panicked"),
-        "{cmdline}: the VMM panicked:\n{stderr}"
-    );
-    assert!(
-        stdout.contains("=== PROBE-DONE ==="),
-        "{cmdline}: the probe did not finish:\n{stdout}"
-    );
-    (stdout, stderr)
-}
-
 fn function<'a>(dump: &'a [integration_tests::probe::FunctionDump], addr: &str) -> &'a [u8] {
     &dump
         .iter()
@@ -75,7 +45,7 @@ fn hostile_guest_cannot_break_the_vmm_or_the_devices_it_does_not_own() {
     require_kvm();
     let img = image();
     let devices = device_args(img.to_str().unwrap());
-    let (normal, _) = run("mode=probe", &devices);
+    let (normal, _) = run_probe_checked("mode=probe", &devices);
     let (cf8, ecam) = dumps(&normal);
     let (base_cf8, base_ecam) = (parse_dump(&cf8), parse_dump(&ecam));
 
@@ -89,7 +59,7 @@ fn hostile_guest_cannot_break_the_vmm_or_the_devices_it_does_not_own() {
     for seed in seeds {
         let cmdline = format!("mode=hostile seed={seed} n=300 spare=09");
         eprintln!("hostile run: {cmdline}");
-        let (out, _) = run(&cmdline, &devices);
+        let (out, _) = run_probe_checked(&cmdline, &devices);
         assert!(
             out.contains("=== HOSTILE done ==="),
             "{cmdline}: no end marker:\n{out}"
@@ -155,7 +125,7 @@ fn a_bar_over_ecam_cannot_swallow_another_functions_config_writes() {
     .into_iter()
     .flat_map(|d| ["--device".to_string(), d])
     .collect();
-    let (out, _) = run("mode=hostile seed=3 n=50 spare=09 steal=1", &devices);
+    let (out, _) = run_probe_checked("mode=hostile seed=3 n=50 spare=09 steal=1", &devices);
     assert!(
         out.contains("hostile: steal 00:09.3 command via 00:06.0"),
         "the guest did not set the trap:\n{out}"

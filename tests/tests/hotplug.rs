@@ -22,7 +22,9 @@ use std::time::Duration;
 use integration_tests::ground::{
     build_part, host_script, run_host_scenario_with, section, vmm_binary,
 };
-use integration_tests::probe::{dumps, lspci_decode, parse_dump, probe_elf, require_kvm, vmm};
+use integration_tests::probe::{
+    dumps, lspci_decode, parse_dump, probe_elf, require_kvm, run_probe_checked, vmm,
+};
 use serde_json::{json, Value};
 
 /// The guest's /scenario: helpers, then a command loop on the console. Each line is
@@ -447,33 +449,6 @@ const PROBE_FUNCTIONS: [&str; 6] = [
     "00:00.0", "00:04.0", "00:06.0", "00:06.1", "00:07.0", "00:1f.0",
 ];
 
-fn run_probe_vmm(cmdline: &str, extra: &[String]) -> String {
-    let elf = probe_elf();
-    let mut args: Vec<&str> = vec![
-        "run",
-        "--no-reboot",
-        "--kernel",
-        elf.to_str().unwrap(),
-        "--append",
-        cmdline,
-    ];
-    args.extend(extra.iter().map(String::as_str));
-    let out = vmm(&args, 120);
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        out.status.success(),
-        "{cmdline}: vmm failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        out.status
-    );
-    assert!(!stderr.contains("panicked"), "{cmdline}: {stderr}");
-    assert!(
-        stdout.contains("=== PROBE-DONE ==="),
-        "{cmdline}: the probe did not finish:\n{stdout}"
-    );
-    stdout
-}
-
 /// `mode=hotplug`: random widths, offsets and values on the hot-plug registers and the GED,
 /// other bus selectors, ejects of empty slots and of occupied slots nobody asked to remove,
 /// GED read floods. The vmm lives, the registers keep saying "nothing happened", every device
@@ -484,7 +459,7 @@ fn probe_hammering_the_hotplug_registers_removes_nothing() {
     let dir = scratch("hammer");
     let mut devices = probe_devices(&dir);
     devices.extend(["--hotplug".to_string(), "on".to_string()]);
-    let base = run_probe_vmm("mode=probe", &devices);
+    let base = run_probe_checked("mode=probe", &devices).0;
     let (cf8, ecam) = dumps(&base);
     let (base_cf8, base_ecam) = (parse_dump(&cf8), parse_dump(&ecam));
     let present: Vec<&str> = base_cf8.iter().map(|f| f.addr.as_str()).collect();
@@ -499,7 +474,7 @@ fn probe_hammering_the_hotplug_registers_removes_nothing() {
     for seed in seeds {
         let cmdline = format!("mode=hotplug seed={seed} n=2000");
         eprintln!("hotplug probe run: {cmdline}");
-        let out = run_probe_vmm(&cmdline, &devices);
+        let out = run_probe_checked(&cmdline, &devices).0;
         assert!(out.contains("=== HOTPLUG done ==="), "{cmdline}:\n{out}");
         assert!(
             out.contains("hotplug: anomalies 0\n"),
@@ -551,7 +526,7 @@ fn probe_hammering_the_hotplug_registers_removes_nothing() {
     // Without hot-plug nothing decodes those ports; the guest's accesses change nothing either.
     let mut off = probe_devices(&scratch("hammer-off"));
     off.extend(["--hotplug".to_string(), "off".to_string()]);
-    let out = run_probe_vmm("mode=hotplug seed=3 n=500", &off);
+    let out = run_probe_checked("mode=hotplug seed=3 n=500", &off).0;
     assert!(
         out.contains("hotplug: final PCIU 0xffffffff PCID 0xffffffff PCI_RMV 0xffffffff BNUM 0xffffffff GED 0xffffffff"),
         "--hotplug off: no hot-plug registers and no GED on the port bus:\n{out}"

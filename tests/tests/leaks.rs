@@ -4,70 +4,14 @@
 //! to a file; INTx-only `vectors=0` and MSI-X with 1 to 4 vectors), and the vmm ends up with
 //! the open file descriptors, threads, MSI GSIs, KVM GSI routes and INTx lines it started with.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use integration_tests::ground::vmm_binary;
 use integration_tests::probe::{probe_elf, require_kvm};
-use serde_json::{json, Value};
-
-/// A QMP client that keeps the events it reads past.
-struct Client {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
-
-impl Client {
-    fn connect(sock: &Path) -> Client {
-        let s = UnixStream::connect(sock).unwrap();
-        // Only catches a hang: every reply comes at once.
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut c = Client {
-            w: s.try_clone().unwrap(),
-            r: BufReader::new(s),
-        };
-        let g = c.line();
-        assert!(g["QMP"].is_object(), "greeting: {g}");
-        let r = c.cmd(json!({"execute": "qmp_capabilities"}));
-        assert_eq!(r["return"], json!({}), "{r}");
-        c
-    }
-
-    fn line(&mut self) -> Value {
-        let mut l = String::new();
-        self.r.read_line(&mut l).unwrap();
-        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{l:?}: {e}"))
-    }
-
-    /// Sends `v`, returns its reply (events are skipped).
-    fn cmd(&mut self, v: Value) -> Value {
-        self.w.write_all(format!("{v}\n").as_bytes()).unwrap();
-        loop {
-            let v = self.line();
-            if v.get("event").is_none() {
-                return v;
-            }
-        }
-    }
-
-    /// `cmd` that must succeed.
-    fn ok(&mut self, v: Value) {
-        let r = self.cmd(v.clone());
-        assert_eq!(r["return"], json!({}), "{v} -> {r}");
-    }
-
-    fn hmp(&mut self, line: &str) -> String {
-        let r = self
-            .cmd(json!({"execute": "human-monitor-command", "arguments": {"command-line": line}}));
-        r["return"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{line}: {r}"))
-            .to_string()
-    }
-}
+use integration_tests::qmp::Client;
+use serde_json::json;
 
 /// What the vmm holds: open fds, threads, and `info gsi`'s counts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,7 +155,7 @@ fn two_hundred_cold_plug_cycles_leave_fds_threads_and_gsis_as_they_were() {
         assert!(std::time::Instant::now() < deadline, "no QMP socket");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut c = Client::connect(&sock);
+    let mut c = Client::negotiated(&sock);
     wait_until_settled(pid);
     let status = c.cmd(json!({"execute": "query-status"}));
     assert_eq!(status["return"]["status"], "prelaunch", "{status}");

@@ -3,8 +3,7 @@
 //! guest (the probe on the local KVM, real Linux on the test ground, where Python and qemu.qmp
 //! run inside the KVM-host image) sees the added device.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -14,6 +13,7 @@ use integration_tests::ground::{
     BOOT_DEADLINE_SECS, HANG_RETRY_MARKER,
 };
 use integration_tests::probe::{lspci_decode, probe_elf, require_kvm};
+use integration_tests::qmp::Client;
 use serde_json::{json, Value};
 
 struct Vm {
@@ -66,54 +66,6 @@ impl Vm {
             String::from_utf8_lossy(&out.stdout).to_string(),
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
-    }
-}
-
-struct Client {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-    events: Vec<Value>,
-}
-
-impl Client {
-    fn connect(sock: &Path) -> Client {
-        let s = UnixStream::connect(sock).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut c = Client {
-            w: s.try_clone().unwrap(),
-            r: BufReader::new(s),
-            events: vec![],
-        };
-        let g = c.line();
-        assert!(g["QMP"]["version"]["qemu"].is_object(), "{g}");
-        c
-    }
-    fn negotiated(sock: &Path) -> Client {
-        let mut c = Client::connect(sock);
-        assert_eq!(
-            c.cmd(json!({"execute": "qmp_capabilities"}))["return"],
-            json!({})
-        );
-        c
-    }
-    fn line(&mut self) -> Value {
-        let mut l = String::new();
-        self.r.read_line(&mut l).unwrap();
-        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{l:?}: {e}"))
-    }
-    fn raw(&mut self, s: &str) -> Value {
-        self.w.write_all(s.as_bytes()).unwrap();
-        loop {
-            let v = self.line();
-            if v.get("event").is_some() {
-                self.events.push(v);
-            } else {
-                return v;
-            }
-        }
-    }
-    fn cmd(&mut self, v: Value) -> Value {
-        self.raw(&format!("{v}\n"))
     }
 }
 
