@@ -43,6 +43,9 @@ class Failure(Exception):
 
 
 class Vm:
+    # Guest RAM in MiB.
+    MEMORY_MIB = 256
+
     def __init__(self, args, vmm_args):
         self.args = args
         self.vmm_args = vmm_args
@@ -61,7 +64,8 @@ class Vm:
             os.unlink(self.sock)
         cmd = ["vmmwatch", "--qmp", self.sock, str(a.deadline), a.vmm, "run",
                "--kernel", a.kernel, "--initrd", a.initrd,
-               "--append", "console=ttyS0 quiet panic=-1 reboot=t", "--memory", "256",
+               "--append", "console=ttyS0 quiet panic=-1 reboot=t",
+               "--memory", str(self.MEMORY_MIB),
                "--qmp", f"unix:{self.sock},server=on,wait=off"] + self.vmm_args
         emit({"host": "command", "argv": cmd})
         self.proc = await asyncio.create_subprocess_exec(
