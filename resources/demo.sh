@@ -23,6 +23,9 @@ echo "demo: host scenario: $(cat "$SCRIPT")"
 rc=0
 resources/linux/run-scenario.sh $ARGS "$SCRIPT" | tee "$LOG" || rc=$?
 echo
+# After a wedged L1, run-scenario.sh ran everything again: keep the last run only.
+awk '/##### run-scenario: RETRY:/ { n = 0 } { l[++n] = $0 } END { for (i = 1; i <= n; i++) print l[i] }' \
+    "$LOG" > "$LOG.last" && mv "$LOG.last" "$LOG"
 if grep -q '=== LSPCI-NN-END rc=0 ===' "$LOG"; then
     echo "demo: the guest's lspci -nn:"
     sed -n '/=== LSPCI-NN-BEGIN ===/,/=== LSPCI-NN-END/p' "$LOG" | sed '1d;$d'

@@ -109,6 +109,9 @@ SCENARIO_TIMEOUT=${SCENARIO_TIMEOUT:-$((600 + RUNS * 3 * 120))} \
     echo "exits.sh: the scenario failed (log above)" >&2
     exit 1
 }
+# After a wedged L1, run-scenario.sh ran everything again: keep the last run only.
+awk '/##### run-scenario: RETRY:/ { n = 0 } { l[++n] = $0 } END { for (i = 1; i <= n; i++) print l[i] }' \
+    "$tmp/out" > "$tmp/last" && mv "$tmp/last" "$tmp/out"
 grep -q '^RESULT' "$tmp/out" || { tail -n 60 "$tmp/out" >&2; exit 1; }
 
 echo "date:    $(date -u '+%Y-%m-%d %H:%M UTC')"

@@ -84,6 +84,16 @@ pub fn run_host_scenario_with(
     script: &str,
     extra_cpio: &[PathBuf],
 ) -> Result<ScenarioOutput, String> {
+    run_host_scenario_env(script, extra_cpio, &[])
+}
+
+/// [`run_host_scenario_with`] with extra environment for run-scenario.sh (e.g.
+/// `L1_STALL_SECS`).
+pub fn run_host_scenario_env(
+    script: &str,
+    extra_cpio: &[PathBuf],
+    env: &[(&str, &str)],
+) -> Result<ScenarioOutput, String> {
     let vmm = vmm_binary()?;
     let runner = repo_root().join("resources/linux/run-scenario.sh");
     if !runner.is_file() {
@@ -100,6 +110,7 @@ pub fn run_host_scenario_with(
         .unwrap_or_default();
     extra.extend(extra_cpio.iter().map(|p| p.display().to_string()));
     let result = Command::new("bash")
+        .envs(env.iter().copied())
         .env("L1_EXTRA_CPIO", extra.join(" "))
         .arg(&runner)
         .arg("--vmm")
@@ -113,6 +124,11 @@ pub fn run_host_scenario_with(
     // Shown by `cargo test -- --nocapture` or when the test fails.
     eprintln!("----- run-scenario stdout -----\n{stdout}----- stderr -----\n{stderr}-----");
     report_hangs(&stdout);
+    // After a wedged L1, run-scenario.sh ran the whole scenario again: only that run counts.
+    let stdout = match stdout.rfind(L1_RETRY_MARKER) {
+        Some(at) => stdout[at..].to_string(),
+        None => stdout,
+    };
     let fail = |why: &str| {
         Err(format!(
             "{why}\n--- stderr ---\n{stderr}\n--- stdout (tail) ---\n{}",
@@ -168,6 +184,30 @@ pub fn last_attempt(text: &str) -> &str {
     text.rsplit(HANG_RETRY_MARKER).next().unwrap_or(text)
 }
 
+/// The line run-scenario.sh prints before it runs a scenario again after a wedged L1: what
+/// came before it is void.
+pub const L1_RETRY_MARKER: &str = "##### run-scenario: RETRY:";
+
+/// run-scenario.sh's reports of a wedged L1 (no heartbeat from its second serial port; the
+/// CPU state QEMU's monitor gave), each from its first line to its closing one.
+fn l1_wedges(stdout: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut current: Option<Vec<&str>> = None;
+    for line in stdout.lines() {
+        if let Some(lines) = current.as_mut() {
+            lines.push(line);
+            if line.contains("##### run-scenario: L1 WEDGED report end") {
+                found.push(lines.join("\n"));
+                current = None;
+            }
+        } else if line.contains("##### run-scenario: L1 WEDGED:") {
+            current = Some(vec![line]);
+        }
+    }
+    found.extend(current.map(|l| l.join("\n")));
+    found
+}
+
 /// File (under `target/`) where every vmm hang is recorded; `resources/test.sh` prints it at the
 /// end of a run, so a hang never goes unnoticed even when the test passed on a retry.
 pub fn hang_log() -> PathBuf {
@@ -178,10 +218,11 @@ pub fn hang_log() -> PathBuf {
 /// say so on stderr and append the reports to [`hang_log`], so a passing test cannot hide it.
 /// Only reports about a vmm run count (the ground's own test of vmmwatch watches `sleep`).
 fn report_hangs(stdout: &str) {
-    let reports: Vec<String> = sections(stdout, "VMM-HANG")
+    let mut reports: Vec<String> = sections(stdout, "VMM-HANG")
         .into_iter()
         .filter(|r| r.lines().next().is_some_and(|l| l.contains("vmm run ")))
         .collect();
+    reports.extend(l1_wedges(stdout));
     if reports.is_empty() {
         return;
     }
@@ -190,7 +231,7 @@ fn report_hangs(stdout: &str) {
         .name()
         .unwrap_or("unnamed test")
         .to_string();
-    eprintln!("!!!!! test ground: a vmm hung ({test}):\n{reports}\n!!!!!");
+    eprintln!("!!!!! test ground: a vmm or the L1 host hung ({test}):\n{reports}\n!!!!!");
     let entry = format!("##### {test}\n{reports}\n");
     let log = hang_log();
     let written = log
@@ -371,6 +412,37 @@ mod tests {
         assert!(s.contains("vmmwatch --retry --qmp \"$TMPDIR/qmp-a.sock\" 120 \"$VMM\" run "));
         assert!(s.contains("--append 'console=ttyS0 quiet panic=-1 reboot=t' --memory 256 --device virtio-rng-pci,id=r0 --qmp \"unix:$TMPDIR/qmp-a.sock,server=on,wait=off\"\n"));
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    /// A wedged L1 (played by stopping its heartbeat) is reported with its CPU state, and the
+    /// whole scenario runs once more; only the second run's output counts.
+    #[test]
+    fn a_wedged_l1_is_reported_and_run_again() {
+        let script = "echo \"=== RUN-BEGIN ===\"\necho \"attempt $L1_ATTEMPT\"\n\
+            [ \"$L1_ATTEMPT\" = 1 ] && { kill -STOP \"$(cat /tmp/.l1-heartbeat.pid)\"; sleep 600; }\n\
+            echo \"=== RUN-END ===\"\n";
+        let out =
+            run_host_scenario_env(script, &[], &[("L1_STALL_SECS", "15")]).expect("test ground");
+        if out.mode == "direct" {
+            eprintln!(
+                "!!!!! NOT RUN HERE: direct mode (hardware virtualisation) has no L1 to wedge"
+            );
+            return;
+        }
+        assert_eq!(out.rc, 0, "{}", out.stdout);
+        assert_eq!(
+            out.section("RUN").as_deref(),
+            Some("attempt 2"),
+            "{}",
+            out.stdout
+        );
+        assert!(out.stdout.starts_with(L1_RETRY_MARKER), "{}", out.stdout);
+        let hang = std::fs::read_to_string(hang_log()).unwrap_or_default();
+        assert!(
+            hang.contains("no heartbeat from L1 for 15s (attempt 1)") && hang.contains("RIP="),
+            "the wedge and the CPU's registers are in {}:\n{hang}",
+            hang_log().display()
+        );
     }
 
     /// The ground itself: a host with /dev/kvm, the guest kernel and initramfs, mkguestinitrd.
