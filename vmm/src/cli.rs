@@ -18,7 +18,7 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest.
     #[command(after_help = crate::device_manager::device_help())]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show or compare compat records.
     #[command(subcommand)]
     Abi(AbiCommand),
@@ -72,6 +72,13 @@ pub struct RunArgs {
     /// Guest memory in MiB (default 256).
     #[arg(long)]
     pub memory: Option<u64>,
+    /// Back guest RAM with a file in this directory (QEMU's -mem-path): on hugetlbfs, huge
+    /// pages reserved at start (the size must be a multiple of their size).
+    #[arg(long, value_name = "DIR")]
+    pub mem_path: Option<PathBuf>,
+    /// Allocate all guest RAM before the guest runs (QEMU's -mem-prealloc).
+    #[arg(long)]
+    pub mem_prealloc: bool,
     /// Number of vCPUs, 1 to 32 (default 1).
     #[arg(long)]
     pub cpus: Option<u8>,

@@ -25,6 +25,8 @@ pub struct MachineConfig {
     pub cmdline: String,
     /// RAM in MiB.
     pub memory_mib: u64,
+    /// How RAM is backed on the host (`--mem-path`, `--mem-prealloc`; not guest-visible).
+    pub ram: crate::memory::RamBacking,
     /// vCPU count.
     pub cpus: u8,
     /// Devices, as specs (machine file devices merged with `--device`).
@@ -75,6 +77,10 @@ impl MachineConfig {
             initrd: args.initrd.clone().or(file.initrd),
             cmdline: args.append.clone().or(file.cmdline).unwrap_or_default(),
             memory_mib,
+            ram: crate::memory::RamBacking {
+                mem_path: args.mem_path.clone(),
+                prealloc: args.mem_prealloc,
+            },
             cpus,
             pci_hotplug: args.hotplug.or(file.pci_hotplug),
             devices: merge_devices(&file_devices, cli_devices),

@@ -58,7 +58,7 @@ impl Guest {
         make_devices: impl FnOnce(Arc<Vm>, PowerCallback) -> Result<DeviceManager, Error>,
     ) -> Result<Guest, Error> {
         let initrd = read_initrd(config)?;
-        let vm = Arc::new(Vm::new(config.mem_size())?);
+        let vm = Arc::new(Vm::new(config.mem_size(), &config.ram)?);
         let mut stats = GuestStats {
             vm: KvmStatsFile::open(&vm.fd),
             vcpus: Vec::new(),

@@ -201,6 +201,9 @@ const FILES: &[libc::c_long] = &[
     libc::SYS_fsync,
     libc::SYS_fdatasync,
     libc::SYS_lseek,
+    // Guest RAM in a file (`--mem-path`), at start and at every reboot.
+    libc::SYS_ftruncate,
+    libc::SYS_fstatfs,
 ];
 
 /// Unix-domain sockets besides `socket(AF_UNIX)` itself (allowed by argument in [`build`]):
@@ -916,7 +919,7 @@ mod tests {
         // The calls a vCPU thread makes, made for real on /dev/kvm under the filter (EPERM
         // for anything refused): a wrong ioctl number would show here.
         use devices::virtio::pci::VirtioHost;
-        let vm = crate::vm::Vm::new(16 << 20).expect("a VM on /dev/kvm");
+        let vm = crate::vm::Vm::new(16 << 20, &Default::default()).expect("a VM on /dev/kvm");
         let mut vcpu = vm.fd.create_vcpu(0).expect("vCPU");
         // Made when the machine is built, before any vCPU runs: an eventfd, its irqfd, a GSI.
         let ev = EventFd::new(0).unwrap();
@@ -981,7 +984,9 @@ mod tests {
             .unwrap()
             .set_len(1 << 16)
             .unwrap();
-        let vm = std::sync::Arc::new(crate::vm::Vm::new(16 << 20).expect("a VM on /dev/kvm"));
+        let vm = std::sync::Arc::new(
+            crate::vm::Vm::new(16 << 20, &Default::default()).expect("a VM on /dev/kvm"),
+        );
         let executor = executor_filter_with(SeccompAction::Errno(libc::EPERM as u32)).unwrap();
         let work = devices::virtio::DeviceWork::start_with(move || {
             apply(&executor).map_err(|e| e.to_string())

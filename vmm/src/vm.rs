@@ -233,13 +233,14 @@ impl Routing {
 }
 
 impl Vm {
-    /// Opens /dev/kvm, creates the VM with `mem_size` bytes of RAM, the irqchip and the PIT.
-    pub fn new(mem_size: u64) -> Result<Vm, Error> {
+    /// Opens /dev/kvm, creates the VM with `mem_size` bytes of RAM backed as `backing` says,
+    /// the irqchip and the PIT.
+    pub fn new(mem_size: u64, backing: &crate::memory::RamBacking) -> Result<Vm, Error> {
         let kvm = Kvm::new().map_err(kvm_err("cannot open /dev/kvm"))?;
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        // 2 MiB-aligned, transparent huge pages (host side only: the guest sees the same map).
-        let (mem, backing) = crate::memory::guest_ram(&ram_ranges(mem_size))?;
-        for r in &backing {
+        // 2 MiB-aligned, huge pages (host side only: the guest sees the same map).
+        let (mem, ranges) = crate::memory::guest_ram(&ram_ranges(mem_size), backing)?;
+        for r in &ranges {
             tracing::debug!(
                 "guest RAM {:#x}+{:#x} at host {:#x}: {:?}",
                 r.guest,
@@ -517,7 +518,7 @@ mod tests {
             SEEN.lock().unwrap().push(name);
             Ok(())
         });
-        let vm = Vm::new(16 << 20).expect("a VM on /dev/kvm");
+        let vm = Vm::new(16 << 20, &Default::default()).expect("a VM on /dev/kvm");
         let _line = vm
             .register_intx(20, Box::new(|| false))
             .expect("an INTx line");
@@ -536,7 +537,7 @@ mod tests {
     /// are handed out again, and the resampler thread ends with the last INTx line.
     #[test]
     fn released_msi_vectors_and_intx_lines_leave_nothing_behind() {
-        let vm = Vm::new(16 << 20).expect("a VM on /dev/kvm");
+        let vm = Vm::new(16 << 20, &Default::default()).expect("a VM on /dev/kvm");
         let before = vm.gsi_counts();
         let (g1, f1) = vm.allocate_msi().unwrap();
         let (g2, f2) = vm.allocate_msi().unwrap();
