@@ -48,6 +48,24 @@ pub fn vmm(args: &[&str], secs: u64) -> Output {
     out
 }
 
+/// Starts `vmm run` on the probe guest with `mode=hello` and `extra` arguments and without
+/// `--no-reboot`: the guest resets within milliseconds of starting and the vmm reboots it in
+/// place, again and again, printing one hello line per boot on its piped stdout (stderr piped
+/// too). The caller stops it (SIGTERM) and waits for it.
+pub fn spawn_rebooting_probe(extra: &[&str]) -> std::process::Child {
+    require_kvm();
+    let elf = probe_elf();
+    Command::new(vmm_binary().unwrap_or_else(|e| panic!("{e}")))
+        .args(["run", "--kernel", elf.to_str().expect("utf-8 path")])
+        .args(["--append", "mode=hello"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start the vmm: {e}"))
+}
+
 /// Asserts the local /dev/kvm is usable; panics loudly otherwise.
 pub fn require_kvm() {
     if let Err(e) = std::fs::OpenOptions::new()

@@ -23,7 +23,8 @@ use integration_tests::ground::{
     build_part, host_script, run_host_scenario_with, section, vmm_binary,
 };
 use integration_tests::probe::{
-    dumps, lspci_decode, parse_dump, probe_elf, require_kvm, run_probe_checked, vmm,
+    dumps, lspci_decode, parse_dump, probe_elf, require_kvm, run_probe_checked,
+    spawn_rebooting_probe, vmm,
 };
 use serde_json::{json, Value};
 
@@ -667,23 +668,13 @@ fn task_and_fd_counts(pid: u32) -> (usize, usize) {
 /// with its eventfds behind).
 #[test]
 fn reboots_in_place_keep_going_and_leave_nothing_behind() {
-    require_kvm();
-    let elf = probe_elf();
-    let mut child = Command::new(vmm_binary().unwrap())
-        .args([
-            "run",
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--append",
-            "mode=hello",
-        ])
-        .args(["--device", "virtio-rng-pci,id=a,addr=4"])
-        .args(["--device", "virtio-rng-pci,id=b,addr=5"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_rebooting_probe(&[
+        "--device",
+        "virtio-rng-pci,id=a,addr=4",
+        "--device",
+        "virtio-rng-pci,id=b,addr=5",
+    ]);
+    drop(child.stderr.take());
     let pid = child.id();
     let console = BufReader::new(child.stdout.take().unwrap());
     // A deadline that only catches a hang: the vmm is stopped, and the count below falls short.

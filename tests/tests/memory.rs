@@ -5,40 +5,25 @@
 //! host is short of it.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use integration_tests::ground::{guest_boot, host_script, run_host_scenario, section, vmm_binary};
-use integration_tests::probe::{probe_elf, require_kvm, vmm};
+use integration_tests::ground::{guest_boot, host_script, run_host_scenario, section};
+use integration_tests::probe::{probe_elf, require_kvm, spawn_rebooting_probe, vmm};
 
 /// The probe guest rebooting in place with RAM in a tmpfs directory, preallocated, under the
 /// default seccomp filters (the main thread maps the file again at every reboot): at each boot
 /// the vmm holds one such mapping, all of it resident, and the directory stays empty.
 #[test]
 fn mem_path_prealloc_ram_is_a_resident_unlinked_file_at_every_reboot() {
-    require_kvm();
     let dir = std::path::PathBuf::from(format!("/dev/shm/vmm-mem-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let elf = probe_elf();
-    let mut child = Command::new(vmm_binary().unwrap())
-        .args([
-            "run",
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--append",
-            "mode=hello",
-        ])
-        .args([
-            "--memory",
-            "64",
-            "--mem-prealloc",
-            "--mem-path",
-            dir.to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_rebooting_probe(&[
+        "--memory",
+        "64",
+        "--mem-prealloc",
+        "--mem-path",
+        dir.to_str().unwrap(),
+    ]);
     let pid = child.id();
     let console = BufReader::new(child.stdout.take().unwrap());
     let mut boots = 0;
