@@ -152,6 +152,7 @@ struct opts {
 	u32 wait;	/* hotplug: polls of PCID while waiting for an eject request */
 	u32 hold;	/* enum: null exits after the enumeration (the host samples memory) */
 	u32 decode;	/* enum: then enable memory decoding of every endpoint */
+	u32 msix;	/* enum: then program and unmask every MSI-X vector */
 };
 
 static int is_space(char c)
@@ -237,6 +238,7 @@ static void parse_cmdline(const char *p, struct opts *o)
 	o->wait = 0;
 	o->hold = 0;
 	o->decode = 0;
+	o->msix = 0;
 	if (!p)
 		return;
 	for (;;) {
@@ -257,6 +259,8 @@ static void parse_cmdline(const char *p, struct opts *o)
 			o->ring = parse_num(v);
 		else if ((v = match_key(p, "seed")))
 			o->seed = parse_num(v);
+		else if ((v = match_key(p, "msix")))
+			o->msix = parse_num(v);
 		else if ((v = match_key(p, "decode")))
 			o->decode = parse_num(v);
 		else if ((v = match_key(p, "hold")))
@@ -1150,9 +1154,41 @@ static void mode_lifecycle(const struct opts *o)
  * decode=1, each endpoint's (header type 0) memory decoding is switched on as it is found, as
  * a driver's pci_enable_device() does (one more read and write; the done line adds
  * ` decoding=N`); a monitor that maps BARs and ioeventfds on decode then does so for all.
+ * msix=1 (implies decode=1): then every MSI-X vector of the function (table in a 32-bit BAR in
+ * the PCI window) gets an address, data and its mask cleared, as Linux writes them (` vectors=N`);
+ * MSI-X itself stays disabled, nothing is delivered.
  */
 static u32 enum_functions, enum_bridges, enum_sum, enum_next_bus;
-static u32 enum_decode, enum_decoding;
+static u32 enum_decode, enum_decoding, enum_msix, enum_vectors;
+
+/* msix=1: every vector of `bdf`'s MSI-X table (a 32-bit BAR, decoding on) gets an address,
+ * data and its mask bit cleared, as Linux's MSI-X setup writes them. */
+static void enum_program_msix(cfg_read_fn rd, u32 bdf)
+{
+	u32 ptr = rd(bdf, 0x34) & 0xfc, guard = 0;
+
+	while (ptr && guard++ < 48) {
+		u32 v = rd(bdf, ptr);
+
+		if ((v & 0xff) == 0x11) {
+			u32 n = ((v >> 16) & 0x7ff) + 1, t = rd(bdf, ptr + 4);
+			u32 bar = rd(bdf, 0x10 + 4 * (t & 7)), i;
+			u32 base = (bar & ~0xfu) + (t & ~7u);
+
+			if ((bar & 1) || (bar & ~0xfu) < 0xc0000000u || (bar & ~0xfu) >= ecam_base)
+				return;
+			for (i = 0; i < n; i++, base += 16) {
+				mmio_write32(base, 0xfee00000u);
+				mmio_write32(base + 4, 0);
+				mmio_write32(base + 8, 0x40 + (enum_vectors & 0x7f));
+				mmio_write32(base + 12, 0);
+				enum_vectors++;
+			}
+			return;
+		}
+		ptr = (v >> 8) & 0xfc;
+	}
+}
 
 static void enum_write(int cf8, u32 bdf, u32 off, u32 v)
 {
@@ -1201,6 +1237,8 @@ static void enum_bus(int cf8, u32 bus, u32 depth)
 				/* command |= memory space, as a driver's pci_enable_device() does */
 				enum_write(cf8, bdf, 0x04, (rd(bdf, 0x04) & 0xffffu) | 2);
 				enum_decoding++;
+				if (enum_msix)
+					enum_program_msix(rd, bdf);
 			}
 			if (hdr != 1)
 				continue;
@@ -1229,8 +1267,9 @@ static void mode_enum(const struct opts *o)
 
 	ecam_base = o->ecam;
 	enum_functions = enum_bridges = enum_sum = enum_next_bus = 0;
-	enum_decode = o->decode;
-	enum_decoding = 0;
+	enum_decode = o->decode || o->msix;
+	enum_msix = o->msix;
+	enum_decoding = enum_vectors = 0;
 	puts("=== ENUM op=");
 	puts(op);
 	puts(" start ===\n");
@@ -1248,6 +1287,10 @@ static void mode_enum(const struct opts *o)
 	if (enum_decode) {
 		puts(" decoding=");
 		putdec(enum_decoding);
+	}
+	if (enum_msix) {
+		puts(" vectors=");
+		putdec(enum_vectors);
 	}
 	puts(" ===\n");
 	if (o->hold) {
