@@ -24,7 +24,9 @@
 # Each run (one launch) gives three figures:
 #   (a) start: execve -> first KVM_RUN. bash notes $EPOCHREALTIME and execs the monitor with
 #       the LD_PRELOAD shim first-kvm-run.c, which notes CLOCK_REALTIME at the first KVM_RUN
-#       ioctl (same clock). Nothing else is traced.
+#       ioctl (same clock). Nothing else is traced. Also the monitor's CPU time by then (all
+#       threads, CLOCK_PROCESS_CPUTIME_ID in the shim, minus what the launching shell had used
+#       before its exec), which a loaded machine disturbs less than the wall time.
 #   (b) own memory: while the guest holds after its enumeration (null exits at CPL3), Rss from
 #       /proc/PID/smaps_rollup minus the Rss of the guest-RAM mapping (the anonymous mapping
 #       of MEM_MIB, default 64, found in /proc/PID/smaps; the guest touches little of it);
@@ -158,9 +160,12 @@ launch() {
             ;;
         esac
     done < <(devices "$n")
+    local c0 _
+    read -r c0 _ </proc/$BASHPID/schedstat # this shell's CPU time (ns), counted in the exec'd one's
+    echo "$c0" >"$tmp/c0"
     echo "$BASHPID" >"$tmp/pid"
     echo "$EPOCHREALTIME" >"$tmp/t0"
-    export FIRST_KVM_RUN_FILE=$tmp/t1 LD_PRELOAD=$shim
+    export FIRST_KVM_RUN_FILE=$tmp/t1 FIRST_KVM_RUN_CPU_FILE=$tmp/c1 LD_PRELOAD=$shim
     case $mon in
     vmm)
         exec "$vmm" run --no-reboot --kernel "$probe" --memory "$MEM_MIB" --append "$append" \
@@ -206,11 +211,11 @@ own_memory() {
         END { printf "%d %d %d\n", rss - g, priv - g, g }' "$tmp/rollup"
 }
 
-# run MONITOR N -> "first_kvm_run_ms enum_ms enum_cpu_ms launch_to_done_ms own_rss_kib
-# own_private_kib functions" (functions as the guest counted them), or fails with the monitor's own words
+# run MONITOR N -> "first_kvm_run_ms first_kvm_run_cpu_ms enum_ms enum_cpu_ms launch_to_done_ms
+# own_rss_kib own_private_kib functions" (functions as the guest counted them), or fails with the monitor's own words
 run() {
     local mon=$1 n=$2 deadline st=0 mem
-    rm -f "$tmp/t0" "$tmp/t1" "$tmp/out" "$tmp/err" "$tmp/fifo" "$tmp/pid"
+    rm -f "$tmp/t0" "$tmp/t1" "$tmp/c0" "$tmp/c1" "$tmp/out" "$tmp/err" "$tmp/fifo" "$tmp/pid"
     mkfifo "$tmp/fifo"
     : >"$tmp/out"
     stamp <"$tmp/fifo" >"$tmp/out" &
@@ -244,13 +249,14 @@ run() {
     [ -n "$mem" ] || return 1
     [ -s "$tmp/t1" ] || { echo "scale.sh: the shim noted no KVM_RUN for $mon with $n functions" >&2 && return 1; }
     cp "$tmp/out" "$tmp/serial-$mon-$n.log"
-    awk -v t0="$(cat "$tmp/t0")" -v t1="$(cat "$tmp/t1")" -v mem="$mem" '
+    [ -s "$tmp/c1" ] || { echo "scale.sh: the shim noted no CPU time for $mon with $n functions" >&2 && return 1; }
+    awk -v t0="$(cat "$tmp/t0")" -v t1="$(cat "$tmp/t1")" -v c0="$(cat "$tmp/c0")" -v c1="$(cat "$tmp/c1")" -v mem="$mem" '
         / === ENUM op=[a-z0-9]+ start ===/ { s = $1; sc = $2 }
         / === ENUM op=[a-z0-9]+ done / { d = $1; dc = $2; for (i = 1; i <= NF; i++) if ($i ~ /^functions=/) { f = $i; sub(/.*=/, "", f) } }
         END {
             if (s == "" || d == "") { print "no ENUM start/done lines" > "/dev/stderr"; exit 1 }
             split(mem, m, " ")
-            printf "%.3f %.3f %.3f %.3f %d %d %d\n", (t1 - t0) * 1000, (d - s) * 1000, (dc - sc) / 1e6, (d - t0) * 1000, m[1], m[2], f
+            printf "%.3f %.3f %.3f %.3f %.3f %d %d %d\n", (t1 - t0) * 1000, c1 * 1000 - c0 / 1e6, (d - s) * 1000, (dc - sc) / 1e6, (d - t0) * 1000, m[1], m[2], f
         }' "$tmp/out"
 }
 
@@ -271,7 +277,7 @@ for rep in $(seq "$REPEATS"); do
         for mon in $monitors; do
             if r=$(run "$mon" "$n"); then
                 echo "$mon $n $r" >>"$tmp/results"
-                printf 'run %d/%d %-4s %5d functions: first KVM_RUN %9.1f ms, enumeration %9.1f ms (CPU %9.1f ms), launch->done %9.1f ms, own Rss %7d KiB, own private %7d KiB (guest counted %d functions)\n' \
+                printf 'run %d/%d %-4s %5d functions: first KVM_RUN %9.1f ms (CPU %9.1f ms), enumeration %9.1f ms (CPU %9.1f ms), launch->done %9.1f ms, own Rss %7d KiB, own private %7d KiB (guest counted %d functions)\n' \
                     "$rep" "$REPEATS" "$mon" "$n" $r >&2
             else
                 echo "$mon $n FAIL" >>"$tmp/results"
@@ -283,8 +289,8 @@ echo "load:    $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min, at the end)"
 echo
 
 # table of medians
-fig_names=("" "" "first KVM_RUN (ms)" "enumeration (ms)" "enumeration CPU (ms)" "launch->enum done (ms)" "own Rss (KiB)" "own private (KiB)")
-printf '%-6s %6s %9s | %12s %12s %12s %14s %11s %11s | %s\n' monitor N functions "1st KVM_RUN" enumeration "enum CPU" "launch->done" "own Rss" "own priv" "runs ok"
+fig_names=("" "" "first KVM_RUN (ms)" "first KVM_RUN CPU (ms)" "enumeration (ms)" "enumeration CPU (ms)" "launch->enum done (ms)" "own Rss (KiB)" "own private (KiB)")
+printf '%-6s %6s %9s | %12s %12s %12s %12s %14s %11s %11s | %s\n' monitor N functions "1st KVM_RUN" "its CPU" enumeration "enum CPU" "launch->done" "own Rss" "own priv" "runs ok"
 for n in $COUNTS; do
     for mon in $monitors; do
         ok=$(awk -v m="$mon" -v n="$n" '$1 == m && $2 == n && $3 != "FAIL"' "$tmp/results" | wc -l)
@@ -293,15 +299,17 @@ for n in $COUNTS; do
             continue
         fi
         row=()
-        for col in 3 4 5 6 7 8; do
+        for col in 3 4 5 6 7 8 9; do
             row+=("$(awk -v m="$mon" -v n="$n" -v c="$col" '$1 == m && $2 == n && $3 != "FAIL" { print $c }' "$tmp/results" | median)")
         done
-        fns=$(awk -v m="$mon" -v n="$n" '$1 == m && $2 == n && $3 != "FAIL" { print $9; exit }' "$tmp/results")
-        printf '%-6s %6d %9d | %9.1f ms %9.1f ms %9.1f ms %11.1f ms %7d KiB %7d KiB | %d/%d\n' "$mon" "$n" "$fns" "${row[@]}" "$ok" "$REPEATS"
+        fns=$(awk -v m="$mon" -v n="$n" '$1 == m && $2 == n && $3 != "FAIL" { print $10; exit }' "$tmp/results")
+        printf '%-6s %6d %9d | %9.1f ms %9.1f ms %9.1f ms %9.1f ms %11.1f ms %7d KiB %7d KiB | %d/%d\n' "$mon" "$n" "$fns" "${row[@]}" "$ok" "$REPEATS"
         echo "$mon $n ${row[*]}" >>"$tmp/medians"
     done
 done
-echo "(N: virtio-rng-pci functions; functions: what the guest enumerated, host bridge and bridges included)"
+echo "(N: virtio-rng-pci functions; functions: what the guest enumerated, host bridge and bridges included;"
+echo " own priv counts a page of the binary as shared while another process maps it: other QEMUs on"
+echo " the host move QEMU's figure, own Rss does not move)"
 echo
 
 # least squares per monitor and figure over the medians
@@ -322,8 +330,8 @@ fit() { # fit MONITOR COLUMN -> "slope intercept r2 maxres%" over (N, median)
 echo "=== cost per added function: least squares over N (slope), per monitor ==="
 printf '%-24s %-6s %14s %12s %8s %12s\n' figure monitor "per function" "at N=0" "r^2" "max resid"
 declare -A slope
-units=("" "" "" ms ms ms ms KiB KiB)
-for col in 3 4 5 6 7 8; do
+units=("" "" "" ms ms ms ms ms KiB KiB)
+for col in 3 4 5 6 7 8 9; do
     for mon in $monitors; do
         [ -s "$tmp/medians" ] && grep -q "^$mon " "$tmp/medians" || continue
         read -r b a r2 mr <<<"$(fit "$mon" $((col - 0)))"
@@ -344,7 +352,7 @@ if [ "$monitors" != vmm ]; then
     printf '%-24s %8s' figure "slope"
     for n in $COUNTS; do printf ' %8s' "N=$n"; done
     echo
-    for col in 3 4 5 6 7 8; do
+    for col in 3 4 5 6 7 8 9; do
         printf '%-24s %8s' "${fig_names[$((col - 1))]}" "$(awk -v a="${slope[vmm.$col]:-nan}" -v b="${slope[qemu.$col]:-nan}" 'BEGIN { if (b + 0 == 0) print "nan"; else printf "%.3f", a / b }')"
         for n in $COUNTS; do
             printf ' %8s' "$(awk -v n="$n" -v c="$col" '$2 == n { v[$1] = $c } END { if (v["qemu"] + 0 == 0 || v["vmm"] == "") print "-"; else printf "%.3f", v["vmm"] / v["qemu"] }' "$tmp/medians")"
@@ -356,13 +364,13 @@ fi
 
 # the curve: enumeration and own Rss against N, one bar per monitor
 echo
-echo "=== curve: own Rss (KiB) and enumeration (ms) against N ==="
-max_rss=$(awk '{ if ($7 > m) m = $7 } END { print m + 0 }' "$tmp/medians")
-max_en=$(awk '{ if ($4 > m) m = $4 } END { print m + 0 }' "$tmp/medians")
-while read -r mon n first en ecpu fin rss priv; do
-    printf '%-5s %5d  Rss %7d |%-30s|  enum %8.1f |%-30s|\n' "$mon" "$n" "$rss" \
+echo "=== curve: own Rss (KiB) and first KVM_RUN (ms) against N (bars scaled to the largest) ==="
+max_rss=$(awk '{ if ($8 > m) m = $8 } END { print m + 0 }' "$tmp/medians")
+max_first=$(awk '{ if ($3 > m) m = $3 } END { print m + 0 }' "$tmp/medians")
+while read -r mon n first fcpu en ecpu fin rss priv; do
+    printf '%-5s %5d  Rss %7d |%-30s|  1st KVM_RUN %8.1f |%-30s|\n' "$mon" "$n" "$rss" \
         "$(awk -v v="$rss" -v m="$max_rss" 'BEGIN { s = ""; k = m ? int(30 * v / m + 0.5) : 0; for (i = 0; i < k; i++) s = s "#"; print s }')" \
-        "$en" "$(awk -v v="$en" -v m="$max_en" 'BEGIN { s = ""; k = m ? int(30 * v / m + 0.5) : 0; for (i = 0; i < k; i++) s = s "#"; print s }')"
+        "$first" "$(awk -v v="$first" -v m="$max_first" 'BEGIN { s = ""; k = m ? int(30 * v / m + 0.5) : 0; for (i = 0; i < k; i++) s = s "#"; print s }')"
 done <"$tmp/medians"
 if grep -q FAIL "$tmp/results"; then
     echo
