@@ -150,7 +150,9 @@ for n in $COUNTS; do devices "$n" >/dev/null; done
 # launch MONITOR N: execs that monitor (with the shim) on the probe guest's mode=enum
 launch() {
     local mon=$1 n=$2 d args=()
-    local append="mode=enum ring=3 hold=2000000000"
+    # hold: >= 30 s of null exits (~10 us each here) for the memory sample; the guest then
+    # ends by itself even if this script is killed before it stops the monitor
+    local append="mode=enum ring=3 hold=3000000"
     while IFS= read -r d; do
         case $mon in
         vmm) args+=(--device "$d") ;;
@@ -211,10 +213,12 @@ own_memory() {
         END { printf "%d %d %d\n", rss - g, priv - g, g }' "$tmp/rollup"
 }
 
-# run MONITOR N -> "first_kvm_run_ms first_kvm_run_cpu_ms enum_ms enum_cpu_ms launch_to_done_ms
-# own_rss_kib own_private_kib functions" (functions as the guest counted them), or fails with the monitor's own words
+# run MONITOR N: sets RESULT to "first_kvm_run_ms first_kvm_run_cpu_ms enum_ms enum_cpu_ms
+# launch_to_done_ms own_rss_kib own_private_kib functions" (in this shell, not a subshell, so
+# that the EXIT trap knows the monitor's pid) (functions as the guest counted them), or fails with the monitor's own words
 run() {
     local mon=$1 n=$2 deadline st=0 mem
+    RESULT=""
     rm -f "$tmp/t0" "$tmp/t1" "$tmp/c0" "$tmp/c1" "$tmp/out" "$tmp/err" "$tmp/fifo" "$tmp/pid"
     mkfifo "$tmp/fifo"
     : >"$tmp/out"
@@ -250,14 +254,14 @@ run() {
     [ -s "$tmp/t1" ] || { echo "scale.sh: the shim noted no KVM_RUN for $mon with $n functions" >&2 && return 1; }
     cp "$tmp/out" "$tmp/serial-$mon-$n.log"
     [ -s "$tmp/c1" ] || { echo "scale.sh: the shim noted no CPU time for $mon with $n functions" >&2 && return 1; }
-    awk -v t0="$(cat "$tmp/t0")" -v t1="$(cat "$tmp/t1")" -v c0="$(cat "$tmp/c0")" -v c1="$(cat "$tmp/c1")" -v mem="$mem" '
+    RESULT=$(awk -v t0="$(cat "$tmp/t0")" -v t1="$(cat "$tmp/t1")" -v c0="$(cat "$tmp/c0")" -v c1="$(cat "$tmp/c1")" -v mem="$mem" '
         / === ENUM op=[a-z0-9]+ start ===/ { s = $1; sc = $2 }
         / === ENUM op=[a-z0-9]+ done / { d = $1; dc = $2; for (i = 1; i <= NF; i++) if ($i ~ /^functions=/) { f = $i; sub(/.*=/, "", f) } }
         END {
             if (s == "" || d == "") { print "no ENUM start/done lines" > "/dev/stderr"; exit 1 }
             split(mem, m, " ")
             printf "%.3f %.3f %.3f %.3f %.3f %d %d %d\n", (t1 - t0) * 1000, c1 * 1000 - c0 / 1e6, (d - s) * 1000, (dc - sc) / 1e6, (d - t0) * 1000, m[1], m[2], f
-        }' "$tmp/out"
+        }' "$tmp/out")
 }
 
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print "nan" }'; }
@@ -275,7 +279,8 @@ echo
 for rep in $(seq "$REPEATS"); do
     for n in $COUNTS; do
         for mon in $monitors; do
-            if r=$(run "$mon" "$n"); then
+            if run "$mon" "$n"; then
+                r=$RESULT
                 echo "$mon $n $r" >>"$tmp/results"
                 printf 'run %d/%d %-4s %5d functions: first KVM_RUN %9.1f ms (CPU %9.1f ms), enumeration %9.1f ms (CPU %9.1f ms), launch->done %9.1f ms, own Rss %7d KiB, own private %7d KiB (guest counted %d functions)\n' \
                     "$rep" "$REPEATS" "$mon" "$n" $r >&2
@@ -308,8 +313,8 @@ for n in $COUNTS; do
     done
 done
 echo "(N: virtio-rng-pci functions; functions: what the guest enumerated, host bridge and bridges included;"
-echo " own priv counts a page of the binary as shared while another process maps it: other QEMUs on"
-echo " the host move QEMU's figure, own Rss does not move)"
+echo " own priv counts a page of the binary as shared while another process maps it: other vmm or"
+echo " QEMU processes on the host move it, own Rss does not move)"
 echo
 
 # least squares per monitor and figure over the medians
