@@ -16,6 +16,10 @@
  *                         mode=probe
  *   mode=lifecycle        every virtio function: driver bring-up, kick,
  *                         reset, bring-up again, reset again
+ *   mode=enum [op=ecam|cf8] [ring=3] [hold=N]
+ *                         a timed full enumeration without output: every
+ *                         function's 256 bytes read, bridges numbered depth
+ *                         first as firmware does; then N null exits (hold)
  *   ecam=0x...            ECAM base (default 0xE0000000; 0 skips ECAM)
  *
  * Built -m32 -ffreestanding -mgeneral-regs-only: no SSE, no int3, no libgcc.
@@ -146,6 +150,9 @@ struct opts {
 	u32 spare;	/* hostile: slot not to touch (0xff: none) */
 	u32 steal;	/* hostile: aim a notify area at the spare's command register */
 	u32 wait;	/* hotplug: polls of PCID while waiting for an eject request */
+	u32 hold;	/* enum: null exits after the enumeration (the host samples memory) */
+	u32 decode;	/* enum: then enable memory decoding of every endpoint */
+	u32 msix;	/* enum: then program and unmask every MSI-X vector */
 };
 
 static int is_space(char c)
@@ -229,6 +236,9 @@ static void parse_cmdline(const char *p, struct opts *o)
 	o->spare = 0xff;
 	o->steal = 0;
 	o->wait = 0;
+	o->hold = 0;
+	o->decode = 0;
+	o->msix = 0;
 	if (!p)
 		return;
 	for (;;) {
@@ -249,6 +259,12 @@ static void parse_cmdline(const char *p, struct opts *o)
 			o->ring = parse_num(v);
 		else if ((v = match_key(p, "seed")))
 			o->seed = parse_num(v);
+		else if ((v = match_key(p, "msix")))
+			o->msix = parse_num(v);
+		else if ((v = match_key(p, "decode")))
+			o->decode = parse_num(v);
+		else if ((v = match_key(p, "hold")))
+			o->hold = parse_num(v);
 		else if ((v = match_key(p, "wait")))
 			o->wait = parse_num(v);
 		else if ((v = match_key(p, "steal")))
@@ -1123,6 +1139,175 @@ static void mode_lifecycle(const struct opts *o)
 	puts(" ===\n");
 }
 
+/*
+ * ---- mode=enum [op=ecam|cf8] [ring=3] [hold=N] ----
+ * A full enumeration as firmware and Linux do it, with nothing printed in between, so the host
+ * can time it between two lines: every bus from 0, function 0 then 1..7 if multifunction, every
+ * present function's 256 bytes of config space read (64 dwords), and every bridge numbered
+ * depth first (primary = its bus, secondary = the next number, subordinate = 0xff while the
+ * buses behind it are scanned, then the last number behind it), as SeaBIOS does and Linux does
+ * when nobody did: a monitor that numbered its bridges already (our vmm) gets the same numbers
+ * written again, one that did not (QEMU microvm) gets them now. Default op=ecam (QEMU microvm
+ * has no CF8/CFC). Prints `=== ENUM op=OP start ===` and `=== ENUM op=OP done functions=N
+ * bridges=B buses=K sum=0x... ===` (sum: the 32-bit sum of every dword read), then, with
+ * hold=N, `=== ENUM hold ===` and N `inb` from `port` (null exits) before PROBE-DONE. With
+ * decode=1, each endpoint's (header type 0) memory decoding is switched on as it is found, as
+ * a driver's pci_enable_device() does (one more read and write; the done line adds
+ * ` decoding=N`); a monitor that maps BARs and ioeventfds on decode then does so for all.
+ * msix=1 (implies decode=1): then every MSI-X vector of the function (table in a 32-bit BAR in
+ * the PCI window) gets an address, data and its mask cleared, as Linux writes them (` vectors=N`);
+ * MSI-X itself stays disabled, nothing is delivered.
+ */
+static u32 enum_functions, enum_bridges, enum_sum, enum_next_bus;
+static u32 enum_decode, enum_decoding, enum_msix, enum_vectors;
+
+/* msix=1: every vector of `bdf`'s MSI-X table (a 32-bit BAR, decoding on) gets an address,
+ * data and its mask bit cleared, as Linux's MSI-X setup writes them. */
+static void enum_program_msix(cfg_read_fn rd, u32 bdf)
+{
+	u32 ptr = rd(bdf, 0x34) & 0xfc, guard = 0;
+
+	while (ptr && guard++ < 48) {
+		u32 v = rd(bdf, ptr);
+
+		if ((v & 0xff) == 0x11) {
+			u32 n = ((v >> 16) & 0x7ff) + 1, t = rd(bdf, ptr + 4);
+			u32 bar = rd(bdf, 0x10 + 4 * (t & 7)), i;
+			u32 base = (bar & ~0xfu) + (t & ~7u);
+
+			if ((bar & 1) || (bar & ~0xfu) < 0xc0000000u || (bar & ~0xfu) >= ecam_base)
+				return;
+			for (i = 0; i < n; i++, base += 16) {
+				mmio_write32(base, 0xfee00000u);
+				mmio_write32(base + 4, 0);
+				mmio_write32(base + 8, 0x40 + (enum_vectors & 0x7f));
+				mmio_write32(base + 12, 0);
+				enum_vectors++;
+			}
+			return;
+		}
+		ptr = (v >> 8) & 0xfc;
+	}
+}
+
+static void enum_write(int cf8, u32 bdf, u32 off, u32 v)
+{
+	if (cf8)
+		cf8_write(bdf, off, v);
+	else
+		mmio_write32(ecam_base + (bdf << 12) + (off & 0xffc), v);
+}
+
+static void enum_bus(int cf8, u32 bus, u32 depth)
+{
+	cfg_read_fn rd = cf8 ? cf8_read : ecam_read;
+	u32 dev, fn, off;
+
+	for (dev = 0; dev < 32; dev++) {
+		u32 base = (bus << 8) | (dev << 3);
+		u32 id = rd(base, 0);
+		u32 multi;
+
+		if (!present(id))
+			continue;
+		multi = (rd(base, 0x0c) >> 16) & 0x80;
+		for (fn = 0; fn < 8; fn++) {
+			u32 bdf = base | fn;
+			u32 hdr = 0, buses = 0;
+
+			if (fn) {
+				if (!multi)
+					break;
+				id = rd(bdf, 0);
+				if (!present(id))
+					continue;
+			}
+			enum_functions++;
+			enum_sum += id;
+			for (off = 4; off < 256; off += 4) {
+				u32 v = rd(bdf, off);
+
+				enum_sum += v;
+				if (off == 0x0c)
+					hdr = (v >> 16) & 0x7f;
+				else if (off == 0x18)
+					buses = v;
+			}
+			if (hdr == 0 && enum_decode) {
+				/* command |= memory space, as a driver's pci_enable_device() does */
+				enum_write(cf8, bdf, 0x04, (rd(bdf, 0x04) & 0xffffu) | 2);
+				enum_decoding++;
+				if (enum_msix)
+					enum_program_msix(rd, bdf);
+			}
+			if (hdr != 1)
+				continue;
+			enum_bridges++;
+			if (depth >= 8 || enum_next_bus >= 255)
+				continue;
+			{
+				u32 sec = ++enum_next_bus;
+
+				buses = (buses & 0xff000000u) | bus | (sec << 8);
+				enum_write(cf8, bdf, 0x18, buses | 0x00ff0000u);
+				enum_bus(cf8, sec, depth + 1);
+				enum_write(cf8, bdf, 0x18, buses | (enum_next_bus << 16));
+			}
+		}
+	}
+}
+
+static void mode_enum(const struct opts *o)
+{
+	int cf8 = word_eq(o->op, "cf8");
+	const char *op = cf8 ? "cf8" : "ecam";
+	u16 port = (u16)o->port;
+	volatile u32 sink;
+	u32 i;
+
+	ecam_base = o->ecam;
+	enum_functions = enum_bridges = enum_sum = enum_next_bus = 0;
+	enum_decode = o->decode || o->msix;
+	enum_msix = o->msix;
+	enum_decoding = enum_vectors = 0;
+	puts("=== ENUM op=");
+	puts(op);
+	puts(" start ===\n");
+	enum_bus(cf8, 0, 0);
+	puts("=== ENUM op=");
+	puts(op);
+	puts(" done functions=");
+	putdec(enum_functions);
+	puts(" bridges=");
+	putdec(enum_bridges);
+	puts(" buses=");
+	putdec(enum_next_bus + 1);
+	puts(" sum=0x");
+	puthex(enum_sum, 8);
+	if (enum_decode) {
+		puts(" decoding=");
+		putdec(enum_decoding);
+	}
+	if (enum_msix) {
+		puts(" vectors=");
+		putdec(enum_vectors);
+	}
+	puts(" ===\n");
+	if (o->hold) {
+		puts("=== ENUM hold ===\n");
+		for (i = 0; i < o->hold; i++)
+			sink = inb(port);
+		(void)sink;
+	}
+}
+
+static void enum_user(void *arg)
+{
+	mode_enum((const struct opts *)arg);
+	puts("=== PROBE-DONE ===\n");
+	/* returns into probe_stop */
+}
+
 static void mode_bench(const struct opts *o)
 {
 	const char *ring = o->ring == 3 ? " ring=3" : "";
@@ -1201,6 +1386,10 @@ void probe_main(const struct hvm_start_info *si)
 		mode_hotplug(&o);
 	} else if (word_eq(o.mode, "lifecycle")) {
 		mode_lifecycle(&o);
+	} else if (word_eq(o.mode, "enum")) {
+		if (o.ring == 3)
+			enter_user(enum_user, &o, user_stack_top);
+		mode_enum(&o);
 	} else if (word_eq(o.mode, "bench")) {
 		if (o.ring == 3)
 			enter_user(bench_user, &o, user_stack_top);

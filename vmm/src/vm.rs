@@ -6,7 +6,7 @@ use devices::virtio::pci::VirtioHost;
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
-    KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY,
+    KVM_IRQ_ROUTING_MSI, KVM_MAX_IRQ_ROUTES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -315,11 +315,18 @@ impl Vm {
     }
 
     /// Routes `gsi` to the MSI message (`address`, `data`), or removes its route with `None`.
-    /// Only that entry changes; KVM gets the table only when it did change.
+    /// Only that entry changes; KVM gets the table only when it did change. When KVM does not
+    /// take the new table (more than `KVM_MAX_IRQ_ROUTES` routes: about 2,000 functions with
+    /// two vectors each), the entry goes back to what it was, so this table stays KVM's and the
+    /// other routes keep working (before, every later change failed too, releases included).
     pub fn set_msi_route(&self, gsi: u32, msg: Option<(u64, u32)>) -> Result<(), Error> {
         let mut r = self.routing.lock().unwrap_or_else(|p| p.into_inner());
+        let old = r.msi.get(&gsi).copied().flatten().map(|(_, m)| m);
         if r.set(gsi, msg) {
-            self.publish(&r)?;
+            if let Err(e) = self.publish(&r) {
+                r.set(gsi, old);
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -356,6 +363,12 @@ impl Vm {
 
     /// KVM_SET_GSI_ROUTING replaces the whole table: hand it the one we keep.
     fn publish(&self, r: &Routing) -> Result<(), Error> {
+        if r.entries.len() > KVM_MAX_IRQ_ROUTES {
+            return Err(Error::Config(format!(
+                "GSI routing table full: KVM takes at most {KVM_MAX_IRQ_ROUTES} routes \
+                 (interrupt controller pins and MSI vectors)"
+            )));
+        }
         let table = KvmIrqRouting::from_entries(&r.entries)
             .map_err(|e| Error::MemoryAlloc(format!("GSI routing table: {e:?}")))?;
         self.fd
@@ -577,5 +590,42 @@ mod tests {
         assert!(g5 > g1.max(g2), "each once: {g5}");
         let _t3 = vm.register_intx(20, Box::new(|| false)).unwrap();
         assert_eq!(lines(&vm), Some(1), "a new resampler for a new line");
+    }
+
+    /// KVM takes at most `KVM_MAX_IRQ_ROUTES` routes (4096 here: the 39 irqchip pins and 4057
+    /// MSI vectors, about 2,000 virtio functions with two vectors each, which
+    /// resources/bench/scale.sh reaches with the probe's `msix=1`). The route that does not
+    /// fit is refused with a clear error and leaves the table as KVM has it: the routes
+    /// already there can still be changed and released, and the refused one fits once another
+    /// one is gone. (The table used to keep the refused entry, and every later change failed.)
+    #[test]
+    fn a_full_gsi_routing_table_refuses_one_route_and_keeps_working() {
+        let vm = Vm::new(16 << 20).expect("a VM on /dev/kvm");
+        let fixed = vm.gsi_counts().1;
+        let msg = |g: u32| Some((0xfee0_0000u64, 0x40 + (g & 0x7f)));
+        let gsis: Vec<u32> = (0..=KVM_MAX_IRQ_ROUTES - fixed)
+            .map(|_| vm.allocate_msi_gsi())
+            .collect();
+        let (last, fit) = gsis.split_last().unwrap();
+        for &g in fit {
+            Vm::set_msi_route(&vm, g, msg(g)).unwrap_or_else(|e| panic!("GSI {g}: {e}"));
+        }
+        assert_eq!(vm.gsi_counts().1, KVM_MAX_IRQ_ROUTES);
+        let err = Vm::set_msi_route(&vm, *last, msg(*last)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("GSI routing table full: KVM takes at most 4096 routes"),
+            "{err}"
+        );
+        assert_eq!(
+            vm.gsi_counts().1,
+            KVM_MAX_IRQ_ROUTES,
+            "the refused route stays out"
+        );
+        // The routes there still change and go (each a KVM_SET_GSI_ROUTING of its own).
+        Vm::set_msi_route(&vm, fit[0], Some((0xfee0_1000, 0x99))).unwrap();
+        vm.release_msi_gsi(fit[1]).unwrap();
+        Vm::set_msi_route(&vm, *last, msg(*last)).unwrap();
+        assert_eq!(vm.gsi_counts().1, KVM_MAX_IRQ_ROUTES);
     }
 }
