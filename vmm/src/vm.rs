@@ -600,7 +600,7 @@ mod tests {
     /// one is gone. (The table used to keep the refused entry, and every later change failed.)
     #[test]
     fn a_full_gsi_routing_table_refuses_one_route_and_keeps_working() {
-        let vm = Vm::new(16 << 20).expect("a VM on /dev/kvm");
+        let vm = Vm::new(16 << 20, &Default::default()).expect("a VM on /dev/kvm");
         let fixed = vm.gsi_counts().1;
         let msg = |g: u32| Some((0xfee0_0000u64, 0x40 + (g & 0x7f)));
         let gsis: Vec<u32> = (0..=KVM_MAX_IRQ_ROUTES - fixed)
