@@ -103,7 +103,7 @@ pub fn target_acpi_hotplug(data: &[u8]) {
     let mut inp = Input::new(data);
     let ejected: Arc<Mutex<Vec<u8>>> = Arc::default();
     let sink = ejected.clone();
-    let hp = Arc::new(PciHotplug::new(Arc::new(move |s| {
+    let hp = Arc::new(PciHotplug::new(Arc::new(move |_, s| {
         sink.lock().unwrap_or_else(|p| p.into_inner()).push(s)
     })));
     let ged = Arc::new(Ged::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")));
