@@ -650,8 +650,11 @@ mod tests {
         assert_eq!(d.pending_removals(), 0);
     }
 
+    /// Every (bus, slot) an eject callback was called with.
+    type EjectLog = Arc<Mutex<Vec<(u8, u8)>>>;
+
     /// A register block whose eject callback records every (bus, slot).
-    fn hp_buses() -> (Arc<PciHotplug>, Arc<Mutex<Vec<(u8, u8)>>>) {
+    fn hp_buses() -> (Arc<PciHotplug>, EjectLog) {
         let log = Arc::new(Mutex::new(Vec::new()));
         let l = log.clone();
         let dev = PciHotplug::new(Arc::new(move |bus, slot| {
