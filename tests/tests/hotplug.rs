@@ -10,8 +10,11 @@
 //!   powers off (status 0). A second vmm then starts from the record with its hot-plug field
 //!   removed (a record from before the property): no hot-plug slots, device_add refused.
 //! - The probe guest on the local KVM (`mode=hotplug`): random accesses to the hot-plug
-//!   registers and the GED remove nothing and leave every device as it was; and its eject
-//!   path completes a QMP `device_del`.
+//!   registers and the GED remove nothing and leave every device as it was (also with two
+//!   levels of bridges and hostile bus selectors, `hpbuses=N`); and its eject path completes a
+//!   QMP `device_del`.
+//! - Issue 13, real Linux (`tests/brhp_e2e.py`): hot-plug and unplug of a virtio-blk behind a
+//!   pci-bridge at 00:1e.0 (`bus=br1,addr=03.0`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
