@@ -746,6 +746,19 @@ mod tests {
         assert_ne!(fingerprint(&with), fingerprint(&old));
     }
 
+    /// Bus-0 hot-plug without bridges: the bytes bus-0 hot-plug had before hot-plug behind
+    /// bridges (checked against the previous `pci0_hotplug`, main at 331b006, byte for byte).
+    #[test]
+    fn hotplug_tables_without_bridges_are_unchanged() {
+        let opts = AcpiOptions {
+            pci_hotplug: true,
+            ..Default::default()
+        };
+        let t = tables_with(2, &opts).unwrap();
+        assert_eq!(fingerprint(&t), (0xbefb_c4f5_dd2a_9ea5, 4562));
+        assert_eq!(dsdt(&opts).as_slice().len(), 4000);
+    }
+
     #[test]
     fn hotplug_tables_checksum_and_fit() {
         let t = tables_with(
