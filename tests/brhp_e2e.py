@@ -10,7 +10,8 @@ The machine: a pci-bridge br1 at 00:1e.0 (bus 1 behind it), a virtio-rng at 01:0
 and one at 00:04.0, `--compat DIR/rec.json`. Steps: hot-plug a virtio-blk at bus=br1,addr=03.0
 (bound, the guest reads what the host wrote and writes what the host reads), unplug it
 (DEVICE_DELETED, gone), add it again, reboot in place (it is still at 01:03.0), unplug it on
-the new run, power off.
+the new run; add it again and ask for its removal while paused: a system_reset completes it
+(DEVICE_DELETED, the next boot never sees it); power off.
 """
 
 import argparse
@@ -116,6 +117,24 @@ async def session(vm, args):
     await vm.qmp("boot2-del-hdb", "device_del", {"id": "hdb"})
     await vm.wait_deleted("hdb", since)
     await vm.guest("boot2-gone", "gone 01:03.0")
+
+    # A removal still pending at a reset completes with the reset (as in QEMU): paused, the
+    # guest cannot eject; system_reset removes it and says so; the next boot never sees it.
+    vm.step = "pending-at-reset"
+    await vm.qmp("boot2-readd-hdb", "device_add", {"driver": "virtio-blk-pci", "id": "hdb",
+                                                   "bus": "br1", "addr": "03.0", "file": disk})
+    await vm.guest("boot2-readd-bound", "hdbound")
+    since = len(vm.events)
+    await vm.qmp("stop", "stop")
+    await vm.qmp("pending-del-hdb", "device_del", {"id": "hdb"})
+    await asyncio.sleep(1)
+    emit({"host": "deleted-while-paused", "events": vm.deleted("hdb", since)})
+    await vm.qmp("system-reset", "system_reset")
+    await vm.wait_deleted("hdb", since)
+    vm.step = "boot3"
+    await vm.qmp("cont", "cont")
+    await vm.wait_ready(3)
+    await vm.guest("boot3-lspci-n", "bound 00:04.0 >/dev/null && bound 01:01.0 >/dev/null && lspci -n")
     await abi_show(vm, "abi-final", rec)
 
     vm.step = "poweroff"

@@ -798,11 +798,21 @@ fn reboots_in_place_keep_going_and_leave_nothing_behind() {
     );
 }
 
+/// Whether `DEVICE_DELETED` for `id` (with its QOM path) arrived during step `step`.
+fn deleted_in(s: &Run, id: &str, step: &str) -> bool {
+    s.events("DEVICE_DELETED").iter().any(|e| {
+        e["data"]["device"] == id
+            && e["data"]["path"] == format!("/machine/peripheral/{id}")
+            && e["step"] == step
+    })
+}
+
 /// Issue 13: hot-plug behind a pci-bridge with real Linux (`tests/brhp_e2e.py`, one L1 boot).
 /// A bridge at 00:1e.0 (bus 1), a virtio-rng behind it at 01:01.0 and one at 00:04.0; a
 /// virtio-blk hot-plugged at bus=br1,addr=03.0 is bound and does I/O both ways, sits in an
 /// ACPI slot, unplugs (DEVICE_DELETED, gone from lspci), comes back, stays at 01:03.0 across a
-/// reboot and unplugs again on the new run; nothing else ever moves.
+/// reboot and unplugs again on the new run; a removal pending at a reset completes with it;
+/// nothing else ever moves.
 #[test]
 fn linux_hot_plugs_behind_a_bridge() {
     let python = build_part("build-python-part.sh").unwrap_or_else(|e| panic!("{e}"));
@@ -904,12 +914,10 @@ echo "=== BRHP-END rc=$? ==="
     }
 
     // Unplugged: DEVICE_DELETED, gone from lspci, the others where they were, the record too.
-    let deleted = s.events("DEVICE_DELETED");
     assert!(
-        deleted.iter().any(|e| e["data"]["device"] == "hdb"
-            && e["data"]["path"] == "/machine/peripheral/hdb"
-            && e["step"] == "del"),
-        "{deleted:?}"
+        deleted_in(&s, "hdb", "del"),
+        "{:?}",
+        s.events("DEVICE_DELETED")
     );
     let gone = s.guest("hdb-gone");
     assert_eq!(
@@ -939,6 +947,25 @@ echo "=== BRHP-END rc=$? ==="
     // And unplugged on the new run.
     s.ok("boot2-del-hdb");
     assert_eq!(s.guest("boot2-gone"), before);
+    // A removal pending at a reset completes with it; the next boot sees the machine without.
+    s.ok("boot2-readd-hdb");
+    assert_eq!(
+        s.guest("boot2-readd-bound").lines().next(),
+        Some("virtio-pci")
+    );
+    s.ok("pending-del-hdb");
+    assert_eq!(
+        s.host("deleted-while-paused")["events"],
+        json!([]),
+        "paused, the guest cannot eject"
+    );
+    s.ok("system-reset");
+    assert!(
+        deleted_in(&s, "hdb", "pending-at-reset"),
+        "DEVICE_DELETED at the reset: {:?}",
+        s.events("DEVICE_DELETED")
+    );
+    assert_eq!(s.guest("boot3-lspci-n"), before);
     let abi = s.host_out("abi-final");
     assert!(!abi.contains("id=hdb"), "{abi}");
     assert_eq!(s.exit(), 0);
