@@ -854,6 +854,35 @@ fn hot_plug_behind_a_bridge_is_a_recorded_machine_property() {
     let (code, _, stderr) = vm.finish();
     assert_eq!(code, Some(0), "{stderr}");
 
+    // A restart from the record: a hot-plugged device given again without bus or address goes
+    // back behind its bridge, to its slot; and it hot-plugs there again after a removal.
+    let mut args: Vec<&str> = bridge.to_vec();
+    args.extend(["--compat", rec_s, "--device", "virtio-rng-pci,id=x"]);
+    let vm = Vm::start("brhp-again", "mode=bench op=null n=300000", &args);
+    let mut c = Client::negotiated(&vm.sock);
+    let pci = c.cmd(json!({"execute": "query-pci"}))["return"].clone();
+    assert!(
+        all_pci_devices(&pci)
+            .iter()
+            .any(|d| d["qdev_id"] == "x" && d["bus"] == 1 && d["slot"] == 3),
+        "x back at 01:03.0: {pci}"
+    );
+    // Hot-plugged again without bus or address, y goes back to its recorded 01:00.0 too.
+    assert_eq!(c.cmd(json!({"execute": "cont"}))["return"], json!({}));
+    let r = c.cmd(json!({"execute": "device_add", "arguments":
+        {"driver": "virtio-rng-pci", "id": "y"}}));
+    assert_eq!(r["return"], json!({}), "{r}");
+    let pci = c.cmd(json!({"execute": "query-pci"}))["return"].clone();
+    assert!(
+        all_pci_devices(&pci)
+            .iter()
+            .any(|d| d["qdev_id"] == "y" && d["bus"] == 1 && d["slot"] == 0),
+        "y back at 01:00.0: {pci}"
+    );
+    assert_eq!(c.cmd(json!({"execute": "quit"}))["return"], json!({}));
+    let (code, _, stderr) = vm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+
     // The record as a build before the property wrote it: no slot objects behind bridges.
     let mut old: Value = serde_json::from_str(&std::fs::read_to_string(&rec).unwrap()).unwrap();
     old["machine"]
