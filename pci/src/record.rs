@@ -231,6 +231,14 @@ pub struct MachineRecord {
     /// existed has none: off, so that machine keeps the guest view it had.
     #[serde(default)]
     pub pci_hotplug: bool,
+    /// ACPI PCI hot-plug behind bridges too (QEMU's `acpi-pci-hotplug-with-bridge-support`):
+    /// each bridge's ACPI object carries a bus selector and slot objects with `_SUN`/`_EJ0`
+    /// (the guest sees `Physical Slot` on functions behind bridges), and the bridge's own
+    /// slot on its bus loses its `_EJ0` (bridges are not hot-pluggable). A record written
+    /// before this property existed has none: off, so that machine keeps the guest view it had
+    /// (no slot objects behind bridges).
+    #[serde(default)]
+    pub pci_hotplug_bridges: bool,
 }
 
 /// A compat record.
@@ -583,6 +591,7 @@ mod tests {
     fn machine() -> MachineRecord {
         MachineRecord {
             pci_hotplug: true,
+            pci_hotplug_bridges: true,
             host_bridge_vendor: 0x1b36,
             host_bridge_device: 8,
             ecam_base: 0xe000_0000,
@@ -646,6 +655,26 @@ mod tests {
         assert!(err(&slot0).contains("outside bus 0 slots 1-31"));
         let bad_addr = r.to_json().replace("\"00:01.0\"", "\"00:40.0\"");
         assert!(err(&bad_addr).contains("not a valid record"));
+    }
+
+    /// A record from before hot-plug behind bridges reads as "off"; turning it on is a machine
+    /// change `abi diff` reports and `--compat-strict` refuses.
+    #[test]
+    fn hotplug_bridges_defaults_off_and_a_change_is_reported() {
+        let new = record(&[("a", 1, 2)]);
+        let mut json: serde_json::Value = serde_json::from_str(&new.to_json()).unwrap();
+        assert_eq!(json["machine"]["pci_hotplug_bridges"], true);
+        json["machine"]
+            .as_object_mut()
+            .unwrap()
+            .remove("pci_hotplug_bridges");
+        let old = CompatRecord::from_json(&json.to_string(), "old.json").unwrap();
+        assert!(!old.machine.pci_hotplug_bridges);
+        assert!(old.machine.pci_hotplug);
+        let d = diff(&old, &new);
+        let text: Vec<String> = d.iter().map(|c| c.to_string()).collect();
+        assert_eq!(text, ["machine: pci_hotplug_bridges: false -> true"]);
+        assert!(d[0].breaks_abi());
     }
 
     #[test]

@@ -9,7 +9,7 @@
  *   mode=hostile seed=N n=N [spare=SS]
  *                         N random hostile config/MMIO operations on every
  *                         function but 00:00.0 and slot SS, then mode=probe
- *   mode=hotplug seed=N n=N [wait=N]
+ *   mode=hotplug seed=N n=N [wait=N] [hpbuses=N]
  *                         N random accesses to the ACPI PCI hot-plug registers
  *                         (0xae00) and the GED (0xaf00), checks, optionally
  *                         waits for an eject request and ejects it, then
@@ -153,6 +153,7 @@ struct opts {
 	u32 hold;	/* enum: null exits after the enumeration (the host samples memory) */
 	u32 decode;	/* enum: then enable memory decoding of every endpoint */
 	u32 msix;	/* enum: then program and unmask every MSI-X vector */
+	u32 hpbuses;	/* hotplug: buses 1..hpbuses are bridges' buses with hot-plug */
 };
 
 static int is_space(char c)
@@ -239,6 +240,7 @@ static void parse_cmdline(const char *p, struct opts *o)
 	o->hold = 0;
 	o->decode = 0;
 	o->msix = 0;
+	o->hpbuses = 0;
 	if (!p)
 		return;
 	for (;;) {
@@ -267,6 +269,8 @@ static void parse_cmdline(const char *p, struct opts *o)
 			o->hold = parse_num(v);
 		else if ((v = match_key(p, "wait")))
 			o->wait = parse_num(v);
+		else if ((v = match_key(p, "hpbuses")))
+			o->hpbuses = parse_num(v);
 		else if ((v = match_key(p, "steal")))
 			o->steal = parse_num(v);
 		else if ((v = match_key(p, "spare")))
@@ -757,7 +761,11 @@ static void mode_hostile(const struct opts *o)
  * of the host bridge's slot and of occupied slots nobody asked to remove,
  * floods of GED reads. Nobody asked for a removal, so between operations:
  * PCID reads 0, PCIU reads 0 (nothing was hot-added), PCI_RMV reads
- * 0xfffffffe on bus 0 and 0 on any other selector, the GED has no event.
+ * 0xfffffffe on bus 0, 0xffffffff on the bridges' buses 1..hpbuses (hot-plug
+ * behind bridges) and 0 on any other selector (buses that do not exist,
+ * values above 255), the GED has no event. Selectors: random 32-bit values,
+ * small bus numbers around the bridges' and values that alias them modulo
+ * 256.
  * Each disagreement is counted and the first few printed ("hotplug: BAD").
  * With wait=N it then polls PCID up to N times for an eject request and
  * ejects what is requested (one B0EJ write per slot, as _EJ0 does). Then the
@@ -772,6 +780,7 @@ static void mode_hostile(const struct opts *o)
 #define GED_PORT 0xaf00
 
 static u32 hp_bad;
+static u32 hp_buses;	/* buses 1..hp_buses have hot-plug registers */
 
 static void hp_check(const char *what, u32 got, u32 want)
 {
@@ -867,6 +876,7 @@ static void mode_hotplug(const struct opts *o)
 
 	rnd_state = o->seed ? o->seed : 1;
 	hp_bad = 0;
+	hp_buses = o->hpbuses;
 	puts("=== HOTPLUG seed=");
 	putdec(o->seed);
 	puts(" n=");
@@ -880,14 +890,26 @@ static void mode_hotplug(const struct opts *o)
 		case 0:	/* any width, any offset in and around the block */
 			hp_any_access((u16)(HP_PORT - 4 + (rnd() % 0x20)), r);
 			break;
-		case 1:	/* another bus: reads zero, ejects nothing */
-			outl(HP_PORT + HP_BNUM, rnd() | 1);
-			hp_check("PCI_RMV (bus != 0)", inl(HP_PORT + HP_RMV), 0);
+		case 1: {	/* another bus: nothing pending, ejects nothing */
+			u32 sel;
+
+			switch ((r >> 8) % 4) {
+			case 0: sel = rnd() | 1; break;		/* anything */
+			case 1: sel = 1 + rnd() % (hp_buses + 2); break; /* the bridges' and past them */
+			case 2: sel = (1 + rnd() % 4) + (256u << (rnd() % 16)); break; /* aliases */
+			default: sel = 255 - rnd() % 4; break;
+			}
+			outl(HP_PORT + HP_BNUM, sel);
+			hp_check("BNUM (bus != 0)", inl(HP_PORT + HP_BNUM), sel);
+			hp_check("PCI_RMV (bus != 0)", inl(HP_PORT + HP_RMV),
+				 sel >= 1 && sel <= hp_buses ? 0xffffffffu : 0);
 			hp_check("PCID (bus != 0)", inl(HP_PORT + HP_PCID), 0);
 			hp_check("PCIU (bus != 0)", inl(HP_PORT + HP_PCIU), 0);
 			outl(HP_PORT + HP_B0EJ, hp_bitmap(r));
+			hp_check("PCID after eject (bus != 0)", inl(HP_PORT + HP_PCID), 0);
 			outl(HP_PORT + HP_BNUM, 0);
 			break;
+		}
 		case 2:	/* bus 0: eject slots nobody asked to remove */
 			outl(HP_PORT + HP_BNUM, 0);
 			outl(HP_PORT + HP_B0EJ, hp_bitmap(r));

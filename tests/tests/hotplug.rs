@@ -10,8 +10,11 @@
 //!   powers off (status 0). A second vmm then starts from the record with its hot-plug field
 //!   removed (a record from before the property): no hot-plug slots, device_add refused.
 //! - The probe guest on the local KVM (`mode=hotplug`): random accesses to the hot-plug
-//!   registers and the GED remove nothing and leave every device as it was; and its eject
-//!   path completes a QMP `device_del`.
+//!   registers and the GED remove nothing and leave every device as it was (also with two
+//!   levels of bridges and hostile bus selectors, `hpbuses=N`); and its eject path completes a
+//!   QMP `device_del`.
+//! - Issue 13, real Linux (`tests/brhp_e2e.py`): hot-plug and unplug of a virtio-blk behind a
+//!   pci-bridge at 00:1e.0 (`bus=br1,addr=03.0`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -537,6 +540,74 @@ fn probe_hammering_the_hotplug_registers_removes_nothing() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `mode=hotplug hpbuses=2` on a machine with two levels of bridges (buses 1 and 2 with
+/// hot-plug registers): selectors of the bridges' buses, of buses that do not exist, above 255
+/// and aliasing the bridges' modulo 256; ejects on each. Nothing is ever pending or ejected,
+/// the vmm lives, and every function (behind the bridges too) is still there, byte for byte.
+#[test]
+fn probe_hammering_bridge_bus_selectors_removes_nothing() {
+    require_kvm();
+    let dir = scratch("hammer-br");
+    let mut devices = probe_devices(&dir);
+    devices.extend(
+        [
+            "pci-bridge,id=br1,chassis_nr=1,addr=1e.0",
+            "pci-bridge,id=br2,chassis_nr=2,bus=br1,addr=2",
+            "virtio-rng-pci,id=b1,bus=br1,addr=0",
+            "virtio-rng-pci,id=b2,bus=br2,addr=3",
+        ]
+        .iter()
+        .flat_map(|d| ["--device".to_string(), d.to_string()]),
+    );
+    devices.extend(["--hotplug".to_string(), "on".to_string()]);
+    let base = run_probe_checked("mode=probe", &devices).0;
+    let (cf8, ecam) = dumps(&base);
+    let (base_cf8, base_ecam) = (parse_dump(&cf8), parse_dump(&ecam));
+    for seed in [5u32, 11, 2027] {
+        let cmdline = format!("mode=hotplug seed={seed} n=3000 hpbuses=2");
+        eprintln!("bridge hotplug probe run: {cmdline}");
+        let out = run_probe_checked(&cmdline, &devices).0;
+        assert!(out.contains("=== HOTPLUG done ==="), "{cmdline}:\n{out}");
+        assert!(
+            out.contains("hotplug: anomalies 0\n"),
+            "{cmdline}: the registers said something happened:\n{out}"
+        );
+        assert!(
+            out.contains(
+                "hotplug: final PCIU 0x00000000 PCID 0x00000000 PCI_RMV 0xfffffffe BNUM 0x00000000 GED 0x00000000"
+            ),
+            "{cmdline}:\n{out}"
+        );
+        let (cf8, ecam) = dumps(&out);
+        assert_eq!(
+            parse_dump(&cf8),
+            base_cf8,
+            "{cmdline}: the CF8 view changed"
+        );
+        assert_eq!(
+            parse_dump(&ecam),
+            base_ecam,
+            "{cmdline}: the ECAM view changed"
+        );
+    }
+    // The probe's expectations are right: told that bus 1 has no registers, it sees them.
+    let out = run_probe_checked("mode=hotplug seed=5 n=3000 hpbuses=0", &devices).0;
+    assert!(
+        out.contains("hotplug: BAD PCI_RMV (bus != 0) read 0xffffffff expected 0x00000000"),
+        "the bridges' buses answer PCI_RMV:\n{out}"
+    );
+    // Without hot-plug behind bridges (an old record's machine) the bridges' buses have none.
+    let mut off = devices.clone();
+    off.extend(["--hotplug-bridges".to_string(), "off".to_string()]);
+    let _ = std::fs::remove_file(dir.join("rec.json"));
+    let out = run_probe_checked("mode=hotplug seed=5 n=3000 hpbuses=0", &off).0;
+    assert!(out.contains("hotplug: anomalies 0\n"), "{out}");
+    let abi = vmm(&["abi", "show", dir.join("rec.json").to_str().unwrap()], 30);
+    let abi = String::from_utf8_lossy(&abi.stdout);
+    assert!(line_with(&abi, "02:03.0", "id=b2 ").is_some(), "{abi}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The probe as a minimal ACPI-less OS: it polls PCID, and ejects what QMP's `device_del`
 /// asked for (one B0EJ write per slot, like `_EJ0`). `device_del` answers at once,
 /// `DEVICE_DELETED` follows the eject, the function is gone from the guest's bus and from the
@@ -716,4 +787,177 @@ fn reboots_in_place_keep_going_and_leave_nothing_behind() {
         late.0 <= early.0 + 3 && late.1 <= early.1 + 8,
         "(threads, fds) after 5 boots {early:?}, after 80 boots {late:?}"
     );
+}
+
+/// Whether `DEVICE_DELETED` for `id` (with its QOM path) arrived during step `step`.
+fn deleted_in(s: &Run, id: &str, step: &str) -> bool {
+    s.events("DEVICE_DELETED").iter().any(|e| {
+        e["data"]["device"] == id
+            && e["data"]["path"] == format!("/machine/peripheral/{id}")
+            && e["step"] == step
+    })
+}
+
+/// Issue 13: hot-plug behind a pci-bridge with real Linux (`tests/brhp_e2e.py`, one L1 boot).
+/// A bridge at 00:1e.0 (bus 1), a virtio-rng behind it at 01:01.0 and one at 00:04.0; a
+/// virtio-blk hot-plugged at bus=br1,addr=03.0 is bound and does I/O both ways, sits in an
+/// ACPI slot, unplugs (DEVICE_DELETED, gone from lspci), comes back, stays at 01:03.0 across a
+/// reboot and unplugs again on the new run; a removal pending at a reset completes with it;
+/// nothing else ever moves.
+#[test]
+fn linux_hot_plugs_behind_a_bridge() {
+    let python = build_part("build-python-part.sh").unwrap_or_else(|e| panic!("{e}"));
+    let hotplug = include_str!("../hotplug_e2e.py");
+    let driver = include_str!("../brhp_e2e.py");
+    let script = host_script(&[format!(
+        r#"W="$TMPDIR/brhp"; mkdir -p "$W"
+cat > "$W/hotplug_e2e.py" <<'PY_EOF'
+{hotplug}PY_EOF
+cat > "$W/brhp_e2e.py" <<'PY_EOF'
+{driver}PY_EOF
+python3 "$W/brhp_e2e.py" guest-script > "$W/guest.sh" || exit 91
+mkguestinitrd "$W/guest.cpio.gz" "$W/guest.sh" || exit 90
+echo "=== BRHP-BEGIN ==="
+python3 "$W/brhp_e2e.py" session --vmm "$VMM" --kernel "$GUEST_KERNEL" --initrd "$W/guest.cpio.gz" --workdir "$W" --deadline {SESSION_DEADLINE_SECS} 2>&1
+echo "=== BRHP-END rc=$? ==="
+"#,
+    )]);
+    let out =
+        run_host_scenario_with(&script, &[python]).unwrap_or_else(|e| panic!("test ground: {e}"));
+    let s = Run::new(section(&out.stdout, "BRHP").unwrap_or_else(|| panic!("{}", out.stdout)));
+    s.no_failure();
+    assert!(out.stdout.contains("=== BRHP-END rc=0 ==="), "{}", s.text);
+
+    // Before: the bridge, the device behind it, the one on bus 0.
+    let before = s.guest("before-lspci-n");
+    assert!(
+        line_with(&before, "00:1e.0 ", "1b36:0001").is_some(),
+        "{before}"
+    );
+    assert!(
+        line_with(&before, "01:01.0 ", "1af4:1044").is_some(),
+        "{before}"
+    );
+    assert!(
+        line_with(&before, "00:04.0 ", "1af4:1044").is_some(),
+        "{before}"
+    );
+    assert_eq!(s.guest("before-bound"), "virtio-pci\nvirtio-pci");
+    // ACPI slots behind the bridge too (slot objects with _SUN/_EJ0 under the bridge's).
+    let slots = s.guest("before-slots");
+    assert!(
+        slots.lines().any(|l| l.ends_with(" 0000:01:03")),
+        "no ACPI slot for 01:03 in /sys/bus/pci/slots:\n{slots}"
+    );
+    assert!(
+        slots.lines().any(|l| l.ends_with(" 0000:00:04")),
+        "bus 0's slots are still there:\n{slots}"
+    );
+    assert!(
+        !slots.lines().any(|l| l.ends_with(" 0000:00:1e")),
+        "the bridge's own slot is not hot-pluggable:\n{slots}"
+    );
+
+    // Added at 01:03.0: bound, in a slot, I/O both ways.
+    s.ok("add-hdb");
+    let bound = s.guest("hdb-bound");
+    assert_eq!(
+        bound.lines().collect::<Vec<_>>(),
+        ["virtio-pci", "32768"],
+        "{bound}"
+    );
+    let added = s.guest("added-lspci-n");
+    assert!(
+        line_with(&added, "01:03.0 ", "1af4:1042").is_some(),
+        "{added}"
+    );
+    for l in before.lines() {
+        assert!(
+            added.lines().any(|a| a == l),
+            "{l:?} moved or changed:\n{added}"
+        );
+    }
+    let v = s.guest("added-lspci-v");
+    assert!(v.contains("Physical Slot: 3"), "{v}");
+    assert!(v.contains("Kernel driver in use: virtio-pci"), "{v}");
+    let host_md5 = s.host("host-pattern")["md5"].as_str().unwrap().to_string();
+    assert_eq!(md5_line(&s.guest("hdb-read-host")), host_md5);
+    let write = s.guest("hdb-write");
+    let disk = s.host("disk-after-guest-write");
+    let want = disk["want"].as_str().unwrap();
+    assert_eq!(
+        write.lines().map(md5_line).collect::<Vec<_>>(),
+        [want, want],
+        "guest write / read back: {write}"
+    );
+    assert_eq!(disk["md5"], want, "the image on the host: {disk}");
+    let abi = s.host_out("abi-after-add");
+    assert!(line_with(&abi, "01:03.0 ", "id=hdb").is_some(), "{abi}");
+    assert!(line_with(&abi, "01:01.0 ", "id=rngb").is_some(), "{abi}");
+    assert!(line_with(&abi, "00:04.0 ", "id=rng0").is_some(), "{abi}");
+    // Bridges stay cold-plug only.
+    for name in ["add-bridge", "del-bridge"] {
+        let (_, desc) = s.error(name);
+        assert!(
+            desc.contains("PCI bridges can only be added and removed with the machine"),
+            "{name}: {desc}"
+        );
+    }
+
+    // Unplugged: DEVICE_DELETED, gone from lspci, the others where they were, the record too.
+    assert!(
+        deleted_in(&s, "hdb", "del"),
+        "{:?}",
+        s.events("DEVICE_DELETED")
+    );
+    let gone = s.guest("hdb-gone");
+    assert_eq!(
+        gone, before,
+        "after the unplug lspci -n is what it was before the add"
+    );
+    let abi = s.host_out("abi-after-del");
+    assert!(!abi.contains("id=hdb"), "{abi}");
+    assert!(line_with(&abi, "01:01.0 ", "id=rngb").is_some(), "{abi}");
+
+    // Added again, then a reboot: same place, same view.
+    s.ok("readd-hdb");
+    assert_eq!(s.guest("readd-bound").lines().next(), Some("virtio-pci"));
+    assert_eq!(
+        s.guest("readd-read"),
+        s.guest("hdb-write").lines().nth(1).unwrap()
+    );
+    assert_eq!(s.guest("boot2-lspci-n"), s.guest("before-reboot-lspci-n"));
+    let b2 = s.guest("boot2-lspci-n");
+    assert!(line_with(&b2, "01:03.0 ", "1af4:1042").is_some(), "{b2}");
+    assert_eq!(
+        mask_linux_choices(&s.guest("boot2-lspci-vvv")),
+        mask_linux_choices(&s.guest("before-reboot-lspci-vvv")),
+        "lspci -vvv across the reboot"
+    );
+    assert_eq!(s.guest("boot2-read"), s.guest("readd-read"));
+    // And unplugged on the new run.
+    s.ok("boot2-del-hdb");
+    assert_eq!(s.guest("boot2-gone"), before);
+    // A removal pending at a reset completes with it; the next boot sees the machine without.
+    s.ok("boot2-readd-hdb");
+    assert_eq!(
+        s.guest("boot2-readd-bound").lines().next(),
+        Some("virtio-pci")
+    );
+    s.ok("pending-del-hdb");
+    assert_eq!(
+        s.host("deleted-while-paused")["events"],
+        json!([]),
+        "paused, the guest cannot eject"
+    );
+    s.ok("system-reset");
+    assert!(
+        deleted_in(&s, "hdb", "pending-at-reset"),
+        "DEVICE_DELETED at the reset: {:?}",
+        s.events("DEVICE_DELETED")
+    );
+    assert_eq!(s.guest("boot3-lspci-n"), before);
+    let abi = s.host_out("abi-final");
+    assert!(!abi.contains("id=hdb"), "{abi}");
+    assert_eq!(s.exit(), 0);
 }

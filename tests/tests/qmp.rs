@@ -763,3 +763,200 @@ fn a_restart_with_the_record_puts_a_hot_plugged_device_where_it_was() {
     assert!(!lspci.contains("00:02.0"), "{lspci}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every device object in a `query-pci` answer, bridges' buses included.
+fn all_pci_devices(v: &Value) -> Vec<Value> {
+    let mut out = Vec::new();
+    match v {
+        Value::Array(a) => a.iter().for_each(|x| out.extend(all_pci_devices(x))),
+        Value::Object(o) => {
+            if o.contains_key("slot") && o.contains_key("function") {
+                out.push(v.clone());
+            }
+            o.values().for_each(|x| out.extend(all_pci_devices(x)));
+        }
+        _ => {}
+    }
+    out
+}
+
+/// Issue 13: hot-plug behind a bridge over QMP (the probe never ejects, so a removal stays
+/// pending), and the recorded property `pci_hotplug_bridges`: a record from before it keeps
+/// bridges without hot-plug (QEMU's refusal), `--compat-strict` refuses turning it on, and it
+/// needs hot-plug.
+#[test]
+fn hot_plug_behind_a_bridge_is_a_recorded_machine_property() {
+    let dir = std::env::temp_dir().join(format!("vmm-qmp-brhp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let rec = dir.join("rec.json");
+    let rec_s = rec.to_str().unwrap();
+    let bridge = ["--device", "pci-bridge,id=br1,chassis_nr=1,addr=1e.0"];
+    let mut args: Vec<&str> = bridge.to_vec();
+    args.extend(["--compat", rec_s]);
+
+    let vm = Vm::start("brhp-new", "mode=bench op=null n=300000", &args);
+    let mut c = Client::negotiated(&vm.sock);
+    assert_eq!(c.cmd(json!({"execute": "cont"}))["return"], json!({}));
+    let add = |c: &mut Client, id: &str, bus: &str, addr: &str| {
+        c.cmd(json!({"execute": "device_add", "arguments":
+            {"driver": "virtio-rng-pci", "id": id, "bus": bus, "addr": addr}}))
+    };
+    assert_eq!(add(&mut c, "x", "br1", "3")["return"], json!({}));
+    assert_eq!(
+        add(&mut c, "y", "br1", "0")["return"],
+        json!({}),
+        "slot 0 behind a bridge"
+    );
+    let pci = c.cmd(json!({"execute": "query-pci"}))["return"].clone();
+    let devs = all_pci_devices(&pci);
+    for (id, slot) in [("x", 3), ("y", 0)] {
+        assert!(
+            devs.iter()
+                .any(|d| d["qdev_id"] == id && d["bus"] == 1 && d["slot"] == slot),
+            "{id} at 01:{slot:02x}.0: {pci}"
+        );
+    }
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&rec).unwrap()).unwrap();
+    assert_eq!(saved["machine"]["pci_hotplug_bridges"], true, "{saved}");
+    assert_eq!(
+        saved["devices"]["x"]["bus"], "br1",
+        "record rewritten after the add: {saved}"
+    );
+    assert_eq!(saved["devices"]["x"]["addr"], "01:03.0");
+    let r = c.cmd(json!({"execute": "device_del", "arguments": {"id": "x"}}));
+    assert_eq!(r["return"], json!({}), "asked; the probe never ejects");
+    let r = add(&mut c, "z", "br1", "3");
+    assert!(
+        r["error"]["desc"].as_str().unwrap().contains("slot 3"),
+        "{r}"
+    );
+    let r = add(&mut c, "w", "br9", "3");
+    assert_eq!(r["error"]["desc"], "Bus 'br9' not found");
+    let r = c.cmd(json!({"execute": "device_add", "arguments":
+        {"driver": "pci-bridge", "id": "br2", "chassis_nr": 2, "bus": "br1"}}));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("PCI bridges can only be added"),
+        "{r}"
+    );
+    let r = c.cmd(json!({"execute": "device_del", "arguments": {"id": "br1"}}));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("PCI bridges can only be added"),
+        "{r}"
+    );
+    assert_eq!(c.cmd(json!({"execute": "quit"}))["return"], json!({}));
+    let (code, _, stderr) = vm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+
+    // A restart from the record: a hot-plugged device given again without bus or address goes
+    // back behind its bridge, to its slot; and it hot-plugs there again after a removal.
+    let mut args: Vec<&str> = bridge.to_vec();
+    args.extend(["--compat", rec_s, "--device", "virtio-rng-pci,id=x"]);
+    let vm = Vm::start("brhp-again", "mode=bench op=null n=300000", &args);
+    let mut c = Client::negotiated(&vm.sock);
+    let pci = c.cmd(json!({"execute": "query-pci"}))["return"].clone();
+    assert!(
+        all_pci_devices(&pci)
+            .iter()
+            .any(|d| d["qdev_id"] == "x" && d["bus"] == 1 && d["slot"] == 3),
+        "x back at 01:03.0: {pci}"
+    );
+    // Hot-plugged again without bus or address, y goes back to its recorded 01:00.0 too.
+    assert_eq!(c.cmd(json!({"execute": "cont"}))["return"], json!({}));
+    let r = c.cmd(json!({"execute": "device_add", "arguments":
+        {"driver": "virtio-rng-pci", "id": "y"}}));
+    assert_eq!(r["return"], json!({}), "{r}");
+    let pci = c.cmd(json!({"execute": "query-pci"}))["return"].clone();
+    assert!(
+        all_pci_devices(&pci)
+            .iter()
+            .any(|d| d["qdev_id"] == "y" && d["bus"] == 1 && d["slot"] == 0),
+        "y back at 01:00.0: {pci}"
+    );
+    assert_eq!(c.cmd(json!({"execute": "quit"}))["return"], json!({}));
+    let (code, _, stderr) = vm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+
+    // The record as a build before the property wrote it: no slot objects behind bridges.
+    let mut old: Value = serde_json::from_str(&std::fs::read_to_string(&rec).unwrap()).unwrap();
+    old["machine"]
+        .as_object_mut()
+        .unwrap()
+        .remove("pci_hotplug_bridges");
+    old["devices"]
+        .as_object_mut()
+        .unwrap()
+        .retain(|k, _| k == "br1");
+    let old_path = dir.join("old.json");
+    std::fs::write(&old_path, old.to_string()).unwrap();
+    let old_s = old_path.to_str().unwrap();
+    let mut args: Vec<&str> = bridge.to_vec();
+    args.extend(["--compat", old_s, "--compat-strict"]);
+    let vm = Vm::start("brhp-old", "mode=bench op=null n=300000", &args);
+    let mut c = Client::negotiated(&vm.sock);
+    assert_eq!(c.cmd(json!({"execute": "cont"}))["return"], json!({}));
+    let r = add(&mut c, "x", "br1", "3");
+    assert_eq!(error_class(&r), "GenericError");
+    assert_eq!(r["error"]["desc"], "Bus 'br1' does not support hotplugging");
+    assert_eq!(
+        add(&mut c, "x", "pci.0", "9")["return"],
+        json!({}),
+        "bus 0 still has it"
+    );
+    assert_eq!(c.cmd(json!({"execute": "quit"}))["return"], json!({}));
+    let (code, _, stderr) = vm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+    let kept: Value = serde_json::from_str(&std::fs::read_to_string(&old_path).unwrap()).unwrap();
+    assert_eq!(kept["machine"]["pci_hotplug_bridges"], false, "{kept}");
+
+    // Turning it on for that machine is an ABI change --compat-strict refuses.
+    let out = Command::new(vmm_binary().unwrap())
+        .args([
+            "run",
+            "--kernel",
+            probe_elf().to_str().unwrap(),
+            "--append",
+            "mode=hello",
+        ])
+        .args(bridge)
+        .args([
+            "--compat",
+            old_s,
+            "--compat-strict",
+            "--hotplug-bridges",
+            "on",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("machine: pci_hotplug_bridges: false -> true"),
+        "{err}"
+    );
+    // It needs hot-plug.
+    let out = Command::new(vmm_binary().unwrap())
+        .args([
+            "run",
+            "--kernel",
+            probe_elf().to_str().unwrap(),
+            "--append",
+            "mode=hello",
+        ])
+        .args(["--hotplug", "off", "--hotplug-bridges", "on"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs ACPI PCI hot-plug (--hotplug on)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

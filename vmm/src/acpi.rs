@@ -28,9 +28,20 @@ use crate::Error;
 const OEM_ID: [u8; 6] = *b"VMMPCI";
 const OEM_TABLE: [u8; 8] = *b"VMMPCI  ";
 
+/// A bridge the DSDT describes for hot-plug behind it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcpiBridge {
+    /// Its secondary bus number (also its bus's hot-plug selector value, `BSEL`).
+    pub bus: u8,
+    /// The number of the bus it sits on.
+    pub parent: u8,
+    /// Its devfn there.
+    pub devfn: u8,
+}
+
 /// What the tables describe beyond the fixed machine. The default is the machine without
 /// hot-plug.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AcpiOptions {
     /// ACPI PCI hot-plug on bus 0: slot objects with `_EJ0`, the hot-plug registers at
     /// [`PCI_HOTPLUG_PORT`] and the GED at [`GED_PORT`] (interrupt [`GED_GSI`]). The vmm must
@@ -40,6 +51,13 @@ pub struct AcpiOptions {
     /// MCFG end bus, the ECAM window claimed in full). Without bridges the tables are the ones
     /// a machine always had (bus 0 only).
     pub pci_bridges: bool,
+    /// ACPI PCI hot-plug behind bridges (with `pci_hotplug`): the vmm fills `bridges` from the
+    /// machine's buses.
+    pub pci_hotplug_bridges: bool,
+    /// The bridges with hot-plug behind them (only with `pci_hotplug`): each gets an object
+    /// with its bus selector and slot objects ([`bridge_device`]). Empty: the DSDT of bus-0
+    /// hot-plug, byte for byte.
+    pub bridges: Vec<AcpiBridge>,
 }
 
 /// The GSI a slot's INTx pin is wired to (IO-APIC pins 16..23, swizzled like QEMU's i440fx).
@@ -149,7 +167,7 @@ fn dsdt(opts: &AcpiOptions) -> Sdt {
     let prt = aml::Name::new("_PRT".into(), &prt);
     let hotplug = opts
         .pci_hotplug
-        .then(|| (pci0_hotplug(), hotplug_devices()));
+        .then(|| (pci0_hotplug(&opts.bridges), hotplug_devices()));
     let mut pci0_children: Vec<&dyn Aml> = vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt];
     if let Some((in_pci0, _)) = &hotplug {
         pci0_children.push(in_pci0);
@@ -200,10 +218,15 @@ fn dsdt(opts: &AcpiOptions) -> Sdt {
     if let Some((_, in_sb)) = &hotplug {
         sb_children.push(in_sb);
     }
+    // Serialised into a Vec and appended at once: `Sdt` as an AML sink updates its length and
+    // checksum after every byte, which is quadratic in the table's size (minutes for the
+    // 100 KiB DSDT of a machine with many bridges).
+    let mut body = Vec::new();
     let sb = aml::Scope::new("\\_SB_".into(), sb_children);
-    sb.to_aml_bytes(&mut t);
+    sb.to_aml_bytes(&mut body);
     let s5 = aml::Package::new(vec![&S5_SLEEP_TYPE, &S5_SLEEP_TYPE, &aml::ZERO, &aml::ZERO]);
-    aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut t);
+    aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut body);
+    t.append_slice(&body);
     let len = t.len() as u32;
     t.write_u32(4, len);
     t.update_checksum();
@@ -232,10 +255,143 @@ const _: () = assert!(
 /// QEMU's name for the slot object of `slot` on a bus: `S` and the devfn in two hex digits
 /// (`S08` for slot 1; AML pads it to `S08_`).
 fn slot_object(slot: u8) -> String {
-    format!("S{:02X}_", slot << 3)
+    device_object(slot << 3)
 }
 
-/// What hot-plug adds inside `\_SB.PCI0`, after QEMU (`hw/i386/acpi-build.c`, bus 0 only):
+/// QEMU's name for the object of the function `devfn` on a bus (`SF1_` for 1e.1).
+fn device_object(devfn: u8) -> String {
+    format!("S{devfn:02X}_")
+}
+
+const DEVICE_CHECK: u8 = 1;
+const EJECT_REQUEST: u8 = 3;
+
+/// The bridges on bus `bus`, by devfn.
+fn bridges_on(bridges: &[AcpiBridge], bus: u8) -> Vec<&AcpiBridge> {
+    let mut on: Vec<&AcpiBridge> = bridges.iter().filter(|b| b.parent == bus).collect();
+    on.sort_by_key(|b| b.devfn);
+    on
+}
+
+/// A hot-pluggable slot's object: `Device (Sxx) { Name (_SUN, slot); Name (_ADR, slot << 16);
+/// Method (_EJ0, 1) { PCEJ (BSEL, _SUN) } }` (`BSEL` is found in the bus's scope).
+fn slot_device(slot: u8, out: &mut Vec<u8>) {
+    aml::Device::new(
+        slot_object(slot).as_str().into(),
+        vec![
+            &aml::Name::new("_SUN".into(), &slot),
+            &aml::Name::new("_ADR".into(), &(u32::from(slot) << 16)),
+            &aml::Method::new(
+                "_EJ0".into(),
+                1,
+                false,
+                vec![&aml::MethodCall::new(
+                    "PCEJ".into(),
+                    vec![&aml::Path::new("BSEL"), &aml::Path::new("_SUN")],
+                )],
+            ),
+        ],
+    )
+    .to_aml_bytes(out);
+}
+
+/// `Method (DVNT, 2) { If (Arg0 & (1 << slot)) { Notify (Sxx, Arg1) } ... }` for `slots`.
+fn dvnt(slots: impl Iterator<Item = u8>, out: &mut Vec<u8>) {
+    let mut body = Vec::new();
+    for slot in slots {
+        let bit = 1u32 << slot;
+        aml::If::new(
+            &aml::And::new(&aml::ZERO, &aml::Arg(0), &bit),
+            vec![&aml::Notify::new(
+                &aml::Path::new(&slot_object(slot)),
+                &aml::Arg(1),
+            )],
+        )
+        .to_aml_bytes(&mut body);
+    }
+    aml::Method::new("DVNT".into(), 2, false, vec![&Raw(body)]).to_aml_bytes(out);
+}
+
+/// The objects of bus `bus`'s slots and bridges, in devfn order: a bridge at function 0 takes
+/// its slot's place (a bridge is not hot-pluggable: no `_SUN`, no `_EJ0`), every other slot in
+/// `slots` is a hot-pluggable slot object, bridges at other functions follow their slot's.
+/// `scope` is the bus's absolute ACPI path. Returns the slots that are hot-pluggable (for DVNT).
+fn bus_slots(
+    bridges: &[AcpiBridge],
+    bus: u8,
+    slots: std::ops::Range<u8>,
+    scope: &str,
+    out: &mut Vec<u8>,
+) -> Vec<u8> {
+    let on = bridges_on(bridges, bus);
+    let mut pluggable = Vec::new();
+    for slot in slots {
+        if let Some(b) = on.iter().find(|b| b.devfn == slot << 3) {
+            bridge_device(bridges, b, scope, out);
+        } else {
+            slot_device(slot, out);
+            pluggable.push(slot);
+        }
+        for b in on
+            .iter()
+            .filter(|b| b.devfn >> 3 == slot && b.devfn & 7 != 0)
+        {
+            bridge_device(bridges, b, scope, out);
+        }
+    }
+    pluggable
+}
+
+/// The absolute paths of the PCNT methods of the bridges on bus `bus` (in `scope`).
+fn child_pcnts(bridges: &[AcpiBridge], bus: u8, scope: &str) -> Vec<String> {
+    bridges_on(bridges, bus)
+        .iter()
+        .map(|b| format!("{scope}.{}.PCNT", device_object(b.devfn)))
+        .collect()
+}
+
+/// A bridge's object with hot-plug behind it, after QEMU's `build_append_pci_bus_devices` for a
+/// cold-plugged bridge with `acpi-pci-hotplug-with-bridge-support`:
+///
+/// ```text
+/// Device (SF0) {                        // the bridge at devfn 0xf0 of its bus
+///     Name (_ADR, 0x001E0000)
+///     Name (BSEL, 1)                    // its bus's selector value: the secondary bus number
+///     Device (S00) { Name (_SUN, 0); Name (_ADR, 0); Method (_EJ0, 1) { PCEJ (BSEL, _SUN) } }
+///     ... one per slot 0..31 (a bridge behind it in its slot's place, recursively)
+///     Method (DVNT, 2) { If (Arg0 & 1) { Notify (S00, Arg1) } ... }
+///     Method (PCNT) { BNUM = BSEL; DVNT (PCIU, 1); DVNT (PCID, 3); \_SB.PCI0.SF0.S18.PCNT () ... }
+/// }
+/// ```
+///
+/// PCNT runs under `\_SB.PCI0.PCNT`'s lock (BLCK), which calls it. Names it does not define
+/// (PCEJ, PCIU, PCID, BNUM) resolve upwards to `\_SB.PCI0`'s.
+fn bridge_device(bridges: &[AcpiBridge], b: &AcpiBridge, parent_scope: &str, out: &mut Vec<u8>) {
+    let name = device_object(b.devfn);
+    let scope = format!("{parent_scope}.{name}");
+    let adr = (u32::from(b.devfn >> 3) << 16) | u32::from(b.devfn & 7);
+    let mut body = Vec::new();
+    aml::Name::new("_ADR".into(), &adr).to_aml_bytes(&mut body);
+    aml::Name::new("BSEL".into(), &b.bus).to_aml_bytes(&mut body);
+    let pluggable = bus_slots(bridges, b.bus, 0..32, &scope, &mut body);
+    dvnt(pluggable.into_iter(), &mut body);
+    let calls: Vec<aml::MethodCall> = child_pcnts(bridges, b.bus, &scope)
+        .iter()
+        .map(|p| aml::MethodCall::new(p.as_str().into(), vec![]))
+        .collect();
+    let bnum = aml::Path::new("BNUM");
+    let bsel = aml::Path::new("BSEL");
+    let store = aml::Store::new(&bnum, &bsel);
+    let (pciu, pcid) = (aml::Path::new("PCIU"), aml::Path::new("PCID"));
+    let up = aml::MethodCall::new("DVNT".into(), vec![&pciu, &DEVICE_CHECK]);
+    let down = aml::MethodCall::new("DVNT".into(), vec![&pcid, &EJECT_REQUEST]);
+    let mut pcnt: Vec<&dyn Aml> = vec![&store, &up, &down];
+    pcnt.extend(calls.iter().map(|c| c as &dyn Aml));
+    aml::Method::new("PCNT".into(), 0, false, pcnt).to_aml_bytes(&mut body);
+    aml::Device::new(name.as_str().into(), vec![&Raw(body)]).to_aml_bytes(out);
+}
+
+/// What hot-plug adds inside `\_SB.PCI0`, after QEMU (`hw/i386/acpi-build.c`):
 ///
 /// ```text
 /// Name (BSEL, 0)                        // this bus's selector value
@@ -244,7 +400,8 @@ fn slot_object(slot: u8) -> String {
 /// Mutex (BLCK, 0)                       // guards BNUM and the accesses it selects
 /// Method (PCEJ, 2) { Acquire (BLCK, 0xFFFF); BNUM = Arg0; B0EJ = 1 << Arg1; Release (BLCK) }
 /// Method (DVNT, 2) { If (Arg0 & 0x02) { Notify (S08, Arg1) } ... up to slot 31 (SF8) }
-/// Method (PCNT) { Acquire (BLCK, 0xFFFF); BNUM = BSEL; DVNT (PCIU, 1); DVNT (PCID, 3); Release (BLCK) }
+/// Method (PCNT) { Acquire (BLCK, 0xFFFF); BNUM = BSEL; DVNT (PCIU, 1); DVNT (PCID, 3);
+///                 \_SB.PCI0.SF0.PCNT () ...; Release (BLCK) }
 /// Device (S08) { Name (_SUN, 1); Name (_ADR, 0x00010000); Method (_EJ0, 1) { PCEJ (BSEL, _SUN) } }
 /// ... one Device per slot 1..31
 /// ```
@@ -252,10 +409,13 @@ fn slot_object(slot: u8) -> String {
 /// PCNT reads PCIU (which clears on read) and PCID once each: device check (1) for each slot
 /// with a new device, eject request (3) for each slot whose removal the monitor requested.
 /// Linux's acpiphp binds to the slot objects (they have `_ADR` and `_EJ0`).
-fn pci0_hotplug() -> Raw {
+///
+/// With `bridges` (hot-plug behind bridges), each bridge on bus 0 takes its slot's place with
+/// the object [`bridge_device`] builds (its slot leaves DVNT), and PCNT calls each one's PCNT
+/// after its own, which select their buses in turn. Without, the bytes are those bus-0
+/// hot-plug always had.
+fn pci0_hotplug(bridges: &[AcpiBridge]) -> Raw {
     use aml::{FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, OpRegionSpace};
-    const DEVICE_CHECK: u8 = 1;
-    const EJECT_REQUEST: u8 = 3;
     let mut out = Vec::new();
     let port = PCI_HOTPLUG_PORT as u32;
     let len = PCI_HOTPLUG_PORT_LEN as u32;
@@ -296,53 +456,25 @@ fn pci0_hotplug() -> Raw {
     )
     .to_aml_bytes(&mut out);
 
-    let mut dvnt_body = Vec::new();
-    for slot in 1..32u8 {
-        let bit = 1u32 << slot;
-        aml::If::new(
-            &aml::And::new(&aml::ZERO, &aml::Arg(0), &bit),
-            vec![&aml::Notify::new(
-                &aml::Path::new(&slot_object(slot)),
-                &aml::Arg(1),
-            )],
-        )
-        .to_aml_bytes(&mut dvnt_body);
-    }
-    aml::Method::new("DVNT".into(), 2, false, vec![&Raw(dvnt_body)]).to_aml_bytes(&mut out);
+    // The slot objects first (into their own buffer): they tell which slots are hot-pluggable.
+    let mut slots = Vec::new();
+    let pluggable = bus_slots(bridges, 0, 1..32, "\\_SB_.PCI0", &mut slots);
+    dvnt(pluggable.into_iter(), &mut out);
 
-    aml::Method::new(
-        "PCNT".into(),
-        0,
-        false,
-        vec![
-            &acquire,
-            &aml::Store::new(&bnum, &bsel),
-            &aml::MethodCall::new("DVNT".into(), vec![&aml::Path::new("PCIU"), &DEVICE_CHECK]),
-            &aml::MethodCall::new("DVNT".into(), vec![&aml::Path::new("PCID"), &EJECT_REQUEST]),
-            &release,
-        ],
-    )
-    .to_aml_bytes(&mut out);
+    let calls: Vec<aml::MethodCall> = child_pcnts(bridges, 0, "\\_SB_.PCI0")
+        .iter()
+        .map(|p| aml::MethodCall::new(p.as_str().into(), vec![]))
+        .collect();
+    let store = aml::Store::new(&bnum, &bsel);
+    let (pciu, pcid) = (aml::Path::new("PCIU"), aml::Path::new("PCID"));
+    let up = aml::MethodCall::new("DVNT".into(), vec![&pciu, &DEVICE_CHECK]);
+    let down = aml::MethodCall::new("DVNT".into(), vec![&pcid, &EJECT_REQUEST]);
+    let mut pcnt: Vec<&dyn Aml> = vec![&acquire, &store, &up, &down];
+    pcnt.extend(calls.iter().map(|c| c as &dyn Aml));
+    pcnt.push(&release);
+    aml::Method::new("PCNT".into(), 0, false, pcnt).to_aml_bytes(&mut out);
 
-    for slot in 1..32u8 {
-        aml::Device::new(
-            slot_object(slot).as_str().into(),
-            vec![
-                &aml::Name::new("_SUN".into(), &slot),
-                &aml::Name::new("_ADR".into(), &(u32::from(slot) << 16)),
-                &aml::Method::new(
-                    "_EJ0".into(),
-                    1,
-                    false,
-                    vec![&aml::MethodCall::new(
-                        "PCEJ".into(),
-                        vec![&bsel, &aml::Path::new("_SUN")],
-                    )],
-                ),
-            ],
-        )
-        .to_aml_bytes(&mut out);
-    }
+    out.extend_from_slice(&slots);
     Raw(out)
 }
 
@@ -614,6 +746,19 @@ mod tests {
         assert_ne!(fingerprint(&with), fingerprint(&old));
     }
 
+    /// Bus-0 hot-plug without bridges: the bytes bus-0 hot-plug had before hot-plug behind
+    /// bridges (checked against the previous `pci0_hotplug`, main at 331b006, byte for byte).
+    #[test]
+    fn hotplug_tables_without_bridges_are_unchanged() {
+        let opts = AcpiOptions {
+            pci_hotplug: true,
+            ..Default::default()
+        };
+        let t = tables_with(2, &opts).unwrap();
+        assert_eq!(fingerprint(&t), (0xbefb_c4f5_dd2a_9ea5, 4562));
+        assert_eq!(dsdt(&opts).as_slice().len(), 4000);
+    }
+
     #[test]
     fn hotplug_tables_checksum_and_fit() {
         let t = tables_with(
@@ -790,15 +935,21 @@ mod tests {
     /// registers preset by `init` (lines `\\_SB.PCI0.PCIU 0x6`: acpiexec simulates the I/O
     /// regions as plain storage), evaluates `commands` and returns its output.
     fn acpiexec(name: &str, init: &str, commands: &str) -> String {
-        use std::process::Command;
-        let dir = scratch_dir(
+        acpiexec_with(
             name,
-            dsdt(&AcpiOptions {
+            &AcpiOptions {
                 pci_hotplug: true,
                 ..Default::default()
-            })
-            .as_slice(),
-        );
+            },
+            init,
+            commands,
+        )
+    }
+
+    /// [`acpiexec`] on the DSDT of `opts`.
+    fn acpiexec_with(name: &str, opts: &AcpiOptions, init: &str, commands: &str) -> String {
+        use std::process::Command;
+        let dir = scratch_dir(name, dsdt(opts).as_slice());
         std::fs::write(dir.join("init.txt"), init).unwrap();
         let out = Command::new("acpiexec")
             .args(["-fi", "init.txt", "-b", commands, "dsdt.aml"])
@@ -891,5 +1042,224 @@ mod tests {
             ["0000000080000000", "0000000000000000", "0000000000000020"],
             "{log}"
         );
+    }
+
+    /// Two bridges on bus 0 (00:1e.0 -> bus 1, 00:05.0 -> bus 3), one behind the first
+    /// (01:02.0 -> bus 2), and one at function 1 of bus 0's slot 6 (00:06.1 -> bus 4).
+    fn bridged() -> AcpiOptions {
+        AcpiOptions {
+            pci_hotplug: true,
+            pci_bridges: true,
+            pci_hotplug_bridges: true,
+            bridges: vec![
+                AcpiBridge {
+                    bus: 1,
+                    parent: 0,
+                    devfn: 0xf0,
+                },
+                AcpiBridge {
+                    bus: 2,
+                    parent: 1,
+                    devfn: 0x10,
+                },
+                AcpiBridge {
+                    bus: 3,
+                    parent: 0,
+                    devfn: 0x28,
+                },
+                AcpiBridge {
+                    bus: 4,
+                    parent: 0,
+                    devfn: 0x31,
+                },
+            ],
+        }
+    }
+
+    /// Without bridges in the list the hot-plug DSDT does not depend on `pci_hotplug_bridges`
+    /// (a machine without bridges sees the same tables either way).
+    #[test]
+    fn bridge_hotplug_without_bridges_changes_nothing() {
+        let plain = AcpiOptions {
+            pci_hotplug: true,
+            ..Default::default()
+        };
+        let flag = AcpiOptions {
+            pci_hotplug_bridges: true,
+            ..plain.clone()
+        };
+        assert_eq!(dsdt(&plain).as_slice(), dsdt(&flag).as_slice());
+        let bridges_off = AcpiOptions {
+            pci_bridges: true,
+            ..plain.clone()
+        };
+        let bridges_on = AcpiOptions {
+            pci_hotplug_bridges: true,
+            ..bridges_off.clone()
+        };
+        assert_eq!(dsdt(&bridges_off).as_slice(), dsdt(&bridges_on).as_slice());
+        assert_ne!(dsdt(&bridges_on).as_slice(), dsdt(&bridged()).as_slice());
+    }
+
+    /// The DSDT with bridges through iasl: each bridge an object at its _ADR with its BSEL, 32
+    /// slot objects, DVNT and PCNT; nested; the bridges' slots on bus 0 without _EJ0.
+    #[test]
+    fn iasl_accepts_the_bridge_hotplug_dsdt() {
+        let (dsl, summary) = iasl_round_trip("bridges", dsdt(&bridged()).as_slice());
+        let (_, summary_off) = iasl_round_trip("plain2", dsdt(&AcpiOptions::default()).as_slice());
+        let warnings = |s: &str| {
+            s.split(',')
+                .find(|p| p.contains("Warnings"))
+                .map(str::trim)
+                .map(str::to_string)
+        };
+        assert_eq!(warnings(&summary), warnings(&summary_off), "{summary}");
+        let mut text = dsl
+            .lines()
+            .map(|l| l.split("//").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        while let Some(start) = text.find("/*") {
+            let end = text[start..]
+                .find("*/")
+                .map_or(text.len(), |e| start + e + 2);
+            text.replace_range(start..end, " ");
+        }
+        let sq = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let missing: Vec<&str> = [
+            "Device (SF0) { Name (_ADR, 0x001E0000) Name (BSEL, One) Device (S00) { Name (_SUN, Zero) Name (_ADR, Zero) Method (_EJ0, 1, NotSerialized) { PCEJ (BSEL, _SUN) } }",
+            "Device (S10) { Name (_ADR, 0x00020000) Name (BSEL, 0x02) Device (S00)",
+            "Device (S28) { Name (_ADR, 0x00050000) Name (BSEL, 0x03)",
+            "Device (S31) { Name (_ADR, 0x00060001) Name (BSEL, 0x04)",
+            "Method (PCNT, 0, NotSerialized) { BNUM = BSEL DVNT (PCIU, One) DVNT (PCID, 0x03) \\_SB.PCI0.SF0.S10.PCNT () }",
+            "Method (PCNT, 0, NotSerialized) { Acquire (BLCK, 0xFFFF) BNUM = BSEL DVNT (PCIU, One) DVNT (PCID, 0x03) \\_SB.PCI0.S28.PCNT () \\_SB.PCI0.S31.PCNT () \\_SB.PCI0.SF0.PCNT () Release (BLCK) }",
+            "Device (S30) { Name (_SUN, 0x06) Name (_ADR, 0x00060000)",
+            "Device (SF8) { Name (_SUN, 0x1F) Name (_ADR, 0x001F0000)",
+        ]
+        .into_iter()
+        .filter(|needle| !sq.contains(needle))
+        .collect();
+        assert!(missing.is_empty(), "missing {missing:#?} in:\n{dsl}");
+        // Bus 0: 31 slots less the two bridges' at function 0 (1e, 05); buses 1..4: 32 each,
+        // less bus 1's slot 2 (a bridge).
+        assert_eq!(sq.matches("Method (_EJ0, 1").count(), 29 + 31 + 32 * 3);
+        assert_eq!(sq.matches("Method (DVNT, 2").count(), 5);
+        assert_eq!(sq.matches("Method (PCNT, 0").count(), 5);
+        // Bus 0's DVNT (the first one, in PCI0) skips the bridges' slots 1e and 05.
+        let dvnt0 = sq.split("Method (DVNT, 2").nth(1).unwrap();
+        let dvnt0 = &dvnt0[..dvnt0.find("Method (PCNT").unwrap()];
+        assert!(dvnt0.contains("Notify (S08, Arg1)"), "{dvnt0}");
+        assert!(!dvnt0.contains("Notify (SF0, Arg1)"), "{dvnt0}");
+        assert!(!dvnt0.contains("Notify (S28, Arg1)"), "{dvnt0}");
+        assert!(
+            dvnt0.contains("Notify (S30, Arg1)"),
+            "slot 6's function 0 is still a slot"
+        );
+    }
+
+    /// In ACPICA's interpreter: the GED event runs PCNT, which selects every bus in turn and
+    /// notifies the slots behind the bridges (acpiexec's simulated registers read what was
+    /// preset, on every bus alike); a slot's `_EJ0` behind a bridge selects its bus.
+    #[test]
+    fn acpiexec_bridge_slots_are_notified_and_eject_on_their_bus() {
+        // acpiexec names a notified object by its last segment and its address: slots 1 (S08)
+        // and 3 (S18) of each of the 5 buses are 5 distinct objects of each name.
+        let mut seen: Vec<(String, String)> = Vec::new();
+        for run in 0..10 {
+            // acpiexec's registers are plain storage: every bus reads PCIU 0xa (slots 1, 3).
+            let log = acpiexec_with(
+                &format!("brevt{run}"),
+                &bridged(),
+                "\\_SB.PCI0.PCIU 0xa\n\\_SB.GED0.GDAT 1\n",
+                "execute \\_SB.GED0._EVT 9",
+            );
+            for l in log.lines() {
+                let Some(rest) = l.split("Received a System Notify on [").nth(1) else {
+                    continue;
+                };
+                let (object, rest) = rest.split_once(']').unwrap();
+                let addr = rest.split_whitespace().next().unwrap().to_string();
+                assert!(rest.contains("Value 0x01"), "{l}");
+                assert!(
+                    ["S08_", "S18_"].contains(&object),
+                    "unexpected notify {l}:\n{log}"
+                );
+                if !seen.contains(&(object.to_string(), addr.clone())) {
+                    seen.push((object.to_string(), addr));
+                }
+            }
+            if seen.len() == 10 {
+                break;
+            }
+        }
+        for name in ["S08_", "S18_"] {
+            assert_eq!(
+                seen.iter().filter(|(o, _)| o == name).count(),
+                5,
+                "{name} on each bus: {seen:?}"
+            );
+        }
+
+        let log = acpiexec_with(
+            "brej0",
+            &bridged(),
+            "\\_SB.PCI0.BNUM 0\n",
+            "execute \\_SB.PCI0.SF0.S10.S18._EJ0 1; execute \\_SB.PCI0.BNUM; execute \\_SB.PCI0.B0EJ; \
+             execute \\_SB.PCI0.S31.S00._EJ0 1; execute \\_SB.PCI0.BNUM; execute \\_SB.PCI0.B0EJ",
+        );
+        let values: Vec<&str> = log
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("[Integer] = "))
+            .collect();
+        assert_eq!(
+            values,
+            [
+                "0000000000000002",
+                "0000000000000008",
+                "0000000000000004",
+                "0000000000000001"
+            ],
+            "{log}"
+        );
+    }
+
+    /// The most bridges with hot-plug a machine can have (every bus with a BAR window, 1..=56,
+    /// each with its own slot objects) still fit the ACPI area.
+    #[test]
+    fn tables_with_every_windowed_bus_behind_a_bridge_fit() {
+        // A chain as deep as it goes, and a flat row: the two extreme shapes.
+        let chain: Vec<AcpiBridge> = (1..=MAX_WINDOWED_BUS)
+            .map(|bus| AcpiBridge {
+                bus,
+                parent: bus - 1,
+                devfn: 0xf0,
+            })
+            .collect();
+        let mut row: Vec<AcpiBridge> = (1..=30u8)
+            .map(|slot| AcpiBridge {
+                bus: slot,
+                parent: 0,
+                devfn: slot << 3,
+            })
+            .collect();
+        row.extend((31..=MAX_WINDOWED_BUS).map(|bus| AcpiBridge {
+            bus,
+            parent: 1,
+            devfn: (bus - 31) << 3,
+        }));
+        for bridges in [chain, row] {
+            let opts = AcpiOptions {
+                bridges,
+                ..bridged()
+            };
+            let t = tables_with(8, &opts).unwrap_or_else(|e| panic!("{e}"));
+            let end = t.iter().map(|(a, b)| a + b.len() as u64).max().unwrap();
+            assert!(end <= ACPI_END, "{end:#x}");
+            eprintln!(
+                "DSDT with {} bridges: {} bytes",
+                opts.bridges.len(),
+                dsdt(&opts).as_slice().len()
+            );
+        }
     }
 }

@@ -114,6 +114,12 @@ pub struct RunArgs {
     /// existing one (off for a record written before hot-plug existed).
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     pub hotplug: Option<bool>,
+    /// ACPI PCI hot-plug behind PCI bridges too (QEMU's acpi-pci-hotplug-with-bridge-support:
+    /// device_add/device_del with bus=BRIDGE). Guest-visible ABI (slot objects behind the
+    /// bridges): default on for a new machine with hot-plug, what the compat record says for
+    /// an existing one (off for a record written before it existed).
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub hotplug_bridges: Option<bool>,
     /// A guest reset ends the process with status 0 instead of restarting the guest in place
     /// (QEMU's `-no-reboot`).
     #[arg(long)]

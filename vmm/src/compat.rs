@@ -140,10 +140,51 @@ pub fn hints(specs: &[DeviceSpec], record: Option<&CompatRecord>) -> HashMap<Str
         .collect()
 }
 
+/// The guest-visible hot-plug properties of a machine (recorded in [`MachineRecord`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HotplugProps {
+    /// ACPI PCI hot-plug (on bus 0).
+    pub pci_hotplug: bool,
+    /// ACPI PCI hot-plug behind bridges too (only with `pci_hotplug`).
+    pub pci_hotplug_bridges: bool,
+}
+
+impl HotplugProps {
+    /// The properties of a machine about to start: each one as asked for (`--hotplug`,
+    /// `--hotplug-bridges`, or the machine file), else what the record `old` says (off for a
+    /// record from before the property; a record without hot-plug says nothing about bridges),
+    /// else on for a new machine. Hot-plug behind bridges needs hot-plug: asking for it on a
+    /// machine without hot-plug is an error.
+    pub fn resolve(
+        hotplug: Option<bool>,
+        bridges: Option<bool>,
+        old: Option<&MachineRecord>,
+    ) -> Result<Self, String> {
+        let pci_hotplug = hotplug.or(old.map(|r| r.pci_hotplug)).unwrap_or(true);
+        if !pci_hotplug {
+            if bridges == Some(true) {
+                return Err(
+                    "hot-plug behind bridges (--hotplug-bridges on) needs ACPI PCI hot-plug (--hotplug on)"
+                        .into(),
+                );
+            }
+            return Ok(HotplugProps::default());
+        }
+        let pci_hotplug_bridges = bridges
+            .or(old.filter(|r| r.pci_hotplug).map(|r| r.pci_hotplug_bridges))
+            .unwrap_or(true);
+        Ok(HotplugProps {
+            pci_hotplug,
+            pci_hotplug_bridges,
+        })
+    }
+}
+
 /// The machine part of every record this build writes.
-pub fn machine_record(pci_hotplug: bool) -> MachineRecord {
+pub fn machine_record(pci_hotplug: bool, pci_hotplug_bridges: bool) -> MachineRecord {
     MachineRecord {
         pci_hotplug,
+        pci_hotplug_bridges,
         host_bridge_vendor: pci::root::HOST_BRIDGE_VENDOR,
         host_bridge_device: pci::root::HOST_BRIDGE_DEVICE,
         ecam_base: ECAM_START,
@@ -152,7 +193,7 @@ pub fn machine_record(pci_hotplug: bool) -> MachineRecord {
 }
 
 /// The record of the realized devices.
-pub fn record_of(devices: &[Realized], pci_hotplug: bool) -> CompatRecord {
+pub fn record_of(devices: &[Realized], hotplug: HotplugProps) -> CompatRecord {
     let devices = devices
         .iter()
         .map(|r| {
@@ -167,7 +208,10 @@ pub fn record_of(devices: &[Realized], pci_hotplug: bool) -> CompatRecord {
             )
         })
         .collect();
-    CompatRecord::new(machine_record(pci_hotplug), devices)
+    CompatRecord::new(
+        machine_record(hotplug.pci_hotplug, hotplug.pci_hotplug_bridges),
+        devices,
+    )
 }
 
 /// `--compat-strict`: every change to a device present in both records (or to the machine),
@@ -207,7 +251,7 @@ mod tests {
             props: [("vectors".to_string(), vectors.to_string())].into(),
         };
         CompatRecord::new(
-            machine_record(true),
+            machine_record(true, true),
             [(
                 id.to_string(),
                 DeviceRecord {
@@ -223,6 +267,63 @@ mod tests {
 
     fn specs(list: &[&str]) -> Vec<DeviceSpec> {
         list.iter().map(|s| parse_device(s).unwrap()).collect()
+    }
+
+    #[test]
+    fn hotplug_props_come_from_the_command_line_then_the_record_then_on() {
+        let r = |hp, br| HotplugProps {
+            pci_hotplug: hp,
+            pci_hotplug_bridges: br,
+        };
+        let rec = |hp, br| {
+            let mut m = machine_record(hp, br);
+            m.pci_hotplug_bridges = br;
+            m
+        };
+        // A new machine: both on.
+        assert_eq!(HotplugProps::resolve(None, None, None), Ok(r(true, true)));
+        // A record from before bridge hot-plug (hot-plug on, the property absent = false).
+        let old: MachineRecord = serde_json::from_value(serde_json::json!({
+            "host_bridge_vendor": 0x1b36, "host_bridge_device": 8,
+            "ecam_base": 0xe000_0000u64, "mmio32_window": [0xc000_0000u64, 0x2000_0000u64],
+            "pci_hotplug": true
+        }))
+        .unwrap();
+        assert!(!old.pci_hotplug_bridges, "absent means off");
+        assert_eq!(
+            HotplugProps::resolve(None, None, Some(&old)),
+            Ok(r(true, false)),
+            "an old record keeps no slot objects behind bridges"
+        );
+        assert_eq!(
+            HotplugProps::resolve(None, Some(true), Some(&old)),
+            Ok(r(true, true))
+        );
+        assert_eq!(
+            HotplugProps::resolve(None, None, Some(&rec(true, true))),
+            Ok(r(true, true))
+        );
+        // Without hot-plug there is none behind bridges either.
+        assert_eq!(
+            HotplugProps::resolve(Some(false), None, None),
+            Ok(r(false, false))
+        );
+        assert_eq!(
+            HotplugProps::resolve(None, None, Some(&rec(false, false))),
+            Ok(r(false, false))
+        );
+        assert_eq!(
+            HotplugProps::resolve(Some(true), None, Some(&rec(false, false))),
+            Ok(r(true, true)),
+            "a record without hot-plug says nothing about bridges"
+        );
+        assert!(HotplugProps::resolve(Some(false), Some(true), None)
+            .unwrap_err()
+            .contains("--hotplug-bridges on"));
+        assert_eq!(
+            HotplugProps::resolve(Some(false), Some(false), None),
+            Ok(r(false, false))
+        );
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub struct MachineConfig {
     /// ACPI PCI hot-plug as asked for (`--hotplug`, else the machine file); None: what the
     /// compat record says, or on for a new machine.
     pub pci_hotplug: Option<bool>,
+    /// ACPI PCI hot-plug behind bridges as asked for (`--hotplug-bridges`, else the machine
+    /// file); None: what the compat record says, or on for a new machine with hot-plug.
+    pub pci_hotplug_bridges: Option<bool>,
 }
 
 impl MachineConfig {
@@ -83,6 +86,7 @@ impl MachineConfig {
             },
             cpus,
             pci_hotplug: args.hotplug.or(file.pci_hotplug),
+            pci_hotplug_bridges: args.hotplug_bridges.or(file.pci_hotplug_bridges),
             devices: merge_devices(&file_devices, cli_devices),
         })
     }

@@ -550,6 +550,30 @@ impl Placement {
     pub fn has_bridges(&self) -> bool {
         self.buses.has_bridges()
     }
+
+    /// The buses.
+    pub fn buses(&self) -> &Buses {
+        &self.buses
+    }
+}
+
+/// The bridges the DSDT describes for hot-plug behind bridges: each bridge whose bus can take
+/// hot-plugged devices ([`hotplug_bridge_buses`]), with the bus it sits on and its devfn there.
+pub fn acpi_bridges(buses: &Buses) -> Vec<crate::acpi::AcpiBridge> {
+    let hotplug = hotplug_bridge_buses(buses);
+    buses
+        .info
+        .values()
+        .filter(|b| hotplug.contains(&b.number))
+        .filter_map(|b| {
+            let (up, devfn) = b.upstream.as_ref()?;
+            Some(crate::acpi::AcpiBridge {
+                bus: b.number,
+                parent: buses.info.get(up)?.number,
+                devfn: *devfn,
+            })
+        })
+        .collect()
 }
 
 /// Errors of the device manager: device options and placement in QEMU's words, or the host
@@ -605,6 +629,35 @@ pub struct DeviceManager {
 struct HotplugHardware {
     regs: Arc<PciHotplug>,
     ged: Arc<Ged>,
+    /// Hot-plug behind bridges: each bridge's bus with a BAR window gets registers.
+    bridges: bool,
+}
+
+/// ACPI PCI hot-plug of a machine: who hears of ejects, and whether the buses behind bridges
+/// have hot-plug too.
+#[derive(Clone)]
+pub struct HotplugSetup {
+    /// Called on a vCPU thread with the (bus, slot) the guest ejected (it must only post and
+    /// return).
+    pub eject: EjectCallback,
+    /// Hot-plug behind bridges (the machine property `pci_hotplug_bridges`).
+    pub bridges: bool,
+}
+
+/// The bus numbers of `buses` that can take hot-plugged devices when hot-plug behind bridges
+/// is on: every bridge's bus with a BAR window (buses up to
+/// [`crate::layout::MAX_WINDOWED_BUS`]; the buses above hold bridges only). Bus 0 not included.
+pub fn hotplug_bridge_buses(buses: &Buses) -> Vec<u8> {
+    buses
+        .info
+        .iter()
+        .filter(|(name, b)| {
+            name.as_str() != ROOT_BUS
+                && b.number != 0
+                && crate::layout::bus_window(b.number).is_some()
+        })
+        .map(|(_, b)| b.number)
+        .collect()
 }
 
 impl DeviceManager {
@@ -612,15 +665,15 @@ impl DeviceManager {
     /// i8042 and ACPI PM port (reporting to `power`), the CMOS clock, and the PCI host bridge
     /// with its CF8/CFC ports and ECAM window. No PCI device yet.
     ///
-    /// With `eject` (ACPI PCI hot-plug on), the hot-plug registers and the GED are on the port
-    /// bus too; `eject` is called on a vCPU thread with the slot the guest ejected (it must only
-    /// post and return). With `bridges`, the ECAM window covers all 256 buses
+    /// With `hotplug` (ACPI PCI hot-plug on), the hot-plug registers and the GED are on the port
+    /// bus too; its `eject` is called on a vCPU thread with the bus and slot the guest ejected
+    /// (it must only post and return). With `bridges`, the ECAM window covers all 256 buses
     /// ([`crate::layout::ecam_size`]).
     pub fn new(
         vm: Arc<Vm>,
         power: PowerCallback,
         console: Box<dyn std::io::Write + Send>,
-        eject: Option<EjectCallback>,
+        hotplug: Option<HotplugSetup>,
         bridges: bool,
     ) -> Result<Self, DeviceManagerError> {
         let pio = Arc::new(Bus::new());
@@ -665,8 +718,11 @@ impl DeviceManager {
             what: "ECAM",
             source,
         })?;
-        let hotplug = match eject {
-            Some(eject) => {
+        let hotplug = match hotplug {
+            Some(HotplugSetup {
+                eject,
+                bridges: on_bridges,
+            }) => {
                 let regs = Arc::new(PciHotplug::new(eject));
                 on_pio(
                     "PCI hot-plug registers",
@@ -683,7 +739,11 @@ impl DeviceManager {
                     })?;
                 let ged = Arc::new(Ged::new(irq));
                 on_pio("ACPI GED", GED_PORT, GED_PORT_LEN, ged.clone())?;
-                Some(HotplugHardware { regs, ged })
+                Some(HotplugHardware {
+                    regs,
+                    ged,
+                    bridges: on_bridges,
+                })
             }
             None => None,
         };
@@ -699,31 +759,72 @@ impl DeviceManager {
         })
     }
 
-    /// Tells the guest that slot `slot` has a new device (PCIU bit, GED interrupt). Nothing
-    /// without hot-plug hardware.
-    pub fn notify_plugged(&self, slot: u8) -> Result<(), DeviceManagerError> {
+    /// Gives every bridge's bus with a BAR window hot-plug registers, when hot-plug behind
+    /// bridges is on (the bridges are all there: they come with the machine's first devices).
+    fn enable_bridge_hotplug(&self) {
+        if let Some(h) = self.hotplug.as_ref().filter(|h| h.bridges) {
+            for bus in hotplug_bridge_buses(self.set().buses()) {
+                h.regs.enable_bus(bus);
+            }
+        }
+    }
+
+    /// Whether devices can be hot-plugged on the bus called `name` (`pci.0` or a bridge's id):
+    /// hot-plug is on, and for a bridge's bus, hot-plug behind bridges is on and the bus has
+    /// registers.
+    pub fn bus_hotpluggable(&self, name: &str) -> bool {
+        let Some(h) = &self.hotplug else {
+            return false;
+        };
+        self.with_buses(|b| b.get(name).map(|i| i.number))
+            .is_some_and(|n| h.regs.bus_enabled(n))
+    }
+
+    /// Tells the guest that slot `slot` of bus number `bus` has a new device (PCIU bit, GED
+    /// interrupt). Nothing without hot-plug hardware.
+    pub fn notify_plugged(&self, bus: u8, slot: u8) -> Result<(), DeviceManagerError> {
         if let Some(h) = &self.hotplug {
-            h.regs.plugged(slot).map_err(std::io::Error::other)?;
+            h.regs
+                .plugged_on(bus, slot)
+                .map_err(std::io::Error::other)?;
             h.ged.notify(GED_PCI_HOTPLUG)?;
         }
         Ok(())
     }
 
-    /// Asks the guest to eject slot `slot` (PCID bit, stays set until the eject; GED
-    /// interrupt). Asking again is harmless.
-    pub fn request_unplug(&self, slot: u8) -> Result<(), DeviceManagerError> {
+    /// Asks the guest to eject slot `slot` of bus number `bus` (PCID bit, stays set until the
+    /// eject; GED interrupt). Asking again is harmless.
+    pub fn request_unplug(&self, bus: u8, slot: u8) -> Result<(), DeviceManagerError> {
         if let Some(h) = &self.hotplug {
-            h.regs.unplug_request(slot).map_err(std::io::Error::other)?;
+            h.regs
+                .unplug_request_on(bus, slot)
+                .map_err(std::io::Error::other)?;
             h.ged.notify(GED_PCI_HOTPLUG)?;
         }
         Ok(())
     }
 
-    /// Whether the guest has an eject of `slot` outstanding (asked, not yet ejected).
-    pub fn unplug_pending(&self, slot: u8) -> bool {
+    /// Whether the guest has an eject of `slot` of bus `bus` outstanding (asked, not yet
+    /// ejected).
+    pub fn unplug_pending(&self, bus: u8, slot: u8) -> bool {
         self.hotplug
             .as_ref()
-            .is_some_and(|h| h.regs.removal_pending(slot))
+            .is_some_and(|h| h.regs.removal_pending_on(bus, slot))
+    }
+
+    /// Every (bus, slot) whose eject the guest has outstanding.
+    pub fn pending_unplugs(&self) -> Vec<(u8, u8)> {
+        let Some(h) = &self.hotplug else {
+            return Vec::new();
+        };
+        (0..=255u8)
+            .flat_map(|bus| {
+                let down = h.regs.pending_removals_on(bus);
+                (0..32u8)
+                    .filter(move |s| down & (1 << s) != 0)
+                    .map(move |s| (bus, s))
+            })
+            .collect()
     }
 
     /// Whether the guest has GED events it has not read yet (its interrupt may have been lost,
@@ -749,16 +850,17 @@ impl DeviceManager {
         vm: Arc<Vm>,
         power: PowerCallback,
         console: Box<dyn std::io::Write + Send>,
-        eject: Option<EjectCallback>,
+        hotplug: Option<HotplugSetup>,
         placement: &Placement,
     ) -> Result<Self, DeviceManagerError> {
-        let dm = DeviceManager::new(vm, power, console, eject, placement.has_bridges())?;
+        let dm = DeviceManager::new(vm, power, console, hotplug, placement.has_bridges())?;
         let set = DeviceSet::realize_placement(placement, &dm.root, &dm.vm.mem, dm.vm.clone())?;
         let addrs: Vec<PciAddress> = set.devices().iter().map(|r| r.placed.addr).collect();
         *dm.set() = set;
         for a in addrs {
             dm.mapper.remap(a);
         }
+        dm.enable_bridge_hotplug();
         Ok(dm)
     }
 
@@ -783,6 +885,12 @@ impl DeviceManager {
         let addrs = set.add(specs, hints, &self.root, &self.vm.mem, self.vm.clone())?;
         for a in &addrs {
             self.mapper.remap(*a);
+        }
+        let bridges = specs.iter().any(DeviceSpec::is_bridge);
+        if bridges {
+            drop(set);
+            self.enable_bridge_hotplug();
+            set = self.set();
         }
         let ids = set
             .devices()

@@ -19,9 +19,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::acpi::AcpiOptions;
 use crate::boot::{self, Entry};
 use crate::cli::RunArgs;
-use crate::compat::{self, Globals};
+use crate::compat::{self, Globals, HotplugProps};
 use crate::config::MachineConfig;
-use crate::device_manager::{self, DeviceError, DeviceManager, DeviceSpec, Realized};
+use crate::device_manager::{self, DeviceError, DeviceManager, DeviceSpec, HotplugSetup, Realized};
 use crate::layout::ZERO_PAGE;
 use crate::machine_file::{DeviceEntry, MachineFile};
 use crate::monitor::{EventSink, RunState};
@@ -73,6 +73,15 @@ impl Guest {
             })
         };
         let devices = make_devices(vm.clone(), power)?;
+        // The bridges' ACPI objects for hot-plug behind them, from the buses just numbered.
+        let acpi = &AcpiOptions {
+            bridges: if acpi.pci_hotplug_bridges {
+                devices.with_buses(device_manager::acpi_bridges)
+            } else {
+                Vec::new()
+            },
+            ..acpi.clone()
+        };
         devices.with_devices(|list| {
             for r in list {
                 tracing::info!(
@@ -126,8 +135,8 @@ pub struct Machine {
     dump_machine: Option<PathBuf>,
     globals: Globals,
     seccomp: Option<crate::seccomp::Filter>,
-    /// ACPI PCI hot-plug on bus 0 (a recorded machine property).
-    pci_hotplug: bool,
+    /// ACPI PCI hot-plug on bus 0 and behind bridges (recorded machine properties).
+    hotplug: HotplugProps,
     /// Slots the guest ejected, posted by vCPUs for the hot-plug thread.
     ejects: Arc<Ejects>,
     /// Where events go (QMP), once the monitor runs.
@@ -140,19 +149,47 @@ pub struct Machine {
 }
 
 /// Slots the guest ejected (B0EJ writes), from the vCPU threads to the hot-plug thread: an
-/// atomic bitmap and an eventfd, so the vCPU side neither locks nor allocates.
+/// atomic bitmap of slots per bus number and an eventfd, so the vCPU side neither locks nor
+/// allocates.
 struct Ejects {
-    slots: AtomicU32,
+    slots: Box<[AtomicU32]>,
     wake: EventFd,
 }
 
 impl Ejects {
+    fn new() -> std::io::Result<Self> {
+        Ok(Ejects {
+            slots: (0..256).map(|_| AtomicU32::new(0)).collect(),
+            wake: EventFd::new(0)?,
+        })
+    }
+
     fn callback(self: &Arc<Self>) -> EjectCallback {
         let me = self.clone();
-        Arc::new(move |slot: u8| {
-            me.slots.fetch_or(1 << (slot & 31), Ordering::AcqRel);
+        Arc::new(move |bus: u8, slot: u8| {
+            me.slots[usize::from(bus)].fetch_or(1 << (slot & 31), Ordering::AcqRel);
             let _ = me.wake.write(1);
         })
+    }
+
+    /// Takes every posted (bus, slot).
+    fn take(&self) -> Vec<(u8, u8)> {
+        let mut out = Vec::new();
+        for (bus, slots) in self.slots.iter().enumerate() {
+            let s = slots.swap(0, Ordering::AcqRel);
+            out.extend(
+                (0..32u8)
+                    .filter(|i| s & (1 << i) != 0)
+                    .map(|i| (bus as u8, i)),
+            );
+        }
+        out
+    }
+
+    fn clear(&self) {
+        for s in self.slots.iter() {
+            s.store(0, Ordering::Release);
+        }
     }
 }
 
@@ -209,24 +246,29 @@ impl Machine {
 
         // Guest-visible: the command line or machine file, else what the record says (off for a
         // record from before the property), else on for a new machine.
-        let pci_hotplug = config
-            .pci_hotplug
-            .or(old.map(|r| r.machine.pci_hotplug))
-            .unwrap_or(true);
-        let ejects = Arc::new(Ejects {
-            slots: AtomicU32::new(0),
-            wake: EventFd::new(0)?,
+        let hotplug = HotplugProps::resolve(
+            config.pci_hotplug,
+            config.pci_hotplug_bridges,
+            old.map(|r| &r.machine),
+        )
+        .map_err(Error::Config)?;
+        let pci_hotplug = hotplug.pci_hotplug;
+        let ejects = Arc::new(Ejects::new()?);
+        let setup = pci_hotplug.then(|| HotplugSetup {
+            eject: ejects.callback(),
+            bridges: hotplug.pci_hotplug_bridges,
         });
-        let eject = pci_hotplug.then(|| ejects.callback());
         let stop = Arc::new(Stop::new()?);
         let pci_bridges = specs.iter().any(DeviceSpec::is_bridge);
         let acpi = AcpiOptions {
             pci_hotplug,
             pci_bridges,
+            pci_hotplug_bridges: hotplug.pci_hotplug_bridges,
+            bridges: Vec::new(),
         };
         let guest = Guest::build(&config, &acpi, &stop, |vm, power| {
             let devices =
-                DeviceManager::new(vm, power, Box::new(std::io::stdout()), eject, pci_bridges)?;
+                DeviceManager::new(vm, power, Box::new(std::io::stdout()), setup, pci_bridges)?;
             devices.add(&specs, &hints)?;
             Ok(devices)
         })?;
@@ -239,12 +281,12 @@ impl Machine {
             dump_machine: args.dump_machine.clone(),
             globals,
             seccomp,
-            pci_hotplug,
+            hotplug,
             ejects,
             events: OnceLock::new(),
             record_lock: Mutex::new(()),
         });
-        if pci_hotplug {
+        if hotplug.pci_hotplug {
             let weak = Arc::downgrade(&machine);
             let filter =
                 crate::seccomp::filter_for(args.seccomp, crate::seccomp::hotplug_filter_with)?;
@@ -267,7 +309,12 @@ impl Machine {
 
     /// Whether ACPI PCI hot-plug is on.
     pub fn pci_hotplug(&self) -> bool {
-        self.pci_hotplug
+        self.hotplug.pci_hotplug
+    }
+
+    /// Whether ACPI PCI hot-plug behind bridges is on.
+    pub fn pci_hotplug_bridges(&self) -> bool {
+        self.hotplug.pci_hotplug_bridges
     }
 
     /// Rewrites the compat record (after a completed hot-plug or removal), if there is one.
@@ -278,11 +325,12 @@ impl Machine {
         }
     }
 
-    /// Removes every device in `slot` (the guest ejected it), sends DEVICE_DELETED for each and
-    /// rewrites the record. Runs on the hot-plug thread (or during a reboot), never on a vCPU.
-    fn complete_eject(&self, slot: u8) {
+    /// Removes every device in `slot` of bus number `bus` (the guest ejected it), sends
+    /// DEVICE_DELETED for each and rewrites the record. Runs on the hot-plug thread (or during
+    /// a reboot), never on a vCPU.
+    fn complete_eject(&self, bus: u8, slot: u8) {
         let removed = self
-            .with_guest(|g| remove_slot(&g.devices, slot))
+            .with_guest(|g| remove_slot(&g.devices, bus, slot))
             .unwrap_or_default();
         self.announce_removed(&removed);
     }
@@ -335,7 +383,7 @@ impl Machine {
 
     /// The compat record of the devices as they are now.
     pub fn record(&self) -> CompatRecord {
-        let hp = self.pci_hotplug;
+        let hp = self.hotplug;
         self.with_guest(|g| g.devices.with_devices(|l| compat::record_of(l, hp)))
             .unwrap_or_else(|| compat::record_of(&[], hp))
     }
@@ -348,7 +396,8 @@ impl Machine {
         m.cmdline = Some(self.config.cmdline.clone());
         m.memory_mib = Some(self.config.memory_mib);
         m.cpus = Some(self.config.cpus);
-        m.pci_hotplug = Some(self.pci_hotplug);
+        m.pci_hotplug = Some(self.hotplug.pci_hotplug);
+        m.pci_hotplug_bridges = Some(self.hotplug.pci_hotplug_bridges);
         m.devices = self.with_devices(|list| {
             list.iter()
                 // Every ABI-shaping property with its value, defaults included.
@@ -448,11 +497,24 @@ impl Machine {
             let name = spec.id.clone().unwrap_or_else(|| spec.driver().to_string());
             return Err(DeviceError::BridgeNotPluggable(name).into());
         }
-        if hot && !self.pci_hotplug {
+        if hot && !self.hotplug.pci_hotplug {
             return Err(Error::Config(NO_HOTPLUG.into()));
         }
-        if hot && spec.bus_name() != device_manager::ROOT_BUS {
-            return Err(DeviceError::NoHotplugBus(spec.bus_name().to_string()).into());
+        let bus = spec.bus_name().to_string();
+        if hot && bus != device_manager::ROOT_BUS {
+            // A bus that does not exist is "not found" (from the placement below); one that
+            // exists without hot-plug says so.
+            let (exists, pluggable) = self
+                .with_guest(|g| {
+                    (
+                        g.devices.with_buses(|b| b.get(&bus).is_some()),
+                        g.devices.bus_hotpluggable(&bus),
+                    )
+                })
+                .unwrap_or_default();
+            if exists && !pluggable {
+                return Err(DeviceError::NoHotplugBus(bus).into());
+            }
         }
         if let (true, Some((slot, Some(f)))) = (hot, spec.addr) {
             if f != 0 {
@@ -468,15 +530,24 @@ impl Machine {
         }
         let mut hints = compat::hints(&specs, old);
         if hot {
-            // Hot-plug is on bus 0 only: a recorded place behind a bridge does not apply.
-            hints.retain(|_, h| h.bus == device_manager::ROOT_BUS);
+            // Hot-plug goes only where it can: a recorded place on a bus without hot-plug (behind
+            // a bridge, without hot-plug behind bridges) does not apply.
+            let usable: std::collections::HashSet<String> = hints
+                .values()
+                .map(|h| h.bus.clone())
+                .filter(|b| {
+                    self.with_guest(|g| g.devices.bus_hotpluggable(b))
+                        .unwrap_or(false)
+                })
+                .collect();
+            hints.retain(|_, h| usable.contains(&h.bus));
         }
         let added = self
             .with_guest(|g| -> Result<_, Error> {
                 let added = g.devices.add(&specs, &hints)?;
                 if hot {
                     for (_, addr) in &added {
-                        g.devices.notify_plugged(addr.device())?;
+                        g.devices.notify_plugged(addr.bus(), addr.device())?;
                     }
                 }
                 Ok(added)
@@ -503,7 +574,7 @@ impl Machine {
     /// it does.
     pub fn device_del(&self, id: &str) -> Result<Removal, Error> {
         let hot = self.run_state() != RunState::Prelaunch;
-        if hot && !self.pci_hotplug {
+        if hot && !self.hotplug.pci_hotplug {
             return Err(Error::Config(NO_HOTPLUG.into()));
         }
         let removal = self
@@ -524,10 +595,22 @@ impl Machine {
                     if bridge {
                         return Err(DeviceError::BridgeNotPluggable(id.to_string()).into());
                     }
-                    if bus != device_manager::ROOT_BUS {
+                    if !g.devices.bus_hotpluggable(&bus) {
                         return Err(DeviceError::NoHotplugBus(bus).into());
                     }
-                    g.devices.request_unplug(addr.device())?;
+                    // A slot that holds a bridge (in another function) cannot be ejected.
+                    if let Some(b) = g.devices.with_devices(|l| {
+                        l.iter()
+                            .find(|r| {
+                                r.placed.spec.is_bridge()
+                                    && r.placed.addr.bus() == addr.bus()
+                                    && r.placed.addr.device() == addr.device()
+                            })
+                            .map(|r| r.placed.id.clone())
+                    }) {
+                        return Err(DeviceError::BridgeNotPluggable(b).into());
+                    }
+                    g.devices.request_unplug(addr.bus(), addr.device())?;
                     Ok(Removal::Requested)
                 } else {
                     g.devices.remove(id)?;
@@ -582,26 +665,33 @@ impl Machine {
         // the console loop returns it at once.)
         let source = self.stop.take_reset();
         // Removals the guest did not complete happen now, as in QEMU.
-        let removed: Vec<String> = (1..32u8)
-            .filter(|s| old.devices.unplug_pending(*s))
-            .flat_map(|s| remove_slot(&old.devices, s))
+        let removed: Vec<String> = old
+            .devices
+            .pending_unplugs()
+            .into_iter()
+            .flat_map(|(bus, s)| remove_slot(&old.devices, bus, s))
             .collect();
         let placement = old.devices.placement();
         // Before the new run opens them again: files, sockets, taps, worker threads, the VM.
         drop(old);
         let acpi = AcpiOptions {
-            pci_hotplug: self.pci_hotplug,
+            pci_hotplug: self.hotplug.pci_hotplug,
             pci_bridges: placement.has_bridges(),
+            pci_hotplug_bridges: self.hotplug.pci_hotplug_bridges,
+            bridges: Vec::new(),
         };
-        let eject = self.pci_hotplug.then(|| self.ejects.callback());
+        let setup = self.hotplug.pci_hotplug.then(|| HotplugSetup {
+            eject: self.ejects.callback(),
+            bridges: self.hotplug.pci_hotplug_bridges,
+        });
         // Ejects posted by the old run's vCPUs are moot: those devices are gone or rebuilt.
-        self.ejects.slots.store(0, Ordering::Release);
+        self.ejects.clear();
         let guest = Guest::build(&self.config, &acpi, &self.stop, |vm, power| {
             Ok(DeviceManager::rebuilt(
                 vm,
                 power,
                 Box::new(std::io::stdout()),
-                eject,
+                setup,
                 &placement,
             )?)
         })?;
@@ -615,12 +705,12 @@ impl Machine {
     }
 }
 
-/// Removes every device in `slot` of bus 0 (the hot-plug registers' bus), functions above 0
-/// first; returns their ids.
-fn remove_slot(devices: &DeviceManager, slot: u8) -> Vec<String> {
+/// Removes every device in `slot` of bus number `bus`, functions above 0 first; returns their
+/// ids.
+fn remove_slot(devices: &DeviceManager, bus: u8, slot: u8) -> Vec<String> {
     let mut in_slot: Vec<(u8, String)> = devices.with_devices(|l| {
         l.iter()
-            .filter(|r| r.placed.addr.bus() == 0 && r.placed.addr.device() == slot)
+            .filter(|r| r.placed.addr.bus() == bus && r.placed.addr.device() == slot)
             .map(|r| (r.placed.addr.function(), r.placed.id.clone()))
             .collect()
     });
@@ -674,9 +764,8 @@ fn hotplug_thread(machine: std::sync::Weak<Machine>) {
         if n > 0 {
             let _ = m.ejects.wake.read();
         }
-        let slots = m.ejects.slots.swap(0, Ordering::AcqRel);
-        for slot in (1..32u8).filter(|s| slots & (1 << s) != 0) {
-            m.complete_eject(slot);
+        for (bus, slot) in m.ejects.take() {
+            m.complete_eject(bus, slot);
         }
         if n == 0 && m.run_state() == RunState::Running {
             let _ = m.with_guest(|g| {

@@ -128,6 +128,10 @@ pub struct MachineFile {
     /// ACPI PCI hot-plug on bus 0 (guest-visible; see `vmm run --help`, `--hotplug`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_hotplug: Option<bool>,
+    /// ACPI PCI hot-plug behind bridges (guest-visible; see `vmm run --help`,
+    /// `--hotplug-bridges`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_hotplug_bridges: Option<bool>,
     /// Devices.
     #[serde(default)]
     pub devices: Vec<DeviceEntry>,
@@ -155,6 +159,7 @@ impl MachineFile {
             memory_mib: None,
             cpus: None,
             pci_hotplug: None,
+            pci_hotplug_bridges: None,
             devices: Vec::new(),
         }
     }
@@ -285,11 +290,19 @@ mod tests {
             m.pci_hotplug, None,
             "a file without it leaves it to the record"
         );
+        assert_eq!(m.pci_hotplug_bridges, None);
         let mut off = m.clone();
         off.pci_hotplug = Some(false);
         let json = off.to_json();
         assert!(json.contains("\"pci_hotplug\": false"), "{json}");
+        assert!(!json.contains("pci_hotplug_bridges"), "{json}");
         assert_eq!(MachineFile::from_json(&json).unwrap(), off);
+        let mut on = m.clone();
+        on.pci_hotplug = Some(true);
+        on.pci_hotplug_bridges = Some(true);
+        let json = on.to_json();
+        assert!(json.contains("\"pci_hotplug_bridges\": true"), "{json}");
+        assert_eq!(MachineFile::from_json(&json).unwrap(), on);
     }
 
     #[test]

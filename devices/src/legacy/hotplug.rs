@@ -4,13 +4,14 @@
 //!
 //! How the pieces talk (the DSDT's side is built by the vmm's `acpi` module):
 //!
-//! - Plug: the monitor makes the new function visible on bus 0, calls
-//!   [`PciHotplug::plugged`] and then [`Ged::notify`]`(`[`GED_PCI_HOTPLUG`]`)`. The guest's GED
-//!   driver runs `_EVT`, which calls `\_SB.PCI0.PCNT`: PCNT reads PCIU (clearing it) and sends
-//!   a device-check notification to each slot set there; the guest rescans those slots.
-//! - Unplug: the monitor calls [`PciHotplug::unplug_request`] and [`Ged::notify`]. PCNT reads
+//! - Plug: the monitor makes the new function visible on its bus, calls
+//!   [`PciHotplug::plugged_on`] and then [`Ged::notify`]`(`[`GED_PCI_HOTPLUG`]`)`. The guest's GED
+//!   driver runs `_EVT`, which calls `\_SB.PCI0.PCNT`: PCNT selects each bus with hot-plug in
+//!   turn (BNUM), reads its PCIU (clearing it) and sends a device-check notification to each
+//!   slot set there; the guest rescans those slots.
+//! - Unplug: the monitor calls [`PciHotplug::unplug_request_on`] and [`Ged::notify`]. PCNT reads
 //!   PCID and sends an eject request to each slot set there. The guest unbinds its driver and
-//!   runs the slot's `_EJ0`, which writes the slot's bit to B0EJ. For each slot whose removal was
+//!   runs the slot's `_EJ0`, which selects the slot's bus and writes the slot's bit to B0EJ. For each slot whose removal was
 //!   requested this clears the slot's PCIU/PCID bits and calls the [`EjectCallback`]; the
 //!   monitor then removes the device. A slot stays in PCID until the guest ejects it (or the
 //!   machine resets, see [`PciHotplug::reset`]).
@@ -18,7 +19,7 @@
 //! Both devices keep their state in atomics and take `&self`: vCPU threads dispatch to them
 //! lock-free and allocation-free, concurrently with the monitor thread.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -41,9 +42,12 @@ pub const PCI_RMV_OFFSET: u64 = 0x0c;
 pub const BNUM_OFFSET: u64 = 0x10;
 /// Slots 1..=31 of bus 0: every slot but the host bridge's.
 pub const HOTPLUG_SLOTS: u32 = !1;
-/// Buses with hot-plug registers: bus 0 only (the selector value is the index; bridges would
-/// get the next ones).
-pub const HOTPLUG_BUSES: usize = 1;
+/// Slots 0..=31 of a bus behind a bridge: every slot.
+pub const BRIDGE_HOTPLUG_SLOTS: u32 = u32::MAX;
+/// Bus selector values: one per bus number (the selector of a bus is its number: bus 0 is 0,
+/// the bus behind a bridge is the bridge's secondary bus number). Only the buses the monitor
+/// enabled ([`PciHotplug::enable_bus`]) have registers; bus 0 always has them.
+pub const HOTPLUG_BUSES: usize = 256;
 
 /// First port of the GED event register.
 pub const GED_PORT: u64 = 0xaf00;
@@ -55,22 +59,30 @@ pub const GED_GSI: u32 = 9;
 /// GED event bit: a PCI hot-plug event (PCIU or PCID has news).
 pub const GED_PCI_HOTPLUG: u32 = 1 << 0;
 
-/// Called with the slot number (1..=31) of each slot the guest ejected.
+/// Called with the bus number and the slot number of each slot the guest ejected (slot
+/// 1..=31 on bus 0, 0..=31 on a bridge's bus).
 ///
 /// It runs on the vCPU thread that wrote B0EJ, in the middle of a port exit: it must only post
-/// a message (e.g. push to a queue and write an eventfd) and return. It must not take locks the
+/// a message (e.g. set a bit and write an eventfd) and return. It must not take locks the
 /// monitor holds while it waits for vCPUs, remove devices, allocate much or block.
-pub type EjectCallback = Arc<dyn Fn(u8) + Send + Sync>;
+pub type EjectCallback = Arc<dyn Fn(u8, u8) + Send + Sync>;
 
 /// A monitor-side request named a slot that cannot be hot-plugged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("slot {0} is not hot-pluggable (slots 1..=31 of bus 0 are)")]
-pub struct BadSlot(pub u8);
+#[error("slot {slot} of bus {bus} is not hot-pluggable (slots 1..=31 of bus 0 and 0..=31 of the bridges' buses with hot-plug are)")]
+pub struct BadSlot {
+    /// The bus number.
+    pub bus: u8,
+    /// The slot.
+    pub slot: u8,
+}
 
-fn slot_bit(slot: u8) -> Result<u32, BadSlot> {
-    match slot {
-        1..=31 => Ok(1 << slot),
-        _ => Err(BadSlot(slot)),
+/// The hot-pluggable slots of bus `bus` (a bitmap, bit N = slot N).
+fn bus_slots(bus: u8) -> u32 {
+    if bus == 0 {
+        HOTPLUG_SLOTS
+    } else {
+        BRIDGE_HOTPLUG_SLOTS
     }
 }
 
@@ -81,76 +93,131 @@ struct BusStatus {
     down: AtomicU32,
 }
 
-/// QEMU's ACPI PCI hot-plug register block (`hw/acpi/pcihp.c`, non-legacy mode), at
-/// [`PCI_HOTPLUG_PORT`]:
+/// QEMU's ACPI PCI hot-plug register block (`hw/acpi/pcihp.c`, non-legacy mode, with
+/// `acpi-pci-hotplug-with-bridge-support`), at [`PCI_HOTPLUG_PORT`]:
 ///
 /// | offset | name    | read                                   | write                     |
 /// |--------|---------|----------------------------------------|---------------------------|
 /// | 0x00   | PCIU    | slots with a device added; then clears | ignored                   |
 /// | 0x04   | PCID    | slots whose removal is requested       | ignored                   |
 /// | 0x08   | B0EJ    | 0                                      | eject the slots set       |
-/// | 0x0c   | PCI_RMV | hot-pluggable slots ([`HOTPLUG_SLOTS`])| ignored                   |
+/// | 0x0c   | PCI_RMV | hot-pluggable slots of the bus         | ignored                   |
 /// | 0x10   | BNUM    | the bus selector                       | select a bus              |
 ///
+/// PCIU, PCID, B0EJ and PCI_RMV refer to the bus BNUM selects. A bus's selector is its bus
+/// number; bus 0 always has registers, a bridge's bus only once the monitor enabled it
+/// ([`PciHotplug::enable_bus`]). PCI_RMV reads [`HOTPLUG_SLOTS`] on bus 0 and
+/// [`BRIDGE_HOTPLUG_SLOTS`] on an enabled bridge's bus. Any other selector (a bus that does not
+/// exist or has no hot-plug, a value above 255: the guest may write anything) reads zero
+/// bitmaps and its ejects are ignored, as QEMU does for a selector it does not know.
+///
 /// Every register is 32 bits wide and only 32-bit accesses at these offsets do anything (QEMU
-/// accepts only 4-byte accesses): any other access reads 0 and changes nothing. A selector other
-/// than 0 reads zero bitmaps and its ejects are ignored (only bus 0 exists today).
+/// accepts only 4-byte accesses): any other access reads 0 and changes nothing.
 ///
 /// Eject (a B0EJ write) removes only slots whose removal was requested (PCID set). A write with
 /// several bits ejects every requested slot among them, in slot order; QEMU ejects only the
 /// lowest set bit per write, which makes no difference to a guest whose `_EJ0` writes one bit
 /// (ours and QEMU's both do). Bits of empty slots, of slots nobody asked to remove, and bit 0
-/// (the host bridge) are ignored with a debug message. A slot is ejected at most once per
-/// request even when vCPUs race: the PCID bit is taken atomically.
+/// of bus 0 (the host bridge) are ignored with a debug message. A slot is ejected at most once
+/// per request even when vCPUs race: the PCID bit is taken atomically.
 pub struct PciHotplug {
-    buses: [BusStatus; HOTPLUG_BUSES],
+    buses: Box<[BusStatus]>,
+    /// Which buses have registers (bit N of word N / 64 = bus N); bus 0 always.
+    enabled: [AtomicU64; HOTPLUG_BUSES / 64],
     select: AtomicU32,
     eject: EjectCallback,
 }
 
 impl PciHotplug {
-    /// A register block in its power-on state; `eject` hears of every slot the guest ejects.
+    /// A register block in its power-on state with bus 0 only; `eject` hears of every slot the
+    /// guest ejects.
     pub fn new(eject: EjectCallback) -> Self {
         PciHotplug {
-            buses: Default::default(),
+            buses: (0..HOTPLUG_BUSES).map(|_| BusStatus::default()).collect(),
+            enabled: [
+                AtomicU64::new(1),
+                AtomicU64::new(0),
+                AtomicU64::new(0),
+                AtomicU64::new(0),
+            ],
             select: AtomicU32::new(0),
             eject,
         }
     }
 
-    fn bus0(&self) -> &BusStatus {
-        &self.buses[0]
+    /// Monitor side: gives bus `bus` (a bridge's secondary bus) hot-plug registers, selector
+    /// value `bus`. Done when the machine's bridges are set up, before the guest runs.
+    pub fn enable_bus(&self, bus: u8) {
+        self.enabled[usize::from(bus / 64)].fetch_or(1 << (bus % 64), Ordering::AcqRel);
+    }
+
+    /// Whether bus `bus` has hot-plug registers.
+    pub fn bus_enabled(&self, bus: u8) -> bool {
+        self.enabled[usize::from(bus / 64)].load(Ordering::Acquire) & (1 << (bus % 64)) != 0
+    }
+
+    /// The status of bus `bus` and the bit of `slot` there, if that slot can be hot-plugged.
+    fn slot(&self, bus: u8, slot: u8) -> Result<(&BusStatus, u32), BadSlot> {
+        let bit = 1u32.checked_shl(u32::from(slot)).unwrap_or(0) & bus_slots(bus);
+        if bit == 0 || !self.bus_enabled(bus) {
+            return Err(BadSlot { bus, slot });
+        }
+        Ok((&self.buses[usize::from(bus)], bit))
     }
 
     /// Monitor side: a device was added at `slot` of bus 0 (sets its PCIU bit). Raise the GED
     /// event afterwards.
     pub fn plugged(&self, slot: u8) -> Result<(), BadSlot> {
-        let bit = slot_bit(slot)?;
-        self.bus0().up.fetch_or(bit, Ordering::AcqRel);
+        self.plugged_on(0, slot)
+    }
+
+    /// Monitor side: a device was added at `slot` of bus `bus`. Raise the GED event afterwards.
+    pub fn plugged_on(&self, bus: u8, slot: u8) -> Result<(), BadSlot> {
+        let (status, bit) = self.slot(bus, slot)?;
+        status.up.fetch_or(bit, Ordering::AcqRel);
         Ok(())
     }
 
     /// Monitor side: ask the guest to release `slot` of bus 0 (sets its PCID bit until the guest
     /// ejects the slot). Raise the GED event afterwards.
     pub fn unplug_request(&self, slot: u8) -> Result<(), BadSlot> {
-        let bit = slot_bit(slot)?;
-        self.bus0().down.fetch_or(bit, Ordering::AcqRel);
+        self.unplug_request_on(0, slot)
+    }
+
+    /// Monitor side: ask the guest to release `slot` of bus `bus`. Raise the GED event
+    /// afterwards.
+    pub fn unplug_request_on(&self, bus: u8, slot: u8) -> Result<(), BadSlot> {
+        let (status, bit) = self.slot(bus, slot)?;
+        status.down.fetch_or(bit, Ordering::AcqRel);
         Ok(())
     }
 
     /// Whether the removal of `slot` on bus 0 was requested and the guest has not ejected it
     /// yet. False for slots that cannot be hot-plugged.
     pub fn removal_pending(&self, slot: u8) -> bool {
-        slot_bit(slot).is_ok_and(|bit| self.bus0().down.load(Ordering::Acquire) & bit != 0)
+        self.removal_pending_on(0, slot)
+    }
+
+    /// Whether the removal of `slot` on bus `bus` is pending. False for slots that cannot be
+    /// hot-plugged.
+    pub fn removal_pending_on(&self, bus: u8, slot: u8) -> bool {
+        self.slot(bus, slot)
+            .is_ok_and(|(s, bit)| s.down.load(Ordering::Acquire) & bit != 0)
     }
 
     /// The slots of bus 0 whose removal is pending (bit N = slot N).
     pub fn pending_removals(&self) -> u32 {
-        self.bus0().down.load(Ordering::Acquire)
+        self.pending_removals_on(0)
     }
 
-    /// Back to the power-on state, for a machine reset: clears PCIU, PCID and the selector, and
-    /// returns the slots of bus 0 whose removal was still pending (bit N = slot N).
+    /// The slots of bus `bus` whose removal is pending (bit N = slot N).
+    pub fn pending_removals_on(&self, bus: u8) -> u32 {
+        self.buses[usize::from(bus)].down.load(Ordering::Acquire)
+    }
+
+    /// Back to the power-on state, for a machine reset: clears PCIU, PCID and the selector of
+    /// every bus, and returns the slots whose removal was still pending, as (bus, bitmap of
+    /// slots) for each bus with some. The buses enabled stay enabled (the bridges stay).
     ///
     /// QEMU completes every pending removal on reset (`acpi_pcihp_reset` ejects each PCID slot
     /// without asking the guest: no driver owns the device any more). The monitor should do the
@@ -159,21 +226,24 @@ impl PciHotplug {
     /// the answer in hand). Slots still in PCIU need nothing: the guest finds them when it
     /// enumerates the bus at boot. (QEMU leaves PCIU as it is, which at most costs the guest a
     /// redundant device check.)
-    pub fn reset(&self) -> u32 {
+    pub fn reset(&self) -> Vec<(u8, u32)> {
         self.select.store(0, Ordering::Release);
-        for bus in &self.buses {
+        let mut pending = Vec::new();
+        for (n, bus) in self.buses.iter().enumerate() {
             bus.up.store(0, Ordering::Release);
-        }
-        let pending = self.bus0().down.swap(0, Ordering::AcqRel);
-        for bus in &self.buses[1..] {
-            bus.down.store(0, Ordering::Release);
+            let down = bus.down.swap(0, Ordering::AcqRel);
+            if down != 0 {
+                pending.push((n as u8, down));
+            }
         }
         pending
     }
 
-    fn selected(&self) -> Option<&BusStatus> {
-        let sel = self.select.load(Ordering::Acquire);
-        self.buses.get(usize::try_from(sel).ok()?)
+    /// The selected bus's number and status, if it has registers.
+    fn selected(&self) -> Option<(u8, &BusStatus)> {
+        let sel = u8::try_from(self.select.load(Ordering::Acquire)).ok()?;
+        self.bus_enabled(sel)
+            .then(|| (sel, &self.buses[usize::from(sel)]))
     }
 
     /// Decodes a 32-bit register read.
@@ -181,14 +251,11 @@ impl PciHotplug {
         match offset {
             PCIU_OFFSET => self
                 .selected()
-                .map_or(0, |b| b.up.swap(0, Ordering::AcqRel)),
+                .map_or(0, |(_, b)| b.up.swap(0, Ordering::AcqRel)),
             PCID_OFFSET => self
                 .selected()
-                .map_or(0, |b| b.down.load(Ordering::Acquire)),
-            PCI_RMV_OFFSET => match self.select.load(Ordering::Acquire) {
-                0 => HOTPLUG_SLOTS,
-                _ => 0,
-            },
+                .map_or(0, |(_, b)| b.down.load(Ordering::Acquire)),
+            PCI_RMV_OFFSET => self.selected().map_or(0, |(n, _)| bus_slots(n)),
             BNUM_OFFSET => self.select.load(Ordering::Acquire),
             _ => 0, // B0EJ reads 0 ("no feature defined yet" in QEMU)
         }
@@ -204,18 +271,18 @@ impl PciHotplug {
     }
 
     fn eject_write(&self, value: u32) {
-        let sel = self.select.load(Ordering::Acquire);
-        let Some(bus) = self.selected() else {
+        let Some((n, bus)) = self.selected() else {
+            let sel = self.select.load(Ordering::Acquire);
             tracing::debug!("pci hotplug: eject {value:#x} on bus selector {sel}: no such bus");
             return;
         };
-        let wanted = value & HOTPLUG_SLOTS;
+        let wanted = value & bus_slots(n);
         // Take the requested slots' PCID bits: a racing vCPU cannot eject them a second time.
         let ejected = bus.down.fetch_and(!wanted, Ordering::AcqRel) & wanted;
         let ignored = value & !ejected;
         if ignored != 0 {
             tracing::debug!(
-                "pci hotplug: eject {value:#x}: ignoring slots {ignored:#x} (no removal requested)"
+                "pci hotplug: eject {value:#x} on bus {n}: ignoring slots {ignored:#x} (no removal requested)"
             );
         }
         if ejected == 0 {
@@ -226,7 +293,7 @@ impl PciHotplug {
         while rest != 0 {
             let slot = rest.trailing_zeros() as u8;
             rest &= rest - 1;
-            (self.eject)(slot);
+            (self.eject)(n, slot);
         }
     }
 }
@@ -346,7 +413,10 @@ mod tests {
     fn hp() -> (Arc<PciHotplug>, Arc<Mutex<Vec<u8>>>) {
         let log = Arc::new(Mutex::new(Vec::new()));
         let l = log.clone();
-        let dev = PciHotplug::new(Arc::new(move |slot| l.lock().unwrap().push(slot)));
+        let dev = PciHotplug::new(Arc::new(move |bus, slot| {
+            assert_eq!(bus, 0, "bus 0 only in these tests");
+            l.lock().unwrap().push(slot)
+        }));
         (Arc::new(dev), log)
     }
 
@@ -380,15 +450,15 @@ mod tests {
     fn monitor_side_refuses_slot_0_and_slots_past_31() {
         let (d, _) = hp();
         for slot in [0u8, 32, 255] {
-            assert_eq!(d.plugged(slot), Err(BadSlot(slot)));
-            assert_eq!(d.unplug_request(slot), Err(BadSlot(slot)));
+            assert_eq!(d.plugged(slot), Err(BadSlot { bus: 0, slot }));
+            assert_eq!(d.unplug_request(slot), Err(BadSlot { bus: 0, slot }));
             assert!(!d.removal_pending(slot));
         }
         assert_eq!(rd(&*d, PCIU_OFFSET), 0);
         assert_eq!(rd(&*d, PCID_OFFSET), 0);
         assert_eq!(
-            BadSlot(0).to_string(),
-            "slot 0 is not hot-pluggable (slots 1..=31 of bus 0 are)"
+            BadSlot { bus: 0, slot: 0 }.to_string(),
+            "slot 0 of bus 0 is not hot-pluggable (slots 1..=31 of bus 0 and 0..=31 of the bridges' buses with hot-plug are)"
         );
     }
 
@@ -516,7 +586,7 @@ mod tests {
         d.unplug_request(11).unwrap();
         d.unplug_request(12).unwrap();
         wr(&*d, BNUM_OFFSET, 3);
-        assert_eq!(d.reset(), (1 << 11) | (1 << 12));
+        assert_eq!(d.reset(), [(0, (1 << 11) | (1 << 12))]);
         assert!(
             ejected(&log).is_empty(),
             "reset does not call the eject callback"
@@ -526,7 +596,7 @@ mod tests {
         assert_eq!(rd(&*d, PCID_OFFSET), 0);
         assert_eq!(rd(&*d, PCI_RMV_OFFSET), HOTPLUG_SLOTS);
         assert!(!d.removal_pending(11));
-        assert_eq!(d.reset(), 0);
+        assert_eq!(d.reset(), []);
         // Works as before afterwards.
         d.unplug_request(11).unwrap();
         wr(&*d, B0EJ_OFFSET, 1 << 11);
@@ -540,7 +610,7 @@ mod tests {
         let counts: Arc<Vec<AtomicUsize>> =
             Arc::new((0..32).map(|_| AtomicUsize::new(0)).collect());
         let c = counts.clone();
-        let d = Arc::new(PciHotplug::new(Arc::new(move |slot| {
+        let d = Arc::new(PciHotplug::new(Arc::new(move |_, slot| {
             c[usize::from(slot)].fetch_add(1, Ordering::SeqCst);
         })));
         let rounds = 200;
@@ -578,6 +648,204 @@ mod tests {
             assert_eq!(counts[slot].load(Ordering::SeqCst), rounds, "slot {slot}");
         }
         assert_eq!(d.pending_removals(), 0);
+    }
+
+    /// Every (bus, slot) an eject callback was called with.
+    type EjectLog = Arc<Mutex<Vec<(u8, u8)>>>;
+
+    /// A register block whose eject callback records every (bus, slot).
+    fn hp_buses() -> (Arc<PciHotplug>, EjectLog) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        let dev = PciHotplug::new(Arc::new(move |bus, slot| {
+            l.lock().unwrap().push((bus, slot))
+        }));
+        (Arc::new(dev), log)
+    }
+
+    fn ejected_on(log: &Mutex<Vec<(u8, u8)>>) -> Vec<(u8, u8)> {
+        std::mem::take(&mut *log.lock().unwrap())
+    }
+
+    /// Buses behind bridges: selected by their bus number once enabled, every slot (0 too)
+    /// hot-pluggable, each bus's bitmaps its own; ejects report the bus.
+    #[test]
+    fn bridge_buses_have_registers_of_their_own() {
+        let (d, log) = hp_buses();
+        assert!(d.bus_enabled(0));
+        assert!(!d.bus_enabled(1));
+        assert_eq!(d.plugged_on(1, 3), Err(BadSlot { bus: 1, slot: 3 }));
+        assert_eq!(d.unplug_request_on(2, 0), Err(BadSlot { bus: 2, slot: 0 }));
+        d.enable_bus(1);
+        d.enable_bus(64);
+        d.enable_bus(255);
+        assert!(d.bus_enabled(1) && d.bus_enabled(64) && d.bus_enabled(255));
+        assert!(!d.bus_enabled(2) && !d.bus_enabled(63) && !d.bus_enabled(65));
+        d.plugged_on(1, 0).unwrap();
+        d.plugged_on(1, 3).unwrap();
+        d.plugged_on(64, 31).unwrap();
+        d.unplug_request_on(255, 0).unwrap();
+        d.unplug_request_on(1, 5).unwrap();
+        assert_eq!(d.plugged_on(1, 32), Err(BadSlot { bus: 1, slot: 32 }));
+        assert_eq!(d.plugged_on(0, 0), Err(BadSlot { bus: 0, slot: 0 }));
+        assert!(d.removal_pending_on(1, 5) && !d.removal_pending_on(1, 3));
+        assert!(!d.removal_pending(5), "bus 0 is another bus");
+        // Bus 0 sees nothing of it.
+        assert_eq!(rd(&*d, PCIU_OFFSET), 0);
+        assert_eq!(rd(&*d, PCID_OFFSET), 0);
+        wr(&*d, BNUM_OFFSET, 1);
+        assert_eq!(rd(&*d, BNUM_OFFSET), 1);
+        assert_eq!(
+            rd(&*d, PCI_RMV_OFFSET),
+            u32::MAX,
+            "slot 0 too behind a bridge"
+        );
+        assert_eq!(rd(&*d, PCIU_OFFSET), 0b1001);
+        assert_eq!(rd(&*d, PCIU_OFFSET), 0, "clears on read");
+        assert_eq!(rd(&*d, PCID_OFFSET), 1 << 5);
+        wr(&*d, B0EJ_OFFSET, (1 << 5) | (1 << 3) | 1);
+        assert_eq!(ejected_on(&log), [(1, 5)], "only the requested slot");
+        assert_eq!(d.pending_removals_on(1), 0);
+        wr(&*d, BNUM_OFFSET, 64);
+        assert_eq!(rd(&*d, PCIU_OFFSET), 1 << 31);
+        wr(&*d, BNUM_OFFSET, 255);
+        assert_eq!(rd(&*d, PCID_OFFSET), 1);
+        wr(&*d, B0EJ_OFFSET, 1);
+        assert_eq!(ejected_on(&log), [(255, 0)], "slot 0 of a bridge's bus");
+        // Reset: pending removals of every bus come back; the buses stay enabled.
+        d.unplug_request_on(64, 7).unwrap();
+        d.unplug_request(9).unwrap();
+        assert_eq!(d.reset(), [(0, 1 << 9), (64, 1 << 7)]);
+        assert_eq!(rd(&*d, BNUM_OFFSET), 0);
+        assert!(d.bus_enabled(64));
+        assert!(ejected_on(&log).is_empty());
+    }
+
+    /// A hostile guest writes every kind of selector: buses that do not exist, buses without
+    /// hot-plug, values far above 255. They read zero bitmaps, eject nothing, never panic, and
+    /// leave the real buses' state alone.
+    #[test]
+    fn hostile_selectors_read_zero_and_eject_nothing() {
+        let (d, log) = hp_buses();
+        d.enable_bus(1);
+        d.enable_bus(3);
+        d.unplug_request_on(1, 2).unwrap();
+        d.unplug_request_on(3, 0).unwrap();
+        d.plugged_on(3, 4).unwrap();
+        d.unplug_request(6).unwrap();
+        let selectors = [
+            2u32,
+            4,
+            63,
+            64,
+            200,
+            254,
+            255,
+            256,
+            257,
+            0x101, // 1 + 256: must not alias bus 1
+            0x103,
+            0x1_0000,
+            0x8000_0000,
+            u32::MAX,
+        ];
+        for sel in selectors {
+            wr(&*d, BNUM_OFFSET, sel);
+            assert_eq!(rd(&*d, BNUM_OFFSET), sel, "the selector reads back");
+            for off in [PCIU_OFFSET, PCID_OFFSET, PCI_RMV_OFFSET, B0EJ_OFFSET] {
+                assert_eq!(rd(&*d, off), 0, "selector {sel:#x} offset {off:#x}");
+            }
+            for v in [0, 1, 1 << 2, 1 << 6, u32::MAX] {
+                wr(&*d, B0EJ_OFFSET, v);
+            }
+            assert!(ejected_on(&log).is_empty(), "selector {sel:#x}");
+        }
+        assert_eq!(d.pending_removals_on(1), 1 << 2);
+        assert_eq!(d.pending_removals_on(3), 1);
+        assert_eq!(d.pending_removals(), 1 << 6);
+        wr(&*d, BNUM_OFFSET, 3);
+        assert_eq!(rd(&*d, PCIU_OFFSET), 1 << 4, "PCIU of bus 3 untouched");
+        // The monitor side refuses what the guest cannot reach either.
+        for bus in [2u8, 4, 255] {
+            assert!(d.plugged_on(bus, 1).is_err());
+            assert!(d.unplug_request_on(bus, 1).is_err());
+            assert!(!d.removal_pending_on(bus, 1));
+        }
+    }
+
+    /// vCPUs switch the selector between real and bogus buses and eject at random while the
+    /// monitor requests removals on two bridge buses and bus 0: every request is served
+    /// exactly once, on the right bus, and nothing else is ever ejected.
+    #[test]
+    fn flooding_vcpus_across_buses_eject_each_request_once() {
+        let counts: Arc<Vec<AtomicUsize>> =
+            Arc::new((0..3 * 32).map(|_| AtomicUsize::new(0)).collect());
+        let c = counts.clone();
+        let d = Arc::new(PciHotplug::new(Arc::new(move |bus, slot| {
+            let i = match bus {
+                0 => 0,
+                1 => 1,
+                7 => 2,
+                _ => panic!("eject on bus {bus}"),
+            };
+            c[i * 32 + usize::from(slot)].fetch_add(1, Ordering::SeqCst);
+        })));
+        d.enable_bus(1);
+        d.enable_bus(7);
+        let vcpus: Vec<_> = (0..3)
+            .map(|t| {
+                let d = d.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20_000u32 {
+                        let sel = [0, 1, 7, 2, 256 + 1, u32::MAX][(i as usize + t) % 6];
+                        wr(&*d, BNUM_OFFSET, sel);
+                        let _ = rd(&*d, PCID_OFFSET);
+                        wr(
+                            &*d,
+                            B0EJ_OFFSET,
+                            i.wrapping_mul(0x9e37_79b9).rotate_left(t as u32),
+                        );
+                        let _ = rd(&*d, PCIU_OFFSET);
+                    }
+                })
+            })
+            .collect();
+        let rounds = 50;
+        for _ in 0..rounds {
+            for (bus, slots) in [(0u8, 1..32u8), (1, 0..32), (7, 0..32)] {
+                for slot in slots {
+                    while d.removal_pending_on(bus, slot) {
+                        std::thread::yield_now();
+                        if vcpus.iter().all(|v| v.is_finished()) {
+                            wr(&*d, BNUM_OFFSET, u32::from(bus));
+                            wr(&*d, B0EJ_OFFSET, 1 << slot);
+                        }
+                    }
+                    d.unplug_request_on(bus, slot).unwrap();
+                }
+            }
+        }
+        for v in vcpus {
+            v.join().unwrap();
+        }
+        for bus in [0u32, 1, 7] {
+            wr(&*d, BNUM_OFFSET, bus);
+            wr(&*d, B0EJ_OFFSET, u32::MAX);
+        }
+        assert_eq!(
+            counts[0].load(Ordering::SeqCst),
+            0,
+            "slot 0 of bus 0 never ejected"
+        );
+        for i in 1..3 * 32 {
+            assert_eq!(
+                counts[i].load(Ordering::SeqCst),
+                rounds,
+                "bus index {} slot {}",
+                i / 32,
+                i % 32
+            );
+        }
     }
 
     fn ged() -> (Ged, EventFd) {
