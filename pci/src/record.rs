@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::address::PciAddress;
 use crate::config::{BarKind, ConfigSpace};
+use crate::root::ExtendedConfig;
 
 /// The `format` field of every record.
 pub const RECORD_FORMAT: &str = "vmm-pci-compat";
@@ -231,6 +232,11 @@ pub struct MachineRecord {
     /// existed has none: off, so that machine keeps the guest view it had.
     #[serde(default)]
     pub pci_hotplug: bool,
+    /// What the extended config space (0x100-0xfff) of the machine's (conventional) functions
+    /// reads: `all-ones` as QEMU, or `zero`. A record written before this property existed has
+    /// none: `zero`, what that machine's guest saw.
+    #[serde(default = "ExtendedConfig::legacy")]
+    pub extended_config: ExtendedConfig,
 }
 
 /// A compat record.
@@ -583,6 +589,7 @@ mod tests {
     fn machine() -> MachineRecord {
         MachineRecord {
             pci_hotplug: true,
+            extended_config: ExtendedConfig::AllOnes,
             host_bridge_vendor: 0x1b36,
             host_bridge_device: 8,
             ecam_base: 0xe000_0000,
@@ -646,6 +653,32 @@ mod tests {
         assert!(err(&slot0).contains("outside bus 0 slots 1-31"));
         let bad_addr = r.to_json().replace("\"00:01.0\"", "\"00:40.0\"");
         assert!(err(&bad_addr).contains("not a valid record"));
+    }
+
+    #[test]
+    fn a_record_without_machine_properties_reads_as_the_machine_it_was() {
+        let r = record(&[("a", 1, 2)]);
+        let json = r.to_json();
+        assert!(json.contains("\"extended_config\": \"all-ones\""), "{json}");
+        let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let m = v["machine"].as_object_mut().unwrap();
+        m.remove("extended_config");
+        m.remove("pci_hotplug");
+        let old = v.to_string();
+        let back = CompatRecord::from_json(&old, "old.json").unwrap();
+        assert_eq!(back.machine.extended_config, ExtendedConfig::Zero);
+        assert!(!back.machine.pci_hotplug);
+        let text: Vec<String> = diff(&back, &r).iter().map(|c| c.to_string()).collect();
+        assert!(
+            text.contains(&"machine: extended_config: zero -> all-ones".to_string()),
+            "{text:?}"
+        );
+        assert!(diff(&back, &r).iter().all(Change::breaks_abi));
+        let bad = json.replace("\"all-ones\"", "\"sometimes\"");
+        assert!(CompatRecord::from_json(&bad, "x")
+            .unwrap_err()
+            .to_string()
+            .contains("not a valid record"));
     }
 
     #[test]

@@ -48,8 +48,9 @@ fn cf8_and_ecam_enumerations_are_identical() {
             "{}: CF8 and ECAM differ",
             x.addr
         );
+        // A conventional function's extended space reads all-ones, as in QEMU.
         assert!(
-            y.bytes[256..].iter().all(|&b| b == 0),
+            y.bytes[256..].iter().all(|&b| b == 0xff),
             "{}: extended space",
             y.addr
         );
@@ -156,6 +157,11 @@ fn bridges_cf8_and_ecam_enumerations_through_two_levels_agree() {
             y.bytes[..256],
             "{}: CF8 and ECAM differ",
             x.addr
+        );
+        assert!(
+            y.bytes[256..].iter().all(|&b| b == 0xff),
+            "{}: extended space of a bridge or a device behind one",
+            y.addr
         );
     }
     // A bus-0 device's config space (BAR addresses included) is the same as on the machine
@@ -577,5 +583,154 @@ fn records_keep_bus_slot_function_and_abi_diff_reports_a_moved_bridge() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// What QEMU 7.2 answers in the probe's `mode=extcfg` for every function (after its address and
+/// IDs): checked with `-M microvm,pcie=on` and `-M q35`, with virtio-rng/blk/net-pci on bus 0 and
+/// virtio-rng-pci behind two levels of `pci-bridge`, the host bridges (gpex-root, q35's mch)
+/// and the bridges themselves: all conventional PCI functions (config size 256), so
+/// `pcie_mmcfg_data_read` answers all-ones at every width and `_write` drops the writes.
+const QEMU_EXTCFG: &str = "d100=ffffffff d104=ffffffff dffc=ffffffff w100=ffff w102=ffff \
+wffe=ffff b100=ff b103=ff bfff=ff after d100=ffffffff w104=ffff bfff=ff header same";
+/// What a machine recorded before the property existed keeps answering.
+const OLD_EXTCFG: &str = "d100=00000000 d104=00000000 dffc=00000000 w100=0000 w102=0000 \
+wffe=0000 b100=00 b103=00 bfff=00 after d100=00000000 w104=0000 bfff=00 header same";
+
+/// The probe's `extcfg:` lines as (address, answers after the IDs); checks the end marker.
+fn extcfg_lines(out: &str) -> Vec<(String, String)> {
+    assert!(
+        out.contains(&"=== EXTCFG done functions=6 ===".to_string()),
+        "{out}"
+    );
+    out.lines()
+        .filter_map(|l| l.trim_end().strip_prefix("extcfg: "))
+        .map(|l| {
+            let mut it = l.splitn(3, ' ');
+            let addr = it.next().unwrap_or_default().to_string();
+            let _ids = it.next();
+            (addr, it.next().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+const BRIDGED_ADDRS: [&str; 6] = [
+    "00:00.0", "00:05.0", "00:1e.0", "01:01.0", "01:03.0", "02:04.0",
+];
+
+#[test]
+fn extended_config_space_reads_what_qemu_returns() {
+    let out = run_probe("mode=extcfg", BRIDGED);
+    let lines = extcfg_lines(&out);
+    let addrs: Vec<&str> = lines.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(addrs, BRIDGED_ADDRS, "{out}");
+    for (addr, answers) in &lines {
+        assert_eq!(answers, QEMU_EXTCFG, "{addr}");
+    }
+}
+
+/// A machine whose compat record predates the property keeps reading zeros there (and says so
+/// in its record and description from then on); `--compat-strict` refuses to change it and
+/// `abi diff` reports it.
+#[test]
+fn an_old_record_keeps_a_zero_extended_config_space() {
+    let dir = std::env::temp_dir().join(format!("vmm-extcfg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    // A record as the build before the property wrote it: no extended_config.
+    let old = r#"{"format":"vmm-pci-compat","version":1,"machine":{"host_bridge_vendor":6966,"host_bridge_device":8,"ecam_base":3758096384,"mmio32_window":[3221225472,536870912],"pci_hotplug":true},"devices":{}}"#;
+    std::fs::write(p("rec.json"), old).unwrap();
+    fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+        let mut v: Vec<&str> = BRIDGED.to_vec();
+        v.extend_from_slice(extra);
+        v
+    }
+    let out = run_probe(
+        "mode=extcfg",
+        &with(&["--compat", &p("rec.json"), "--dump-machine", &p("m.json")]),
+    );
+    let lines = extcfg_lines(&out);
+    let addrs: Vec<&str> = lines.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(addrs, BRIDGED_ADDRS, "{out}");
+    for (addr, answers) in &lines {
+        assert_eq!(answers, OLD_EXTCFG, "{addr}");
+    }
+    let json = |n: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p(n)).unwrap()).unwrap()
+    };
+    assert_eq!(json("rec.json")["machine"]["extended_config"], "zero");
+    assert_eq!(json("m.json")["extended_config"], "zero");
+    let show = vmm(&["abi", "show", &p("rec.json")], 10);
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        show.contains("machine: pci_hotplug on, extended_config zero"),
+        "{show}"
+    );
+    // The whole extended space, through the ECAM dump, on the next start from that record.
+    let out = run_probe("mode=probe", &with(&["--compat", &p("rec.json")]));
+    let ecam = parse_dump(&dumps(&out).1);
+    assert_eq!(ecam.len(), 6);
+    for f in &ecam {
+        assert!(
+            f.bytes[256..].iter().all(|&b| b == 0),
+            "{}: extended space of an old machine",
+            f.addr
+        );
+    }
+    // A new machine (no record) with the same devices reads all-ones; its record says so.
+    run_probe("mode=hello", &with(&["--compat", &p("new.json")]));
+    assert_eq!(json("new.json")["machine"]["extended_config"], "all-ones");
+    let out = vmm(&["abi", "diff", &p("rec.json"), &p("new.json")], 10);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "machine: extended_config: zero -> all-ones"
+    );
+    // Asking the old machine for QEMU's behaviour is an ABI change: --compat-strict refuses.
+    std::fs::write(
+        p("ones.json"),
+        r#"{"format":"vmm-machine","version":2,"extended_config":"all-ones"}"#,
+    )
+    .unwrap();
+    let before = std::fs::read(p("rec.json")).unwrap();
+    let elf = integration_tests::probe::probe_elf();
+    let mut args = vec!["run", "--no-reboot", "--kernel", elf.to_str().unwrap()];
+    let strict = [
+        "--machine-file",
+        &p("ones.json"),
+        "--compat",
+        &p("rec.json"),
+        "--compat-strict",
+    ];
+    args.extend(with(&strict).iter().copied());
+    let out = vmm(&args, 30);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(out.stdout.is_empty(), "the guest must not run");
+    assert!(
+        err.contains("--compat-strict")
+            && err.contains("machine: extended_config: zero -> all-ones"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(p("rec.json")).unwrap(),
+        before,
+        "record untouched"
+    );
+    // Without --compat-strict the machine file wins, and the record follows it.
+    let out = run_probe(
+        "mode=extcfg",
+        &with(&[
+            "--machine-file",
+            &p("ones.json"),
+            "--compat",
+            &p("rec.json"),
+        ]),
+    );
+    for (addr, answers) in &extcfg_lines(&out) {
+        assert_eq!(answers, QEMU_EXTCFG, "{addr}");
+    }
+    assert_eq!(json("rec.json")["machine"]["extended_config"], "all-ones");
     std::fs::remove_dir_all(&dir).unwrap();
 }

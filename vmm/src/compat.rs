@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use pci::record::{diff, Change, CompatRecord, DeviceRecord, Fingerprint, MachineRecord};
+use pci::ExtendedConfig;
 
 use crate::device_config::check_prop;
 use crate::device_config::{parse_prop, RawValue};
@@ -140,10 +141,49 @@ pub fn hints(specs: &[DeviceSpec], record: Option<&CompatRecord>) -> HashMap<Str
         .collect()
 }
 
+/// The guest-visible machine properties a machine keeps across restarts (its compat record's
+/// machine part, beyond the fixed layout): each one is what the command line or machine file
+/// asks for, else what the record says (the old behaviour for a record from before the
+/// property), else the new behaviour for a new machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineProps {
+    /// ACPI PCI hot-plug on bus 0.
+    pub pci_hotplug: bool,
+    /// What the extended config space of the functions reads.
+    pub extended_config: ExtendedConfig,
+}
+
+impl MachineProps {
+    /// A new machine's properties.
+    pub const NEW: MachineProps = MachineProps {
+        pci_hotplug: true,
+        extended_config: ExtendedConfig::AllOnes,
+    };
+
+    /// Resolves each property: `asked` (command line / machine file) over `record` over
+    /// [`MachineProps::NEW`].
+    pub fn resolve(
+        pci_hotplug: Option<bool>,
+        extended_config: Option<ExtendedConfig>,
+        record: Option<&MachineRecord>,
+    ) -> MachineProps {
+        let new = MachineProps::NEW;
+        MachineProps {
+            pci_hotplug: pci_hotplug
+                .or(record.map(|r| r.pci_hotplug))
+                .unwrap_or(new.pci_hotplug),
+            extended_config: extended_config
+                .or(record.map(|r| r.extended_config))
+                .unwrap_or(new.extended_config),
+        }
+    }
+}
+
 /// The machine part of every record this build writes.
-pub fn machine_record(pci_hotplug: bool) -> MachineRecord {
+pub fn machine_record(props: MachineProps) -> MachineRecord {
     MachineRecord {
-        pci_hotplug,
+        pci_hotplug: props.pci_hotplug,
+        extended_config: props.extended_config,
         host_bridge_vendor: pci::root::HOST_BRIDGE_VENDOR,
         host_bridge_device: pci::root::HOST_BRIDGE_DEVICE,
         ecam_base: ECAM_START,
@@ -152,7 +192,7 @@ pub fn machine_record(pci_hotplug: bool) -> MachineRecord {
 }
 
 /// The record of the realized devices.
-pub fn record_of(devices: &[Realized], pci_hotplug: bool) -> CompatRecord {
+pub fn record_of(devices: &[Realized], props: MachineProps) -> CompatRecord {
     let devices = devices
         .iter()
         .map(|r| {
@@ -167,7 +207,7 @@ pub fn record_of(devices: &[Realized], pci_hotplug: bool) -> CompatRecord {
             )
         })
         .collect();
-    CompatRecord::new(machine_record(pci_hotplug), devices)
+    CompatRecord::new(machine_record(props), devices)
 }
 
 /// `--compat-strict`: every change to a device present in both records (or to the machine),
@@ -207,7 +247,7 @@ mod tests {
             props: [("vectors".to_string(), vectors.to_string())].into(),
         };
         CompatRecord::new(
-            machine_record(true),
+            machine_record(MachineProps::NEW),
             [(
                 id.to_string(),
                 DeviceRecord {
@@ -313,5 +353,27 @@ mod tests {
         );
         assert!(e("virtio-rng-pci.vectors=x").contains("can't take value 'x'"));
         assert!(e("novalue").contains("DRIVER.PROP=VALUE"));
+    }
+
+    #[test]
+    fn machine_props_asked_then_recorded_then_new() {
+        let new = MachineProps::resolve(None, None, None);
+        assert_eq!(new, MachineProps::NEW);
+        assert_eq!(new.extended_config, ExtendedConfig::AllOnes);
+        let mut old = machine_record(MachineProps::NEW);
+        old.pci_hotplug = false;
+        old.extended_config = ExtendedConfig::Zero;
+        let kept = MachineProps::resolve(None, None, Some(&old));
+        assert_eq!(
+            (kept.pci_hotplug, kept.extended_config),
+            (false, ExtendedConfig::Zero)
+        );
+        let asked = MachineProps::resolve(Some(true), Some(ExtendedConfig::AllOnes), Some(&old));
+        assert_eq!(asked, MachineProps::NEW);
+        assert_eq!(
+            machine_record(asked).extended_config,
+            ExtendedConfig::AllOnes
+        );
+        assert_eq!(machine_record(kept).extended_config, ExtendedConfig::Zero);
     }
 }

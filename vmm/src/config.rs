@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use pci::ExtendedConfig;
+
 use crate::cli::RunArgs;
 use crate::device_manager::{self, DeviceSpec};
 use crate::machine_file::{merge_devices, MachineFile};
@@ -32,6 +34,9 @@ pub struct MachineConfig {
     /// ACPI PCI hot-plug as asked for (`--hotplug`, else the machine file); None: what the
     /// compat record says, or on for a new machine.
     pub pci_hotplug: Option<bool>,
+    /// What the functions' extended config space reads, as the machine file asks; None: what
+    /// the compat record says, or all-ones for a new machine.
+    pub extended_config: Option<ExtendedConfig>,
 }
 
 impl MachineConfig {
@@ -77,6 +82,7 @@ impl MachineConfig {
             memory_mib,
             cpus,
             pci_hotplug: args.hotplug.or(file.pci_hotplug),
+            extended_config: file.extended_config,
             devices: merge_devices(&file_devices, cli_devices),
         })
     }

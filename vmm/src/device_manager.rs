@@ -30,7 +30,9 @@ use devices::virtio::pci::{TransportProps, VirtioHost, VirtioPciDevice};
 use devices::virtio::rng::Rng;
 use devices::virtio::VirtioDevice;
 use pci::config::{BarKind, PCI_INTERRUPT_LINE};
-use pci::{BridgeSetup, Owner, PciAddress, PciBridge, PciFunction, PciRoot, SlotAllocator};
+use pci::{
+    BridgeSetup, ExtendedConfig, Owner, PciAddress, PciBridge, PciFunction, PciRoot, SlotAllocator,
+};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -615,13 +617,15 @@ impl DeviceManager {
     /// With `eject` (ACPI PCI hot-plug on), the hot-plug registers and the GED are on the port
     /// bus too; `eject` is called on a vCPU thread with the slot the guest ejected (it must only
     /// post and return). With `bridges`, the ECAM window covers all 256 buses
-    /// ([`crate::layout::ecam_size`]).
+    /// ([`crate::layout::ecam_size`]). `extended` is what the functions' extended config space
+    /// reads (a recorded machine property).
     pub fn new(
         vm: Arc<Vm>,
         power: PowerCallback,
         console: Box<dyn std::io::Write + Send>,
         eject: Option<EjectCallback>,
         bridges: bool,
+        extended: ExtendedConfig,
     ) -> Result<Self, DeviceManagerError> {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
@@ -648,7 +652,7 @@ impl DeviceManager {
             ACPI_PM_PORT_LEN,
             Arc::new(AcpiPm::new(power)),
         )?;
-        let root = Arc::new(PciRoot::new());
+        let root = Arc::new(PciRoot::with_extended_config(extended));
         let mapper = Arc::new(BarMapper::new(root.clone(), &pio, &mmio));
         on_pio(
             "PCI config ports",
@@ -751,8 +755,9 @@ impl DeviceManager {
         console: Box<dyn std::io::Write + Send>,
         eject: Option<EjectCallback>,
         placement: &Placement,
+        extended: ExtendedConfig,
     ) -> Result<Self, DeviceManagerError> {
-        let dm = DeviceManager::new(vm, power, console, eject, placement.has_bridges())?;
+        let dm = DeviceManager::new(vm, power, console, eject, placement.has_bridges(), extended)?;
         let set = DeviceSet::realize_placement(placement, &dm.root, &dm.vm.mem, dm.vm.clone())?;
         let addrs: Vec<PciAddress> = set.devices().iter().map(|r| r.placed.addr).collect();
         *dm.set() = set;

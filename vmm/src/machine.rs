@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::acpi::AcpiOptions;
 use crate::boot::{self, Entry};
 use crate::cli::RunArgs;
-use crate::compat::{self, Globals};
+use crate::compat::{self, Globals, MachineProps};
 use crate::config::MachineConfig;
 use crate::device_manager::{self, DeviceError, DeviceManager, DeviceSpec, Realized};
 use crate::layout::ZERO_PAGE;
@@ -126,7 +126,9 @@ pub struct Machine {
     dump_machine: Option<PathBuf>,
     globals: Globals,
     seccomp: Option<crate::seccomp::Filter>,
-    /// ACPI PCI hot-plug on bus 0 (a recorded machine property).
+    /// The recorded machine properties (ACPI PCI hot-plug on bus 0, extended config space).
+    props: MachineProps,
+    /// ACPI PCI hot-plug on bus 0 (`props.pci_hotplug`).
     pci_hotplug: bool,
     /// Slots the guest ejected, posted by vCPUs for the hot-plug thread.
     ejects: Arc<Ejects>,
@@ -207,12 +209,14 @@ impl Machine {
             reason: e.to_string(),
         })?;
 
-        // Guest-visible: the command line or machine file, else what the record says (off for a
-        // record from before the property), else on for a new machine.
-        let pci_hotplug = config
-            .pci_hotplug
-            .or(old.map(|r| r.machine.pci_hotplug))
-            .unwrap_or(true);
+        // Guest-visible: the command line or machine file, else what the record says (the old
+        // behaviour for a record from before a property), else the new machine's.
+        let props = MachineProps::resolve(
+            config.pci_hotplug,
+            config.extended_config,
+            old.map(|r| &r.machine),
+        );
+        let pci_hotplug = props.pci_hotplug;
         let ejects = Arc::new(Ejects {
             slots: AtomicU32::new(0),
             wake: EventFd::new(0)?,
@@ -225,8 +229,14 @@ impl Machine {
             pci_bridges,
         };
         let guest = Guest::build(&config, &acpi, &stop, |vm, power| {
-            let devices =
-                DeviceManager::new(vm, power, Box::new(std::io::stdout()), eject, pci_bridges)?;
+            let devices = DeviceManager::new(
+                vm,
+                power,
+                Box::new(std::io::stdout()),
+                eject,
+                pci_bridges,
+                props.extended_config,
+            )?;
             devices.add(&specs, &hints)?;
             Ok(devices)
         })?;
@@ -239,6 +249,7 @@ impl Machine {
             dump_machine: args.dump_machine.clone(),
             globals,
             seccomp,
+            props,
             pci_hotplug,
             ejects,
             events: OnceLock::new(),
@@ -335,9 +346,9 @@ impl Machine {
 
     /// The compat record of the devices as they are now.
     pub fn record(&self) -> CompatRecord {
-        let hp = self.pci_hotplug;
-        self.with_guest(|g| g.devices.with_devices(|l| compat::record_of(l, hp)))
-            .unwrap_or_else(|| compat::record_of(&[], hp))
+        let props = self.props;
+        self.with_guest(|g| g.devices.with_devices(|l| compat::record_of(l, props)))
+            .unwrap_or_else(|| compat::record_of(&[], props))
     }
 
     /// The fully resolved machine description.
@@ -349,6 +360,7 @@ impl Machine {
         m.memory_mib = Some(self.config.memory_mib);
         m.cpus = Some(self.config.cpus);
         m.pci_hotplug = Some(self.pci_hotplug);
+        m.extended_config = Some(self.props.extended_config);
         m.devices = self.with_devices(|list| {
             list.iter()
                 // Every ABI-shaping property with its value, defaults included.
@@ -603,6 +615,7 @@ impl Machine {
                 Box::new(std::io::stdout()),
                 eject,
                 &placement,
+                self.props.extended_config,
             )?)
         })?;
         if running {

@@ -18,7 +18,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use pci::PciAddress;
+use pci::{ExtendedConfig, PciAddress};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -128,6 +128,11 @@ pub struct MachineFile {
     /// ACPI PCI hot-plug on bus 0 (guest-visible; see `vmm run --help`, `--hotplug`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_hotplug: Option<bool>,
+    /// What the extended config space (0x100-0xfff) of the PCI functions reads (guest-visible):
+    /// `all-ones` (QEMU's behaviour, a new machine's) or `zero` (machines recorded before it
+    /// was a property). None: what the compat record says, else `all-ones`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extended_config: Option<ExtendedConfig>,
     /// Devices.
     #[serde(default)]
     pub devices: Vec<DeviceEntry>,
@@ -155,6 +160,7 @@ impl MachineFile {
             memory_mib: None,
             cpus: None,
             pci_hotplug: None,
+            extended_config: None,
             devices: Vec::new(),
         }
     }
@@ -290,6 +296,32 @@ mod tests {
         let json = off.to_json();
         assert!(json.contains("\"pci_hotplug\": false"), "{json}");
         assert_eq!(MachineFile::from_json(&json).unwrap(), off);
+    }
+
+    #[test]
+    fn extended_config_is_optional_and_round_trips() {
+        let m = MachineFile::from_json(&file("")).unwrap();
+        assert_eq!(
+            m.extended_config, None,
+            "a file without it leaves it to the record"
+        );
+        assert!(!m.to_json().contains("extended_config"));
+        for (v, text) in [
+            (ExtendedConfig::Zero, "\"extended_config\": \"zero\""),
+            (ExtendedConfig::AllOnes, "\"extended_config\": \"all-ones\""),
+        ] {
+            let mut m2 = m.clone();
+            m2.extended_config = Some(v);
+            let json = m2.to_json();
+            assert!(json.contains(text), "{json}");
+            assert_eq!(MachineFile::from_json(&json).unwrap(), m2);
+        }
+        let bad = file("").replace("\"devices\"", "\"extended_config\":\"ones\",\"devices\"");
+        let e = MachineFile::from_json(&bad).unwrap_err();
+        assert!(
+            e.contains("not a machine description") && e.contains("unknown variant `ones`"),
+            "{e}"
+        );
     }
 
     #[test]
