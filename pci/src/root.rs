@@ -860,6 +860,7 @@ mod tests {
             secondary,
             subordinate,
             memory: None,
+            prefetchable: None,
         });
         b
     }

@@ -21,7 +21,9 @@ use crate::device_config::check_prop;
 use crate::device_config::{parse_prop, RawValue};
 use crate::device_manager::{DeviceError, DeviceSpec, Hint, Realized, ROOT_BUS};
 use crate::drivers::driver;
-use crate::layout::{ECAM_START, PCI_MMIO32_SIZE, PCI_MMIO32_START};
+use crate::layout::{
+    ECAM_START, PCI_MMIO32_SIZE, PCI_MMIO32_START, PCI_MMIO64_SIZE, PCI_MMIO64_START,
+};
 
 /// `--global DRIVER.PROP=VALUE` defaults, by driver then property.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -151,6 +153,9 @@ pub struct MachineProps {
     pub pci_hotplug: bool,
     /// What the extended config space of the functions reads.
     pub extended_config: ExtendedConfig,
+    /// The 64-bit PCI window: 64-bit BARs above 4 GiB, in the host bridge's `_CRS` and the
+    /// bridges' prefetchable windows.
+    pub mmio64: bool,
 }
 
 impl MachineProps {
@@ -158,6 +163,7 @@ impl MachineProps {
     pub const NEW: MachineProps = MachineProps {
         pci_hotplug: true,
         extended_config: ExtendedConfig::AllOnes,
+        mmio64: true,
     };
 
     /// Resolves each property: `asked` (command line / machine file) over `record` over
@@ -165,6 +171,7 @@ impl MachineProps {
     pub fn resolve(
         pci_hotplug: Option<bool>,
         extended_config: Option<ExtendedConfig>,
+        mmio64: Option<bool>,
         record: Option<&MachineRecord>,
     ) -> MachineProps {
         let new = MachineProps::NEW;
@@ -175,6 +182,9 @@ impl MachineProps {
             extended_config: extended_config
                 .or(record.map(|r| r.extended_config))
                 .unwrap_or(new.extended_config),
+            mmio64: mmio64
+                .or(record.map(|r| r.mmio64_window.is_some()))
+                .unwrap_or(new.mmio64),
         }
     }
 }
@@ -184,6 +194,7 @@ pub fn machine_record(props: MachineProps) -> MachineRecord {
     MachineRecord {
         pci_hotplug: props.pci_hotplug,
         extended_config: props.extended_config,
+        mmio64_window: props.mmio64.then_some((PCI_MMIO64_START, PCI_MMIO64_SIZE)),
         host_bridge_vendor: pci::root::HOST_BRIDGE_VENDOR,
         host_bridge_device: pci::root::HOST_BRIDGE_DEVICE,
         ecam_base: ECAM_START,
@@ -357,18 +368,29 @@ mod tests {
 
     #[test]
     fn machine_props_asked_then_recorded_then_new() {
-        let new = MachineProps::resolve(None, None, None);
+        let new = MachineProps::resolve(None, None, None, None);
         assert_eq!(new, MachineProps::NEW);
         assert_eq!(new.extended_config, ExtendedConfig::AllOnes);
         let mut old = machine_record(MachineProps::NEW);
         old.pci_hotplug = false;
         old.extended_config = ExtendedConfig::Zero;
-        let kept = MachineProps::resolve(None, None, Some(&old));
+        old.mmio64_window = None;
+        let kept = MachineProps::resolve(None, None, None, Some(&old));
         assert_eq!(
-            (kept.pci_hotplug, kept.extended_config),
-            (false, ExtendedConfig::Zero)
+            (kept.pci_hotplug, kept.extended_config, kept.mmio64),
+            (false, ExtendedConfig::Zero, false)
         );
-        let asked = MachineProps::resolve(Some(true), Some(ExtendedConfig::AllOnes), Some(&old));
+        assert_eq!(machine_record(kept).mmio64_window, None);
+        assert_eq!(
+            machine_record(MachineProps::NEW).mmio64_window,
+            Some((0x40_0000_0000, 0x20_0000_0000))
+        );
+        let asked = MachineProps::resolve(
+            Some(true),
+            Some(ExtendedConfig::AllOnes),
+            Some(true),
+            Some(&old),
+        );
         assert_eq!(asked, MachineProps::NEW);
         assert_eq!(
             machine_record(asked).extended_config,

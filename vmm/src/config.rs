@@ -37,6 +37,9 @@ pub struct MachineConfig {
     /// What the functions' extended config space reads, as the machine file asks; None: what
     /// the compat record says, or all-ones for a new machine.
     pub extended_config: Option<ExtendedConfig>,
+    /// The 64-bit PCI window as the machine file asks; None: what the compat record says, or
+    /// on for a new machine.
+    pub mmio64_window: Option<bool>,
 }
 
 impl MachineConfig {
@@ -83,6 +86,7 @@ impl MachineConfig {
             cpus,
             pci_hotplug: args.hotplug.or(file.pci_hotplug),
             extended_config: file.extended_config,
+            mmio64_window: file.mmio64_window,
             devices: merge_devices(&file_devices, cli_devices),
         })
     }

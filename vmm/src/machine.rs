@@ -214,8 +214,16 @@ impl Machine {
         let props = MachineProps::resolve(
             config.pci_hotplug,
             config.extended_config,
+            config.mmio64_window,
             old.map(|r| &r.machine),
         );
+        if props.mmio64 && config.mem_size() > crate::layout::MAX_RAM_WITH_MMIO64 {
+            return Err(Error::Config(format!(
+                "invalid memory size {} MiB: at most {} MiB on a machine with the 64-bit PCI window (machine file: \"mmio64_window\": false lifts it)",
+                config.memory_mib,
+                crate::layout::MAX_RAM_WITH_MMIO64 >> 20
+            )));
+        }
         let pci_hotplug = props.pci_hotplug;
         let ejects = Arc::new(Ejects {
             slots: AtomicU32::new(0),
@@ -227,6 +235,7 @@ impl Machine {
         let acpi = AcpiOptions {
             pci_hotplug,
             pci_bridges,
+            pci_mmio64: props.mmio64,
         };
         let guest = Guest::build(&config, &acpi, &stop, |vm, power| {
             let devices = DeviceManager::new(
@@ -235,7 +244,7 @@ impl Machine {
                 Box::new(std::io::stdout()),
                 eject,
                 pci_bridges,
-                props.extended_config,
+                props,
             )?;
             devices.add(&specs, &hints)?;
             Ok(devices)
@@ -361,6 +370,7 @@ impl Machine {
         m.cpus = Some(self.config.cpus);
         m.pci_hotplug = Some(self.pci_hotplug);
         m.extended_config = Some(self.props.extended_config);
+        m.mmio64_window = Some(self.props.mmio64);
         m.devices = self.with_devices(|list| {
             list.iter()
                 // Every ABI-shaping property with its value, defaults included.
@@ -604,6 +614,7 @@ impl Machine {
         let acpi = AcpiOptions {
             pci_hotplug: self.pci_hotplug,
             pci_bridges: placement.has_bridges(),
+            pci_mmio64: self.props.mmio64,
         };
         let eject = self.pci_hotplug.then(|| self.ejects.callback());
         // Ejects posted by the old run's vCPUs are moot: those devices are gone or rebuilt.
@@ -615,7 +626,7 @@ impl Machine {
                 Box::new(std::io::stdout()),
                 eject,
                 &placement,
-                self.props.extended_config,
+                self.props,
             )?)
         })?;
         if running {

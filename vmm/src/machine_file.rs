@@ -133,6 +133,10 @@ pub struct MachineFile {
     /// was a property). None: what the compat record says, else `all-ones`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extended_config: Option<ExtendedConfig>,
+    /// The 64-bit PCI window (guest-visible): 64-bit BARs above 4 GiB. None: what the compat
+    /// record says, else on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmio64_window: Option<bool>,
     /// Devices.
     #[serde(default)]
     pub devices: Vec<DeviceEntry>,
@@ -161,6 +165,7 @@ impl MachineFile {
             cpus: None,
             pci_hotplug: None,
             extended_config: None,
+            mmio64_window: None,
             devices: Vec::new(),
         }
     }
@@ -316,6 +321,11 @@ mod tests {
             assert!(json.contains(text), "{json}");
             assert_eq!(MachineFile::from_json(&json).unwrap(), m2);
         }
+        let mut off = m.clone();
+        off.mmio64_window = Some(false);
+        let json = off.to_json();
+        assert!(json.contains("\"mmio64_window\": false"), "{json}");
+        assert_eq!(MachineFile::from_json(&json).unwrap(), off);
         let bad = file("").replace("\"devices\"", "\"extended_config\":\"ones\",\"devices\"");
         let e = MachineFile::from_json(&bad).unwrap_err();
         assert!(
