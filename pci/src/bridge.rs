@@ -34,9 +34,9 @@ pub const CAP_ID_SLOTID: u8 = 0x04;
 const SLOTID_ESR_FIC: u8 = 0x20;
 
 /// What the firmware (here: the VMM) programs into a bridge: its bus numbers and the memory
-/// window the buses behind it decode. I/O and prefetchable windows are left disabled (base
-/// above limit), as no function here has I/O BARs and prefetchable BARs may sit in the memory
-/// window.
+/// and prefetchable windows the buses behind it decode. The I/O window is left disabled (base
+/// above limit), as no function here has I/O BARs; a disabled prefetchable window (machines
+/// without a 64-bit window) leaves prefetchable BARs in the memory window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BridgeSetup {
     /// The bus the bridge sits on.
@@ -48,6 +48,9 @@ pub struct BridgeSetup {
     /// The memory window `(base, limit)` (inclusive, 1 MiB aligned, below 4 GiB), or `None`
     /// for a disabled window.
     pub memory: Option<(u32, u32)>,
+    /// The 64-bit prefetchable window `(base, limit)` (inclusive, 1 MiB aligned), or `None` for
+    /// a disabled window.
+    pub prefetchable: Option<(u64, u64)>,
 }
 
 /// A bridge's windows as the guest has programmed them, decoded like QEMU's
@@ -117,7 +120,7 @@ impl PciBridge {
 
     /// Programs bus numbers and windows as firmware does before the guest runs (bypassing the
     /// masks; each register is one atomic store). Disabled windows read base above limit: I/O
-    /// f000-0fff, memory and prefetchable fff00000-000fffff.
+    /// f000-0fff, memory and prefetchable fff00000-000fffff (prefetchable upper halves 0).
     pub fn program(&self, setup: &BridgeSetup) {
         let c = &self.config;
         c.set_raw(
@@ -131,10 +134,16 @@ impl PciBridge {
         };
         c.set_raw(reg::MEMORY_BASE, &mb.to_le_bytes());
         c.set_raw(reg::MEMORY_LIMIT, &ml.to_le_bytes());
-        c.set_raw(reg::PREF_BASE, &0xfff1u16.to_le_bytes());
-        c.set_raw(reg::PREF_LIMIT, &0x0001u16.to_le_bytes());
-        c.set_raw(reg::PREF_BASE_UPPER32, &[0; 4]);
-        c.set_raw(reg::PREF_LIMIT_UPPER32, &[0; 4]);
+        // Bits 3:0 read 1: a 64-bit prefetchable window.
+        let (pb, pl) = match setup.prefetchable {
+            Some((base, limit)) => (base, limit),
+            None => (0xfff0_0000, 0),
+        };
+        let low = |v: u64| ((v >> 16) as u16 & 0xfff0) | 1;
+        c.set_raw(reg::PREF_BASE, &low(pb).to_le_bytes());
+        c.set_raw(reg::PREF_LIMIT, &low(pl).to_le_bytes());
+        c.set_raw(reg::PREF_BASE_UPPER32, &((pb >> 32) as u32).to_le_bytes());
+        c.set_raw(reg::PREF_LIMIT_UPPER32, &((pl >> 32) as u32).to_le_bytes());
     }
 
     /// The chassis number (Slot ID capability).
@@ -248,6 +257,7 @@ mod tests {
             secondary: 1,
             subordinate: 3,
             memory: Some((0xc400_0000, 0xc57f_ffff)),
+            prefetchable: None,
         });
         let c = b.config();
         assert_eq!(bus_numbers(c), (0, 1, 3));
@@ -261,8 +271,15 @@ mod tests {
             secondary: 2,
             subordinate: 2,
             memory: None,
+            prefetchable: Some((0x40_2000_0000, 0x40_5fff_ffff)),
         });
-        let win = windows(b.config());
+        let c = b.config();
+        let win = windows(c);
         assert!(win.memory.0 > win.memory.1);
+        assert_eq!(win.prefetchable, (0x40_2000_0000, 0x40_5fff_ffff));
+        assert_eq!(c.read_u16(reg::PREF_BASE), 0x2001);
+        assert_eq!(c.read_u16(reg::PREF_LIMIT), 0x5ff1);
+        assert_eq!(c.read_u32(reg::PREF_BASE_UPPER32 / 4), 0x40);
+        assert_eq!(c.read_u32(reg::PREF_LIMIT_UPPER32 / 4), 0x40);
     }
 }

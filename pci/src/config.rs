@@ -13,8 +13,10 @@
 //!   read-modify-write, so concurrent readers see either the old or the new
 //!   dword, never a mix; guest writes and device-side updates (for example
 //!   setting a status bit) never lose each other's bits.
-//! - The extended space (0x100..0x1000) reads 0 and drops writes (no
-//!   extended capabilities).
+//! - The extended space (0x100..0x1000) holds 0 and drops writes (no
+//!   extended capabilities). What the guest reads there is the root's choice
+//!   ([`crate::root::ExtendedConfig`]): all-ones as QEMU for a new machine,
+//!   these zeros for one recorded before that was a property.
 //! - Invalid accesses (size other than 1, 2 or 4, not naturally aligned, or
 //!   beyond 4 KiB) read all-ones and are dropped on write; nothing panics.
 //!

@@ -70,5 +70,5 @@ pub use config::{
     WriteEffect,
 };
 pub use msix::{Delivery, MsixMessage, MsixTable};
-pub use root::{HostBridge, PciFunction, PciRoot, RootError};
+pub use root::{ExtendedConfig, HostBridge, PciFunction, PciRoot, RootError};
 pub use slots::{Owner, SlotAllocator, SlotError, SlotState};

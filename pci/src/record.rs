@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::address::PciAddress;
 use crate::config::{BarKind, ConfigSpace};
+use crate::root::ExtendedConfig;
 
 /// The `format` field of every record.
 pub const RECORD_FORMAT: &str = "vmm-pci-compat";
@@ -176,11 +177,19 @@ impl Fingerprint {
                 }
             })
             .collect();
+        // A type-1 header has no subsystem IDs: 0x2c/0x2e hold a bridge's prefetchable limit
+        // (upper 32 bits), which is bus layout, not identity.
+        let (subsystem_vendor, subsystem) =
+            if config.header_type() & 0x7f == crate::config::HEADER_TYPE_BRIDGE {
+                (0, 0)
+            } else {
+                (config.subsystem_vendor_id(), config.subsystem_id())
+            };
         Fingerprint {
             vendor: config.vendor_id(),
             device: config.device_id(),
-            subsystem_vendor: config.subsystem_vendor_id(),
-            subsystem: config.subsystem_id(),
+            subsystem_vendor,
+            subsystem,
             class: config.class_code(),
             revision: config.revision(),
             header_type: config.header_type(),
@@ -239,6 +248,16 @@ pub struct MachineRecord {
     /// (no slot objects behind bridges).
     #[serde(default)]
     pub pci_hotplug_bridges: bool,
+    /// What the extended config space (0x100-0xfff) of the machine's (conventional) functions
+    /// reads: `all-ones` as QEMU, or `zero`. A record written before this property existed has
+    /// none: `zero`, what that machine's guest saw.
+    #[serde(default = "ExtendedConfig::legacy")]
+    pub extended_config: ExtendedConfig,
+    /// The 64-bit PCI memory window (base, size) where 64-bit BARs go, or none (64-bit BARs in
+    /// the 32-bit window). A record written before this property existed has none: that
+    /// machine keeps its 32-bit BAR placement.
+    #[serde(default)]
+    pub mmio64_window: Option<(u64, u64)>,
 }
 
 /// A compat record.
@@ -470,6 +489,19 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, Strin
                 flatten(&p, v, out);
             }
         }
+        // A tuple of scalars (a window's base and size) is one value.
+        serde_json::Value::Array(a)
+            if !a.is_empty()
+                && a.iter().all(|v| {
+                    !matches!(
+                        v,
+                        serde_json::Value::Object(_) | serde_json::Value::Array(_)
+                    )
+                }) =>
+        {
+            let items: Vec<String> = a.iter().map(|v| v.to_string()).collect();
+            out.insert(prefix.to_string(), format!("[{}]", items.join(", ")));
+        }
         serde_json::Value::Array(a) => {
             out.insert(format!("{prefix}.len"), a.len().to_string());
             for (i, v) in a.iter().enumerate() {
@@ -592,6 +624,8 @@ mod tests {
         MachineRecord {
             pci_hotplug: true,
             pci_hotplug_bridges: true,
+            extended_config: ExtendedConfig::AllOnes,
+            mmio64_window: Some((0x40_0000_0000, 0x20_0000_0000)),
             host_bridge_vendor: 0x1b36,
             host_bridge_device: 8,
             ecam_base: 0xe000_0000,
@@ -675,6 +709,40 @@ mod tests {
         let text: Vec<String> = d.iter().map(|c| c.to_string()).collect();
         assert_eq!(text, ["machine: pci_hotplug_bridges: false -> true"]);
         assert!(d[0].breaks_abi());
+    }
+
+    #[test]
+    fn a_record_without_machine_properties_reads_as_the_machine_it_was() {
+        let r = record(&[("a", 1, 2)]);
+        let json = r.to_json();
+        assert!(json.contains("\"extended_config\": \"all-ones\""), "{json}");
+        let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let m = v["machine"].as_object_mut().unwrap();
+        m.remove("extended_config");
+        m.remove("mmio64_window");
+        m.remove("pci_hotplug");
+        let old = v.to_string();
+        let back = CompatRecord::from_json(&old, "old.json").unwrap();
+        assert_eq!(back.machine.extended_config, ExtendedConfig::Zero);
+        assert_eq!(back.machine.mmio64_window, None);
+        assert!(!back.machine.pci_hotplug);
+        let text: Vec<String> = diff(&back, &r).iter().map(|c| c.to_string()).collect();
+        assert!(
+            text.contains(&"machine: extended_config: zero -> all-ones".to_string()),
+            "{text:?}"
+        );
+        assert!(
+            text.contains(
+                &"machine: mmio64_window: none -> [274877906944, 137438953472]".to_string()
+            ),
+            "{text:?}"
+        );
+        assert!(diff(&back, &r).iter().all(Change::breaks_abi));
+        let bad = json.replace("\"all-ones\"", "\"sometimes\"");
+        assert!(CompatRecord::from_json(&bad, "x")
+            .unwrap_err()
+            .to_string()
+            .contains("not a valid record"));
     }
 
     #[test]

@@ -24,7 +24,14 @@
 //! - A function may still receive an access through a guard loaded just before its removal;
 //!   functions must tolerate that (they are `Arc`s and stay alive while referenced).
 //! - Absent functions and buses no bridge routes to read all-ones; writes to them are
-//!   dropped. Config writes to present functions go through the function's
+//!   dropped.
+//! - Every function here is a conventional PCI function (a 256-byte configuration space): with
+//!   [`ExtendedConfig::AllOnes`] (QEMU's behaviour, the default) its extended space
+//!   (0x100..0x1000, reachable through ECAM only) reads all-ones and drops writes without
+//!   touching the function, as QEMU's `pcie_mmcfg_data_read`/`_write` do for a function whose
+//!   config size is 256; with [`ExtendedConfig::Zero`] (machines recorded before this was a
+//!   property) it reads what the function's [`ConfigSpace`] holds there: zeros. The mode is
+//!   fixed when the root is made (a plain field: no atomic, no lock on the read path). Config writes to present functions go through the function's
 //!   [`ConfigSpace`] masks, then [`PciFunction::config_written`] is called,
 //!   then the [`WriteEffect`] is returned so the VMM can move BARs.
 //! - The `CONFIG_ADDRESS` latch is one `AtomicU32` shared by all vCPUs, as on
@@ -35,11 +42,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::address::PciAddress;
 use crate::bridge;
-use crate::config::{ConfigSpace, ConfigSpaceBuilder, WriteEffect};
+use crate::config::{ConfigSpace, ConfigSpaceBuilder, WriteEffect, HEADER_SIZE};
 
 /// Size of the ECAM window covering bus 0 (1 MiB).
 pub const ECAM_BUS0_SIZE: u64 = 1 << 20;
@@ -52,6 +60,41 @@ pub const HOST_BRIDGE_VENDOR: u16 = 0x1b36;
 /// Host bridge device ID (QEMU PCIe host bridge).
 pub const HOST_BRIDGE_DEVICE: u16 = 0x0008;
 const TABLE_SIZE: usize = 256;
+
+/// What the extended configuration space (offsets 0x100..0x1000) of a conventional PCI
+/// function reads: a machine property (guest-visible, recorded), fixed per [`PciRoot`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExtendedConfig {
+    /// All-ones, writes dropped: what QEMU returns for a function whose config size is 256
+    /// (every function on its root bus or behind a `pci-bridge`, the host bridge included).
+    #[default]
+    AllOnes,
+    /// Zeros, writes dropped: what this monitor returned before the property existed.
+    Zero,
+}
+
+impl ExtendedConfig {
+    /// The behaviour of a machine whose compat record predates the property (what a record
+    /// without the field reads as).
+    pub fn legacy() -> Self {
+        ExtendedConfig::Zero
+    }
+
+    /// The name used in records, machine files and `abi diff`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExtendedConfig::AllOnes => "all-ones",
+            ExtendedConfig::Zero => "zero",
+        }
+    }
+}
+
+impl fmt::Display for ExtendedConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// A PCI function on the root bus or behind a bridge.
 pub trait PciFunction: Send + Sync {
@@ -235,6 +278,8 @@ pub struct PciRoot {
     writer: Mutex<()>,
     /// The type-1 `CONFIG_ADDRESS` latch (port 0xcf8).
     config_address: AtomicU32,
+    /// What the extended configuration space of every function reads (fixed).
+    extended: ExtendedConfig,
 }
 
 impl fmt::Debug for PciRoot {
@@ -250,6 +295,7 @@ impl fmt::Debug for PciRoot {
                 "config_address",
                 &self.config_address.load(Ordering::Relaxed),
             )
+            .field("extended", &self.extended)
             .finish()
     }
 }
@@ -261,9 +307,17 @@ impl Default for PciRoot {
 }
 
 impl PciRoot {
-    /// A root complex with the [`HostBridge`] at 00:00.0.
+    /// A root complex with the [`HostBridge`] at 00:00.0, extended config space as QEMU's
+    /// ([`ExtendedConfig::AllOnes`]).
     pub fn new() -> Self {
-        let root = Self::empty();
+        Self::with_extended_config(ExtendedConfig::default())
+    }
+
+    /// A root complex with the [`HostBridge`] at 00:00.0 whose functions' extended config space
+    /// reads as `extended` says.
+    pub fn with_extended_config(extended: ExtendedConfig) -> Self {
+        let mut root = Self::empty();
+        root.extended = extended;
         let mut bus0 = BusTable::empty();
         bus0.funcs[0] = Some(Arc::new(HostBridge::new()) as Arc<dyn PciFunction>);
         root.table.store(Arc::new(Table { buses: vec![bus0] }));
@@ -278,7 +332,20 @@ impl PciRoot {
             })),
             writer: Mutex::new(()),
             config_address: AtomicU32::new(0),
+            extended: ExtendedConfig::default(),
         }
+    }
+
+    /// What the functions' extended config space reads.
+    pub fn extended_config(&self) -> ExtendedConfig {
+        self.extended
+    }
+
+    /// Whether an access at `register` is in the extended space of a conventional function
+    /// and so answered by the root alone (all-ones, writes dropped).
+    #[inline]
+    fn beyond_config_size(&self, register: usize) -> bool {
+        register >= HEADER_SIZE && self.extended == ExtendedConfig::AllOnes
     }
 
     /// Publishes a copy of the table changed by `f` (writers serialized).
@@ -389,9 +456,13 @@ impl PciRoot {
             .unwrap_or_else(|_| f(&self.table.load()))
     }
 
-    /// Reads configuration register `register` of `addr`; absent functions
-    /// and buses no bridge routes to read all-ones.
+    /// Reads configuration register `register` of `addr`; absent functions, buses no bridge
+    /// routes to and (with [`ExtendedConfig::AllOnes`]) the extended space read all-ones.
     pub fn config_read(&self, addr: PciAddress, register: usize, data: &mut [u8]) {
+        if self.beyond_config_size(register) {
+            data.fill(0xff);
+            return;
+        }
         self.with_table(|table| match table.get(addr) {
             Some(f) => f.config().read(register, data),
             None => data.fill(0xff),
@@ -400,13 +471,17 @@ impl PciRoot {
 
     /// Writes configuration register `register` of `addr`, notifies the
     /// function and returns the effect; `None` (write dropped) for absent
-    /// functions and buses no bridge routes to.
+    /// functions, buses no bridge routes to and (with [`ExtendedConfig::AllOnes`]) the
+    /// extended space.
     pub fn config_write(
         &self,
         addr: PciAddress,
         register: usize,
         data: &[u8],
     ) -> Option<(PciAddress, WriteEffect)> {
+        if self.beyond_config_size(register) {
+            return None;
+        }
         let table = self.table.load();
         let f = table.get(addr)?;
         let effect = f.config().write(register, data);
@@ -653,9 +728,9 @@ mod tests {
         // Host bridge at offset 0.
         root.ecam_read(0, &mut d);
         assert_eq!(u32::from_le_bytes(d), 0x0008_1b36);
-        // Extended space reads 0 on present functions.
+        // Extended space reads all-ones on present functions (QEMU: config size 256).
         root.ecam_read(base + 0x100, &mut d);
-        assert_eq!(d, [0; 4]);
+        assert_eq!(d, [0xff; 4]);
         let (addr, e) = root
             .ecam_write(base + PCI_COMMAND as u64, &[COMMAND_MEMORY as u8])
             .unwrap();
@@ -673,6 +748,111 @@ mod tests {
         assert!(root.ecam_write(1 << 20 | 4, &[1]).is_none());
     }
 
+    /// Dword, word and byte ECAM reads at the start, middle and end of the extended space.
+    fn extended_reads(root: &PciRoot, addr: PciAddress) -> Vec<u32> {
+        let mut out = Vec::new();
+        for (reg, len) in [
+            (0x100, 4),
+            (0x104, 4),
+            (0xffc, 4),
+            (0x100, 2),
+            (0x102, 2),
+            (0xffe, 2),
+            (0x100, 1),
+            (0x103, 1),
+            (0xfff, 1),
+        ] {
+            let mut d = [0u8; 4];
+            root.ecam_read(addr.ecam_offset() + reg, &mut d[..len]);
+            out.push(u32::from_le_bytes(d));
+        }
+        out
+    }
+
+    #[test]
+    fn extended_config_space_as_qemu_and_as_recorded_before() {
+        let ones = [
+            0xffff_ffff,
+            0xffff_ffff,
+            0xffff_ffff,
+            0xffff,
+            0xffff,
+            0xffff,
+            0xff,
+            0xff,
+            0xff,
+        ];
+        for (mode, want) in [
+            (ExtendedConfig::AllOnes, ones.to_vec()),
+            (ExtendedConfig::Zero, vec![0; 9]),
+        ] {
+            let root = PciRoot::with_extended_config(mode);
+            assert_eq!(root.extended_config(), mode);
+            assert_eq!(PciRoot::new().extended_config(), ExtendedConfig::AllOnes);
+            let dev = Dev::new(0x1042);
+            root.add(a(3, 0), dev.clone()).unwrap();
+            root.add(a(0x1e, 0), bridged(0, 1, 1)).unwrap();
+            let behind = PciAddress::new(1, 1, 0).unwrap();
+            let dev1 = Dev::new(0x1043);
+            root.add(behind, dev1.clone()).unwrap();
+            // The host bridge, a device, the bridge and a device behind it: all conventional.
+            for addr in [HostBridge::ADDRESS, a(3, 0), a(0x1e, 0), behind] {
+                assert_eq!(extended_reads(&root, addr), want, "{mode} {addr}");
+            }
+            // Writes there change nothing, at any width.
+            let before = dev.written.load(Ordering::SeqCst);
+            for (reg, data) in [
+                (0x100u64, &[0x78u8, 0x56, 0x34, 0x12][..]),
+                (0x104, &[0xcd, 0xab]),
+                (0xfff, &[0x5a]),
+            ] {
+                let effect = root.ecam_write(a(3, 0).ecam_offset() + reg, data);
+                match mode {
+                    // Dropped before the function, as QEMU does.
+                    ExtendedConfig::AllOnes => assert!(effect.is_none()),
+                    // Delivered as before: the masks drop it.
+                    ExtendedConfig::Zero => assert!(!effect.unwrap().1.changed()),
+                }
+                root.ecam_write(behind.ecam_offset() + reg, data);
+            }
+            let delivered = dev.written.load(Ordering::SeqCst) - before;
+            assert_eq!(delivered, if mode == ExtendedConfig::Zero { 3 } else { 0 });
+            for addr in [a(3, 0), behind] {
+                assert_eq!(
+                    extended_reads(&root, addr),
+                    want,
+                    "{mode} {addr} after writes"
+                );
+            }
+            // The header is untouched and still reachable.
+            assert_eq!(ecam32(&root, a(3, 0), 0), 0x1042_1af4);
+            assert_eq!(ecam32(&root, behind, 0), 0x1043_1af4);
+            // Absent functions read all-ones in both modes.
+            assert_eq!(extended_reads(&root, a(4, 0)), ones.to_vec());
+            // Invalid accesses stay all-ones.
+            let mut d = [0u8; 4];
+            root.ecam_read(a(3, 0).ecam_offset() + 0x101, &mut d[..2]);
+            assert_eq!(d[..2], [0xff; 2]);
+            let mut d3 = [0u8; 3];
+            root.ecam_read(a(3, 0).ecam_offset() + 0x100, &mut d3);
+            assert_eq!(d3, [0xff; 3]);
+            // Through CF8 only the first 256 bytes are reachable, whatever the mode.
+            root.pio_write(0, &a(3, 0).config_address(0xfc).to_le_bytes());
+            assert_eq!(pio_read32(&root, 4), 0);
+        }
+        assert_eq!(ExtendedConfig::default(), ExtendedConfig::AllOnes);
+        assert_eq!(ExtendedConfig::legacy(), ExtendedConfig::Zero);
+        assert_eq!(
+            serde_json::to_string(&ExtendedConfig::AllOnes).unwrap(),
+            "\"all-ones\""
+        );
+        assert_eq!(
+            serde_json::from_str::<ExtendedConfig>("\"zero\"").unwrap(),
+            ExtendedConfig::Zero
+        );
+        assert_eq!(ExtendedConfig::AllOnes.to_string(), "all-ones");
+    }
+
     fn bridged(primary: u8, secondary: u8, subordinate: u8) -> Arc<crate::PciBridge> {
         let b = Arc::new(crate::PciBridge::new(secondary.max(1), false));
         b.program(&crate::BridgeSetup {
@@ -680,6 +860,7 @@ mod tests {
             secondary,
             subordinate,
             memory: None,
+            prefetchable: None,
         });
         b
     }

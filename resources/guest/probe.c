@@ -20,6 +20,9 @@
  *                         a timed full enumeration without output: every
  *                         function's 256 bytes read, bridges numbered depth
  *                         first as firmware does; then N null exits (hold)
+ *   mode=extcfg           every function (through bridges): ECAM reads of
+ *                         the extended config space (0x100-0xfff) at every
+ *                         width, writes there, reads again
  *   ecam=0x...            ECAM base (default 0xE0000000; 0 skips ECAM)
  *
  * Built -m32 -ffreestanding -mgeneral-regs-only: no SSE, no int3, no libgcc.
@@ -93,6 +96,13 @@ static inline u32 mmio_read32(u32 addr)
 {
 	u32 v;
 	asm volatile("movl (%1), %0" : "=r"(v) : "r"(addr) : "memory");
+	return v;
+}
+
+static inline u16 mmio_read16(u32 addr)
+{
+	u16 v;
+	asm volatile("movw (%1), %0" : "=r"(v) : "r"(addr) : "memory");
 	return v;
 }
 
@@ -1369,6 +1379,125 @@ static void mode_bench(const struct opts *o)
 	puts(" done ===\n");
 }
 
+/*
+ * ---- mode=extcfg ----
+ * Every function reachable through ECAM (bus 0, then behind each PCI-to-PCI
+ * bridge; a bridge whose secondary bus number is 0 gets the next free bus
+ * number, as firmware would): reads of the extended config space at
+ * 0x100/0x104/0xffc (dword), 0x100/0x102/0xffe (word), 0x100/0x103/0xfff
+ * (byte), then writes there (dword 0x12345678 at 0x100, word 0xabcd at 0x104,
+ * byte 0x5a at 0xfff) and the same places read again; the header (0x00-0x3f,
+ * through CF8) must not change. One line per function:
+ *   extcfg: BB:DD.F VVVV:DDDD d100=.. d104=.. dffc=.. w100=.. w102=.. wffe=..
+ *     b100=.. b103=.. bfff=.. after d100=.. w104=.. bfff=.. header same|CHANGED
+ */
+static u32 ext_next_bus;
+static u32 ext_functions;
+
+static u32 ext_addr(u32 bdf, u32 off)
+{
+	return ecam_base + (bdf << 12) + off;
+}
+
+static void ext_put(const char *name, u32 v, int digits)
+{
+	putc(' ');
+	puts(name);
+	putc('=');
+	puthex(v, digits);
+}
+
+static void ext_function(u32 bdf, u32 id)
+{
+	u32 before[16], i, same = 1;
+
+	for (i = 0; i < 16; i++)
+		before[i] = cf8_read(bdf, 4 * i);
+	puts("extcfg: ");
+	put_bdf(bdf);
+	putc(' ');
+	puthex(id & 0xffff, 4);
+	putc(':');
+	puthex(id >> 16, 4);
+	ext_put("d100", mmio_read32(ext_addr(bdf, 0x100)), 8);
+	ext_put("d104", mmio_read32(ext_addr(bdf, 0x104)), 8);
+	ext_put("dffc", mmio_read32(ext_addr(bdf, 0xffc)), 8);
+	ext_put("w100", mmio_read16(ext_addr(bdf, 0x100)), 4);
+	ext_put("w102", mmio_read16(ext_addr(bdf, 0x102)), 4);
+	ext_put("wffe", mmio_read16(ext_addr(bdf, 0xffe)), 4);
+	ext_put("b100", mmio_read8(ext_addr(bdf, 0x100)), 2);
+	ext_put("b103", mmio_read8(ext_addr(bdf, 0x103)), 2);
+	ext_put("bfff", mmio_read8(ext_addr(bdf, 0xfff)), 2);
+	mmio_write32(ext_addr(bdf, 0x100), 0x12345678u);
+	mmio_write16(ext_addr(bdf, 0x104), 0xabcd);
+	mmio_write8(ext_addr(bdf, 0xfff), 0x5a);
+	puts(" after");
+	ext_put("d100", mmio_read32(ext_addr(bdf, 0x100)), 8);
+	ext_put("w104", mmio_read16(ext_addr(bdf, 0x104)), 4);
+	ext_put("bfff", mmio_read8(ext_addr(bdf, 0xfff)), 2);
+	for (i = 0; i < 16; i++)
+		if (cf8_read(bdf, 4 * i) != before[i])
+			same = 0;
+	puts(same ? " header same\n" : " header CHANGED\n");
+	ext_functions++;
+}
+
+static void ext_bus(u32 bus, u32 depth)
+{
+	u32 dev, fn;
+
+	for (dev = 0; dev < 32; dev++) {
+		u32 base = (bus << 8) | (dev << 3);
+		u32 id = ecam_read(base, 0);
+		u32 multi;
+
+		if (!present(id))
+			continue;
+		multi = (ecam_read(base, 0x0c) >> 16) & 0x80;
+		for (fn = 0; fn < 8; fn++) {
+			u32 bdf = base | fn;
+			u32 sec;
+
+			if (fn) {
+				if (!multi)
+					break;
+				id = ecam_read(bdf, 0);
+				if (!present(id))
+					continue;
+			}
+			ext_function(bdf, id);
+			if (((ecam_read(bdf, 0x0c) >> 16) & 0x7f) != 1 || depth >= 8)
+				continue;
+			sec = (ecam_read(bdf, 0x18) >> 8) & 0xff;
+			if (!sec) {
+				/* Unprogrammed (QEMU's firmware leaves it): number it. */
+				sec = ++ext_next_bus;
+				mmio_write32(ext_addr(bdf, 0x18),
+					     0xff0000u | (sec << 8) | bus);
+				ext_bus(sec, depth + 1);
+				mmio_write32(ext_addr(bdf, 0x18),
+					     (ext_next_bus << 16) | (sec << 8) | bus);
+			} else if (sec > bus) {
+				if (sec > ext_next_bus)
+					ext_next_bus = sec;
+				ext_bus(sec, depth + 1);
+			}
+		}
+	}
+}
+
+static void mode_extcfg(const struct opts *o)
+{
+	ecam_base = o->ecam ? o->ecam : 0xE0000000u;
+	ext_next_bus = 0;
+	ext_functions = 0;
+	puts("=== EXTCFG start ===\n");
+	ext_bus(0, 0);
+	puts("=== EXTCFG done functions=");
+	putdec(ext_functions);
+	puts(" ===\n");
+}
+
 /* ring=3: the loop (and everything after it) runs at CPL3, IOPL 3. */
 static void bench_user(void *arg)
 {
@@ -1412,6 +1541,8 @@ void probe_main(const struct hvm_start_info *si)
 		if (o.ring == 3)
 			enter_user(enum_user, &o, user_stack_top);
 		mode_enum(&o);
+	} else if (word_eq(o.mode, "extcfg")) {
+		mode_extcfg(&o);
 	} else if (word_eq(o.mode, "bench")) {
 		if (o.ring == 3)
 			enter_user(bench_user, &o, user_stack_top);

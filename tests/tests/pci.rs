@@ -48,8 +48,9 @@ fn cf8_and_ecam_enumerations_are_identical() {
             "{}: CF8 and ECAM differ",
             x.addr
         );
+        // A conventional function's extended space reads all-ones, as in QEMU.
         assert!(
-            y.bytes[256..].iter().all(|&b| b == 0),
+            y.bytes[256..].iter().all(|&b| b == 0xff),
             "{}: extended space",
             y.addr
         );
@@ -157,6 +158,11 @@ fn bridges_cf8_and_ecam_enumerations_through_two_levels_agree() {
             "{}: CF8 and ECAM differ",
             x.addr
         );
+        assert!(
+            y.bytes[256..].iter().all(|&b| b == 0xff),
+            "{}: extended space of a bridge or a device behind one",
+            y.addr
+        );
     }
     // A bus-0 device's config space (BAR addresses included) is the same as on the machine
     // without bridges: its BARs depend on its own address only.
@@ -186,7 +192,8 @@ fn lspci_decodes_bridges_their_bus_numbers_and_windows() {
         "Bus: primary=00, secondary=01, subordinate=02, sec-latency=0",
         "I/O behind bridge: f000-0fff [disabled]",
         "Memory behind bridge: c4000000-c4ffffff [size=16M]",
-        "Prefetchable memory behind bridge: 00000000fff00000-00000000000fffff [disabled]",
+        // The 64-bit window of buses 1-2 (512 MiB each, by bus number).
+        "Prefetchable memory behind bridge: 0000004020000000-000000405fffffff [size=1G]",
         "Capabilities: [40] Slot ID: 0 slots, First+, chassis 01",
     ] {
         assert!(br1.contains(want), "{want:?} not in:\n{br1}");
@@ -195,16 +202,18 @@ fn lspci_decodes_bridges_their_bus_numbers_and_windows() {
     for want in [
         "Bus: primary=01, secondary=02, subordinate=02",
         "Memory behind bridge: c4800000-c4ffffff [size=8M]",
+        "Prefetchable memory behind bridge: 0000004040000000-000000405fffffff [size=512M]",
         "chassis 02",
     ] {
         assert!(br2.contains(want), "{want:?} not in:\n{br2}");
     }
     // Each function's BARs in its bus's window, at its devfn's place: bus 1 at 0xc4000000,
-    // bus 2 at 0xc4800000, 32 KiB per devfn; INTx swizzled through both bridges to bus 0.
+    // bus 2 at 0xc4800000, 32 KiB per devfn; 64-bit BARs in the 64-bit window, bus 1 at
+    // 0x4020000000, 2 MiB per devfn; INTx swizzled through both bridges to bus 0.
     let a = lspci_decode(&ecam, &["-vv", "-s", "01:01.0"]);
     assert!(a.contains("Region 1: Memory at c4040000 (32-bit"), "{a}");
     assert!(
-        a.contains("Region 4: Memory at c4044000 (64-bit, prefetchable)"),
+        a.contains("Region 4: Memory at 4021000000 (64-bit, prefetchable)"),
         "{a}"
     );
     let b = lspci_decode(&ecam, &["-vv", "-s", "02:04.0"]);
@@ -359,8 +368,9 @@ echo "=== HWRNG-BEGIN ==="; cat /sys/class/misc/hw_random/rng_available; dd if=/
 echo "=== DRIVERS-BEGIN ==="
 for d in /sys/bus/pci/devices/*; do echo "$(basename $d) $(basename $(readlink $d/driver 2>/dev/null) 2>/dev/null)"; done
 echo "=== DRIVERS-END ==="
-echo "=== BRIDGE-BEGIN ==="; lspci -vv -s 00:1e.0; echo "=== BRIDGE-END ==="
-echo "=== DMESG-BEGIN ==="; dmesg | grep -iE "pci 0000:00:1e|bus 01|busn|bridge|reassign|can't|conflict"; echo "=== DMESG-END ===""#,
+echo "=== BRIDGE-BEGIN ==="; lspci -vv -s 00:1e.0; lspci -xxx -s 00:1e.0; echo "=== BRIDGE-END ==="
+echo "=== BEHIND-BEGIN ==="; lspci -vvv -s 01:01.0; echo "=== BEHIND-END ==="
+echo "=== DMESG-BEGIN ==="; dmesg | grep -iE "pci 0000:00:1e|bus 01|busn|bridge|reassign|can't|conflict|root bus resource|no space|failed to assign"; echo "=== DMESG-END ===""#,
                 ),
             ),
         ]);
@@ -415,6 +425,24 @@ fn linux_binds_virtio_rng_and_reads_entropy_over_msix() {
     );
     let vv = boot_section("RNG", "LSPCI-VV");
     assert_eq!(vv.matches("MSI-X: Enable+ Count=2").count(), 3, "{vv}");
+    // The virtio BAR (64-bit) in the 64-bit window above 4 GiB, where the vmm put it (2 MiB per
+    // devfn from 0x4000000000), kept by Linux; the drivers above work through it.
+    for (addr, bar) in [
+        ("00:01.0", "4001000000"),
+        ("00:05.0", "4005000000"),
+        ("00:1f.0", "401f000000"),
+    ] {
+        let dev = vv
+            .split("\n\n")
+            .find(|d| d.starts_with(addr))
+            .unwrap_or_else(|| panic!("no {addr} in:\n{vv}"));
+        assert!(
+            dev.contains(&format!(
+                "Region 4: Memory at {bar} (64-bit, prefetchable) [size=16K]"
+            )),
+            "{addr}: {dev}"
+        );
+    }
     let hw = boot_section("RNG", "HWRNG");
     assert!(hw.contains("virtio_rng"), "{hw}");
     let hex = hw.lines().last().unwrap_or_default().trim().to_string();
@@ -458,6 +486,35 @@ fn linux_keeps_the_bridge_bus_numbers_and_binds_devices_behind_it() {
         br.contains("Memory behind bridge: c4000000-c47fffff"),
         "{br}"
     );
+    // The prefetchable window: bus 1's part of the 64-bit window, with 01:01.0's 64-bit BAR.
+    // (lspci 3.9 prints the kernel's view of a bridge window from sysfs and calls it
+    // "[32-bit]"; the registers say 64-bit: bits 3:0 of both halves read 1, upper halves 0x40.)
+    assert!(
+        br.contains("Prefetchable memory behind bridge: 4020000000-403fffffff [size=512M]"),
+        "{br}"
+    );
+    assert!(
+        br.contains("20: 00 c4 70 c4 01 20 f1 3f 40 00 00 00 40 00 00 00"),
+        "{br}"
+    );
+    let behind = boot_section("BRIDGE", "BEHIND");
+    assert!(
+        behind.contains("Region 4: Memory at 4021000000 (64-bit, prefetchable) [size=16K]"),
+        "{behind}"
+    );
+    assert!(
+        behind.contains("Kernel driver in use: virtio-pci"),
+        "{behind}"
+    );
+    let dmesg = boot_section("BRIDGE", "DMESG");
+    assert!(
+        dmesg.contains("root bus resource [mem 0x4000000000-0x5fffffffff window]")
+            && dmesg.contains("bridge window [mem 0x4020000000-0x403fffffff 64bit pref]"),
+        "{dmesg}"
+    );
+    for bad in ["no space", "failed to assign", "reassign", "can't claim"] {
+        assert!(!dmesg.contains(bad), "{bad}: {dmesg}");
+    }
 }
 
 #[test]
@@ -684,4 +741,245 @@ fn a_thousand_functions_behind_bridges_enumerate_and_get_their_ioeventfds() {
         !stderr.contains("ioeventfd") && !stderr.contains("panicked"),
         "{stderr}"
     );
+}
+
+/// What QEMU 7.2 answers in the probe's `mode=extcfg` for every function (after its address and
+/// IDs): checked with `-M microvm,pcie=on` and `-M q35`, with virtio-rng/blk/net-pci on bus 0 and
+/// virtio-rng-pci behind two levels of `pci-bridge`, the host bridges (gpex-root, q35's mch)
+/// and the bridges themselves: all conventional PCI functions (config size 256), so
+/// `pcie_mmcfg_data_read` answers all-ones at every width and `_write` drops the writes.
+const QEMU_EXTCFG: &str = "d100=ffffffff d104=ffffffff dffc=ffffffff w100=ffff w102=ffff \
+wffe=ffff b100=ff b103=ff bfff=ff after d100=ffffffff w104=ffff bfff=ff header same";
+/// What a machine recorded before the property existed keeps answering.
+const OLD_EXTCFG: &str = "d100=00000000 d104=00000000 dffc=00000000 w100=0000 w102=0000 \
+wffe=0000 b100=00 b103=00 bfff=00 after d100=00000000 w104=0000 bfff=00 header same";
+
+/// The probe's `extcfg:` lines as (address, answers after the IDs); checks the end marker.
+fn extcfg_lines(out: &str) -> Vec<(String, String)> {
+    assert!(
+        out.contains(&"=== EXTCFG done functions=6 ===".to_string()),
+        "{out}"
+    );
+    out.lines()
+        .filter_map(|l| l.trim_end().strip_prefix("extcfg: "))
+        .map(|l| {
+            let mut it = l.splitn(3, ' ');
+            let addr = it.next().unwrap_or_default().to_string();
+            let _ids = it.next();
+            (addr, it.next().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+const BRIDGED_ADDRS: [&str; 6] = [
+    "00:00.0", "00:05.0", "00:1e.0", "01:01.0", "01:03.0", "02:04.0",
+];
+
+#[test]
+fn extended_config_space_reads_what_qemu_returns() {
+    let out = run_probe("mode=extcfg", BRIDGED);
+    let lines = extcfg_lines(&out);
+    let addrs: Vec<&str> = lines.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(addrs, BRIDGED_ADDRS, "{out}");
+    for (addr, answers) in &lines {
+        assert_eq!(answers, QEMU_EXTCFG, "{addr}");
+    }
+}
+
+/// A machine whose compat record predates the property keeps reading zeros there (and says so
+/// in its record and description from then on); `--compat-strict` refuses to change it and
+/// `abi diff` reports it.
+#[test]
+fn an_old_record_keeps_a_zero_extended_config_space() {
+    let dir = std::env::temp_dir().join(format!("vmm-extcfg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    // A record as the build before the property wrote it: no extended_config.
+    let old = r#"{"format":"vmm-pci-compat","version":1,"machine":{"host_bridge_vendor":6966,"host_bridge_device":8,"ecam_base":3758096384,"mmio32_window":[3221225472,536870912],"pci_hotplug":true},"devices":{}}"#;
+    std::fs::write(p("rec.json"), old).unwrap();
+    fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+        let mut v: Vec<&str> = BRIDGED.to_vec();
+        v.extend_from_slice(extra);
+        v
+    }
+    let out = run_probe(
+        "mode=extcfg",
+        &with(&["--compat", &p("rec.json"), "--dump-machine", &p("m.json")]),
+    );
+    let lines = extcfg_lines(&out);
+    let addrs: Vec<&str> = lines.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(addrs, BRIDGED_ADDRS, "{out}");
+    for (addr, answers) in &lines {
+        assert_eq!(answers, OLD_EXTCFG, "{addr}");
+    }
+    let json = |n: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p(n)).unwrap()).unwrap()
+    };
+    assert_eq!(json("rec.json")["machine"]["extended_config"], "zero");
+    assert_eq!(json("m.json")["extended_config"], "zero");
+    let show = vmm(&["abi", "show", &p("rec.json")], 10);
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        show.contains("machine: pci_hotplug on, extended_config zero, mmio64_window none"),
+        "{show}"
+    );
+    // The whole extended space, through the ECAM dump, on the next start from that record.
+    let out = run_probe("mode=probe", &with(&["--compat", &p("rec.json")]));
+    let ecam = parse_dump(&dumps(&out).1);
+    assert_eq!(ecam.len(), 6);
+    for f in &ecam {
+        assert!(
+            f.bytes[256..].iter().all(|&b| b == 0),
+            "{}: extended space of an old machine",
+            f.addr
+        );
+    }
+    // A new machine (no record) with the same devices reads all-ones; its record says so.
+    run_probe("mode=hello", &with(&["--compat", &p("new.json")]));
+    assert_eq!(json("new.json")["machine"]["extended_config"], "all-ones");
+    let out = vmm(&["abi", "diff", &p("rec.json"), &p("new.json")], 10);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "machine: extended_config: zero -> all-ones\nmachine: mmio64_window: none -> [274877906944, 137438953472]"
+    );
+    // Asking the old machine for QEMU's behaviour is an ABI change: --compat-strict refuses.
+    std::fs::write(
+        p("ones.json"),
+        r#"{"format":"vmm-machine","version":2,"extended_config":"all-ones"}"#,
+    )
+    .unwrap();
+    let before = std::fs::read(p("rec.json")).unwrap();
+    let elf = integration_tests::probe::probe_elf();
+    let mut args = vec!["run", "--no-reboot", "--kernel", elf.to_str().unwrap()];
+    let strict = [
+        "--machine-file",
+        &p("ones.json"),
+        "--compat",
+        &p("rec.json"),
+        "--compat-strict",
+    ];
+    args.extend(with(&strict).iter().copied());
+    let out = vmm(&args, 30);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(out.stdout.is_empty(), "the guest must not run");
+    assert!(
+        err.contains("--compat-strict")
+            && err.contains("machine: extended_config: zero -> all-ones"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(p("rec.json")).unwrap(),
+        before,
+        "record untouched"
+    );
+    // Without --compat-strict the machine file wins, and the record follows it.
+    let out = run_probe(
+        "mode=extcfg",
+        &with(&[
+            "--machine-file",
+            &p("ones.json"),
+            "--compat",
+            &p("rec.json"),
+        ]),
+    );
+    for (addr, answers) in &extcfg_lines(&out) {
+        assert_eq!(answers, QEMU_EXTCFG, "{addr}");
+    }
+    assert_eq!(json("rec.json")["machine"]["extended_config"], "all-ones");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The 64-bit window: a new machine puts 64-bit BARs above 4 GiB (a function of the address:
+/// 0x4000000000 + bus * 512 MiB + devfn * 2 MiB) and gives bridges a prefetchable window over
+/// their buses' parts; a machine recorded before the property (or a machine file with
+/// `"mmio64_window": false`) keeps every BAR in the 32-bit window and the prefetchable windows
+/// disabled; `abi diff` reports the change; RAM that would reach the window is refused.
+#[test]
+fn an_old_record_keeps_64_bit_bars_below_4_gib() {
+    let dir = std::env::temp_dir().join(format!("vmm-mmio64-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    // A record as the build before the property wrote it: no mmio64_window.
+    let old = r#"{"format":"vmm-pci-compat","version":1,"machine":{"host_bridge_vendor":6966,"host_bridge_device":8,"ecam_base":3758096384,"mmio32_window":[3221225472,536870912],"pci_hotplug":true,"extended_config":"all-ones"},"devices":{}}"#;
+    std::fs::write(p("rec.json"), old).unwrap();
+    std::fs::write(
+        p("off.json"),
+        r#"{"format":"vmm-machine","version":2,"mmio64_window":false}"#,
+    )
+    .unwrap();
+    fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+        let mut v: Vec<&str> = BRIDGED.to_vec();
+        v.extend_from_slice(extra);
+        v
+    }
+    let decode = |out: &str, at: &str| lspci_decode(&dumps(out).1, &["-vvv", "-s", at]);
+    let old_runs = [
+        run_probe("mode=probe", &with(&["--compat", &p("rec.json")])),
+        run_probe("mode=probe", &with(&["--machine-file", &p("off.json")])),
+    ];
+    for out in &old_runs {
+        let a = decode(out, "01:01.0");
+        assert!(
+            a.contains("Region 4: Memory at c4044000 (64-bit, prefetchable)"),
+            "{a}"
+        );
+        let r = decode(out, "00:05.0");
+        assert!(
+            r.contains("Region 4: Memory at c0a04000 (64-bit, prefetchable)"),
+            "{r}"
+        );
+        let br = decode(out, "00:1e.0");
+        assert!(
+            br.contains(
+                "Prefetchable memory behind bridge: 00000000fff00000-00000000000fffff [disabled]"
+            ),
+            "{br}"
+        );
+    }
+    let rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("rec.json")).unwrap()).unwrap();
+    assert_eq!(rec["machine"]["mmio64_window"], serde_json::Value::Null);
+    // The same devices on a new machine.
+    let out = run_probe("mode=probe", &with(&["--compat", &p("new.json")]));
+    let r = decode(&out, "00:05.0");
+    assert!(
+        r.contains("Region 1: Memory at c0a00000 (32-bit, non-prefetchable)")
+            && r.contains("Region 4: Memory at 4005000000 (64-bit, prefetchable)"),
+        "{r}"
+    );
+    let b = decode(&out, "02:04.0");
+    assert!(
+        b.contains("Region 4: Memory at 4044000000 (64-bit, prefetchable)"),
+        "{b}"
+    );
+    let out = vmm(&["abi", "diff", &p("rec.json"), &p("new.json")], 10);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "machine: mmio64_window: none -> [274877906944, 137438953472]"
+    );
+    // RAM above 4 GiB ends where the window starts: 255 GiB at most with it.
+    let elf = integration_tests::probe::probe_elf();
+    let out = vmm(
+        &[
+            "run",
+            "--no-reboot",
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--memory",
+            "261121",
+        ],
+        30,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("invalid memory size 261121 MiB: at most 261120 MiB on a machine with the 64-bit PCI window"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -21,6 +21,15 @@ pub fn show(path: &Path, json: bool) -> i32 {
         "00:00.0 0600: {:04x}:{:04x} (host bridge; ECAM at {:#x})",
         r.machine.host_bridge_vendor, r.machine.host_bridge_device, r.machine.ecam_base
     );
+    println!(
+        "        machine: pci_hotplug {}, extended_config {}, mmio64_window {}",
+        if r.machine.pci_hotplug { "on" } else { "off" },
+        r.machine.extended_config,
+        match r.machine.mmio64_window {
+            Some((base, size)) => format!("{base:#x} size {size:#x}"),
+            None => "none".to_string(),
+        }
+    );
     let mut devices: Vec<_> = r.devices.iter().collect();
     devices.sort_by_key(|(_, d)| d.addr);
     for (id, d) in devices {

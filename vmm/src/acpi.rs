@@ -58,6 +58,10 @@ pub struct AcpiOptions {
     /// with its bus selector and slot objects ([`bridge_device`]). Empty: the DSDT of bus-0
     /// hot-plug, byte for byte.
     pub bridges: Vec<AcpiBridge>,
+    /// The machine has the 64-bit PCI window: the host bridge's `_CRS` has a QWordMemory
+    /// range [`PCI_MMIO64_START`], [`PCI_MMIO64_SIZE`] bytes (cacheable, as QEMU's 64-bit
+    /// hole). Without it the `_CRS` is what it always was.
+    pub pci_mmio64: bool,
 }
 
 /// The GSI a slot's INTx pin is wired to (IO-APIC pins 16..23, swizzled like QEMU's i440fx).
@@ -142,7 +146,18 @@ fn dsdt(opts: &AcpiOptions) -> Sdt {
         (PCI_MMIO32_START + PCI_MMIO32_SIZE - 1) as u32,
         None,
     );
-    let crs = aml::ResourceTemplate::new(vec![&bus, &cfg_io, &io_lo, &io_hi, &mem32]);
+    let mem64 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::Cacheable,
+        true,
+        PCI_MMIO64_START,
+        PCI_MMIO64_START + PCI_MMIO64_SIZE - 1,
+        None,
+    );
+    let mut crs: Vec<&dyn Aml> = vec![&bus, &cfg_io, &io_lo, &io_hi, &mem32];
+    if opts.pci_mmio64 {
+        crs.push(&mem64);
+    }
+    let crs = aml::ResourceTemplate::new(crs);
     let crs = aml::Name::new("_CRS".into(), &crs);
     let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
     let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
@@ -760,6 +775,37 @@ mod tests {
     }
 
     #[test]
+    fn the_64_bit_window_is_a_qword_range_in_the_host_bridges_crs() {
+        let off = dsdt(&AcpiOptions::default());
+        let on = dsdt(&AcpiOptions {
+            pci_mmio64: true,
+            ..Default::default()
+        });
+        // QWord address space descriptor (0x8a, length 43): memory, min/max fixed, cacheable
+        // read-write, granularity 0, min, max, translation 0, length.
+        let mut q = vec![0x8a, 43, 0, 0, 0b1100, 0b011];
+        q.extend_from_slice(&0u64.to_le_bytes());
+        q.extend_from_slice(&PCI_MMIO64_START.to_le_bytes());
+        q.extend_from_slice(&(PCI_MMIO64_START + PCI_MMIO64_SIZE - 1).to_le_bytes());
+        q.extend_from_slice(&0u64.to_le_bytes());
+        q.extend_from_slice(&PCI_MMIO64_SIZE.to_le_bytes());
+        let has = |d: &Sdt| d.as_slice().windows(q.len()).any(|w| w == q.as_slice());
+        assert!(has(&on) && !has(&off));
+        assert_eq!(on.as_slice().len(), off.as_slice().len() + 46);
+        let t = tables_with(
+            2,
+            &AcpiOptions {
+                pci_mmio64: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for (_, b) in &t[1..] {
+            assert_eq!(checksum(b), 0);
+        }
+    }
+
+    #[test]
     fn hotplug_tables_checksum_and_fit() {
         let t = tables_with(
             8,
@@ -1051,6 +1097,7 @@ mod tests {
             pci_hotplug: true,
             pci_bridges: true,
             pci_hotplug_bridges: true,
+            pci_mmio64: false,
             bridges: vec![
                 AcpiBridge {
                     bus: 1,

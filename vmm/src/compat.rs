@@ -15,12 +15,15 @@
 use std::collections::{BTreeMap, HashMap};
 
 use pci::record::{diff, Change, CompatRecord, DeviceRecord, Fingerprint, MachineRecord};
+use pci::ExtendedConfig;
 
 use crate::device_config::check_prop;
 use crate::device_config::{parse_prop, RawValue};
 use crate::device_manager::{DeviceError, DeviceSpec, Hint, Realized, ROOT_BUS};
 use crate::drivers::driver;
-use crate::layout::{ECAM_START, PCI_MMIO32_SIZE, PCI_MMIO32_START};
+use crate::layout::{
+    ECAM_START, PCI_MMIO32_SIZE, PCI_MMIO32_START, PCI_MMIO64_SIZE, PCI_MMIO64_START,
+};
 
 /// `--global DRIVER.PROP=VALUE` defaults, by driver then property.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -140,51 +143,78 @@ pub fn hints(specs: &[DeviceSpec], record: Option<&CompatRecord>) -> HashMap<Str
         .collect()
 }
 
-/// The guest-visible hot-plug properties of a machine (recorded in [`MachineRecord`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct HotplugProps {
-    /// ACPI PCI hot-plug (on bus 0).
+/// The guest-visible machine properties a machine keeps across restarts (its compat record's
+/// machine part, beyond the fixed layout): each one is what the command line or machine file
+/// asks for, else what the record says (the old behaviour for a record from before the
+/// property), else the new behaviour for a new machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineProps {
+    /// ACPI PCI hot-plug on bus 0.
     pub pci_hotplug: bool,
     /// ACPI PCI hot-plug behind bridges too (only with `pci_hotplug`).
     pub pci_hotplug_bridges: bool,
+    /// What the extended config space of the functions reads.
+    pub extended_config: ExtendedConfig,
+    /// The 64-bit PCI window: 64-bit BARs above 4 GiB, in the host bridge's `_CRS` and the
+    /// bridges' prefetchable windows.
+    pub mmio64: bool,
 }
 
-impl HotplugProps {
-    /// The properties of a machine about to start: each one as asked for (`--hotplug`,
-    /// `--hotplug-bridges`, or the machine file), else what the record `old` says (off for a
-    /// record from before the property; a record without hot-plug says nothing about bridges),
-    /// else on for a new machine. Hot-plug behind bridges needs hot-plug: asking for it on a
+impl MachineProps {
+    /// A new machine's properties.
+    pub const NEW: MachineProps = MachineProps {
+        pci_hotplug: true,
+        pci_hotplug_bridges: true,
+        extended_config: ExtendedConfig::AllOnes,
+        mmio64: true,
+    };
+
+    /// Resolves each property: asked for (command line / machine file) over `record` over
+    /// [`MachineProps::NEW`]. Hot-plug behind bridges needs hot-plug: without hot-plug it is
+    /// off (a record without hot-plug says nothing about bridges), and asking for it on a
     /// machine without hot-plug is an error.
     pub fn resolve(
-        hotplug: Option<bool>,
-        bridges: Option<bool>,
-        old: Option<&MachineRecord>,
-    ) -> Result<Self, String> {
-        let pci_hotplug = hotplug.or(old.map(|r| r.pci_hotplug)).unwrap_or(true);
-        if !pci_hotplug {
-            if bridges == Some(true) {
-                return Err(
-                    "hot-plug behind bridges (--hotplug-bridges on) needs ACPI PCI hot-plug (--hotplug on)"
-                        .into(),
-                );
-            }
-            return Ok(HotplugProps::default());
+        pci_hotplug: Option<bool>,
+        pci_hotplug_bridges: Option<bool>,
+        extended_config: Option<ExtendedConfig>,
+        mmio64: Option<bool>,
+        record: Option<&MachineRecord>,
+    ) -> Result<MachineProps, String> {
+        let new = MachineProps::NEW;
+        let hotplug = pci_hotplug
+            .or(record.map(|r| r.pci_hotplug))
+            .unwrap_or(new.pci_hotplug);
+        if !hotplug && pci_hotplug_bridges == Some(true) {
+            return Err(
+                "hot-plug behind bridges (--hotplug-bridges on) needs ACPI PCI hot-plug (--hotplug on)"
+                    .into(),
+            );
         }
-        let pci_hotplug_bridges = bridges
-            .or(old.filter(|r| r.pci_hotplug).map(|r| r.pci_hotplug_bridges))
-            .unwrap_or(true);
-        Ok(HotplugProps {
-            pci_hotplug,
-            pci_hotplug_bridges,
+        Ok(MachineProps {
+            pci_hotplug: hotplug,
+            pci_hotplug_bridges: hotplug
+                && pci_hotplug_bridges
+                    .or(record
+                        .filter(|r| r.pci_hotplug)
+                        .map(|r| r.pci_hotplug_bridges))
+                    .unwrap_or(new.pci_hotplug_bridges),
+            extended_config: extended_config
+                .or(record.map(|r| r.extended_config))
+                .unwrap_or(new.extended_config),
+            mmio64: mmio64
+                .or(record.map(|r| r.mmio64_window.is_some()))
+                .unwrap_or(new.mmio64),
         })
     }
 }
 
 /// The machine part of every record this build writes.
-pub fn machine_record(pci_hotplug: bool, pci_hotplug_bridges: bool) -> MachineRecord {
+pub fn machine_record(props: MachineProps) -> MachineRecord {
     MachineRecord {
-        pci_hotplug,
-        pci_hotplug_bridges,
+        pci_hotplug: props.pci_hotplug,
+        pci_hotplug_bridges: props.pci_hotplug_bridges,
+        extended_config: props.extended_config,
+        mmio64_window: props.mmio64.then_some((PCI_MMIO64_START, PCI_MMIO64_SIZE)),
         host_bridge_vendor: pci::root::HOST_BRIDGE_VENDOR,
         host_bridge_device: pci::root::HOST_BRIDGE_DEVICE,
         ecam_base: ECAM_START,
@@ -193,7 +223,7 @@ pub fn machine_record(pci_hotplug: bool, pci_hotplug_bridges: bool) -> MachineRe
 }
 
 /// The record of the realized devices.
-pub fn record_of(devices: &[Realized], hotplug: HotplugProps) -> CompatRecord {
+pub fn record_of(devices: &[Realized], props: MachineProps) -> CompatRecord {
     let devices = devices
         .iter()
         .map(|r| {
@@ -208,10 +238,7 @@ pub fn record_of(devices: &[Realized], hotplug: HotplugProps) -> CompatRecord {
             )
         })
         .collect();
-    CompatRecord::new(
-        machine_record(hotplug.pci_hotplug, hotplug.pci_hotplug_bridges),
-        devices,
-    )
+    CompatRecord::new(machine_record(props), devices)
 }
 
 /// `--compat-strict`: every change to a device present in both records (or to the machine),
@@ -251,7 +278,7 @@ mod tests {
             props: [("vectors".to_string(), vectors.to_string())].into(),
         };
         CompatRecord::new(
-            machine_record(true, true),
+            machine_record(MachineProps::NEW),
             [(
                 id.to_string(),
                 DeviceRecord {
@@ -271,17 +298,20 @@ mod tests {
 
     #[test]
     fn hotplug_props_come_from_the_command_line_then_the_record_then_on() {
-        let r = |hp, br| HotplugProps {
-            pci_hotplug: hp,
-            pci_hotplug_bridges: br,
+        let r = |hp, br| (hp, br);
+        let resolve = |hp, br, rec: Option<&MachineRecord>| {
+            MachineProps::resolve(hp, br, None, None, rec)
+                .map(|p| (p.pci_hotplug, p.pci_hotplug_bridges))
         };
         let rec = |hp, br| {
-            let mut m = machine_record(hp, br);
-            m.pci_hotplug_bridges = br;
-            m
+            machine_record(MachineProps {
+                pci_hotplug: hp,
+                pci_hotplug_bridges: br,
+                ..MachineProps::NEW
+            })
         };
         // A new machine: both on.
-        assert_eq!(HotplugProps::resolve(None, None, None), Ok(r(true, true)));
+        assert_eq!(resolve(None, None, None), Ok(r(true, true)));
         // A record from before bridge hot-plug (hot-plug on, the property absent = false).
         let old: MachineRecord = serde_json::from_value(serde_json::json!({
             "host_bridge_vendor": 0x1b36, "host_bridge_device": 8,
@@ -291,39 +321,30 @@ mod tests {
         .unwrap();
         assert!(!old.pci_hotplug_bridges, "absent means off");
         assert_eq!(
-            HotplugProps::resolve(None, None, Some(&old)),
+            resolve(None, None, Some(&old)),
             Ok(r(true, false)),
             "an old record keeps no slot objects behind bridges"
         );
+        assert_eq!(resolve(None, Some(true), Some(&old)), Ok(r(true, true)));
         assert_eq!(
-            HotplugProps::resolve(None, Some(true), Some(&old)),
-            Ok(r(true, true))
-        );
-        assert_eq!(
-            HotplugProps::resolve(None, None, Some(&rec(true, true))),
+            resolve(None, None, Some(&rec(true, true))),
             Ok(r(true, true))
         );
         // Without hot-plug there is none behind bridges either.
+        assert_eq!(resolve(Some(false), None, None), Ok(r(false, false)));
         assert_eq!(
-            HotplugProps::resolve(Some(false), None, None),
+            resolve(None, None, Some(&rec(false, false))),
             Ok(r(false, false))
         );
         assert_eq!(
-            HotplugProps::resolve(None, None, Some(&rec(false, false))),
-            Ok(r(false, false))
-        );
-        assert_eq!(
-            HotplugProps::resolve(Some(true), None, Some(&rec(false, false))),
+            resolve(Some(true), None, Some(&rec(false, false))),
             Ok(r(true, true)),
             "a record without hot-plug says nothing about bridges"
         );
-        assert!(HotplugProps::resolve(Some(false), Some(true), None)
+        assert!(resolve(Some(false), Some(true), None)
             .unwrap_err()
             .contains("--hotplug-bridges on"));
-        assert_eq!(
-            HotplugProps::resolve(Some(false), Some(false), None),
-            Ok(r(false, false))
-        );
+        assert_eq!(resolve(Some(false), Some(false), None), Ok(r(false, false)));
     }
 
     #[test]
@@ -414,5 +435,40 @@ mod tests {
         );
         assert!(e("virtio-rng-pci.vectors=x").contains("can't take value 'x'"));
         assert!(e("novalue").contains("DRIVER.PROP=VALUE"));
+    }
+
+    #[test]
+    fn machine_props_asked_then_recorded_then_new() {
+        let new = MachineProps::resolve(None, None, None, None, None).unwrap();
+        assert_eq!(new, MachineProps::NEW);
+        assert_eq!(new.extended_config, ExtendedConfig::AllOnes);
+        let mut old = machine_record(MachineProps::NEW);
+        old.pci_hotplug = false;
+        old.extended_config = ExtendedConfig::Zero;
+        old.mmio64_window = None;
+        let kept = MachineProps::resolve(None, None, None, None, Some(&old)).unwrap();
+        assert_eq!(
+            (kept.pci_hotplug, kept.extended_config, kept.mmio64),
+            (false, ExtendedConfig::Zero, false)
+        );
+        assert_eq!(machine_record(kept).mmio64_window, None);
+        assert_eq!(
+            machine_record(MachineProps::NEW).mmio64_window,
+            Some((0x40_0000_0000, 0x20_0000_0000))
+        );
+        let asked = MachineProps::resolve(
+            Some(true),
+            None,
+            Some(ExtendedConfig::AllOnes),
+            Some(true),
+            Some(&old),
+        )
+        .unwrap();
+        assert_eq!(asked, MachineProps::NEW);
+        assert_eq!(
+            machine_record(asked).extended_config,
+            ExtendedConfig::AllOnes
+        );
+        assert_eq!(machine_record(kept).extended_config, ExtendedConfig::Zero);
     }
 }

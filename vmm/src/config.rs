@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use pci::ExtendedConfig;
+
 use crate::cli::RunArgs;
 use crate::device_manager::{self, DeviceSpec};
 use crate::machine_file::{merge_devices, MachineFile};
@@ -37,6 +39,12 @@ pub struct MachineConfig {
     /// ACPI PCI hot-plug behind bridges as asked for (`--hotplug-bridges`, else the machine
     /// file); None: what the compat record says, or on for a new machine with hot-plug.
     pub pci_hotplug_bridges: Option<bool>,
+    /// What the functions' extended config space reads, as the machine file asks; None: what
+    /// the compat record says, or all-ones for a new machine.
+    pub extended_config: Option<ExtendedConfig>,
+    /// The 64-bit PCI window as the machine file asks; None: what the compat record says, or
+    /// on for a new machine.
+    pub mmio64_window: Option<bool>,
 }
 
 impl MachineConfig {
@@ -87,6 +95,8 @@ impl MachineConfig {
             cpus,
             pci_hotplug: args.hotplug.or(file.pci_hotplug),
             pci_hotplug_bridges: args.hotplug_bridges.or(file.pci_hotplug_bridges),
+            extended_config: file.extended_config,
+            mmio64_window: file.mmio64_window,
             devices: merge_devices(&file_devices, cli_devices),
         })
     }

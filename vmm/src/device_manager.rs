@@ -34,6 +34,7 @@ use pci::{BridgeSetup, Owner, PciAddress, PciBridge, PciFunction, PciRoot, SlotA
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::compat::MachineProps;
 use crate::drivers;
 use crate::layout::{
     ecam_size, ECAM_START, PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN, PCI_MMIO32_SIZE, PCI_MMIO32_START,
@@ -403,12 +404,22 @@ pub struct DeviceSet {
     buses: Buses,
     anon: usize,
     realized: Vec<Realized>,
+    /// 64-bit BARs go to the 64-bit window (a recorded machine property).
+    mmio64: bool,
 }
 
 impl DeviceSet {
-    /// An empty set (the host bridge's slot reserved).
+    /// An empty set (the host bridge's slot reserved), 64-bit BARs in the 32-bit window.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty set whose 64-bit BARs go to the 64-bit window when `mmio64` is set.
+    pub fn with_mmio64(mmio64: bool) -> Self {
+        Self {
+            mmio64,
+            ..Self::default()
+        }
     }
 
     /// Places and realizes `specs` onto `root`, around the devices already there. Bridges come
@@ -437,7 +448,7 @@ impl DeviceSet {
         sorted.sort_by_key(|p| p.addr);
         let mut new: Vec<Realized> = Vec::new();
         for p in sorted {
-            match realize_one(p, &buses, root, mem, host.clone()) {
+            match realize_one(p, &buses, self.mmio64, root, mem, host.clone()) {
                 Ok(r) => new.push(r),
                 Err(e) => {
                     for r in new.iter().rev() {
@@ -505,6 +516,7 @@ impl DeviceSet {
             buses: self.buses.clone(),
             anon: self.anon,
             placed: self.realized.iter().map(|r| r.placed.clone()).collect(),
+            mmio64: self.mmio64,
         }
     }
 
@@ -518,7 +530,14 @@ impl DeviceSet {
     ) -> Result<DeviceSet, DeviceError> {
         let mut realized: Vec<Realized> = Vec::with_capacity(placement.placed.len());
         for p in &placement.placed {
-            match realize_one(p, &placement.buses, root, mem, host.clone()) {
+            match realize_one(
+                p,
+                &placement.buses,
+                placement.mmio64,
+                root,
+                mem,
+                host.clone(),
+            ) {
                 Ok(r) => realized.push(r),
                 Err(e) => {
                     for r in realized.iter().rev() {
@@ -532,6 +551,7 @@ impl DeviceSet {
             buses: placement.buses.clone(),
             anon: placement.anon,
             realized,
+            mmio64: placement.mmio64,
         })
     }
 }
@@ -543,6 +563,7 @@ pub struct Placement {
     buses: Buses,
     anon: usize,
     placed: Vec<Placed>,
+    mmio64: bool,
 }
 
 impl Placement {
@@ -668,13 +689,15 @@ impl DeviceManager {
     /// With `hotplug` (ACPI PCI hot-plug on), the hot-plug registers and the GED are on the port
     /// bus too; its `eject` is called on a vCPU thread with the bus and slot the guest ejected
     /// (it must only post and return). With `bridges`, the ECAM window covers all 256 buses
-    /// ([`crate::layout::ecam_size`]).
+    /// ([`crate::layout::ecam_size`]). `props` are the recorded machine properties: what the
+    /// functions' extended config space reads, whether 64-bit BARs go above 4 GiB.
     pub fn new(
         vm: Arc<Vm>,
         power: PowerCallback,
         console: Box<dyn std::io::Write + Send>,
         hotplug: Option<HotplugSetup>,
         bridges: bool,
+        props: MachineProps,
     ) -> Result<Self, DeviceManagerError> {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
@@ -701,7 +724,7 @@ impl DeviceManager {
             ACPI_PM_PORT_LEN,
             Arc::new(AcpiPm::new(power)),
         )?;
-        let root = Arc::new(PciRoot::new());
+        let root = Arc::new(PciRoot::with_extended_config(props.extended_config));
         let mapper = Arc::new(BarMapper::new(root.clone(), &pio, &mmio));
         on_pio(
             "PCI config ports",
@@ -753,7 +776,7 @@ impl DeviceManager {
             mmio,
             root,
             mapper,
-            set: Mutex::new(DeviceSet::new()),
+            set: Mutex::new(DeviceSet::with_mmio64(props.mmio64)),
             serial,
             hotplug,
         })
@@ -852,8 +875,9 @@ impl DeviceManager {
         console: Box<dyn std::io::Write + Send>,
         hotplug: Option<HotplugSetup>,
         placement: &Placement,
+        props: MachineProps,
     ) -> Result<Self, DeviceManagerError> {
-        let dm = DeviceManager::new(vm, power, console, hotplug, placement.has_bridges())?;
+        let dm = DeviceManager::new(vm, power, console, hotplug, placement.has_bridges(), props)?;
         let set = DeviceSet::realize_placement(placement, &dm.root, &dm.vm.mem, dm.vm.clone())?;
         let addrs: Vec<PciAddress> = set.devices().iter().map(|r| r.placed.addr).collect();
         *dm.set() = set;
@@ -1009,6 +1033,7 @@ pub const FUNCTION_BAR_WINDOW: u64 = crate::layout::BUS0_FUNCTION_WINDOW;
 pub fn realize_one(
     p: &Placed,
     buses: &Buses,
+    mmio64: bool,
     root: &PciRoot,
     mem: &GuestMemoryMmap,
     host: Arc<dyn VirtioHost>,
@@ -1027,6 +1052,8 @@ pub fn realize_one(
             secondary: own.number,
             subordinate: own.subordinate,
             memory: crate::layout::bridge_window(own.number, own.subordinate),
+            prefetchable: mmio64
+                .then(|| crate::layout::bridge_window64(own.number, own.subordinate)),
         });
         let abi: BTreeMap<String, String> = [
             ("chassis_nr".to_string(), c.chassis_nr.to_string()),
@@ -1069,15 +1096,24 @@ pub fn realize_one(
     let first = cfg.bars().first().map_or(0, |b| b.index);
     let (window, size) =
         crate::layout::function_window(p.addr.bus(), p.addr.devfn()).ok_or(no_room(first))?;
-    let mut next = window;
+    // With the 64-bit window, 64-bit BARs go to the function's own part of it (by bus and
+    // devfn, like the 32-bit one), the others stay in the 32-bit window.
+    let (window64, size64) = crate::layout::function_window64(p.addr.bus(), p.addr.devfn());
+    let (mut next32, mut next64) = (window, window64);
     for bar in cfg.bars() {
+        let high = mmio64 && matches!(bar.kind, BarKind::Mem64 { .. });
+        let (next, start, len) = if high {
+            (&mut next64, window64, size64)
+        } else {
+            (&mut next32, window, size)
+        };
         let base = next.next_multiple_of(bar.size);
-        if matches!(bar.kind, BarKind::Io) || base + bar.size > window + size {
+        if matches!(bar.kind, BarKind::Io) || base + bar.size > start + len {
             return Err(no_room(bar.index));
         }
         cfg.set_bar_address(bar.index, base)
             .map_err(|e| realize_err(e.to_string()))?;
-        next = base + bar.size;
+        *next = base + bar.size;
     }
     debug_assert!(window + size <= PCI_MMIO32_START + PCI_MMIO32_SIZE);
     let transport = Arc::new(f);

@@ -19,6 +19,12 @@
 //!              machine has bridges), reserved in e820, described by MCFG
 //! 0xfec0_0000  IO-APIC
 //! 0xfee0_0000  local APICs
+//! 0x1_0000_0000      RAM beyond 3 GiB (up to 252 GiB of it with the 64-bit window)
+//! 0x40_0000_0000     64-bit PCI memory window (128 GiB, machines with the `mmio64_window`
+//!                    property): 64-bit BARs, 512 MiB per bus by bus number, 2 MiB per
+//!                    function by devfn
+//! 0x60_0000_0000     end of the 64-bit window (384 GiB: below 2^39, the smallest physical
+//!                    address width of current x86-64 hosts)
 //! ```
 
 /// GDT used for boot.
@@ -130,6 +136,48 @@ pub fn bridge_window(secondary: u8, subordinate: u8) -> Option<(u32, u32)> {
     let (last, size) = bus_window(subordinate.min(MAX_WINDOWED_BUS))?;
     Some((base as u32, (last + size - 1) as u32))
 }
+/// The 64-bit PCI memory window (prefetchable BARs above 4 GiB). Fixed, not after the end of
+/// RAM as QEMU's `pci-hole64` is: RAM size is not part of a machine's record and may change
+/// between restarts, while BAR addresses must not. 256 GiB keeps it above any RAM this machine
+/// accepts with the window (at most [`MAX_RAM_WITH_MMIO64`]) and its end (384 GiB) below 2^39,
+/// the smallest physical address width of current x86-64 CPUs (so a guest can reach it on any
+/// host; QEMU's TCG `-cpu max` has 40 bits).
+pub const PCI_MMIO64_START: u64 = 0x40_0000_0000;
+/// Size of the 64-bit PCI memory window (128 GiB).
+pub const PCI_MMIO64_SIZE: u64 = 0x20_0000_0000;
+/// Bytes of the 64-bit window for each bus, by bus number (all 256 buses have one).
+pub const MMIO64_BUS_WINDOW: u64 = PCI_MMIO64_SIZE / 256;
+/// Bytes of the 64-bit window for each function's 64-bit BARs, by devfn.
+pub const MMIO64_FUNCTION_WINDOW: u64 = MMIO64_BUS_WINDOW / 256;
+/// Most RAM a machine with the 64-bit window can have: RAM above 4 GiB ends at the window.
+pub const MAX_RAM_WITH_MMIO64: u64 = PCI_MMIO64_START - HIGH_RAM_START + LOW_RAM_END;
+
+/// The 64-bit BAR window `(base, size)` of the function `devfn` on bus `bus`: a function of its
+/// address alone.
+pub fn function_window64(bus: u8, devfn: u8) -> (u64, u64) {
+    let (base, _) = bus_window64(bus);
+    (
+        base + u64::from(devfn) * MMIO64_FUNCTION_WINDOW,
+        MMIO64_FUNCTION_WINDOW,
+    )
+}
+
+/// The 64-bit window `(base, size)` of bus `bus`.
+pub fn bus_window64(bus: u8) -> (u64, u64) {
+    (
+        PCI_MMIO64_START + u64::from(bus) * MMIO64_BUS_WINDOW,
+        MMIO64_BUS_WINDOW,
+    )
+}
+
+/// The prefetchable window `(base, limit)` (inclusive) of a bridge whose buses are
+/// `secondary..=subordinate`: their 64-bit windows (contiguous by depth-first numbering).
+pub fn bridge_window64(secondary: u8, subordinate: u8) -> (u64, u64) {
+    let (base, _) = bus_window64(secondary);
+    let (last, size) = bus_window64(subordinate.max(secondary));
+    (base, last + size - 1)
+}
+
 /// IO-APIC registers.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC registers.
@@ -190,6 +238,26 @@ mod tests {
         assert_eq!(BRIDGED_BUS_WINDOW % (1 << 20), 0);
         // virtio-pci's BARs (4 KiB MSI-X, 16 KiB virtio) fit a bridged function's window.
         const { assert!(0x4000 + 0x4000 <= BRIDGED_FUNCTION_WINDOW) };
+    }
+
+    #[test]
+    fn the_64_bit_window_is_tiled_by_bus_and_devfn() {
+        assert_eq!(MMIO64_BUS_WINDOW, 512 << 20);
+        assert_eq!(MMIO64_FUNCTION_WINDOW, 2 << 20);
+        assert_eq!(function_window64(0, 0), (PCI_MMIO64_START, 2 << 20));
+        assert_eq!(function_window64(0, 0x28), (0x40_0500_0000, 2 << 20));
+        assert_eq!(function_window64(1, 0x08), (0x40_2100_0000, 2 << 20));
+        let (b, s) = function_window64(255, 255);
+        assert_eq!(b + s, PCI_MMIO64_START + PCI_MMIO64_SIZE);
+        assert_eq!(bridge_window64(1, 2), (0x40_2000_0000, 0x40_5fff_ffff));
+        assert_eq!(bridge_window64(2, 2), (0x40_4000_0000, 0x40_5fff_ffff));
+        // 1 MiB granularity of a bridge's prefetchable window; below 2^39; above all RAM.
+        assert_eq!(MMIO64_BUS_WINDOW % (1 << 20), 0);
+        const { assert!(PCI_MMIO64_START + PCI_MMIO64_SIZE <= 1 << 39) };
+        assert_eq!(MAX_RAM_WITH_MMIO64, 255 << 30);
+        let ranges = ram_ranges(MAX_RAM_WITH_MMIO64);
+        let (base, size) = ranges[1];
+        assert_eq!(base + size, PCI_MMIO64_START);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::acpi::AcpiOptions;
 use crate::boot::{self, Entry};
 use crate::cli::RunArgs;
-use crate::compat::{self, Globals, HotplugProps};
+use crate::compat::{self, Globals, MachineProps};
 use crate::config::MachineConfig;
 use crate::device_manager::{self, DeviceError, DeviceManager, DeviceSpec, HotplugSetup, Realized};
 use crate::layout::ZERO_PAGE;
@@ -135,8 +135,9 @@ pub struct Machine {
     dump_machine: Option<PathBuf>,
     globals: Globals,
     seccomp: Option<crate::seccomp::Filter>,
-    /// ACPI PCI hot-plug on bus 0 and behind bridges (recorded machine properties).
-    hotplug: HotplugProps,
+    /// The recorded machine properties (ACPI PCI hot-plug on bus 0 and behind bridges,
+    /// extended config space, the 64-bit PCI window).
+    props: MachineProps,
     /// Slots the guest ejected, posted by vCPUs for the hot-plug thread.
     ejects: Arc<Ejects>,
     /// Where events go (QMP), once the monitor runs.
@@ -244,31 +245,47 @@ impl Machine {
             reason: e.to_string(),
         })?;
 
-        // Guest-visible: the command line or machine file, else what the record says (off for a
-        // record from before the property), else on for a new machine.
-        let hotplug = HotplugProps::resolve(
+        // Guest-visible: the command line or machine file, else what the record says (the old
+        // behaviour for a record from before a property), else the new machine's.
+        let props = MachineProps::resolve(
             config.pci_hotplug,
             config.pci_hotplug_bridges,
+            config.extended_config,
+            config.mmio64_window,
             old.map(|r| &r.machine),
         )
         .map_err(Error::Config)?;
-        let pci_hotplug = hotplug.pci_hotplug;
+        if props.mmio64 && config.mem_size() > crate::layout::MAX_RAM_WITH_MMIO64 {
+            return Err(Error::Config(format!(
+                "invalid memory size {} MiB: at most {} MiB on a machine with the 64-bit PCI window (machine file: \"mmio64_window\": false lifts it)",
+                config.memory_mib,
+                crate::layout::MAX_RAM_WITH_MMIO64 >> 20
+            )));
+        }
+        let pci_hotplug = props.pci_hotplug;
         let ejects = Arc::new(Ejects::new()?);
         let setup = pci_hotplug.then(|| HotplugSetup {
             eject: ejects.callback(),
-            bridges: hotplug.pci_hotplug_bridges,
+            bridges: props.pci_hotplug_bridges,
         });
         let stop = Arc::new(Stop::new()?);
         let pci_bridges = specs.iter().any(DeviceSpec::is_bridge);
         let acpi = AcpiOptions {
             pci_hotplug,
             pci_bridges,
-            pci_hotplug_bridges: hotplug.pci_hotplug_bridges,
+            pci_hotplug_bridges: props.pci_hotplug_bridges,
             bridges: Vec::new(),
+            pci_mmio64: props.mmio64,
         };
         let guest = Guest::build(&config, &acpi, &stop, |vm, power| {
-            let devices =
-                DeviceManager::new(vm, power, Box::new(std::io::stdout()), setup, pci_bridges)?;
+            let devices = DeviceManager::new(
+                vm,
+                power,
+                Box::new(std::io::stdout()),
+                setup,
+                pci_bridges,
+                props,
+            )?;
             devices.add(&specs, &hints)?;
             Ok(devices)
         })?;
@@ -281,12 +298,12 @@ impl Machine {
             dump_machine: args.dump_machine.clone(),
             globals,
             seccomp,
-            hotplug,
+            props,
             ejects,
             events: OnceLock::new(),
             record_lock: Mutex::new(()),
         });
-        if hotplug.pci_hotplug {
+        if props.pci_hotplug {
             let weak = Arc::downgrade(&machine);
             let filter =
                 crate::seccomp::filter_for(args.seccomp, crate::seccomp::hotplug_filter_with)?;
@@ -309,12 +326,12 @@ impl Machine {
 
     /// Whether ACPI PCI hot-plug is on.
     pub fn pci_hotplug(&self) -> bool {
-        self.hotplug.pci_hotplug
+        self.props.pci_hotplug
     }
 
     /// Whether ACPI PCI hot-plug behind bridges is on.
     pub fn pci_hotplug_bridges(&self) -> bool {
-        self.hotplug.pci_hotplug_bridges
+        self.props.pci_hotplug_bridges
     }
 
     /// Rewrites the compat record (after a completed hot-plug or removal), if there is one.
@@ -383,9 +400,9 @@ impl Machine {
 
     /// The compat record of the devices as they are now.
     pub fn record(&self) -> CompatRecord {
-        let hp = self.hotplug;
-        self.with_guest(|g| g.devices.with_devices(|l| compat::record_of(l, hp)))
-            .unwrap_or_else(|| compat::record_of(&[], hp))
+        let props = self.props;
+        self.with_guest(|g| g.devices.with_devices(|l| compat::record_of(l, props)))
+            .unwrap_or_else(|| compat::record_of(&[], props))
     }
 
     /// The fully resolved machine description.
@@ -396,8 +413,10 @@ impl Machine {
         m.cmdline = Some(self.config.cmdline.clone());
         m.memory_mib = Some(self.config.memory_mib);
         m.cpus = Some(self.config.cpus);
-        m.pci_hotplug = Some(self.hotplug.pci_hotplug);
-        m.pci_hotplug_bridges = Some(self.hotplug.pci_hotplug_bridges);
+        m.pci_hotplug = Some(self.props.pci_hotplug);
+        m.pci_hotplug_bridges = Some(self.props.pci_hotplug_bridges);
+        m.extended_config = Some(self.props.extended_config);
+        m.mmio64_window = Some(self.props.mmio64);
         m.devices = self.with_devices(|list| {
             list.iter()
                 // Every ABI-shaping property with its value, defaults included.
@@ -497,7 +516,7 @@ impl Machine {
             let name = spec.id.clone().unwrap_or_else(|| spec.driver().to_string());
             return Err(DeviceError::BridgeNotPluggable(name).into());
         }
-        if hot && !self.hotplug.pci_hotplug {
+        if hot && !self.props.pci_hotplug {
             return Err(Error::Config(NO_HOTPLUG.into()));
         }
         let bus = spec.bus_name().to_string();
@@ -574,7 +593,7 @@ impl Machine {
     /// it does.
     pub fn device_del(&self, id: &str) -> Result<Removal, Error> {
         let hot = self.run_state() != RunState::Prelaunch;
-        if hot && !self.hotplug.pci_hotplug {
+        if hot && !self.props.pci_hotplug {
             return Err(Error::Config(NO_HOTPLUG.into()));
         }
         let removal = self
@@ -675,14 +694,15 @@ impl Machine {
         // Before the new run opens them again: files, sockets, taps, worker threads, the VM.
         drop(old);
         let acpi = AcpiOptions {
-            pci_hotplug: self.hotplug.pci_hotplug,
+            pci_hotplug: self.props.pci_hotplug,
             pci_bridges: placement.has_bridges(),
-            pci_hotplug_bridges: self.hotplug.pci_hotplug_bridges,
+            pci_hotplug_bridges: self.props.pci_hotplug_bridges,
             bridges: Vec::new(),
+            pci_mmio64: self.props.mmio64,
         };
-        let setup = self.hotplug.pci_hotplug.then(|| HotplugSetup {
+        let setup = self.props.pci_hotplug.then(|| HotplugSetup {
             eject: self.ejects.callback(),
-            bridges: self.hotplug.pci_hotplug_bridges,
+            bridges: self.props.pci_hotplug_bridges,
         });
         // Ejects posted by the old run's vCPUs are moot: those devices are gone or rebuilt.
         self.ejects.clear();
@@ -693,6 +713,7 @@ impl Machine {
                 Box::new(std::io::stdout()),
                 setup,
                 &placement,
+                self.props,
             )?)
         })?;
         if running {

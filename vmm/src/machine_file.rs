@@ -18,7 +18,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use pci::PciAddress;
+use pci::{ExtendedConfig, PciAddress};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -132,6 +132,15 @@ pub struct MachineFile {
     /// `--hotplug-bridges`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_hotplug_bridges: Option<bool>,
+    /// What the extended config space (0x100-0xfff) of the PCI functions reads (guest-visible):
+    /// `all-ones` (QEMU's behaviour, a new machine's) or `zero` (machines recorded before it
+    /// was a property). None: what the compat record says, else `all-ones`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extended_config: Option<ExtendedConfig>,
+    /// The 64-bit PCI window (guest-visible): 64-bit BARs above 4 GiB. None: what the compat
+    /// record says, else on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmio64_window: Option<bool>,
     /// Devices.
     #[serde(default)]
     pub devices: Vec<DeviceEntry>,
@@ -160,6 +169,8 @@ impl MachineFile {
             cpus: None,
             pci_hotplug: None,
             pci_hotplug_bridges: None,
+            extended_config: None,
+            mmio64_window: None,
             devices: Vec::new(),
         }
     }
@@ -303,6 +314,37 @@ mod tests {
         let json = on.to_json();
         assert!(json.contains("\"pci_hotplug_bridges\": true"), "{json}");
         assert_eq!(MachineFile::from_json(&json).unwrap(), on);
+    }
+
+    #[test]
+    fn extended_config_is_optional_and_round_trips() {
+        let m = MachineFile::from_json(&file("")).unwrap();
+        assert_eq!(
+            m.extended_config, None,
+            "a file without it leaves it to the record"
+        );
+        assert!(!m.to_json().contains("extended_config"));
+        for (v, text) in [
+            (ExtendedConfig::Zero, "\"extended_config\": \"zero\""),
+            (ExtendedConfig::AllOnes, "\"extended_config\": \"all-ones\""),
+        ] {
+            let mut m2 = m.clone();
+            m2.extended_config = Some(v);
+            let json = m2.to_json();
+            assert!(json.contains(text), "{json}");
+            assert_eq!(MachineFile::from_json(&json).unwrap(), m2);
+        }
+        let mut off = m.clone();
+        off.mmio64_window = Some(false);
+        let json = off.to_json();
+        assert!(json.contains("\"mmio64_window\": false"), "{json}");
+        assert_eq!(MachineFile::from_json(&json).unwrap(), off);
+        let bad = file("").replace("\"devices\"", "\"extended_config\":\"ones\",\"devices\"");
+        let e = MachineFile::from_json(&bad).unwrap_err();
+        assert!(
+            e.contains("not a machine description") && e.contains("unknown variant `ones`"),
+            "{e}"
+        );
     }
 
     #[test]
