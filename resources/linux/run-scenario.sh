@@ -6,6 +6,8 @@
 # exit status is the scenario's rc (or non-zero with a loud message if it never finished).
 # Env: VMM_CACHE (cache dir), SCENARIO_TIMEOUT (s, default 900, per L1 attempt), VMM_GROUND=direct|l1
 #      (force), L1_STALL_SECS (L1 mode: a heartbeat gap that counts as a wedged L1, default 180),
+#      L1_KICK_SECS (L1 mode: an NMI to a silent L1 after this many seconds and every as many
+#      more, default 40),
 #      L1_EXTRA_CPIO (L1 mode: extra .cpio.gz files appended to the L1 initramfs, e.g. tools).
 # --with-qemu: qemu-system-x86_64 is available to the scenario too (reference L2 monitor).
 set -euo pipefail
@@ -92,16 +94,32 @@ else
             -append "console=ttyS0 panic=-1 quiet l1attempt=$n" </dev/null 2>&1 \
             > >(sed -u 's/\r//g' | tee -a "$W/log.$n") &
         qpid=$!
-        wedged= last=-1 stall_since=$(date +%s)
+        wedged= last=-1 stall_since=$(date +%s) kicked=0
         local deadline=$(( stall_since + TIMEOUT ))
         while kill -0 "$qpid" 2>/dev/null; do
             sleep 2
             now=$(date +%s) size=$(stat -c %s "$hb" 2>/dev/null || echo 0)
-            if [ "$size" != "$last" ]; then last=$size stall_since=$now; fi
+            if [ "$size" != "$last" ]; then
+                if [ "$kicked" -gt 0 ]; then
+                    echo "##### run-scenario: L1 RESUMED after $(( now - stall_since ))s and $kicked NMI(s) (attempt $n) #####" >&2
+                fi
+                last=$size stall_since=$now kicked=0
+            fi
             # Armed by the first heartbeat (an L1 without one is left to the deadline).
-            if [ "$size" -gt 0 ] && [ $(( now - stall_since )) -ge "$STALL" ]; then
+            [ "$size" -gt 0 ] || continue
+            if [ $(( now - stall_since )) -ge "$STALL" ]; then
                 wedged=1
                 break
+            fi
+            # (On stderr: the scenario's stdout is the guest's, compared section by section.)
+            # What the wedges seen so far looked like: L1's one CPU halted with interrupts on,
+            # in its idle loop, its timer interrupt never coming (lost by the emulation). An NMI
+            # wakes it; Linux logs "NMI received for unknown reason" and goes on.
+            if [ $(( now - stall_since )) -ge $(( KICK * (kicked + 1) )) ]; then
+                kicked=$(( kicked + 1 ))
+                echo 'info registers' > "$mon.in"
+                echo "##### run-scenario: L1 STALLED: no heartbeat for $(( now - stall_since ))s (attempt $n): $(timeout 2 cat "$mon.out" | tr -d '\r' | grep -m1 '^RIP=') ; sending an NMI #####" >&2
+                echo 'nmi' > "$mon.in"
             fi
             if [ "$now" -ge "$deadline" ]; then break; fi
         done
@@ -124,7 +142,7 @@ else
         sleep 0.2 # the tee behind the process substitution
         rm -f "$mon.in" "$mon.out"
     }
-    STALL=${L1_STALL_SECS:-180}
+    STALL=${L1_STALL_SECS:-180} KICK=${L1_KICK_SECS:-40}
     set +e
     attempt 1
     log=$W/log.1

@@ -123,7 +123,7 @@ pub fn run_host_scenario_env(
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Shown by `cargo test -- --nocapture` or when the test fails.
     eprintln!("----- run-scenario stdout -----\n{stdout}----- stderr -----\n{stderr}-----");
-    report_hangs(&stdout);
+    report_hangs(&stdout, &stderr);
     // After a wedged L1, run-scenario.sh ran the whole scenario again: only that run counts.
     let stdout = match stdout.rfind(L1_RETRY_MARKER) {
         Some(at) => stdout[at..].to_string(),
@@ -189,7 +189,8 @@ pub fn last_attempt(text: &str) -> &str {
 pub const L1_RETRY_MARKER: &str = "##### run-scenario: RETRY:";
 
 /// run-scenario.sh's reports of a wedged L1 (no heartbeat from its second serial port; the
-/// CPU state QEMU's monitor gave), each from its first line to its closing one.
+/// CPU state QEMU's monitor gave), each from its first line to its closing one, and its lines
+/// about a silent L1 it sent an NMI to (on stderr) and about one that resumed.
 fn l1_wedges(stdout: &str) -> Vec<String> {
     let mut found = Vec::new();
     let mut current: Option<Vec<&str>> = None;
@@ -202,6 +203,10 @@ fn l1_wedges(stdout: &str) -> Vec<String> {
             }
         } else if line.contains("##### run-scenario: L1 WEDGED:") {
             current = Some(vec![line]);
+        } else if line.contains("##### run-scenario: L1 STALLED:")
+            || line.contains("##### run-scenario: L1 RESUMED")
+        {
+            found.push(line.to_string());
         }
     }
     found.extend(current.map(|l| l.join("\n")));
@@ -217,12 +222,13 @@ pub fn hang_log() -> PathBuf {
 /// A vmm that hung (vmmwatch's report), whether it was run again or its test failed anyway:
 /// say so on stderr and append the reports to [`hang_log`], so a passing test cannot hide it.
 /// Only reports about a vmm run count (the ground's own test of vmmwatch watches `sleep`).
-fn report_hangs(stdout: &str) {
+fn report_hangs(stdout: &str, stderr: &str) {
     let mut reports: Vec<String> = sections(stdout, "VMM-HANG")
         .into_iter()
         .filter(|r| r.lines().next().is_some_and(|l| l.contains("vmm run ")))
         .collect();
     reports.extend(l1_wedges(stdout));
+    reports.extend(l1_wedges(stderr));
     if reports.is_empty() {
         return;
     }
@@ -414,15 +420,24 @@ mod tests {
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
     }
 
-    /// A wedged L1 (played by stopping its heartbeat) is reported with its CPU state, and the
-    /// whole scenario runs once more; only the second run's output counts.
+    /// A silent L1 (played by stopping its heartbeat) gets an NMI every `L1_KICK_SECS`; one
+    /// that stays silent for `L1_STALL_SECS` is reported with its CPU state and the whole
+    /// scenario runs once more, only the second run's output counting. In the second run the
+    /// heartbeat comes back after a while: L1 is reported resumed and has logged the NMI.
     #[test]
-    fn a_wedged_l1_is_reported_and_run_again() {
+    fn a_silent_l1_gets_an_nmi_and_a_wedged_one_is_reported_and_run_again() {
         let script = "echo \"=== RUN-BEGIN ===\"\necho \"attempt $L1_ATTEMPT\"\n\
-            [ \"$L1_ATTEMPT\" = 1 ] && { kill -STOP \"$(cat /tmp/.l1-heartbeat.pid)\"; sleep 600; }\n\
+            hb=$(cat /tmp/.l1-heartbeat.pid)\n\
+            [ \"$L1_ATTEMPT\" = 1 ] && { kill -STOP $hb; sleep 600; }\n\
+            kill -STOP $hb; sleep 16; kill -CONT $hb; sleep 6\n\
+            dmesg | grep -c 'NMI received for unknown reason'\n\
             echo \"=== RUN-END ===\"\n";
-        let out =
-            run_host_scenario_env(script, &[], &[("L1_STALL_SECS", "15")]).expect("test ground");
+        let out = run_host_scenario_env(
+            script,
+            &[],
+            &[("L1_STALL_SECS", "30"), ("L1_KICK_SECS", "10")],
+        )
+        .expect("test ground");
         if out.mode == "direct" {
             eprintln!(
                 "!!!!! NOT RUN HERE: direct mode (hardware virtualisation) has no L1 to wedge"
@@ -430,17 +445,23 @@ mod tests {
             return;
         }
         assert_eq!(out.rc, 0, "{}", out.stdout);
-        assert_eq!(
-            out.section("RUN").as_deref(),
-            Some("attempt 2"),
-            "{}",
-            out.stdout
-        );
+        let run = out.section("RUN").unwrap_or_default();
+        assert_eq!(run.lines().next(), Some("attempt 2"), "{}", out.stdout);
+        // The count is the section's last line (L1's kernel logs the NMI in between).
+        let nmis: u32 = run
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(nmis >= 1, "L1 logged no NMI:\n{}", out.stdout);
         assert!(out.stdout.starts_with(L1_RETRY_MARKER), "{}", out.stdout);
         let hang = std::fs::read_to_string(hang_log()).unwrap_or_default();
         assert!(
-            hang.contains("no heartbeat from L1 for 15s (attempt 1)") && hang.contains("RIP="),
-            "the wedge and the CPU's registers are in {}:\n{hang}",
+            hang.contains("no heartbeat from L1 for 30s (attempt 1)")
+                && hang.contains("RIP=")
+                && hang.contains("(attempt 2): RIP=")
+                && hang.contains("L1 RESUMED after "),
+            "the wedge, the NMIs and the CPU's registers are in {}:\n{hang}",
             hang_log().display()
         );
     }
