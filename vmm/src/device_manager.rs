@@ -361,7 +361,8 @@ pub fn place_into(
     for slots in buses.slots.values() {
         slots.validate()?;
     }
-    // Chassis numbers are unique; then every bus gets its number.
+    // Every bus gets its number (too many buses is the error to report first: more than 255
+    // bridges always repeat a chassis number); then chassis numbers are unique.
     let mut bridges: BTreeMap<String, (String, u8, u8)> = buses
         .info
         .iter()
@@ -370,10 +371,11 @@ pub fn place_into(
             Some((id.clone(), (bus, devfn, i.chassis)))
         })
         .collect();
+    let mut duplicate = None;
     for (i, s) in specs.iter().enumerate() {
         if let (DriverConfig::Bridge(c), Some(a)) = (&s.config, claimed[i]) {
             if let Some((holder, _)) = bridges.iter().find(|(_, b)| b.2 == c.chassis_nr) {
-                return Err(DeviceError::DuplicateChassis {
+                duplicate.get_or_insert(DeviceError::DuplicateChassis {
                     chassis: c.chassis_nr,
                     holder: holder.clone(),
                 });
@@ -382,6 +384,9 @@ pub fn place_into(
         }
     }
     buses.number(&bridges)?;
+    if let Some(e) = duplicate {
+        return Err(e);
+    }
     let mut out = Vec::with_capacity(specs.len());
     for (((s, id), bus), a) in specs.iter().zip(ids).zip(bus_of).zip(claimed) {
         let Some(a) = a else { continue };
@@ -1279,6 +1284,14 @@ mod tests {
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         let p = placed(&many).unwrap();
         assert!(p.iter().all(|(_, a)| a != "00:00.0"));
+        // A 256th bridge: too many buses (named: the last bridge in numbering order), said
+        // before the repeated chassis number.
+        let mut too_many = many.clone();
+        too_many.push("pci-bridge,id=last,chassis_nr=1,bus=b40");
+        assert_eq!(
+            err(&too_many),
+            "PCI: no bus number left for pci-bridge,id=b247: a machine has at most 256 buses (0-255)"
+        );
         // Chassis numbers are 8-bit, so 256 bridges always repeat one: the bus limit on its
         // own, through the numbering.
         let mut b = Buses::default();
