@@ -698,19 +698,25 @@ for d in /sys/bus/virtio/devices/*; do p=$(readlink -f $d); p=${p%/*}; echo "vir
 echo "=== DRIVERS-END ==="
 echo "=== VVV-BEGIN ==="; lspci -vvv; echo "=== VVV-END ===""#;
     let rec = "--compat \"$TMPDIR/rec.json\"";
-    let setup = "for f in b1 b4 b; do dd if=/dev/zero of=$TMPDIR/$f.img bs=1M count=1 2>/dev/null; done\n\
+    let setup =
+        "for f in b1 b4 b; do dd if=/dev/zero of=$TMPDIR/$f.img bs=1M count=1 2>/dev/null; done\n\
                  rm -f $TMPDIR/rec.json\n"
-        .to_string();
+            .to_string();
     let script = host_script(&[
         setup,
         guest_boot("A", &format!("{} {rec}", device_args(&full)), Some(guest)),
         guest_boot("B", &format!("{} {rec}", device_args(&bare)), Some(guest)),
-        guest_boot("C", &format!("{} {rec}", device_args(&without_a)), Some(guest)),
+        guest_boot(
+            "C",
+            &format!("{} {rec}", device_args(&without_a)),
+            Some(guest),
+        ),
     ]);
     let out = run_host_scenario(&script).unwrap_or_else(|e| panic!("test ground: {e}"));
     let part = |label: &str, name: &str| {
         assert!(
-            out.stdout.contains(&format!("=== BOOT-{label}-END rc=0 ===")),
+            out.stdout
+                .contains(&format!("=== BOOT-{label}-END rc=0 ===")),
             "vmm did not exit 0 for {label}:\n{}",
             out.stdout
         );
