@@ -555,6 +555,50 @@ impl Placement {
     pub fn has_bridges(&self) -> bool {
         self.buses.has_bridges()
     }
+
+    /// This placement with `specs` (bridges among them) added, placed again from an empty
+    /// machine: every device keeps its id, bus and slot.function (a bus's number may change,
+    /// as bridges are numbered by where they are), the new ones are placed around them as by
+    /// [`DeviceSet::add`] with `hints`. Returns the new placement, in address order (bridges
+    /// before the buses behind them), and the new devices' ids. Nothing changes on error.
+    pub fn with(
+        &self,
+        specs: &[DeviceSpec],
+        hints: &HashMap<String, Hint>,
+    ) -> Result<(Placement, Vec<String>), DeviceError> {
+        let mut all: Vec<DeviceSpec> = self
+            .placed
+            .iter()
+            .map(|p| {
+                let mut s = p.spec.clone();
+                s.id = Some(p.id.clone());
+                s.bus = Some(p.bus.clone());
+                s.addr = Some((p.addr.device(), Some(p.addr.function())));
+                s
+            })
+            .collect();
+        all.extend(specs.iter().cloned());
+        let mut buses = Buses::default();
+        let mut anon = self.anon;
+        let mut placed = place_into(&mut buses, &mut anon, &HashSet::new(), &all, hints)?;
+        // The specs as given (an id-less device stays id-less in descriptions).
+        for (p, old) in placed.iter_mut().zip(&self.placed) {
+            p.spec = old.spec.clone();
+        }
+        let new = placed[self.placed.len()..]
+            .iter()
+            .map(|p| p.id.clone())
+            .collect();
+        placed.sort_by_key(|p| p.addr);
+        Ok((
+            Placement {
+                buses,
+                anon,
+                placed,
+            },
+            new,
+        ))
+    }
 }
 
 /// Errors of the device manager: device options and placement in QEMU's words, or the host
@@ -1229,6 +1273,68 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(with_more[2].1, "01:00.0");
+    }
+
+    #[test]
+    fn a_placement_takes_new_bridges_and_keeps_every_place() {
+        let first = specs(&[
+            "pci-bridge,id=br1,chassis_nr=1,addr=1e.0",
+            "virtio-rng-pci,bus=br1",
+            "virtio-rng-pci,id=r",
+        ]);
+        let mut buses = Buses::default();
+        let mut anon = 0;
+        let placed = place_into(
+            &mut buses,
+            &mut anon,
+            &HashSet::new(),
+            &first,
+            &HashMap::new(),
+        )
+        .unwrap();
+        let before = Placement {
+            buses,
+            anon,
+            placed,
+        };
+        // br0 at 00:05.0 comes first in numbering order: br1's bus becomes 2.
+        let (after, new) = before
+            .with(
+                &specs(&["pci-bridge,id=br0,chassis_nr=2,addr=5", "virtio-rng-pci"]),
+                &HashMap::new(),
+            )
+            .unwrap();
+        assert_eq!(new, ["br0", "device[1]"]);
+        let got: Vec<(String, String, Option<String>)> = after
+            .placed
+            .iter()
+            .map(|p| (p.id.clone(), p.addr.to_string(), p.spec.id.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "r".to_string(),
+                    "00:01.0".to_string(),
+                    Some("r".to_string())
+                ),
+                ("device[1]".into(), "00:02.0".into(), None),
+                ("br0".into(), "00:05.0".into(), Some("br0".into())),
+                ("br1".into(), "00:1e.0".into(), Some("br1".into())),
+                ("device[0]".into(), "02:00.0".into(), None),
+            ]
+        );
+        assert_eq!(after.buses.get("br1").unwrap().number, 2);
+        assert!(after.has_bridges());
+        // A refused addition changes nothing.
+        let e = before
+            .with(&specs(&["pci-bridge,id=x,chassis_nr=1"]), &HashMap::new())
+            .err()
+            .unwrap();
+        assert!(e
+            .to_string()
+            .starts_with("Bridge chassis 1 is already used by 'br1'"));
+        assert_eq!(before.placed.len(), 3);
     }
 
     #[test]
