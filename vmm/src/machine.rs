@@ -439,9 +439,10 @@ impl Machine {
         Ok(())
     }
 
-    /// Adds a device (QMP `device_add`): cold-plug before the guest first runs, hot-plug
-    /// afterwards (ACPI, bus 0, function 0 of a free slot): the device is fully wired, then the
-    /// guest is notified and the record rewritten. Returns its id.
+    /// Adds a device (QMP `device_add`): cold-plug before the guest first runs (for a bridge
+    /// the run is built again, as at start-up), hot-plug afterwards (ACPI, bus 0, function 0
+    /// of a free slot): the device is fully wired, then the guest is notified and the record
+    /// rewritten. Returns its id.
     pub fn device_add(&self, spec: DeviceSpec) -> Result<String, Error> {
         let hot = self.run_state() != RunState::Prelaunch;
         if hot && spec.is_bridge() {
@@ -641,11 +642,16 @@ impl Machine {
         hints: &std::collections::HashMap<String, device_manager::Hint>,
     ) -> Result<Vec<String>, Error> {
         let mut slot = self.guest.write().unwrap_or_else(|p| p.into_inner());
-        let Some(old) = slot.as_ref() else {
+        let Some(old) = slot.take() else {
             return Err(Error::Config("the guest is gone".into()));
         };
-        let (placement, ids) = old.devices.placement().with(specs, hints)?;
-        let old = slot.take().expect("checked above");
+        let (placement, ids) = match old.devices.placement().with(specs, hints) {
+            Ok(p) => p,
+            Err(e) => {
+                *slot = Some(old);
+                return Err(e.into());
+            }
+        };
         old.vcpus.end();
         // Before the new run opens them again: files, sockets, taps, worker threads, the VM.
         drop(old);
