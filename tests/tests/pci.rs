@@ -221,15 +221,38 @@ fn lspci_decodes_bridges_their_bus_numbers_and_windows() {
     assert!(b.contains("pin A routed to IRQ 17"), "{b}");
 }
 
+/// Runs the vmm with `devices`, a compat record and a machine dump to write; on a device error
+/// nothing runs and nothing is written. Returns the exit status and stderr.
 fn vmm_err(devices: &[&str]) -> (Option<i32>, String) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "vmm-pci-err-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (rec, dump) = (dir.join("rec.json"), dir.join("m.json"));
     let elf = integration_tests::probe::probe_elf();
     let mut args = vec!["run", "--no-reboot", "--kernel", elf.to_str().unwrap()];
     for d in devices {
         args.push("--device");
         args.push(d);
     }
+    args.extend([
+        "--compat",
+        rec.to_str().unwrap(),
+        "--dump-machine",
+        dump.to_str().unwrap(),
+    ]);
     let out = vmm(&args, 30);
     assert!(out.stdout.is_empty(), "nothing may run on a device error");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{devices:?}: files written: {left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).trim().to_string(),
@@ -271,6 +294,10 @@ fn device_errors_have_qemu_wording_and_stop_before_anything_runs() {
         (&["virtio-rng-pci,id=r", "virtio-rng-pci,bus=r"], "vmm: Bus 'r' not found"),
         (&["pci-bridge,id=me,chassis_nr=1,bus=me"], "vmm: Bus 'me' not found"),
         (
+            &["pci-bridge,id=x,chassis_nr=1,bus=y", "pci-bridge,id=y,chassis_nr=2,bus=x"],
+            "vmm: Bus 'y' not found",
+        ),
+        (
             &["pci-bridge,id=br1"],
             "vmm: Bridge chassis not specified. Each bridge is required to be assigned a unique chassis id > 0.",
         ),
@@ -296,6 +323,24 @@ fn device_errors_have_qemu_wording_and_stop_before_anything_runs() {
     assert_eq!(
         err,
         "vmm: PCI: no slot/function available for virtio-rng-pci, all in use or reserved"
+    );
+    // More than 255 buses: 256 bridges (31 on bus 0, the others behind them; chassis numbers
+    // are 8-bit, so one repeats, but the bus count is what is said).
+    let bridges: Vec<String> = (0..256u32)
+        .map(|i| {
+            let bus = match i {
+                0..31 => "pci.0".to_string(),
+                _ => format!("b{}", i % 31),
+            };
+            format!("pci-bridge,id=b{i},chassis_nr={},bus={bus}", i % 255 + 1)
+        })
+        .collect();
+    let bridges: Vec<&str> = bridges.iter().map(String::as_str).collect();
+    let (code, err) = vmm_err(&bridges);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        err,
+        "vmm: PCI: no bus number left for pci-bridge,id=b247: a machine has at most 256 buses (0-255)"
     );
     let full: Vec<String> = (0..32).map(|_| "virtio-rng-pci".to_string()).collect();
     let full: Vec<&str> = full.iter().map(String::as_str).collect();
@@ -982,4 +1027,161 @@ fn an_old_record_keeps_64_bit_bars_below_4_gib() {
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The full machine of issue 13's Linux test: bus 0 filled (slots 1-31: a multifunction slot
+/// 02.0/02.1, two virtio-blk, a virtio-net, virtio-rng elsewhere, the bridge at 1e.0) and two
+/// devices behind the bridge at 01:01.0 and 01:02.0. Explicit addresses; `$TMPDIR` is L1's.
+fn full_bus0_devices() -> Vec<String> {
+    let mut d = vec![
+        "virtio-blk-pci,id=blk1,addr=01.0,file=$TMPDIR/b1.img".to_string(),
+        "virtio-rng-pci,id=mf0,addr=02.0,multifunction=on".into(),
+        "virtio-rng-pci,id=mf1,addr=02.1".into(),
+        "virtio-net-pci,id=net0,addr=03.0,tap=vmmtap0".into(),
+        "virtio-blk-pci,id=blk4,addr=04.0,file=$TMPDIR/b4.img".into(),
+    ];
+    d.extend((5..=0x1d).map(|s| format!("virtio-rng-pci,id=r{s:02x},addr={s:02x}.0")));
+    d.push("virtio-rng-pci,id=r1f,addr=1f.0".into());
+    d.push("pci-bridge,id=br1,chassis_nr=1,addr=1e.0".into());
+    d.push("virtio-rng-pci,id=a,bus=br1,addr=01.0".into());
+    d.push("virtio-blk-pci,id=b,bus=br1,addr=02.0,file=$TMPDIR/b.img".into());
+    d
+}
+
+/// `--device` arguments (shell text).
+fn device_args(devices: &[String]) -> String {
+    devices
+        .iter()
+        .map(|d| format!("--device {d}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Splits `lspci -vvv` into its functions' blocks by address.
+fn lspci_blocks(vvv: &str) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for block in vvv.split("\n\n") {
+        let block = block.trim_matches('\n');
+        if let Some(addr) = block.split_whitespace().next() {
+            out.insert(addr.to_string(), block.to_string());
+        }
+    }
+    out
+}
+
+/// Issue 13, real Linux: a pci-bridge at 00:1e.0 with devices at 01:01.0 and 01:02.0, and bus 0
+/// full (31 slots, one of them multifunction). A: every function at its address with its
+/// driver bound; B: restarted with the record (devices in reverse order, no `addr=`/`bus=`/
+/// `multifunction=`: the record puts them back), a byte-identical `lspci -vvv`; C: B without
+/// 01:01.0, every other function's `lspci -vvv` block unchanged.
+#[test]
+fn linux_full_bus0_and_a_bridge_keep_their_lspci_across_restarts() {
+    let full = full_bus0_devices();
+    let mut bare: Vec<String> = full
+        .iter()
+        .map(|d| {
+            d.split(',')
+                .filter(|p| {
+                    !p.starts_with("addr=") && !p.starts_with("bus=") && *p != "multifunction=on"
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect();
+    bare.reverse();
+    let without_a: Vec<String> = bare
+        .iter()
+        .filter(|d| !d.contains(",id=a"))
+        .cloned()
+        .collect();
+    assert_eq!(without_a.len() + 1, bare.len());
+    let guest = r#"echo "=== LSPCI-N-BEGIN ==="; lspci -n; echo "=== LSPCI-N-END ==="
+echo "=== DRIVERS-BEGIN ==="
+for d in /sys/bus/pci/devices/*; do echo "pci $(basename $d) $(basename "$(readlink $d/driver)")"; done
+for d in /sys/bus/virtio/devices/*; do p=$(readlink -f $d); p=${p%/*}; echo "virtio ${p##*/} $(basename "$(readlink $d/driver)")"; done
+echo "=== DRIVERS-END ==="
+echo "=== VVV-BEGIN ==="; lspci -vvv; echo "=== VVV-END ===""#;
+    let rec = "--compat \"$TMPDIR/rec.json\"";
+    let setup =
+        "for f in b1 b4 b; do dd if=/dev/zero of=$TMPDIR/$f.img bs=1M count=1 2>/dev/null; done\n\
+                 rm -f $TMPDIR/rec.json\n"
+            .to_string();
+    let script = host_script(&[
+        setup,
+        guest_boot("A", &format!("{} {rec}", device_args(&full)), Some(guest)),
+        guest_boot("B", &format!("{} {rec}", device_args(&bare)), Some(guest)),
+        guest_boot(
+            "C",
+            &format!("{} {rec}", device_args(&without_a)),
+            Some(guest),
+        ),
+    ]);
+    let out = run_host_scenario(&script).unwrap_or_else(|e| panic!("test ground: {e}"));
+    let part = |label: &str, name: &str| {
+        assert!(
+            out.stdout
+                .contains(&format!("=== BOOT-{label}-END rc=0 ===")),
+            "vmm did not exit 0 for {label}:\n{}",
+            out.stdout
+        );
+        let boot = section(&out.stdout, &format!("BOOT-{label}")).expect("boot section");
+        section(&boot, name).unwrap_or_else(|| panic!("no {name} in boot {label}:\n{boot}"))
+    };
+    // A: every function at its address, with its identity.
+    let n = part("A", "LSPCI-N");
+    let got: Vec<&str> = n.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let mut want = vec!["00:00.0 0600: 1b36:0008".to_string()];
+    let rng = "00ff: 1af4:1044 (rev 01)";
+    let blk = "0100: 1af4:1042 (rev 01)";
+    let net = "0200: 1af4:1041 (rev 01)";
+    want.push(format!("00:01.0 {blk}"));
+    want.push(format!("00:02.0 {rng}"));
+    want.push(format!("00:02.1 {rng}"));
+    want.push(format!("00:03.0 {net}"));
+    want.push(format!("00:04.0 {blk}"));
+    want.extend((5..=0x1d).map(|s| format!("00:{s:02x}.0 {rng}")));
+    want.push("00:1e.0 0604: 1b36:0001".into());
+    want.push(format!("00:1f.0 {rng}"));
+    want.push(format!("01:01.0 {rng}"));
+    want.push(format!("01:02.0 {blk}"));
+    assert_eq!(got, want, "lspci -n:\n{n}");
+    assert_eq!(got.iter().filter(|l| l.starts_with("00:")).count(), 33);
+    // Drivers: virtio-pci on every virtio function, and the virtio driver of its kind.
+    let drivers = part("A", "DRIVERS");
+    for line in &want[1..] {
+        let addr = &line[..7];
+        if addr == "00:1e.0" {
+            continue;
+        }
+        let pci = format!("pci 0000:{addr} virtio-pci");
+        assert!(drivers.contains(&pci), "{pci} not bound:\n{drivers}");
+        let kind = if line.ends_with(blk) {
+            "virtio_blk"
+        } else if line.ends_with(net) {
+            "virtio_net"
+        } else {
+            "virtio_rng"
+        };
+        let virtio = format!("virtio 0000:{addr} {kind}");
+        assert!(drivers.contains(&virtio), "{virtio} not bound:\n{drivers}");
+    }
+    // B: the same lspci -vvv, byte for byte, the bridge's bus numbers and window as programmed.
+    let (a, b) = (part("A", "VVV"), part("B", "VVV"));
+    assert!(
+        a.contains("Bus: primary=00, secondary=01, subordinate=01"),
+        "{a}"
+    );
+    assert!(a.contains("Memory behind bridge: c4000000-c47fffff"), "{a}");
+    assert_eq!(a, b, "lspci -vvv changed across a restart with the record");
+    // C: 01:01.0 gone, nothing else moved or changed.
+    let (mut before, after) = (lspci_blocks(&a), lspci_blocks(&part("C", "VVV")));
+    assert_eq!(before.len(), 35, "{a}");
+    assert!(before.remove("01:01.0").is_some());
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    for (addr, block) in &before {
+        assert_eq!(Some(block), after.get(addr), "{addr} changed");
+    }
 }

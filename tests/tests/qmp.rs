@@ -960,3 +960,132 @@ fn hot_plug_behind_a_bridge_is_a_recorded_machine_property() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 13: bridges cold-plugged with `device_add` while paused before the first `cont` (two
+/// levels, devices behind both), refused in QEMU's words when wrong (nothing changes) and
+/// after `cont`; `info qtree` nests each bridge's bus under it as QEMU does; the guest's CF8
+/// and ECAM enumerations agree and `lspci -F` decodes the tree; the record carries the buses.
+#[test]
+fn bridges_cold_plug_with_device_add_before_cont_and_nest_in_info_qtree() {
+    let dir = std::env::temp_dir().join(format!("vmm-qmp-bridges-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let rec = dir.join("rec.json");
+    let vm = Vm::start(
+        "bridges",
+        "mode=probe",
+        &[
+            "--device",
+            "virtio-rng-pci,id=rng0,addr=5",
+            "--compat",
+            rec.to_str().unwrap(),
+        ],
+    );
+    let mut c = Client::negotiated(&vm.sock);
+    let add =
+        |c: &mut Client, args: Value| c.cmd(json!({"execute": "device_add", "arguments": args}));
+    // The device behind first fails: its bus does not exist yet.
+    let r = add(
+        &mut c,
+        json!({"driver": "virtio-rng-pci", "id": "a", "bus": "br1", "addr": "1"}),
+    );
+    assert_eq!(r["error"]["desc"], "Bus 'br1' not found", "{r}");
+    for args in [
+        json!({"driver": "pci-bridge", "id": "br1", "chassis_nr": 1, "addr": "0x1e"}),
+        json!({"driver": "virtio-rng-pci", "id": "a", "bus": "br1", "addr": "1"}),
+        json!({"driver": "pci-bridge", "id": "br2", "chassis_nr": "2", "bus": "br1", "addr": "3"}),
+        json!({"driver": "virtio-rng-pci", "id": "b", "bus": "br2", "addr": "4"}),
+    ] {
+        let r = add(&mut c, args.clone());
+        assert_eq!(r["return"], json!({}), "{args} -> {r}");
+    }
+    let before = c.cmd(json!({"execute": "query-pci"}));
+    for (args, want) in [
+        (
+            json!({"driver": "pci-bridge", "id": "br3", "chassis_nr": 2}),
+            "Bridge chassis 2 is already used by 'br2'. Each bridge is required to be assigned a unique chassis id > 0.",
+        ),
+        (
+            json!({"driver": "pci-bridge", "id": "br3"}),
+            "Bridge chassis not specified. Each bridge is required to be assigned a unique chassis id > 0.",
+        ),
+        (
+            json!({"driver": "pci-bridge", "id": "br3", "chassis_nr": 3, "bus": "br3"}),
+            "Bus 'br3' not found",
+        ),
+        (
+            json!({"driver": "pci-bridge", "id": "br3", "chassis_nr": 3, "bus": "rng0"}),
+            "Bus 'rng0' not found",
+        ),
+        (
+            json!({"driver": "pci-bridge", "id": "br1", "chassis_nr": 3}),
+            "Duplicate ID 'br1' for device",
+        ),
+        (
+            json!({"driver": "pci-bridge", "id": "br3", "chassis_nr": 3, "addr": "5"}),
+            "PCI: slot 5 function 0 not available for pci-bridge, in use by virtio-rng-pci,id=rng0",
+        ),
+    ] {
+        let r = add(&mut c, args.clone());
+        assert_eq!(error_class(&r), "GenericError", "{args} -> {r}");
+        assert_eq!(r["error"]["desc"], want, "{args}");
+    }
+    assert_eq!(
+        c.cmd(json!({"execute": "query-pci"})),
+        before,
+        "a refused device_add changes nothing"
+    );
+    let bus = &before["return"][0]["devices"].as_array().unwrap()[2]["pci_bridge"];
+    assert_eq!(
+        (
+            bus["bus"]["number"].clone(),
+            bus["bus"]["secondary"].clone(),
+            bus["bus"]["subordinate"].clone()
+        ),
+        (0.into(), 1.into(), 2.into()),
+        "{before}"
+    );
+    // BARs are not decoded before the guest enables them, as in QEMU.
+    let qtree = c.hmp("info qtree").replace("\r\n", "\n");
+    let want = "      dev: pci-bridge, id \"br1\"\n        addr = 1e.0\n        class PCI bridge, addr 00:1e.0, pci id 1b36:0001 (sub 0000:0000)\n        bus: br1\n          type PCI\n          dev: virtio-rng-pci, id \"a\"\n            addr = 01.0\n            class Class 00ff, addr 01:01.0, pci id 1af4:1044 (sub 1af4:1100)\n            bar 1: mem at 0xffffffffffffffff [0xffe]\n            bar 4: mem at 0xffffffffffffffff [0x3ffe]\n          dev: pci-bridge, id \"br2\"\n            addr = 03.0\n            class PCI bridge, addr 01:03.0, pci id 1b36:0001 (sub 0000:0000)\n            bus: br2\n              type PCI\n              dev: virtio-rng-pci, id \"b\"\n                addr = 04.0\n                class Class 00ff, addr 02:04.0, pci id 1af4:1044 (sub 1af4:1100)\n";
+    assert!(qtree.contains(want), "{qtree}");
+    assert_eq!(c.cmd(json!({"execute": "cont"}))["return"], json!({}));
+    let r = add(
+        &mut c,
+        json!({"driver": "pci-bridge", "id": "br9", "chassis_nr": 9}),
+    );
+    assert_eq!(
+        r["error"]["desc"],
+        "br9: PCI bridges can only be added before the guest runs (--device, a machine file, or device_add before the first cont) and are not removed",
+        "{r}"
+    );
+    let (code, stdout, stderr) = vm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+    let cf8 = section(&stdout, "PROBE-CF8").expect("guest ran");
+    let ecam = section(&stdout, "PROBE-ECAM").expect("ECAM dump");
+    assert_eq!(
+        integration_tests::probe::parse_dump(&cf8)
+            .iter()
+            .map(|f| (f.addr.clone(), f.bytes[..256].to_vec()))
+            .collect::<Vec<_>>(),
+        integration_tests::probe::parse_dump(&ecam)
+            .iter()
+            .map(|f| (f.addr.clone(), f.bytes[..256].to_vec()))
+            .collect::<Vec<_>>(),
+        "CF8 and ECAM enumerations agree"
+    );
+    let tree = lspci_decode(&ecam, &["-t"]);
+    assert_eq!(
+        tree.trim_end(),
+        "-[0000:00]-+-00.0\n           +-05.0\n           \\-1e.0-[01-02]--+-01.0\n                           \\-03.0-[02]----04.0",
+        "{tree}"
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&rec).unwrap()).unwrap();
+    assert_eq!(r["devices"]["b"]["addr"], "02:04.0");
+    assert_eq!(r["devices"]["b"]["bus"], "br2");
+    assert_eq!(
+        r["devices"]["br2"]["fingerprint"]["props"]["secondary_bus"],
+        "2"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

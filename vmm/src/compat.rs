@@ -80,6 +80,11 @@ pub fn resolve_props(
         let mut s = s.clone();
         let info = s.config.info();
         let rec = recorded(record, s.id.as_deref(), info.name);
+        // A recorded multifunction function 0 (header type bit 7) stays one: its other
+        // functions go back to their recorded places, and the guest sees the same header.
+        if rec.is_some_and(|r| r.fingerprint.header_type & 0x80 != 0) {
+            s.multifunction = true;
+        }
         for p in info.props.iter().filter(|p| p.abi) {
             // Recorded values are strings (the fingerprint's shape); a value this build cannot
             // read is ignored with a warning.
@@ -408,6 +413,23 @@ mod tests {
             w[0].starts_with("old: ignoring the compat record's vectors: "),
             "{w:?}"
         );
+    }
+
+    #[test]
+    fn a_recorded_multifunction_function_0_stays_one() {
+        let mut r = rec("f0", "2");
+        let g = Globals::default();
+        let (s, _) = resolve_props(&specs(&["virtio-rng-pci,id=f0"]), Some(&r), &g);
+        assert!(!s[0].multifunction);
+        r.devices.get_mut("f0").unwrap().fingerprint.header_type = 0x80;
+        let (s, w) = resolve_props(
+            &specs(&["virtio-rng-pci,id=f0", "virtio-rng-pci,id=new"]),
+            Some(&r),
+            &g,
+        );
+        assert!(s[0].multifunction, "the record's header type");
+        assert!(!s[1].multifunction);
+        assert!(w.is_empty());
     }
 
     #[test]

@@ -84,8 +84,8 @@ pub enum DeviceError {
         "PCI: no bus number left for pci-bridge,id={0}: a machine has at most 256 buses (0-255)"
     )]
     TooManyBuses(String),
-    /// Bridges are set up at start-up only (bus numbers, windows, ECAM).
-    #[error("{0}: PCI bridges can only be added and removed with the machine (--device or a machine file), not by device_add or device_del")]
+    /// Bridges are set up before the guest runs only (bus numbers, windows, ECAM).
+    #[error("{0}: PCI bridges can only be added before the guest runs (--device, a machine file, or device_add before the first cont) and are not removed")]
     BridgeNotPluggable(String),
     /// Function 0 of a slot whose other functions stay.
     #[error("PCI: function 0 of slot {slot:x} cannot be removed while {slot:x}.{function:x} is populated")]

@@ -362,7 +362,8 @@ pub fn place_into(
     for slots in buses.slots.values() {
         slots.validate()?;
     }
-    // Chassis numbers are unique; then every bus gets its number.
+    // Every bus gets its number (too many buses is the error to report first: more than 255
+    // bridges always repeat a chassis number); then chassis numbers are unique.
     let mut bridges: BTreeMap<String, (String, u8, u8)> = buses
         .info
         .iter()
@@ -371,10 +372,11 @@ pub fn place_into(
             Some((id.clone(), (bus, devfn, i.chassis)))
         })
         .collect();
+    let mut duplicate = None;
     for (i, s) in specs.iter().enumerate() {
         if let (DriverConfig::Bridge(c), Some(a)) = (&s.config, claimed[i]) {
             if let Some((holder, _)) = bridges.iter().find(|(_, b)| b.2 == c.chassis_nr) {
-                return Err(DeviceError::DuplicateChassis {
+                duplicate.get_or_insert(DeviceError::DuplicateChassis {
                     chassis: c.chassis_nr,
                     holder: holder.clone(),
                 });
@@ -383,6 +385,9 @@ pub fn place_into(
         }
     }
     buses.number(&bridges)?;
+    if let Some(e) = duplicate {
+        return Err(e);
+    }
     let mut out = Vec::with_capacity(specs.len());
     for (((s, id), bus), a) in specs.iter().zip(ids).zip(bus_of).zip(claimed) {
         let Some(a) = a else { continue };
@@ -570,6 +575,51 @@ impl Placement {
     /// Whether the machine has bridges (and so an ECAM window for every bus).
     pub fn has_bridges(&self) -> bool {
         self.buses.has_bridges()
+    }
+
+    /// This placement with `specs` (bridges among them) added, placed again from an empty
+    /// machine: every device keeps its id, bus and slot.function (a bus's number may change,
+    /// as bridges are numbered by where they are), the new ones are placed around them as by
+    /// [`DeviceSet::add`] with `hints`. Returns the new placement, in address order (bridges
+    /// before the buses behind them), and the new devices' ids. Nothing changes on error.
+    pub fn with(
+        &self,
+        specs: &[DeviceSpec],
+        hints: &HashMap<String, Hint>,
+    ) -> Result<(Placement, Vec<String>), DeviceError> {
+        let mut all: Vec<DeviceSpec> = self
+            .placed
+            .iter()
+            .map(|p| {
+                let mut s = p.spec.clone();
+                s.id = Some(p.id.clone());
+                s.bus = Some(p.bus.clone());
+                s.addr = Some((p.addr.device(), Some(p.addr.function())));
+                s
+            })
+            .collect();
+        all.extend(specs.iter().cloned());
+        let mut buses = Buses::default();
+        let mut anon = self.anon;
+        let mut placed = place_into(&mut buses, &mut anon, &HashSet::new(), &all, hints)?;
+        // The specs as given (an id-less device stays id-less in descriptions).
+        for (p, old) in placed.iter_mut().zip(&self.placed) {
+            p.spec = old.spec.clone();
+        }
+        let new = placed[self.placed.len()..]
+            .iter()
+            .map(|p| p.id.clone())
+            .collect();
+        placed.sort_by_key(|p| p.addr);
+        Ok((
+            Placement {
+                buses,
+                anon,
+                placed,
+                mmio64: self.mmio64,
+            },
+            new,
+        ))
     }
 
     /// The buses.
@@ -1371,6 +1421,69 @@ mod tests {
     }
 
     #[test]
+    fn a_placement_takes_new_bridges_and_keeps_every_place() {
+        let first = specs(&[
+            "pci-bridge,id=br1,chassis_nr=1,addr=1e.0",
+            "virtio-rng-pci,bus=br1",
+            "virtio-rng-pci,id=r",
+        ]);
+        let mut buses = Buses::default();
+        let mut anon = 0;
+        let placed = place_into(
+            &mut buses,
+            &mut anon,
+            &HashSet::new(),
+            &first,
+            &HashMap::new(),
+        )
+        .unwrap();
+        let before = Placement {
+            buses,
+            anon,
+            placed,
+            mmio64: true,
+        };
+        // br0 at 00:05.0 comes first in numbering order: br1's bus becomes 2.
+        let (after, new) = before
+            .with(
+                &specs(&["pci-bridge,id=br0,chassis_nr=2,addr=5", "virtio-rng-pci"]),
+                &HashMap::new(),
+            )
+            .unwrap();
+        assert_eq!(new, ["br0", "device[1]"]);
+        let got: Vec<(String, String, Option<String>)> = after
+            .placed
+            .iter()
+            .map(|p| (p.id.clone(), p.addr.to_string(), p.spec.id.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "r".to_string(),
+                    "00:01.0".to_string(),
+                    Some("r".to_string())
+                ),
+                ("device[1]".into(), "00:02.0".into(), None),
+                ("br0".into(), "00:05.0".into(), Some("br0".into())),
+                ("br1".into(), "00:1e.0".into(), Some("br1".into())),
+                ("device[0]".into(), "02:00.0".into(), None),
+            ]
+        );
+        assert_eq!(after.buses.get("br1").unwrap().number, 2);
+        assert!(after.has_bridges());
+        // A refused addition changes nothing.
+        let e = before
+            .with(&specs(&["pci-bridge,id=x,chassis_nr=1"]), &HashMap::new())
+            .err()
+            .unwrap();
+        assert!(e
+            .to_string()
+            .starts_with("Bridge chassis 1 is already used by 'br1'"));
+        assert_eq!(before.placed.len(), 3);
+    }
+
+    #[test]
     fn bridge_errors_have_qemu_messages() {
         let err = |l: &[&str]| placed(l).unwrap_err();
         assert_eq!(err(&["virtio-rng-pci,bus=br9"]), "Bus 'br9' not found");
@@ -1423,6 +1536,14 @@ mod tests {
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         let p = placed(&many).unwrap();
         assert!(p.iter().all(|(_, a)| a != "00:00.0"));
+        // A 256th bridge: too many buses (named: the last bridge in numbering order), said
+        // before the repeated chassis number.
+        let mut too_many = many.clone();
+        too_many.push("pci-bridge,id=last,chassis_nr=1,bus=b40");
+        assert_eq!(
+            err(&too_many),
+            "PCI: no bus number left for pci-bridge,id=b247: a machine has at most 256 buses (0-255)"
+        );
         // Chassis numbers are 8-bit, so 256 bridges always repeat one: the bus limit on its
         // own, through the numbering.
         let mut b = Buses::default();

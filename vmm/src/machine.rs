@@ -507,12 +507,13 @@ impl Machine {
         Ok(())
     }
 
-    /// Adds a device (QMP `device_add`): cold-plug before the guest first runs, hot-plug
-    /// afterwards (ACPI, bus 0, function 0 of a free slot): the device is fully wired, then the
-    /// guest is notified and the record rewritten. Returns its id.
+    /// Adds a device (QMP `device_add`): cold-plug before the guest first runs (for a bridge
+    /// the run is built again, as at start-up), hot-plug afterwards (ACPI, bus 0, function 0
+    /// of a free slot): the device is fully wired, then the guest is notified and the record
+    /// rewritten. Returns its id.
     pub fn device_add(&self, spec: DeviceSpec) -> Result<String, Error> {
         let hot = self.run_state() != RunState::Prelaunch;
-        if spec.is_bridge() {
+        if hot && spec.is_bridge() {
             let name = spec.id.clone().unwrap_or_else(|| spec.driver().to_string());
             return Err(DeviceError::BridgeNotPluggable(name).into());
         }
@@ -560,6 +561,13 @@ impl Machine {
                 })
                 .collect();
             hints.retain(|_, h| usable.contains(&h.bus));
+        }
+        if specs.iter().any(DeviceSpec::is_bridge) {
+            return Ok(self
+                .cold_plug_bridge(&specs, &hints)?
+                .into_iter()
+                .next()
+                .unwrap_or_default());
         }
         let added = self
             .with_guest(|g| -> Result<_, Error> {
@@ -693,6 +701,23 @@ impl Machine {
         let placement = old.devices.placement();
         // Before the new run opens them again: files, sockets, taps, worker threads, the VM.
         drop(old);
+        // Ejects posted by the old run's vCPUs are moot: those devices are gone or rebuilt.
+        self.ejects.clear();
+        let guest = self.build_run(&placement)?;
+        if running {
+            guest.vcpus.start(self.seccomp.clone(), &self.stop)?;
+        }
+        *slot = Some(guest);
+        drop(slot);
+        self.announce_removed(&removed);
+        Ok(source)
+    }
+}
+
+impl Machine {
+    /// A new run of the guest (a new VM, its kernel loaded, its tables written) with the
+    /// devices of `placement` realized at their power-on state; its vCPUs wait.
+    fn build_run(&self, placement: &device_manager::Placement) -> Result<Guest, Error> {
         let acpi = AcpiOptions {
             pci_hotplug: self.props.pci_hotplug,
             pci_bridges: placement.has_bridges(),
@@ -704,25 +729,45 @@ impl Machine {
             eject: self.ejects.callback(),
             bridges: self.props.pci_hotplug_bridges,
         });
-        // Ejects posted by the old run's vCPUs are moot: those devices are gone or rebuilt.
-        self.ejects.clear();
-        let guest = Guest::build(&self.config, &acpi, &self.stop, |vm, power| {
+        Guest::build(&self.config, &acpi, &self.stop, |vm, power| {
             Ok(DeviceManager::rebuilt(
                 vm,
                 power,
                 Box::new(std::io::stdout()),
                 setup,
-                &placement,
+                placement,
                 self.props,
             )?)
-        })?;
-        if running {
-            guest.vcpus.start(self.seccomp.clone(), &self.stop)?;
-        }
-        *slot = Some(guest);
-        drop(slot);
-        self.announce_removed(&removed);
-        Ok(source)
+        })
+    }
+
+    /// Cold-plugs `specs` with a bridge among them (QMP `device_add` before the first `cont`):
+    /// bus numbers, bridge windows, the ECAM window and the ACPI tables are set before the
+    /// guest runs, so the run is built again, as at start-up, with every device at its place
+    /// and the new ones placed around them. A placement error changes nothing; a device that
+    /// cannot be realized again (a file gone meanwhile) leaves the machine without a guest,
+    /// as a failed reboot does. Returns the new devices' ids.
+    fn cold_plug_bridge(
+        &self,
+        specs: &[DeviceSpec],
+        hints: &std::collections::HashMap<String, device_manager::Hint>,
+    ) -> Result<Vec<String>, Error> {
+        let mut slot = self.guest.write().unwrap_or_else(|p| p.into_inner());
+        let Some(old) = slot.take() else {
+            return Err(Error::Config("the guest is gone".into()));
+        };
+        let (placement, ids) = match old.devices.placement().with(specs, hints) {
+            Ok(p) => p,
+            Err(e) => {
+                *slot = Some(old);
+                return Err(e.into());
+            }
+        };
+        old.vcpus.end();
+        // Before the new run opens them again: files, sockets, taps, worker threads, the VM.
+        drop(old);
+        *slot = Some(self.build_run(&placement)?);
+        Ok(ids)
     }
 }
 

@@ -310,15 +310,24 @@ pub fn info_gsi(info: Option<&GsiInfo>) -> String {
     s
 }
 
-/// `info qtree`, simplified: the PCIe host with its bus and the PCI functions on it.
+/// `info qtree`, simplified: the PCIe host with its bus and the PCI functions on it, each
+/// bridge's bus (named by its id, `type PCI`) nested under it with the functions behind it,
+/// as QEMU prints it (functions in address order).
 pub fn info_qtree(functions: &[PciFunctionInfo]) -> String {
     let mut s = String::new();
     s.push_str("bus: main-system-bus\n  type System\n");
     s.push_str("  dev: gpex-pcihost, id \"\"\n");
     s.push_str("    bus: pci.0\n      type PCIE\n");
-    let ind = "        ";
-    for f in sorted(functions) {
-        let _ = writeln!(s, "      dev: {}, id \"{}\"", f.driver, f.qdev_id);
+    qtree_bus(&mut s, functions, 0, 6);
+    s
+}
+
+/// The functions of bus `bus` at `indent`, each bridge followed by its bus.
+fn qtree_bus(s: &mut String, functions: &[PciFunctionInfo], bus: u8, indent: usize) {
+    let dev = " ".repeat(indent);
+    let ind = " ".repeat(indent + 2);
+    for f in sorted(functions).into_iter().filter(|f| f.bus == bus) {
+        let _ = writeln!(s, "{dev}dev: {}, id \"{}\"", f.driver, f.qdev_id);
         let _ = writeln!(s, "{ind}addr = {:02x}.{:x}", f.slot, f.function);
         for (k, v) in &f.props {
             if k != "addr" {
@@ -346,8 +355,14 @@ pub fn info_qtree(functions: &[PciFunctionInfo]) -> String {
                 r.bar, r.address
             );
         }
+        if let Some(b) = &f.bridge {
+            let _ = writeln!(s, "{ind}bus: {}\n{ind}  type PCI", f.qdev_id);
+            // Only buses above the bridge's own: a guest's numbering cannot loop us.
+            if b.secondary > bus {
+                qtree_bus(s, functions, b.secondary, indent + 4);
+            }
+        }
     }
-    s
 }
 
 #[cfg(test)]
@@ -400,6 +415,10 @@ mod tests {
         let want = "  Bus  0, device   5, function 0:\n    Class 0255: PCI device 1af4:1044\n      PCI subsystem 1af4:1100\n      IRQ 0, pin A\n      BAR1: 32 bit memory at 0xc0008000 [0xc0008fff].\n      BAR4: 64 bit prefetchable memory at 0xc000c000 [0xc000ffff].\n      id \"rng0\"\n  Bus  0, device  30, function 0:\n    PCI bridge: PCI device 1b36:0001\n      BUS 0.\n      secondary bus 1.\n      subordinate bus 2.\n      IO range [0xf000, 0x0fff]\n      memory range [0xc4000000, 0xc4ffffff]\n      prefetchable memory range [0xfffffffffff00000, 0x000fffff]\n      id \"br1\"\n  Bus  1, device   3, function 0:\n    PCI bridge: PCI device 1b36:0001\n      BUS 1.\n      secondary bus 2.\n      subordinate bus 2.\n";
         assert!(text.starts_with(want), "{text}");
         assert!(text.ends_with("      id \"br2\"\n  Bus  2, device   4, function 0:\n    Class 0255: PCI device 1af4:1044\n      PCI subsystem 1af4:1100\n      IRQ 0, pin A\n      BAR1: 32 bit memory at 0xc0008000 [0xc0008fff].\n      BAR4: 64 bit prefetchable memory at 0xc000c000 [0xc000ffff].\n      id \"rng0\"\n"), "{text}");
+        // info qtree: each bridge's bus (its id, type PCI) nested under it, QEMU's layout.
+        let t = info_qtree(&list);
+        let want = "    bus: pci.0\n      type PCIE\n      dev: virtio-rng-pci, id \"rng0\"\n        addr = 05.0\n        class Class 00ff, addr 00:05.0, pci id 1af4:1044 (sub 1af4:1100)\n        bar 1: mem at 0xc0008000 [0xc0008fff]\n        bar 4: mem at 0xc000c000 [0xc000ffff]\n      dev: pci-bridge, id \"br1\"\n        addr = 1e.0\n        class PCI bridge, addr 00:1e.0, pci id 1b36:0001 (sub 0000:0000)\n        bus: br1\n          type PCI\n          dev: pci-bridge, id \"br2\"\n            addr = 03.0\n            class PCI bridge, addr 01:03.0, pci id 1b36:0001 (sub 0000:0000)\n            bus: br2\n              type PCI\n              dev: virtio-rng-pci, id \"rng0\"\n                addr = 04.0\n                class Class 00ff, addr 02:04.0, pci id 1af4:1044 (sub 1af4:1100)\n                bar 1: mem at 0xc0008000 [0xc0008fff]\n                bar 4: mem at 0xc000c000 [0xc000ffff]\n";
+        assert!(t.ends_with(want), "{t}");
         let q = crate::monitor::commands::query_pci(&list);
         let top = q.as_array().unwrap();
         assert_eq!(top.len(), 1, "one PciInfo: the root bus");
