@@ -899,7 +899,7 @@ echo "=== BRHP-END rc=$? ==="
     for name in ["add-bridge", "del-bridge"] {
         let (_, desc) = s.error(name);
         assert!(
-            desc.contains("PCI bridges can only be added and removed with the machine"),
+            desc.contains("PCI bridges can only be added before the guest runs"),
             "{name}: {desc}"
         );
     }
