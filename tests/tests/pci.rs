@@ -887,7 +887,9 @@ fn an_old_record_keeps_a_zero_extended_config_space() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "machine: extended_config: zero -> all-ones\nmachine: mmio64_window: none -> [274877906944, 137438953472]"
+        "machine: extended_config: zero -> all-ones\nmachine: mmio64_window: none -> [274877906944, 137438953472]\n\
+         machine: pci_hotplug_bridges: false -> true",
+        "the old record is from before these properties"
     );
     // Asking the old machine for QEMU's behaviour is an ABI change: --compat-strict refuses.
     std::fs::write(
@@ -1005,7 +1007,9 @@ fn an_old_record_keeps_64_bit_bars_below_4_gib() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "machine: mmio64_window: none -> [274877906944, 137438953472]"
+        "machine: mmio64_window: none -> [274877906944, 137438953472]\n\
+         machine: pci_hotplug_bridges: false -> true",
+        "the old record is from before these properties"
     );
     // RAM above 4 GiB ends where the window starts: 255 GiB at most with it.
     let elf = integration_tests::probe::probe_elf();

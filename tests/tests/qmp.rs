@@ -1045,9 +1045,11 @@ fn bridges_cold_plug_with_device_add_before_cont_and_nest_in_info_qtree() {
         (0.into(), 1.into(), 2.into()),
         "{before}"
     );
-    // BARs are not decoded before the guest enables them, as in QEMU.
+    // BARs are not decoded before the guest enables them, as in QEMU. A bridge's "sub" is what
+    // QEMU prints too: the raw words at 0x2c/0x2e, in a type-1 header the upper half of the
+    // prefetchable limit (0x40: the 64-bit window at 0x40_0000_0000).
     let qtree = c.hmp("info qtree").replace("\r\n", "\n");
-    let want = "      dev: pci-bridge, id \"br1\"\n        addr = 1e.0\n        class PCI bridge, addr 00:1e.0, pci id 1b36:0001 (sub 0000:0000)\n        bus: br1\n          type PCI\n          dev: virtio-rng-pci, id \"a\"\n            addr = 01.0\n            class Class 00ff, addr 01:01.0, pci id 1af4:1044 (sub 1af4:1100)\n            bar 1: mem at 0xffffffffffffffff [0xffe]\n            bar 4: mem at 0xffffffffffffffff [0x3ffe]\n          dev: pci-bridge, id \"br2\"\n            addr = 03.0\n            class PCI bridge, addr 01:03.0, pci id 1b36:0001 (sub 0000:0000)\n            bus: br2\n              type PCI\n              dev: virtio-rng-pci, id \"b\"\n                addr = 04.0\n                class Class 00ff, addr 02:04.0, pci id 1af4:1044 (sub 1af4:1100)\n";
+    let want = "      dev: pci-bridge, id \"br1\"\n        addr = 1e.0\n        class PCI bridge, addr 00:1e.0, pci id 1b36:0001 (sub 0040:0000)\n        bus: br1\n          type PCI\n          dev: virtio-rng-pci, id \"a\"\n            addr = 01.0\n            class Class 00ff, addr 01:01.0, pci id 1af4:1044 (sub 1af4:1100)\n            bar 1: mem at 0xffffffffffffffff [0xffe]\n            bar 4: mem at 0xffffffffffffffff [0x3ffe]\n          dev: pci-bridge, id \"br2\"\n            addr = 03.0\n            class PCI bridge, addr 01:03.0, pci id 1b36:0001 (sub 0040:0000)\n            bus: br2\n              type PCI\n              dev: virtio-rng-pci, id \"b\"\n                addr = 04.0\n                class Class 00ff, addr 02:04.0, pci id 1af4:1044 (sub 1af4:1100)\n";
     assert!(qtree.contains(want), "{qtree}");
     assert_eq!(c.cmd(json!({"execute": "cont"}))["return"], json!({}));
     let r = add(
