@@ -148,15 +148,7 @@ async def main(args):
                 "--device", "pci-bridge,id=br1,chassis_nr=1,addr=1e.0",
                 "--device", "virtio-rng-pci,id=rngb,bus=br1,addr=01.0",
                 "--device", "virtio-rng-pci,id=rng0,addr=04.0"]
-    vm = Vm(args, vmm_args)
-    try:
-        await vm.start()
-        await session(vm, args)
-    except Exception as e:
-        emit({"failure": f"{type(e).__name__}: {e}", "step": vm.step})
-        await vm.abort()
-        return 1
-    return 0
+    return await Vm(args, vmm_args).run(session, args)
 
 
 if __name__ == "__main__":

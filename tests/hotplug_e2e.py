@@ -193,6 +193,18 @@ class Vm:
         emit({"exit": rc})
         return rc
 
+    async def run(self, session, args):
+        """Starts the vmm and runs `session(self, args)`. A failure is reported (`failure`, the
+        step) and the vmm ended, so that the scenario goes on. Returns the exit status."""
+        try:
+            await self.start()
+            await session(self, args)
+        except Exception as e:
+            emit({"failure": f"{type(e).__name__}: {e}", "step": self.step})
+            await self.abort()
+            return 1
+        return 0
+
     async def abort(self):
         """After a failure: end the vmm (quit over QMP, else SIGTERM) so the scenario goes on."""
         if self.proc is None or self.proc.returncode is not None:
@@ -437,15 +449,7 @@ async def main(args):
         vmm_args = ["--compat", rec, "--device", "virtio-rng-pci,id=rng0,addr=04.0",
                     "--device", f"virtio-blk-pci,id=hd1,addr=07.0,file={disk}"]
         run = oldrec
-    vm = Vm(args, vmm_args)
-    try:
-        await vm.start()
-        await run(vm, args)
-    except Exception as e:
-        emit({"failure": f"{type(e).__name__}: {e}", "step": vm.step})
-        await vm.abort()
-        return 1
-    return 0
+    return await Vm(args, vmm_args).run(run, args)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ use integration_tests::ground::{
 };
 use integration_tests::probe::{
     dumps, lspci_decode, parse_dump, probe_elf, require_kvm, run_probe_checked,
-    spawn_rebooting_probe, vmm,
+    spawn_rebooting_probe, vmm, FunctionDump,
 };
 use serde_json::{json, Value};
 
@@ -453,6 +453,41 @@ const PROBE_FUNCTIONS: [&str; 6] = [
     "00:00.0", "00:04.0", "00:06.0", "00:06.1", "00:07.0", "00:1f.0",
 ];
 
+/// Runs the probe's hot-plug register hammering `cmdline` on `devices` and asserts that it left
+/// nothing behind: the registers said nothing happened and say so at the end, and the CF8 and
+/// ECAM views are the baseline's, byte for byte. Returns the two dumps.
+fn hammer_leaves_nothing(
+    cmdline: &str,
+    devices: &[String],
+    base_cf8: &[FunctionDump],
+    base_ecam: &[FunctionDump],
+) -> (String, String) {
+    let out = run_probe_checked(cmdline, devices).0;
+    assert!(out.contains("=== HOTPLUG done ==="), "{cmdline}:\n{out}");
+    assert!(
+        out.contains("hotplug: anomalies 0\n"),
+        "{cmdline}: the registers said something happened:\n{out}"
+    );
+    assert!(
+        out.contains(
+            "hotplug: final PCIU 0x00000000 PCID 0x00000000 PCI_RMV 0xfffffffe BNUM 0x00000000 GED 0x00000000"
+        ),
+        "{cmdline}:\n{out}"
+    );
+    let (cf8, ecam) = dumps(&out);
+    assert_eq!(
+        parse_dump(&cf8),
+        base_cf8,
+        "{cmdline}: the CF8 view changed"
+    );
+    assert_eq!(
+        parse_dump(&ecam),
+        base_ecam,
+        "{cmdline}: the ECAM view changed"
+    );
+    (cf8, ecam)
+}
+
 /// `mode=hotplug`: random widths, offsets and values on the hot-plug registers and the GED,
 /// other bus selectors, ejects of empty slots and of occupied slots nobody asked to remove,
 /// GED read floods. The vmm lives, the registers keep saying "nothing happened", every device
@@ -478,29 +513,7 @@ fn probe_hammering_the_hotplug_registers_removes_nothing() {
     for seed in seeds {
         let cmdline = format!("mode=hotplug seed={seed} n=2000");
         eprintln!("hotplug probe run: {cmdline}");
-        let out = run_probe_checked(&cmdline, &devices).0;
-        assert!(out.contains("=== HOTPLUG done ==="), "{cmdline}:\n{out}");
-        assert!(
-            out.contains("hotplug: anomalies 0\n"),
-            "{cmdline}: the registers said something happened:\n{out}"
-        );
-        assert!(
-            out.contains(
-                "hotplug: final PCIU 0x00000000 PCID 0x00000000 PCI_RMV 0xfffffffe BNUM 0x00000000 GED 0x00000000"
-            ),
-            "{cmdline}:\n{out}"
-        );
-        let (cf8, ecam) = dumps(&out);
-        assert_eq!(
-            parse_dump(&cf8),
-            base_cf8,
-            "{cmdline}: the CF8 view changed"
-        );
-        assert_eq!(
-            parse_dump(&ecam),
-            base_ecam,
-            "{cmdline}: the ECAM view changed"
-        );
+        let (cf8, ecam) = hammer_leaves_nothing(&cmdline, &devices, &base_cf8, &base_ecam);
         for dump in [&cf8, &ecam] {
             let decoded = lspci_decode(dump, &["-nn"]);
             for addr in &PROBE_FUNCTIONS[1..] {
@@ -566,29 +579,7 @@ fn probe_hammering_bridge_bus_selectors_removes_nothing() {
     for seed in [5u32, 11, 2027] {
         let cmdline = format!("mode=hotplug seed={seed} n=3000 hpbuses=2");
         eprintln!("bridge hotplug probe run: {cmdline}");
-        let out = run_probe_checked(&cmdline, &devices).0;
-        assert!(out.contains("=== HOTPLUG done ==="), "{cmdline}:\n{out}");
-        assert!(
-            out.contains("hotplug: anomalies 0\n"),
-            "{cmdline}: the registers said something happened:\n{out}"
-        );
-        assert!(
-            out.contains(
-                "hotplug: final PCIU 0x00000000 PCID 0x00000000 PCI_RMV 0xfffffffe BNUM 0x00000000 GED 0x00000000"
-            ),
-            "{cmdline}:\n{out}"
-        );
-        let (cf8, ecam) = dumps(&out);
-        assert_eq!(
-            parse_dump(&cf8),
-            base_cf8,
-            "{cmdline}: the CF8 view changed"
-        );
-        assert_eq!(
-            parse_dump(&ecam),
-            base_ecam,
-            "{cmdline}: the ECAM view changed"
-        );
+        hammer_leaves_nothing(&cmdline, &devices, &base_cf8, &base_ecam);
     }
     // The probe's expectations are right: told that bus 1 has no registers, it sees them.
     let out = run_probe_checked("mode=hotplug seed=5 n=3000 hpbuses=0", &devices).0;

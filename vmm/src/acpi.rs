@@ -647,6 +647,23 @@ pub fn write_tables_with(
 mod tests {
     use super::*;
 
+    /// An iasl listing without its comments (`//` and the `/* \\_SB_.PCI0.BSEL */` kind),
+    /// whitespace squeezed to single spaces.
+    fn squeeze_dsl(dsl: &str) -> String {
+        let mut text = dsl
+            .lines()
+            .map(|l| l.split("//").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        while let Some(start) = text.find("/*") {
+            let end = text[start..]
+                .find("*/")
+                .map_or(text.len(), |e| start + e + 2);
+            text.replace_range(start..end, " ");
+        }
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
     fn u64_at(b: &[u8], off: usize) -> u64 {
         u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
     }
@@ -921,20 +938,7 @@ mod tests {
             warnings(&summary_off),
             "hot-plug adds iasl warnings: {summary}"
         );
-        // The listing without its comments (`//` and the `/* \\_SB_.PCI0.BSEL */` kind),
-        // whitespace squeezed to single spaces.
-        let mut text = dsl
-            .lines()
-            .map(|l| l.split("//").next().unwrap_or(""))
-            .collect::<Vec<_>>()
-            .join("\n");
-        while let Some(start) = text.find("/*") {
-            let end = text[start..]
-                .find("*/")
-                .map_or(text.len(), |e| start + e + 2);
-            text.replace_range(start..end, " ");
-        }
-        let squeezed = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let squeezed = squeeze_dsl(&dsl);
         let missing: Vec<&str> = [
             "Scope (\\_SB)",
             "Device (PCI0)",
@@ -1161,18 +1165,7 @@ mod tests {
                 .map(str::to_string)
         };
         assert_eq!(warnings(&summary), warnings(&summary_off), "{summary}");
-        let mut text = dsl
-            .lines()
-            .map(|l| l.split("//").next().unwrap_or(""))
-            .collect::<Vec<_>>()
-            .join("\n");
-        while let Some(start) = text.find("/*") {
-            let end = text[start..]
-                .find("*/")
-                .map_or(text.len(), |e| start + e + 2);
-            text.replace_range(start..end, " ");
-        }
-        let sq = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let sq = squeeze_dsl(&dsl);
         let missing: Vec<&str> = [
             "Device (SF0) { Name (_ADR, 0x001E0000) Name (BSEL, One) Device (S00) { Name (_SUN, Zero) Name (_ADR, Zero) Method (_EJ0, 1, NotSerialized) { PCEJ (BSEL, _SUN) } }",
             "Device (S10) { Name (_ADR, 0x00020000) Name (BSEL, 0x02) Device (S00)",
