@@ -154,6 +154,24 @@ fn mask_linux_choices(text: &str) -> String {
         .join("\n")
 }
 
+/// The hot-plugged disk `dev` did I/O both ways: the guest read the host's pattern (same md5),
+/// and what it wrote (read back twice in the guest) is in the image on the host. Returns the md5
+/// of what it wrote.
+fn assert_disk_io_both_ways(s: &Run, dev: &str) -> String {
+    let host_md5 = s.host("host-pattern")["md5"].as_str().unwrap().to_string();
+    assert_eq!(md5_line(&s.guest(&format!("{dev}-read-host"))), host_md5);
+    let write = s.guest(&format!("{dev}-write"));
+    let disk = s.host("disk-after-guest-write");
+    let want = disk["want"].as_str().unwrap();
+    assert_eq!(
+        write.lines().map(md5_line).collect::<Vec<_>>(),
+        [want, want],
+        "guest write / read back: {write}"
+    );
+    assert_eq!(disk["md5"], want, "the image on the host: {disk}");
+    want.to_string()
+}
+
 fn md5_line(out: &str) -> &str {
     out.split_whitespace().next().unwrap_or("")
 }
@@ -223,17 +241,7 @@ echo "hotplug timing: session $t0..$t1 s, old record $t1..$t2 s (L1 uptime)"
     let v07 = s.guest("hd1-lspci-v-07");
     assert!(v07.contains("Physical Slot: 7"), "{v07}");
     assert!(v07.contains("Kernel driver in use: virtio-pci"), "{v07}");
-    let host_md5 = s.host("host-pattern")["md5"].as_str().unwrap().to_string();
-    assert_eq!(md5_line(&s.guest("hd1-read-host")), host_md5);
-    let write = s.guest("hd1-write");
-    let disk = s.host("disk-after-guest-write");
-    let want = disk["want"].as_str().unwrap();
-    assert_eq!(
-        write.lines().map(md5_line).collect::<Vec<_>>(),
-        [want, want],
-        "guest write / read back: {write}"
-    );
-    assert_eq!(disk["md5"], want, "the image on the host: {disk}");
+    let want = assert_disk_io_both_ways(&s, "hd1");
     let abi = s.host_out("abi-after-add");
     assert!(
         line_with(&abi, "00:07.0 0100: 1af4:1042", "id=hd1").is_some(),
@@ -871,17 +879,7 @@ echo "=== BRHP-END rc=$? ==="
     let v = s.guest("added-lspci-v");
     assert!(v.contains("Physical Slot: 3"), "{v}");
     assert!(v.contains("Kernel driver in use: virtio-pci"), "{v}");
-    let host_md5 = s.host("host-pattern")["md5"].as_str().unwrap().to_string();
-    assert_eq!(md5_line(&s.guest("hdb-read-host")), host_md5);
-    let write = s.guest("hdb-write");
-    let disk = s.host("disk-after-guest-write");
-    let want = disk["want"].as_str().unwrap();
-    assert_eq!(
-        write.lines().map(md5_line).collect::<Vec<_>>(),
-        [want, want],
-        "guest write / read back: {write}"
-    );
-    assert_eq!(disk["md5"], want, "the image on the host: {disk}");
+    assert_disk_io_both_ways(&s, "hdb");
     let abi = s.host_out("abi-after-add");
     assert!(line_with(&abi, "01:03.0 ", "id=hdb").is_some(), "{abi}");
     assert!(line_with(&abi, "01:01.0 ", "id=rngb").is_some(), "{abi}");

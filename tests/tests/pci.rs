@@ -435,14 +435,18 @@ fn boot_section(label: &str, name: &str) -> String {
     section(&boot, name).unwrap_or_else(|| panic!("no {name} in boot {label}:\n{boot}"))
 }
 
+/// The non-empty lines of `text`, trimmed.
+fn trimmed_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
 #[test]
 fn linux_lspci_lists_exactly_the_requested_addresses() {
     let n = boot_section("RNG", "LSPCI-N");
-    let got: Vec<String> = n
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect();
+    let got = trimmed_lines(&n);
     assert_eq!(
         got,
         [
@@ -498,11 +502,7 @@ fn linux_binds_virtio_rng_and_reads_entropy_over_msix() {
 #[test]
 fn linux_keeps_the_bridge_bus_numbers_and_binds_devices_behind_it() {
     let n = boot_section("BRIDGE", "LSPCI-N");
-    let got: Vec<String> = n
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect();
+    let got = trimmed_lines(&n);
     assert_eq!(
         got,
         [

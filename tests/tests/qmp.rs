@@ -764,6 +764,17 @@ fn a_restart_with_the_record_puts_a_hot_plugged_device_where_it_was() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `query-pci` lists device `id` at bus `bus`, slot `slot`.
+fn assert_in_query_pci(c: &mut Client, id: &str, bus: u8, slot: u8) {
+    let pci = c.cmd(json!({"execute": "query-pci"}))["return"].clone();
+    assert!(
+        all_pci_devices(&pci)
+            .iter()
+            .any(|d| d["qdev_id"] == id && d["bus"] == bus && d["slot"] == slot),
+        "{id} at {bus:02x}:{slot:02x}.0: {pci}"
+    );
+}
+
 /// Every device object in a `query-pci` answer, bridges' buses included.
 fn all_pci_devices(v: &Value) -> Vec<Value> {
     let mut out = Vec::new();
@@ -808,14 +819,8 @@ fn hot_plug_behind_a_bridge_is_a_recorded_machine_property() {
         json!({}),
         "slot 0 behind a bridge"
     );
-    let pci = c.cmd(json!({"execute": "query-pci"}))["return"].clone();
-    let devs = all_pci_devices(&pci);
     for (id, slot) in [("x", 3), ("y", 0)] {
-        assert!(
-            devs.iter()
-                .any(|d| d["qdev_id"] == id && d["bus"] == 1 && d["slot"] == slot),
-            "{id} at 01:{slot:02x}.0: {pci}"
-        );
+        assert_in_query_pci(&mut c, id, 1, slot);
     }
     let saved: Value = serde_json::from_str(&std::fs::read_to_string(&rec).unwrap()).unwrap();
     assert_eq!(saved["machine"]["pci_hotplug_bridges"], true, "{saved}");
@@ -860,25 +865,13 @@ fn hot_plug_behind_a_bridge_is_a_recorded_machine_property() {
     args.extend(["--compat", rec_s, "--device", "virtio-rng-pci,id=x"]);
     let vm = Vm::start("brhp-again", "mode=bench op=null n=300000", &args);
     let mut c = Client::negotiated(&vm.sock);
-    let pci = c.cmd(json!({"execute": "query-pci"}))["return"].clone();
-    assert!(
-        all_pci_devices(&pci)
-            .iter()
-            .any(|d| d["qdev_id"] == "x" && d["bus"] == 1 && d["slot"] == 3),
-        "x back at 01:03.0: {pci}"
-    );
+    assert_in_query_pci(&mut c, "x", 1, 3);
     // Hot-plugged again without bus or address, y goes back to its recorded 01:00.0 too.
     assert_eq!(c.cmd(json!({"execute": "cont"}))["return"], json!({}));
     let r = c.cmd(json!({"execute": "device_add", "arguments":
         {"driver": "virtio-rng-pci", "id": "y"}}));
     assert_eq!(r["return"], json!({}), "{r}");
-    let pci = c.cmd(json!({"execute": "query-pci"}))["return"].clone();
-    assert!(
-        all_pci_devices(&pci)
-            .iter()
-            .any(|d| d["qdev_id"] == "y" && d["bus"] == 1 && d["slot"] == 0),
-        "y back at 01:00.0: {pci}"
-    );
+    assert_in_query_pci(&mut c, "y", 1, 0);
     assert_eq!(c.cmd(json!({"execute": "quit"}))["return"], json!({}));
     let (code, _, stderr) = vm.finish();
     assert_eq!(code, Some(0), "{stderr}");
