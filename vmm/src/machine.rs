@@ -324,16 +324,6 @@ impl Machine {
             .unwrap_or_else(EventSink::disconnected)
     }
 
-    /// Whether ACPI PCI hot-plug is on.
-    pub fn pci_hotplug(&self) -> bool {
-        self.props.pci_hotplug
-    }
-
-    /// Whether ACPI PCI hot-plug behind bridges is on.
-    pub fn pci_hotplug_bridges(&self) -> bool {
-        self.props.pci_hotplug_bridges
-    }
-
     /// Rewrites the compat record (after a completed hot-plug or removal), if there is one.
     fn rewrite_record(&self) -> Result<(), Error> {
         match &self.compat {
