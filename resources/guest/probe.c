@@ -322,6 +322,38 @@ static int present(u32 id)
 }
 
 /*
+ * Calls visit(rd, bdf, id, ctx) for every present function of `bus`, in the
+ * order Linux scans: function 0 of each slot first, functions 1..7 only if
+ * function 0 is multifunction. Following bridges is the visitor's business.
+ */
+typedef void (*visit_fn)(cfg_read_fn rd, u32 bdf, u32 id, void *ctx);
+
+static void each_function(cfg_read_fn rd, u32 bus, visit_fn visit, void *ctx)
+{
+	u32 dev, fn;
+
+	for (dev = 0; dev < 32; dev++) {
+		u32 base = (bus << 8) | (dev << 3);
+		u32 id = rd(base, 0);
+		u32 multi;
+
+		if (!present(id))
+			continue;
+		multi = (rd(base, 0x0c) >> 16) & 0x80;
+		for (fn = 0; fn < 8; fn++) {
+			if (fn) {
+				if (!multi)
+					break;
+				id = rd(base | fn, 0);
+				if (!present(id))
+					continue;
+			}
+			visit(rd, base | fn, id, ctx);
+		}
+	}
+}
+
+/*
  * One function in `lspci -xxxx` layout:
  *   "BB:DD.F VVVV:DDDD\n" then "xx: b0 b1 ... b15\n" (offset printed "%02x",
  *   i.e. 00..f0 then 100..ff0) and a blank line.
@@ -363,35 +395,30 @@ static void dump_function(cfg_read_fn rd, u32 bdf, u32 id, u32 size)
  * secondary bus number, which must be above the bus it sits on; at most 8
  * levels), so bus 0's dump is what it always was when there are no bridges.
  */
+struct scan {
+	u32 bus, size, depth;
+};
+
+static void scan_bus(cfg_read_fn rd, u32 bus, u32 size, u32 depth);
+
+static void scan_visit(cfg_read_fn rd, u32 bdf, u32 id, void *ctx)
+{
+	const struct scan *c = ctx;
+	u32 sec;
+
+	dump_function(rd, bdf, id, c->size);
+	if (((rd(bdf, 0x0c) >> 16) & 0x7f) != 1)
+		return;
+	sec = (rd(bdf, 0x18) >> 8) & 0xff;
+	if (sec > c->bus && c->depth < 8)
+		scan_bus(rd, sec, c->size, c->depth + 1);
+}
+
 static void scan_bus(cfg_read_fn rd, u32 bus, u32 size, u32 depth)
 {
-	u32 dev, fn;
+	struct scan c = { bus, size, depth };
 
-	for (dev = 0; dev < 32; dev++) {
-		u32 base = (bus << 8) | (dev << 3);
-		u32 id = rd(base, 0);
-		u32 multi;
-		if (!present(id))
-			continue;
-		multi = (rd(base, 0x0c) >> 16) & 0x80;
-		for (fn = 0; fn < 8; fn++) {
-			u32 bdf = base | fn;
-			u32 sec;
-			if (fn) {
-				if (!multi)
-					break;
-				id = rd(bdf, 0);
-				if (!present(id))
-					continue;
-			}
-			dump_function(rd, bdf, id, size);
-			if (((rd(bdf, 0x0c) >> 16) & 0x7f) != 1)
-				continue;
-			sec = (rd(bdf, 0x18) >> 8) & 0xff;
-			if (sec > bus && depth < 8)
-				scan_bus(rd, sec, size, depth + 1);
-		}
-	}
+	each_function(rd, bus, scan_visit, &c);
 }
 
 /* ---- modes ---- */
@@ -1230,63 +1257,53 @@ static void enum_write(int cf8, u32 bdf, u32 off, u32 v)
 		mmio_write32(ecam_base + (bdf << 12) + (off & 0xffc), v);
 }
 
+struct enum_walk {
+	int cf8;
+	u32 bus, depth;
+};
+
+static void enum_bus(int cf8, u32 bus, u32 depth);
+
+static void enum_visit(cfg_read_fn rd, u32 bdf, u32 id, void *ctx)
+{
+	const struct enum_walk *c = ctx;
+	u32 hdr = 0, buses = 0, off, sec;
+
+	enum_functions++;
+	enum_sum += id;
+	for (off = 4; off < 256; off += 4) {
+		u32 v = rd(bdf, off);
+
+		enum_sum += v;
+		if (off == 0x0c)
+			hdr = (v >> 16) & 0x7f;
+		else if (off == 0x18)
+			buses = v;
+	}
+	if (hdr == 0 && enum_decode) {
+		/* command |= memory space, as a driver's pci_enable_device() does */
+		enum_write(c->cf8, bdf, 0x04, (rd(bdf, 0x04) & 0xffffu) | 2);
+		enum_decoding++;
+		if (enum_msix)
+			enum_program_msix(rd, bdf);
+	}
+	if (hdr != 1)
+		return;
+	enum_bridges++;
+	if (c->depth >= 8 || enum_next_bus >= 255)
+		return;
+	sec = ++enum_next_bus;
+	buses = (buses & 0xff000000u) | c->bus | (sec << 8);
+	enum_write(c->cf8, bdf, 0x18, buses | 0x00ff0000u);
+	enum_bus(c->cf8, sec, c->depth + 1);
+	enum_write(c->cf8, bdf, 0x18, buses | (enum_next_bus << 16));
+}
+
 static void enum_bus(int cf8, u32 bus, u32 depth)
 {
-	cfg_read_fn rd = cf8 ? cf8_read : ecam_read;
-	u32 dev, fn, off;
+	struct enum_walk c = { cf8, bus, depth };
 
-	for (dev = 0; dev < 32; dev++) {
-		u32 base = (bus << 8) | (dev << 3);
-		u32 id = rd(base, 0);
-		u32 multi;
-
-		if (!present(id))
-			continue;
-		multi = (rd(base, 0x0c) >> 16) & 0x80;
-		for (fn = 0; fn < 8; fn++) {
-			u32 bdf = base | fn;
-			u32 hdr = 0, buses = 0;
-
-			if (fn) {
-				if (!multi)
-					break;
-				id = rd(bdf, 0);
-				if (!present(id))
-					continue;
-			}
-			enum_functions++;
-			enum_sum += id;
-			for (off = 4; off < 256; off += 4) {
-				u32 v = rd(bdf, off);
-
-				enum_sum += v;
-				if (off == 0x0c)
-					hdr = (v >> 16) & 0x7f;
-				else if (off == 0x18)
-					buses = v;
-			}
-			if (hdr == 0 && enum_decode) {
-				/* command |= memory space, as a driver's pci_enable_device() does */
-				enum_write(cf8, bdf, 0x04, (rd(bdf, 0x04) & 0xffffu) | 2);
-				enum_decoding++;
-				if (enum_msix)
-					enum_program_msix(rd, bdf);
-			}
-			if (hdr != 1)
-				continue;
-			enum_bridges++;
-			if (depth >= 8 || enum_next_bus >= 255)
-				continue;
-			{
-				u32 sec = ++enum_next_bus;
-
-				buses = (buses & 0xff000000u) | bus | (sec << 8);
-				enum_write(cf8, bdf, 0x18, buses | 0x00ff0000u);
-				enum_bus(cf8, sec, depth + 1);
-				enum_write(cf8, bdf, 0x18, buses | (enum_next_bus << 16));
-			}
-		}
-	}
+	each_function(cf8 ? cf8_read : ecam_read, bus, enum_visit, &c);
 }
 
 static void mode_enum(const struct opts *o)
@@ -1442,48 +1459,40 @@ static void ext_function(u32 bdf, u32 id)
 	ext_functions++;
 }
 
+struct ext_walk {
+	u32 bus, depth;
+};
+
+static void ext_bus(u32 bus, u32 depth);
+
+static void ext_visit(cfg_read_fn rd, u32 bdf, u32 id, void *ctx)
+{
+	const struct ext_walk *c = ctx;
+	u32 sec;
+
+	ext_function(bdf, id);
+	if (((rd(bdf, 0x0c) >> 16) & 0x7f) != 1 || c->depth >= 8)
+		return;
+	sec = (rd(bdf, 0x18) >> 8) & 0xff;
+	if (!sec) {
+		/* Unprogrammed (QEMU's firmware leaves it): number it. */
+		sec = ++ext_next_bus;
+		mmio_write32(ext_addr(bdf, 0x18), 0xff0000u | (sec << 8) | c->bus);
+		ext_bus(sec, c->depth + 1);
+		mmio_write32(ext_addr(bdf, 0x18),
+			     (ext_next_bus << 16) | (sec << 8) | c->bus);
+	} else if (sec > c->bus) {
+		if (sec > ext_next_bus)
+			ext_next_bus = sec;
+		ext_bus(sec, c->depth + 1);
+	}
+}
+
 static void ext_bus(u32 bus, u32 depth)
 {
-	u32 dev, fn;
+	struct ext_walk c = { bus, depth };
 
-	for (dev = 0; dev < 32; dev++) {
-		u32 base = (bus << 8) | (dev << 3);
-		u32 id = ecam_read(base, 0);
-		u32 multi;
-
-		if (!present(id))
-			continue;
-		multi = (ecam_read(base, 0x0c) >> 16) & 0x80;
-		for (fn = 0; fn < 8; fn++) {
-			u32 bdf = base | fn;
-			u32 sec;
-
-			if (fn) {
-				if (!multi)
-					break;
-				id = ecam_read(bdf, 0);
-				if (!present(id))
-					continue;
-			}
-			ext_function(bdf, id);
-			if (((ecam_read(bdf, 0x0c) >> 16) & 0x7f) != 1 || depth >= 8)
-				continue;
-			sec = (ecam_read(bdf, 0x18) >> 8) & 0xff;
-			if (!sec) {
-				/* Unprogrammed (QEMU's firmware leaves it): number it. */
-				sec = ++ext_next_bus;
-				mmio_write32(ext_addr(bdf, 0x18),
-					     0xff0000u | (sec << 8) | bus);
-				ext_bus(sec, depth + 1);
-				mmio_write32(ext_addr(bdf, 0x18),
-					     (ext_next_bus << 16) | (sec << 8) | bus);
-			} else if (sec > bus) {
-				if (sec > ext_next_bus)
-					ext_next_bus = sec;
-				ext_bus(sec, depth + 1);
-			}
-		}
-	}
+	each_function(ecam_read, bus, ext_visit, &c);
 }
 
 static void mode_extcfg(const struct opts *o)
