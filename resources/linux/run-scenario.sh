@@ -7,7 +7,7 @@
 # Env: VMM_CACHE (cache dir), SCENARIO_TIMEOUT (s, default 900, per L1 attempt), VMM_GROUND=direct|l1
 #      (force), L1_STALL_SECS (L1 mode: a heartbeat gap that counts as a wedged L1, default 180),
 #      L1_KICK_SECS (L1 mode: an NMI to a silent L1 after this many seconds and every as many
-#      more, default 40),
+#      more, default 40), L1_ATTEMPTS (L1 mode: runs of a scenario whose L1 wedges, default 3),
 #      L1_EXTRA_CPIO (L1 mode: extra .cpio.gz files appended to the L1 initramfs, e.g. tools).
 # --with-qemu: qemu-system-x86_64 is available to the scenario too (reference L2 monitor).
 set -euo pipefail
@@ -81,7 +81,7 @@ else
     # 5 s; a heartbeat that stops for STALL seconds means L1 itself is wedged (seen in CI: the
     # emulated SVM under TCG once stopped L1 for good in the middle of an L2 boot, where
     # vmmwatch inside L1 could no longer report anything). Then the CPU state is taken from
-    # QEMU's monitor (a pipe), QEMU is killed and the whole scenario runs once more. Everything
+    # QEMU's monitor (a pipe), QEMU is killed and the whole scenario runs again. Everything
     # the void attempt printed stays above a `##### run-scenario: RETRY` line: readers of this
     # output (tests/src/ground.rs, the bench scripts) use what follows the last one.
     attempt() { # N: runs L1, sets qrc and wedged
@@ -117,8 +117,8 @@ else
             # wakes it; Linux logs "NMI received for unknown reason" and goes on.
             if [ $(( now - stall_since )) -ge $(( KICK * (kicked + 1) )) ]; then
                 kicked=$(( kicked + 1 ))
-                echo 'info registers' > "$mon.in"
-                echo "##### run-scenario: L1 STALLED: no heartbeat for $(( now - stall_since ))s (attempt $n): $(timeout 2 cat "$mon.out" | tr -d '\r' | grep -m1 '^RIP=') ; sending an NMI #####" >&2
+                printf 'info status\ninfo registers\n' > "$mon.in"
+                echo "##### run-scenario: L1 STALLED: no heartbeat for $(( now - stall_since ))s (attempt $n): $(timeout 2 cat "$mon.out" | tr -d '\r' | grep -m2 -E '^(VM status|RIP=)' | tr '\n' ' ') ; sending an NMI #####" >&2
                 echo 'nmi' > "$mon.in"
             fi
             if [ "$now" -ge "$deadline" ]; then break; fi
@@ -144,13 +144,15 @@ else
     }
     STALL=${L1_STALL_SECS:-180} KICK=${L1_KICK_SECS:-40}
     set +e
+    # Up to L1_ATTEMPTS runs (CI once saw two wedges in a row in one long scenario).
+    n=1
     attempt 1
-    log=$W/log.1
-    if [ -n "$wedged" ]; then
+    while [ -n "$wedged" ] && [ "$n" -lt "${L1_ATTEMPTS:-3}" ]; do
+        n=$(( n + 1 ))
         echo "##### run-scenario: RETRY: L1 wedged; the output above is void, the scenario runs again #####"
-        attempt 2
-        log=$W/log.2
-    fi
+        attempt "$n"
+    done
+    log=$W/log.$n
     set -e
     rc=$(sed -n 's/.*=== HOST-SCENARIO-END rc=\([0-9]*\) ===.*/\1/p' "$log" | tail -n1)
     if [ -z "$rc" ]; then

@@ -422,7 +422,7 @@ mod tests {
 
     /// A silent L1 (played by stopping its heartbeat) gets an NMI every `L1_KICK_SECS`; one
     /// that stays silent for `L1_STALL_SECS` is reported with its CPU state and the whole
-    /// scenario runs once more, only the second run's output counting. In the second run the
+    /// scenario runs again, only the second run's output counting. In the second run the
     /// heartbeat comes back after a while: L1 is reported resumed and has logged the NMI.
     #[test]
     fn a_silent_l1_gets_an_nmi_and_a_wedged_one_is_reported_and_run_again() {
@@ -459,7 +459,7 @@ mod tests {
         assert!(
             hang.contains("no heartbeat from L1 for 30s (attempt 1)")
                 && hang.contains("RIP=")
-                && hang.contains("(attempt 2): RIP=")
+                && hang.contains("(attempt 2): VM status: running RIP=")
                 && hang.contains("L1 RESUMED after "),
             "the wedge, the NMIs and the CPU's registers are in {}:\n{hang}",
             hang_log().display()
