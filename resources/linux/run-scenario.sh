@@ -88,12 +88,10 @@ else
         local n=$1 hb=$W/hb.$1 mon=$W/mon.$1 qpid last size now stall_since
         : > "$hb"
         mkfifo "$mon.in" "$mon.out"
-        # idle=poll: L1 never halts its CPU. Every wedge seen was that CPU halted in L1's idle
-        # loop and never woken again, not even by an NMI (QEMU 7.2 TCG with nested SVM).
         qemu-system-x86_64 -accel tcg -cpu max -m 2048 -smp 1 -nographic \
             -no-reboot -vga none -nic none -serial stdio -serial "file:$hb" -monitor "pipe:$mon" \
             -kernel "$R/boot/vmlinuz-$KVER_HOST" -initrd "$W/l1.cpio.gz" \
-            -append "console=ttyS0 panic=-1 quiet idle=poll l1attempt=$n" </dev/null 2>&1 \
+            -append "console=ttyS0 panic=-1 quiet l1attempt=$n" </dev/null 2>&1 \
             > >(sed -u 's/\r//g' | tee -a "$W/log.$n") &
         qpid=$!
         wedged= last=-1 stall_since=$(date +%s) kicked=0
