@@ -630,7 +630,7 @@ impl Placement {
 
 /// The bridges the DSDT describes for hot-plug behind bridges: each bridge whose bus can take
 /// hot-plugged devices ([`hotplug_bridge_buses`]), with the bus it sits on and its devfn there.
-pub fn acpi_bridges(buses: &Buses) -> Vec<crate::acpi::AcpiBridge> {
+fn acpi_bridges(buses: &Buses) -> Vec<crate::acpi::AcpiBridge> {
     let hotplug = hotplug_bridge_buses(buses);
     buses
         .info
@@ -839,6 +839,17 @@ impl DeviceManager {
             for bus in hotplug_bridge_buses(self.set().buses()) {
                 h.regs.enable_bus(bus);
             }
+        }
+    }
+
+    /// The ACPI objects of the bridges with hot-plug behind them: every bridge with a BAR
+    /// window when hot-plug behind bridges is on, none otherwise (then the DSDT is the one of
+    /// bus-0 hot-plug, byte for byte).
+    pub fn acpi_hotplug_bridges(&self) -> Vec<crate::acpi::AcpiBridge> {
+        if self.hotplug.as_ref().is_some_and(|h| h.bridges) {
+            acpi_bridges(self.set().buses())
+        } else {
+            Vec::new()
         }
     }
 

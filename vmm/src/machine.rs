@@ -75,11 +75,7 @@ impl Guest {
         let devices = make_devices(vm.clone(), power)?;
         // The bridges' ACPI objects for hot-plug behind them, from the buses just numbered.
         let acpi = &AcpiOptions {
-            bridges: if acpi.pci_hotplug_bridges {
-                devices.with_buses(device_manager::acpi_bridges)
-            } else {
-                Vec::new()
-            },
+            bridges: devices.acpi_hotplug_bridges(),
             ..acpi.clone()
         };
         devices.with_devices(|list| {
@@ -273,7 +269,6 @@ impl Machine {
         let acpi = AcpiOptions {
             pci_hotplug,
             pci_bridges,
-            pci_hotplug_bridges: props.pci_hotplug_bridges,
             bridges: Vec::new(),
             pci_mmio64: props.mmio64,
         };
@@ -711,7 +706,6 @@ impl Machine {
         let acpi = AcpiOptions {
             pci_hotplug: self.props.pci_hotplug,
             pci_bridges: placement.has_bridges(),
-            pci_hotplug_bridges: self.props.pci_hotplug_bridges,
             bridges: Vec::new(),
             pci_mmio64: self.props.mmio64,
         };
