@@ -16,20 +16,18 @@ the new run; add it again and ask for its removal while paused: a system_reset c
 
 import argparse
 import asyncio
-import hashlib
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hotplug_e2e import Failure, Vm, emit, abi_show  # noqa: E402
+from hotplug_e2e import (  # noqa: E402
+    Failure, Vm, abi_show, emit, emit_guest_write, guest_script, write_host_disk)
 
 PATTERN = b"".join(b"BR-PATTERN-%04d\n" % i for i in range(512))  # 8192 bytes
 HOST_PATTERN = b"".join(b"HOST-BRIDGE-%03d\n" % i for i in range(256))  # 4096 bytes
 HOST_OFFSET = 65536
 
-GUEST = r"""waitfor() { i=0; while [ ! -e "$1" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ -e "$1" ]; }
-waitgone() { i=0; while [ -e "$1" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ ! -e "$1" ]; }
-dev() { echo "/sys/bus/pci/devices/0000:$1"; }
+GUEST = guest_script(r"""dev() { echo "/sys/bus/pci/devices/0000:$1"; }
 bound() { waitfor "$(dev "$1")/driver" && basename "$(readlink "$(dev "$1")/driver")"; }
 gone() { waitgone "$(dev "$1")" && lspci -n; }
 slots() { for s in /sys/bus/pci/slots/*; do echo "$(basename $s) $(cat $s/address)"; done | sort; }
@@ -42,18 +40,7 @@ hdwrite() {
     md5sum < /tmp/p && echo 3 > /proc/sys/vm/drop_caches && hdread
 }
 settled() { bound 00:04.0 && bound 01:01.0 && bound 01:03.0 && waitfor /dev/vda; }
-stty -echo 2>/dev/null
-echo "=== CMDLOOP-READY ==="
-while read -r tag cmd; do
-    echo "=== $tag-BEGIN ==="
-    eval "$cmd"
-    echo "=== $tag-END rc=$? ==="
-done
-"""
-
-
-def md5(b):
-    return hashlib.md5(b).hexdigest()
+""")
 
 
 async def session(vm, args):
@@ -67,11 +54,7 @@ async def session(vm, args):
     await abi_show(vm, "abi-before", rec)
 
     vm.step = "add"
-    with open(disk, "wb") as f:
-        f.truncate(16 << 20)
-        f.seek(HOST_OFFSET)
-        f.write(HOST_PATTERN)
-    emit({"host": "host-pattern", "md5": md5(HOST_PATTERN)})
+    write_host_disk(disk, HOST_OFFSET, HOST_PATTERN)
     await vm.qmp("add-hdb", "device_add", {"driver": "virtio-blk-pci", "id": "hdb",
                                            "bus": "br1", "addr": "03.0", "file": disk})
     await vm.guest("hdb-bound", "hdbound")
@@ -80,10 +63,7 @@ async def session(vm, args):
     await vm.guest("added-slots", "slots")
     await vm.guest("hdb-read-host", "hdhost")
     await vm.guest("hdb-write", "hdwrite")
-    with open(disk, "rb") as f:
-        f.seek(4096)
-        host = f.read(len(PATTERN))
-    emit({"host": "disk-after-guest-write", "md5": md5(host), "want": md5(PATTERN)})
+    emit_guest_write(disk, PATTERN)
     await abi_show(vm, "abi-after-add", rec)
     # A bridge is not hot-pluggable, in either direction.
     await vm.qmp("add-bridge", "device_add", {"driver": "pci-bridge", "id": "br2",

@@ -4,6 +4,7 @@ tests/tests/hotplug.rs. Runs on the KVM host (inside L1 on the test ground).
 
     hotplug_e2e.py session|oldrec --vmm VMM --kernel K --initrd I --workdir DIR
                    [--deadline SECS] [--cycles N]
+    hotplug_e2e.py guest-script   (prints the guest's /scenario)
 
 Starts `vmmwatch --qmp SOCK DEADLINE VMM run ...` (QMP socket, `--compat DIR/rec.json`, a
 virtio-rng at 04.0) with the guest console on pipes. The guest's /scenario is a command loop
@@ -32,6 +33,47 @@ import sys
 PATTERN = b"".join(b"HP-PATTERN-%04d\n" % i for i in range(512))  # 8192 bytes
 HOST_PATTERN = b"".join(b"HOST-WROTE-%04d\n" % i for i in range(256))  # 4096 bytes
 HOST_OFFSET = 65536
+
+
+# The guest's /scenario, shared by the drivers: wait helpers, the driver's own helpers, then a
+# command loop on the console. Each line is `TAG COMMAND`; the answer is COMMAND's output
+# between `=== TAG-BEGIN ===` and `=== TAG-END rc=N ===`.
+GUEST_WAITS = r"""waitfor() { i=0; while [ ! -e "$1" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ -e "$1" ]; }
+waitgone() { i=0; while [ -e "$1" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ ! -e "$1" ]; }
+"""
+GUEST_LOOP = r"""stty -echo 2>/dev/null
+echo "=== CMDLOOP-READY ==="
+while read -r tag cmd; do
+    echo "=== $tag-BEGIN ==="
+    eval "$cmd"
+    echo "=== $tag-END rc=$? ==="
+done
+"""
+
+
+def guest_script(helpers):
+    """The guest's /scenario with `helpers` (sh functions) between the waits and the loop."""
+    return GUEST_WAITS + helpers + GUEST_LOOP
+
+
+# This driver's guest. One command is a 300-byte line typed at once: longer than the UART's
+# 64-byte receive FIFO and than the 256 bytes Linux's 8250 driver reads per interrupt, it must
+# still arrive whole.
+GUEST = guest_script(r"""dev() { echo "/sys/bus/pci/devices/0000:00:$1"; }
+drv() { basename "$(readlink "$(dev "$1")/driver")"; }
+bound() { waitfor "$(dev "$1")/driver" && drv "$1"; }
+gone() { waitgone "$(dev "$1")" && lspci -nn; }
+slots() { ls /sys/bus/pci/slots | sort -n | tr '\n' ' '; echo; }
+hdbound() { bound 07.0 && waitfor /dev/vda && cat /sys/block/vda/size; }
+hdread() { dd if=/dev/vda bs=4096 skip=1 count=2 2>/dev/null | md5sum; }
+hdhost() { dd if=/dev/vda bs=4096 skip=16 count=1 2>/dev/null | md5sum; }
+hdwrite() {
+    i=0; while [ $i -lt 512 ]; do printf 'HP-PATTERN-%04d\n' $i; i=$((i+1)); done > /tmp/p
+    dd if=/tmp/p of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null || return 1
+    md5sum < /tmp/p && echo 3 > /proc/sys/vm/drop_caches && hdread
+}
+settled() { bound 04.0 && bound 07.0 && waitfor /dev/vda; }
+""")
 
 
 def emit(obj):
@@ -270,6 +312,24 @@ def md5(b):
     return hashlib.md5(b).hexdigest()
 
 
+def write_host_disk(path, offset, pattern):
+    """A 16 MiB disk image at `path` with `pattern` (what the guest must read) at `offset`."""
+    with open(path, "wb") as f:
+        f.truncate(16 << 20)
+        f.seek(offset)
+        f.write(pattern)
+    emit({"host": "host-pattern", "md5": md5(pattern)})
+
+
+def emit_guest_write(path, pattern):
+    """What the guest's `hdwrite` left at byte 4096 of the image at `path`, against `pattern`."""
+    with open(path, "rb") as f:
+        f.seek(4096)
+        host = f.read(len(pattern))
+    emit({"host": "disk-after-guest-write", "md5": md5(host), "want": md5(pattern),
+          "head": host[:32].decode("latin-1")})
+
+
 async def session(vm, args):
     rec = os.path.join(args.workdir, "rec.json")
     disk = os.path.join(args.workdir, "hd1.img")
@@ -287,11 +347,7 @@ async def session(vm, args):
 
     # Hot-plug a virtio-blk at 07.0; the host wrote a pattern the guest must read.
     vm.step = "add-hd1"
-    with open(disk, "wb") as f:
-        f.truncate(16 << 20)
-        f.seek(HOST_OFFSET)
-        f.write(HOST_PATTERN)
-    emit({"host": "host-pattern", "md5": md5(HOST_PATTERN)})
+    write_host_disk(disk, HOST_OFFSET, HOST_PATTERN)
     await vm.qmp("add-hd1", "device_add", {"driver": "virtio-blk-pci", "id": "hd1",
                                            "addr": "0x7", "file": disk})
     await vm.guest("hd1-bound", "hdbound")
@@ -299,11 +355,7 @@ async def session(vm, args):
     await vm.guest("hd1-lspci-v-07", "lspci -v -s 07.0")
     await vm.guest("hd1-read-host", "hdhost")
     await vm.guest("hd1-write", "hdwrite")
-    with open(disk, "rb") as f:
-        f.seek(4096)
-        host = f.read(len(PATTERN))
-    emit({"host": "disk-after-guest-write", "md5": md5(host), "want": md5(PATTERN),
-          "head": host[:32].decode("latin-1")})
+    emit_guest_write(disk, PATTERN)
     await abi_show(vm, "abi-after-add", rec)
 
     # Errors that need no guest.
@@ -453,6 +505,9 @@ async def main(args):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["guest-script"]:
+        sys.stdout.write(GUEST)
+        sys.exit(0)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["session", "oldrec"])
     p.add_argument("--vmm", required=True)

@@ -35,7 +35,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hotplug_e2e import Failure, Vm, emit, fd_kinds, resources, vmm_pid  # noqa: E402
+from hotplug_e2e import guest_script, Failure, Vm, emit, fd_kinds, resources, vmm_pid  # noqa: E402
 
 TAP = "soaktap0"
 HOST_IP = "10.0.2.1"
@@ -45,8 +45,7 @@ SLOT = "0x9"
 # hot-plug cycle would pass it after 1,000 cycles.
 OWN_RSS_SLACK_KIB = 8 * 1024
 
-GUEST = r"""waitfor() { i=0; while [ ! -e "$1" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ -e "$1" ]; }
-dev() { echo "/sys/bus/pci/devices/0000:00:$1"; }
+GUEST = guest_script(r"""dev() { echo "/sys/bus/pci/devices/0000:00:$1"; }
 bound() { waitfor "$(dev "$1")/driver" && basename "$(readlink "$(dev "$1")/driver")"; }
 disk() { for b in /sys/block/vd*; do [ "$(cat $b/serial)" = "$1" ] && echo /dev/$(basename $b); done; }
 blkloop() {
@@ -98,14 +97,7 @@ stopload() {
     waitfor /tmp/blk.done && waitfor /tmp/net.done && waitfor /tmp/con.done || return 1
     echo "blk $(cat /tmp/blk.done)"; echo "net $(cat /tmp/net.done)"; echo "con $(cat /tmp/con.done)"
 }
-stty -echo 2>/dev/null
-echo "=== CMDLOOP-READY ==="
-while read -r tag cmd; do
-    echo "=== $tag-BEGIN ==="
-    eval "$cmd"
-    echo "=== $tag-END rc=$? ==="
-done
-"""
+""")
 
 
 class SoakVm(Vm):

@@ -31,35 +31,6 @@ use integration_tests::probe::{
 };
 use serde_json::{json, Value};
 
-/// The guest's /scenario: helpers, then a command loop on the console. Each line is
-/// `TAG COMMAND`; the answer is COMMAND's output between `=== TAG-BEGIN ===` and
-/// `=== TAG-END rc=N ===`. One command is a 300-byte line typed at once: longer than the UART's
-/// 64-byte receive FIFO, it must still arrive whole.
-const GUEST_LOOP: &str = r#"waitfor() { i=0; while [ ! -e "$1" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ -e "$1" ]; }
-waitgone() { i=0; while [ -e "$1" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; [ ! -e "$1" ]; }
-dev() { echo "/sys/bus/pci/devices/0000:00:$1"; }
-drv() { basename "$(readlink "$(dev "$1")/driver")"; }
-bound() { waitfor "$(dev "$1")/driver" && drv "$1"; }
-gone() { waitgone "$(dev "$1")" && lspci -nn; }
-slots() { ls /sys/bus/pci/slots | sort -n | tr '\n' ' '; echo; }
-hdbound() { bound 07.0 && waitfor /dev/vda && cat /sys/block/vda/size; }
-hdread() { dd if=/dev/vda bs=4096 skip=1 count=2 2>/dev/null | md5sum; }
-hdhost() { dd if=/dev/vda bs=4096 skip=16 count=1 2>/dev/null | md5sum; }
-hdwrite() {
-    i=0; while [ $i -lt 512 ]; do printf 'HP-PATTERN-%04d\n' $i; i=$((i+1)); done > /tmp/p
-    dd if=/tmp/p of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null || return 1
-    md5sum < /tmp/p && echo 3 > /proc/sys/vm/drop_caches && hdread
-}
-settled() { bound 04.0 && bound 07.0 && waitfor /dev/vda; }
-stty -echo 2>/dev/null
-echo "=== CMDLOOP-READY ==="
-while read -r tag cmd; do
-    echo "=== $tag-BEGIN ==="
-    eval "$cmd"
-    echo "=== $tag-END rc=$? ==="
-done
-"#;
-
 /// Seconds the whole hot-plug session (two guest boots, 50 cycles) may take before vmmwatch
 /// reports the vmm as hung; a deadline that only catches hangs.
 const SESSION_DEADLINE_SECS: u32 = 600;
@@ -186,11 +157,10 @@ fn linux_hot_plugs_unplugs_reboots_and_keeps_its_view() {
     let driver = include_str!("../hotplug_e2e.py");
     let script = host_script(&[format!(
         r#"W="$TMPDIR/hp"; mkdir -p "$W"
-cat > "$W/guest.sh" <<'GUEST_EOF'
-{GUEST_LOOP}GUEST_EOF
-mkguestinitrd "$W/guest.cpio.gz" "$W/guest.sh" || exit 90
 cat > "$W/hp.py" <<'HOTPLUG_E2E_EOF'
 {driver}HOTPLUG_E2E_EOF
+python3 "$W/hp.py" guest-script > "$W/guest.sh" || exit 91
+mkguestinitrd "$W/guest.cpio.gz" "$W/guest.sh" || exit 90
 t0=$(cut -d' ' -f1 /proc/uptime)
 echo "=== SESSION-BEGIN ==="
 python3 "$W/hp.py" session --vmm "$VMM" --kernel "$GUEST_KERNEL" --initrd "$W/guest.cpio.gz" --workdir "$W" --deadline {SESSION_DEADLINE_SECS} --cycles {CYCLES} 2>&1
