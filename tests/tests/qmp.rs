@@ -909,31 +909,31 @@ fn hot_plug_behind_a_bridge_is_a_recorded_machine_property() {
     assert_eq!(kept["machine"]["pci_hotplug_bridges"], false, "{kept}");
 
     // Turning it on for that machine is an ABI change --compat-strict refuses.
-    let out = Command::new(vmm_binary().unwrap())
-        .args([
-            "run",
-            "--kernel",
-            probe_elf().to_str().unwrap(),
-            "--append",
-            "mode=hello",
-        ])
-        .args(bridge)
-        .args([
-            "--compat",
-            old_s,
-            "--compat-strict",
-            "--hotplug-bridges",
-            "on",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let mut strict = bridge.to_vec();
+    strict.extend([
+        "--compat",
+        old_s,
+        "--compat-strict",
+        "--hotplug-bridges",
+        "on",
+    ]);
+    let err = refused_probe_run(&strict);
     assert!(
         err.contains("machine: pci_hotplug_bridges: false -> true"),
         "{err}"
     );
     // It needs hot-plug.
+    let err = refused_probe_run(&["--hotplug", "off", "--hotplug-bridges", "on"]);
+    assert!(
+        err.contains("needs ACPI PCI hot-plug (--hotplug on)"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs the probe guest (`mode=hello`) with `extra` vmm arguments that must be refused before
+/// it starts; returns the vmm's stderr.
+fn refused_probe_run(extra: &[&str]) -> String {
     let out = Command::new(vmm_binary().unwrap())
         .args([
             "run",
@@ -942,16 +942,12 @@ fn hot_plug_behind_a_bridge_is_a_recorded_machine_property() {
             "--append",
             "mode=hello",
         ])
-        .args(["--hotplug", "off", "--hotplug-bridges", "on"])
+        .args(extra)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("needs ACPI PCI hot-plug (--hotplug on)"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "not refused: {extra:?}\n{err}");
+    err
 }
 
 /// Issue 13: bridges cold-plugged with `device_add` while paused before the first `cont` (two

@@ -646,6 +646,25 @@ pub fn write_tables_with(
 mod tests {
     use super::*;
 
+    /// Whether `needle` occurs in `hay`.
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// The tables for `cpus` CPUs and `opts`, each but the RSDP (the first) with a zero
+    /// checksum and the length its header says.
+    fn sound_tables(cpus: u8, opts: &AcpiOptions) -> Vec<(u64, Vec<u8>)> {
+        let t = tables_with(cpus, opts).unwrap_or_else(|e| panic!("{e}"));
+        for (_, b) in &t[1..] {
+            assert_eq!(checksum(b), 0);
+            assert_eq!(
+                u32::from_le_bytes(b[4..8].try_into().unwrap()) as usize,
+                b.len()
+            );
+        }
+        t
+    }
+
     /// An iasl listing without its comments (`//` and the `/* \\_SB_.PCI0.BSEL */` kind),
     /// whitespace squeezed to single spaces.
     fn squeeze_dsl(dsl: &str) -> String {
@@ -722,7 +741,7 @@ mod tests {
     fn dsdt_describes_the_host_bridge_com1_and_the_clock() {
         let d = dsdt(&AcpiOptions::default());
         let b = d.as_slice();
-        let has = |bytes: &[u8]| b.windows(bytes.len()).any(|w| w == bytes);
+        let has = |bytes: &[u8]| contains(b, bytes);
         for (name, hid) in [
             (b"PCI0", "PNP0A08"),
             (b"RES0", "PNP0C02"),
@@ -805,45 +824,33 @@ mod tests {
         q.extend_from_slice(&(PCI_MMIO64_START + PCI_MMIO64_SIZE - 1).to_le_bytes());
         q.extend_from_slice(&0u64.to_le_bytes());
         q.extend_from_slice(&PCI_MMIO64_SIZE.to_le_bytes());
-        let has = |d: &Sdt| d.as_slice().windows(q.len()).any(|w| w == q.as_slice());
+        let has = |d: &Sdt| contains(d.as_slice(), &q);
         assert!(has(&on) && !has(&off));
         assert_eq!(on.as_slice().len(), off.as_slice().len() + 46);
-        let t = tables_with(
+        sound_tables(
             2,
             &AcpiOptions {
                 pci_mmio64: true,
                 ..Default::default()
             },
-        )
-        .unwrap();
-        for (_, b) in &t[1..] {
-            assert_eq!(checksum(b), 0);
-        }
+        );
     }
 
     #[test]
     fn hotplug_tables_checksum_and_fit() {
-        let t = tables_with(
+        sound_tables(
             8,
             &AcpiOptions {
                 pci_hotplug: true,
                 ..Default::default()
             },
-        )
-        .unwrap();
-        for (_, b) in &t[1..] {
-            assert_eq!(checksum(b), 0);
-            assert_eq!(
-                u32::from_le_bytes(b[4..8].try_into().unwrap()) as usize,
-                b.len()
-            );
-        }
+        );
         let d = dsdt(&AcpiOptions {
             pci_hotplug: true,
             ..Default::default()
         });
         let b = d.as_slice();
-        let has = |bytes: &[u8]| b.windows(bytes.len()).any(|w| w == bytes);
+        let has = |bytes: &[u8]| contains(b, bytes);
         // The GED's interrupt: an extended IRQ descriptor, consumer, edge, active high,
         // exclusive, one GSI.
         let mut irq = vec![0x89, 6, 0, 0b0011, 1];
@@ -1284,7 +1291,7 @@ mod tests {
                 bridges,
                 ..bridged()
             };
-            let t = tables_with(8, &opts).unwrap_or_else(|e| panic!("{e}"));
+            let t = sound_tables(8, &opts);
             let end = t.iter().map(|(a, b)| a + b.len() as u64).max().unwrap();
             assert!(end <= ACPI_END, "{end:#x}");
             eprintln!(
