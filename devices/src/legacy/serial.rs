@@ -40,11 +40,17 @@ const LSR_DR: u8 = 0x01;
 /// input for good).
 fn guest_iir(uart: &mut Uart) -> u8 {
     let iir = uart.read(IIR);
-    // IER and LSR reads have no side effects; offset 1 is the divisor latch while DLAB is set.
-    let ier = if uart.read(LCR) & LCR_DLAB == 0 {
+    // IER, LCR and LSR reads have no side effects, nor has an LCR write; offset 1 is the
+    // divisor latch while DLAB is set, so IER is read with DLAB cleared for that read. (Not
+    // `state()`: it copies the FIFO, an allocation on the vCPU's exit path.)
+    let lcr = uart.read(LCR);
+    let ier = if lcr & LCR_DLAB == 0 {
         uart.read(IER)
     } else {
-        uart.state().interrupt_enable
+        let _ = uart.write(LCR, lcr & !LCR_DLAB);
+        let ier = uart.read(IER);
+        let _ = uart.write(LCR, lcr);
+        ier
     };
     if ier & IER_RDA != 0 && uart.read(LSR) & LSR_DR != 0 {
         (iir & !IIR_NONE) | IIR_RDA
