@@ -179,12 +179,11 @@ impl Fingerprint {
             .collect();
         // A type-1 header has no subsystem IDs: 0x2c/0x2e hold a bridge's prefetchable limit
         // (upper 32 bits), which is bus layout, not identity.
-        let (subsystem_vendor, subsystem) =
-            if config.header_type() & 0x7f == crate::config::HEADER_TYPE_BRIDGE {
-                (0, 0)
-            } else {
-                (config.subsystem_vendor_id(), config.subsystem_id())
-            };
+        let (subsystem_vendor, subsystem) = if crate::bridge::is_bridge(config) {
+            (0, 0)
+        } else {
+            (config.subsystem_vendor_id(), config.subsystem_id())
+        };
         Fingerprint {
             vendor: config.vendor_id(),
             device: config.device_id(),
