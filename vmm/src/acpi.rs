@@ -37,6 +37,10 @@ pub struct AcpiBridge {
     pub parent: u8,
     /// Its devfn there.
     pub devfn: u8,
+    /// Its own bus takes hot-plugged devices (the bus has hot-plug registers): the bridge gets
+    /// an object with its bus selector and slot objects. Without, the bridge is only kept out
+    /// of its parent bus's hot-pluggable slots (a bridge is never hot-pluggable itself).
+    pub hotplug: bool,
 }
 
 /// What the tables describe beyond the fixed machine. The default is the machine without
@@ -280,7 +284,7 @@ fn device_object(devfn: u8) -> String {
 const DEVICE_CHECK: u8 = 1;
 const EJECT_REQUEST: u8 = 3;
 
-/// The bridges on bus `bus`, by devfn.
+/// The bridges on bus `bus`, by devfn (every one, with hot-plug behind it or not).
 fn bridges_on(bridges: &[AcpiBridge], bus: u8) -> Vec<&AcpiBridge> {
     let mut on: Vec<&AcpiBridge> = bridges.iter().filter(|b| b.parent == bus).collect();
     on.sort_by_key(|b| b.devfn);
@@ -340,16 +344,12 @@ fn bus_slots(
     let on = bridges_on(bridges, bus);
     let mut pluggable = Vec::new();
     for slot in slots {
-        if let Some(b) = on.iter().find(|b| b.devfn == slot << 3) {
-            bridge_device(bridges, b, scope, out);
-        } else {
+        if !on.iter().any(|b| b.devfn == slot << 3) {
             slot_device(slot, out);
             pluggable.push(slot);
         }
-        for b in on
-            .iter()
-            .filter(|b| b.devfn >> 3 == slot && b.devfn & 7 != 0)
-        {
+        // The bridges in this slot with hot-plug behind them, function 0 first.
+        for b in on.iter().filter(|b| b.devfn >> 3 == slot && b.hotplug) {
             bridge_device(bridges, b, scope, out);
         }
     }
@@ -360,6 +360,7 @@ fn bus_slots(
 fn child_pcnts(bridges: &[AcpiBridge], bus: u8, scope: &str) -> Vec<String> {
     bridges_on(bridges, bus)
         .iter()
+        .filter(|b| b.hotplug)
         .map(|b| format!("{scope}.{}.PCNT", device_object(b.devfn)))
         .collect()
 }
@@ -1112,21 +1113,25 @@ mod tests {
                     bus: 1,
                     parent: 0,
                     devfn: 0xf0,
+                    hotplug: true,
                 },
                 AcpiBridge {
                     bus: 2,
                     parent: 1,
                     devfn: 0x10,
+                    hotplug: true,
                 },
                 AcpiBridge {
                     bus: 3,
                     parent: 0,
                     devfn: 0x28,
+                    hotplug: true,
                 },
                 AcpiBridge {
                     bus: 4,
                     parent: 0,
                     devfn: 0x31,
+                    hotplug: true,
                 },
             ],
         }
@@ -1262,6 +1267,31 @@ mod tests {
         );
     }
 
+    /// A bridge whose own bus takes no hot-plug (no BAR window there) still keeps its slot on
+    /// its parent bus from being a hot-pluggable slot: no slot object, no `_EJ0`, no object of
+    /// its own.
+    #[test]
+    fn a_bridge_without_hot_plug_behind_it_is_not_an_ejectable_slot() {
+        let count = |o: &AcpiOptions, what: &[u8]| {
+            let d = dsdt(o);
+            d.as_slice()
+                .windows(what.len())
+                .filter(|w| w == &what)
+                .count()
+        };
+        let base = bridged();
+        let mut more = base.clone();
+        // 00:1e.0 -> bus 1 has hot-plug; put a bridge without at 01:07.0 (bus 5).
+        more.bridges.push(AcpiBridge {
+            bus: 5,
+            parent: 1,
+            devfn: 0x38,
+            hotplug: false,
+        });
+        assert_eq!(count(&more, b"_EJ0"), count(&base, b"_EJ0") - 1);
+        assert_eq!(count(&more, b"\x08BSEL"), count(&base, b"\x08BSEL"));
+    }
+
     /// The most bridges with hot-plug a machine can have (every bus with a BAR window, 1..=56,
     /// each with its own slot objects) still fit the ACPI area.
     #[test]
@@ -1272,6 +1302,7 @@ mod tests {
                 bus,
                 parent: bus - 1,
                 devfn: 0xf0,
+                hotplug: true,
             })
             .collect();
         let mut row: Vec<AcpiBridge> = (1..=30u8)
@@ -1279,12 +1310,14 @@ mod tests {
                 bus: slot,
                 parent: 0,
                 devfn: slot << 3,
+                hotplug: true,
             })
             .collect();
         row.extend((31..=MAX_WINDOWED_BUS).map(|bus| AcpiBridge {
             bus,
             parent: 1,
             devfn: (bus - 31) << 3,
+            hotplug: true,
         }));
         for bridges in [chain, row] {
             let opts = AcpiOptions {

@@ -628,20 +628,21 @@ impl Placement {
     }
 }
 
-/// The bridges the DSDT describes for hot-plug behind bridges: each bridge whose bus can take
-/// hot-plugged devices ([`hotplug_bridge_buses`]), with the bus it sits on and its devfn there.
+/// The bridges the DSDT describes for hot-plug behind bridges: every bridge, with the bus it
+/// sits on, its devfn there and whether its own bus can take hot-plugged devices
+/// ([`hotplug_bridge_buses`]; a bridge whose bus cannot still sits in its parent's slot).
 fn acpi_bridges(buses: &Buses) -> Vec<crate::acpi::AcpiBridge> {
     let hotplug = hotplug_bridge_buses(buses);
     buses
         .info
         .values()
-        .filter(|b| hotplug.contains(&b.number))
         .filter_map(|b| {
             let (up, devfn) = b.upstream.as_ref()?;
             Some(crate::acpi::AcpiBridge {
                 bus: b.number,
                 parent: buses.info.get(up)?.number,
                 devfn: *devfn,
+                hotplug: hotplug.contains(&b.number),
             })
         })
         .collect()
