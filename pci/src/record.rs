@@ -257,6 +257,17 @@ pub struct MachineRecord {
     /// machine keeps its 32-bit BAR placement.
     #[serde(default)]
     pub mmio64_window: Option<(u64, u64)>,
+    /// The type-1 config mechanism (ports 0xcf8-0xcff, in the host bridge's `_CRS`): on as
+    /// QEMU's `pc`/`q35`, or off as QEMU's `microvm` (the guest reaches config space through
+    /// ECAM alone: one exit per access instead of two). A record written before this property
+    /// existed has none: on, what that machine's guest saw.
+    #[serde(default = "config_ports_legacy")]
+    pub pci_config_ports: bool,
+}
+
+/// What a record written before `pci_config_ports` existed had: the ports.
+fn config_ports_legacy() -> bool {
+    true
 }
 
 /// A compat record.
@@ -625,6 +636,7 @@ mod tests {
             pci_hotplug_bridges: true,
             extended_config: ExtendedConfig::AllOnes,
             mmio64_window: Some((0x40_0000_0000, 0x20_0000_0000)),
+            pci_config_ports: false,
             host_bridge_vendor: 0x1b36,
             host_bridge_device: 8,
             ecam_base: 0xe000_0000,
@@ -720,11 +732,16 @@ mod tests {
         m.remove("extended_config");
         m.remove("mmio64_window");
         m.remove("pci_hotplug");
+        m.remove("pci_config_ports");
         let old = v.to_string();
         let back = CompatRecord::from_json(&old, "old.json").unwrap();
         assert_eq!(back.machine.extended_config, ExtendedConfig::Zero);
         assert_eq!(back.machine.mmio64_window, None);
         assert!(!back.machine.pci_hotplug);
+        assert!(
+            back.machine.pci_config_ports,
+            "absent: the ports were there"
+        );
         let text: Vec<String> = diff(&back, &r).iter().map(|c| c.to_string()).collect();
         assert!(
             text.contains(&"machine: extended_config: zero -> all-ones".to_string()),
@@ -734,6 +751,10 @@ mod tests {
             text.contains(
                 &"machine: mmio64_window: none -> [274877906944, 137438953472]".to_string()
             ),
+            "{text:?}"
+        );
+        assert!(
+            text.contains(&"machine: pci_config_ports: true -> false".to_string()),
             "{text:?}"
         );
         assert!(diff(&back, &r).iter().all(Change::breaks_abi));

@@ -58,6 +58,22 @@ fn cf8_and_ecam_enumerations_are_identical() {
 }
 
 #[test]
+fn without_config_ports_the_same_functions_are_reached_through_ecam_alone() {
+    let mut args = DEVICES.to_vec();
+    args.extend(["--pci-config-ports", "off"]);
+    let out = run_probe("mode=probe", &args);
+    let (cf8, ecam) = dumps(&out);
+    assert_eq!(
+        parse_dump(&cf8),
+        Vec::new(),
+        "CF8/CFC answer nothing (all-ones) without the ports:\n{cf8}"
+    );
+    let (_, with_ports) = dumps(probe_run());
+    assert_eq!(parse_dump(&ecam).len(), 6, "{ecam}");
+    assert_eq!(ecam, with_ports, "ECAM sees what it sees with the ports");
+}
+
+#[test]
 fn lspci_decodes_host_bridge_and_devices_at_their_addresses() {
     let (cf8, _) = dumps(probe_run());
     let nn = lspci_decode(&cf8, &["-nn"]);
@@ -380,6 +396,7 @@ for d in /sys/bus/pci/devices/*; do echo "$(basename $d) $(basename $(readlink $
 ls /sys/bus/virtio/drivers/virtio_rng/ 2>&1
 echo "=== DRIVERS-END ==="
 echo "=== HWRNG-BEGIN ==="; cat /sys/class/misc/hw_random/rng_available; dd if=/dev/hwrng bs=32 count=1 2>/dev/null | od -An -tx1 | tr -d ' \n'; echo; echo "=== HWRNG-END ==="
+echo "=== CONFIG-BEGIN ==="; dmesg | grep -E "PCI: Using configuration type|MMCONFIG for domain"; echo "=== CONFIG-END ==="
 "#;
         let script = host_script(&[
             guest_boot(
@@ -396,6 +413,16 @@ echo "=== HWRNG-BEGIN ==="; cat /sys/class/misc/hw_random/rng_available; dd if=/
                 Some(
                     "dd if=/dev/hwrng bs=32 count=1 2>/dev/null | od -An -tx1 | tr -d ' \\n'; echo; \
                      grep virtio /proc/interrupts",
+                ),
+            ),
+            // The same devices on a machine without the CF8/CFC ports (ECAM alone, issue 14).
+            guest_boot(
+                "ECAM",
+                "--device virtio-rng-pci,id=rng0,addr=05.0 --device virtio-rng-pci,id=rng1 --device virtio-rng-pci,id=rng2,addr=1f.0 --pci-config-ports off",
+                Some(
+                    r#"echo "=== LSPCI-VV-BEGIN ==="; lspci -vv; echo "=== LSPCI-VV-END ==="
+echo "=== HWRNG-BEGIN ==="; dd if=/dev/hwrng bs=32 count=1 2>/dev/null | od -An -tx1 | tr -d ' \n'; echo; echo "=== HWRNG-END ==="
+echo "=== CONFIG-BEGIN ==="; dmesg | grep -E "PCI: Using configuration type|MMCONFIG for domain"; echo "=== CONFIG-END ===""#,
                 ),
             ),
             guest_boot(
@@ -456,6 +483,30 @@ fn linux_lspci_lists_exactly_the_requested_addresses() {
             "00:1f.0 00ff: 1af4:1044 (rev 01)",
         ]
     );
+}
+
+#[test]
+fn linux_without_config_ports_uses_ecam_alone_and_sees_the_same_lspci() {
+    let with_ports = boot_section("RNG", "CONFIG");
+    let without = boot_section("ECAM", "CONFIG");
+    assert!(
+        with_ports.contains("PCI: Using configuration type 1 for base access"),
+        "{with_ports}"
+    );
+    assert!(
+        !without.contains("configuration type"),
+        "no type-1 access without the ports:\n{without}"
+    );
+    for text in [&with_ports, &without] {
+        assert!(text.contains("MMCONFIG for domain 0000"), "{text}");
+    }
+    assert_eq!(
+        boot_section("ECAM", "LSPCI-VV"),
+        boot_section("RNG", "LSPCI-VV"),
+        "the guest's lspci -vv differs without the config ports"
+    );
+    let rng = boot_section("ECAM", "HWRNG");
+    assert_eq!(rng.trim().len(), 64, "32 bytes from virtio-rng: {rng}");
 }
 
 #[test]

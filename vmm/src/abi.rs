@@ -22,13 +22,14 @@ pub fn show(path: &Path, json: bool) -> i32 {
         r.machine.host_bridge_vendor, r.machine.host_bridge_device, r.machine.ecam_base
     );
     println!(
-        "        machine: pci_hotplug {}, extended_config {}, mmio64_window {}",
+        "        machine: pci_hotplug {}, extended_config {}, mmio64_window {}, pci_config_ports {}",
         if r.machine.pci_hotplug { "on" } else { "off" },
         r.machine.extended_config,
         match r.machine.mmio64_window {
             Some((base, size)) => format!("{base:#x} size {size:#x}"),
             None => "none".to_string(),
-        }
+        },
+        if r.machine.pci_config_ports { "on" } else { "off" },
     );
     let mut devices: Vec<_> = r.devices.iter().collect();
     devices.sort_by_key(|(_, d)| d.addr);

@@ -65,6 +65,10 @@ pub struct AcpiOptions {
     /// range [`PCI_MMIO64_START`], [`PCI_MMIO64_SIZE`] bytes (cacheable, as QEMU's 64-bit
     /// hole). Without it the `_CRS` is what it always was.
     pub pci_mmio64: bool,
+    /// The machine has no type-1 config ports (machine property `pci_config_ports` off): the
+    /// host bridge's `_CRS` does not claim 0xcf8-0xcff, the guest reaches config space through
+    /// the MCFG's ECAM alone. Without it the `_CRS` is what it always was.
+    pub ecam_only: bool,
 }
 
 /// The GSI a slot's INTx pin is wired to (IO-APIC pins 16..23, swizzled like QEMU's i440fx).
@@ -156,7 +160,11 @@ fn dsdt(opts: &AcpiOptions) -> Sdt {
         PCI_MMIO64_START + PCI_MMIO64_SIZE - 1,
         None,
     );
-    let mut crs: Vec<&dyn Aml> = vec![&bus, &cfg_io, &io_lo, &io_hi, &mem32];
+    let mut crs: Vec<&dyn Aml> = vec![&bus];
+    if !opts.ecam_only {
+        crs.push(&cfg_io);
+    }
+    crs.extend([&io_lo as &dyn Aml, &io_hi, &mem32]);
     if opts.pci_mmio64 {
         crs.push(&mem64);
     }
@@ -811,6 +819,30 @@ mod tests {
     }
 
     #[test]
+    fn an_ecam_only_machine_does_not_claim_the_config_ports() {
+        let ports = dsdt(&AcpiOptions::default());
+        let ecam_only = dsdt(&AcpiOptions {
+            ecam_only: true,
+            ..Default::default()
+        });
+        // I/O port descriptor (0x47): 16-bit decode, min = max = 0xcf8, alignment 1, 8 ports.
+        let io = [0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08];
+        assert!(contains(ports.as_slice(), &io));
+        assert!(!contains(ecam_only.as_slice(), &io));
+        assert_eq!(
+            ecam_only.as_slice().len(),
+            ports.as_slice().len() - io.len()
+        );
+        sound_tables(
+            2,
+            &AcpiOptions {
+                ecam_only: true,
+                ..Default::default()
+            },
+        );
+    }
+
+    #[test]
     fn the_64_bit_window_is_a_qword_range_in_the_host_bridges_crs() {
         let off = dsdt(&AcpiOptions::default());
         let on = dsdt(&AcpiOptions {
@@ -1108,6 +1140,7 @@ mod tests {
             pci_hotplug: true,
             pci_bridges: true,
             pci_mmio64: false,
+            ecam_only: false,
             bridges: vec![
                 AcpiBridge {
                     bus: 1,

@@ -120,6 +120,12 @@ pub struct RunArgs {
     /// an existing one (off for a record written before it existed).
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     pub hotplug_bridges: Option<bool>,
+    /// The PCI type-1 config ports 0xcf8-0xcff. Off, the guest reaches config space through
+    /// ECAM alone (as on QEMU's microvm): one exit per config access instead of two.
+    /// Guest-visible ABI: default on for a new machine, what the compat record says for an
+    /// existing one (on for a record written before it existed).
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub pci_config_ports: Option<bool>,
     /// A guest reset ends the process with status 0 instead of restarting the guest in place
     /// (QEMU's `-no-reboot`).
     #[arg(long)]

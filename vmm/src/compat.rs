@@ -163,6 +163,24 @@ pub struct MachineProps {
     /// The 64-bit PCI window: 64-bit BARs above 4 GiB, in the host bridge's `_CRS` and the
     /// bridges' prefetchable windows.
     pub mmio64: bool,
+    /// The type-1 config ports 0xcf8-0xcff (off: config space through ECAM alone).
+    pub pci_config_ports: bool,
+}
+
+/// The machine properties as the command line or machine file ask for them; `None`: not
+/// asked for (the record's value, else the new machine's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AskedProps {
+    /// `--hotplug`, machine file `pci_hotplug`.
+    pub pci_hotplug: Option<bool>,
+    /// `--hotplug-bridges`, machine file `pci_hotplug_bridges`.
+    pub pci_hotplug_bridges: Option<bool>,
+    /// Machine file `extended_config`.
+    pub extended_config: Option<ExtendedConfig>,
+    /// Machine file `mmio64_window`.
+    pub mmio64: Option<bool>,
+    /// `--pci-config-ports`, machine file `pci_config_ports`.
+    pub pci_config_ports: Option<bool>,
 }
 
 impl MachineProps {
@@ -172,24 +190,23 @@ impl MachineProps {
         pci_hotplug_bridges: true,
         extended_config: ExtendedConfig::AllOnes,
         mmio64: true,
+        pci_config_ports: true,
     };
 
-    /// Resolves each property: asked for (command line / machine file) over `record` over
+    /// Resolves each property: `asked` (command line / machine file) over `record` over
     /// [`MachineProps::NEW`]. Hot-plug behind bridges needs hot-plug: without hot-plug it is
     /// off (a record without hot-plug says nothing about bridges), and asking for it on a
     /// machine without hot-plug is an error.
     pub fn resolve(
-        pci_hotplug: Option<bool>,
-        pci_hotplug_bridges: Option<bool>,
-        extended_config: Option<ExtendedConfig>,
-        mmio64: Option<bool>,
+        asked: &AskedProps,
         record: Option<&MachineRecord>,
     ) -> Result<MachineProps, String> {
         let new = MachineProps::NEW;
-        let hotplug = pci_hotplug
+        let hotplug = asked
+            .pci_hotplug
             .or(record.map(|r| r.pci_hotplug))
             .unwrap_or(new.pci_hotplug);
-        if !hotplug && pci_hotplug_bridges == Some(true) {
+        if !hotplug && asked.pci_hotplug_bridges == Some(true) {
             return Err(
                 "hot-plug behind bridges (--hotplug-bridges on) needs ACPI PCI hot-plug (--hotplug on)"
                     .into(),
@@ -198,17 +215,24 @@ impl MachineProps {
         Ok(MachineProps {
             pci_hotplug: hotplug,
             pci_hotplug_bridges: hotplug
-                && pci_hotplug_bridges
+                && asked
+                    .pci_hotplug_bridges
                     .or(record
                         .filter(|r| r.pci_hotplug)
                         .map(|r| r.pci_hotplug_bridges))
                     .unwrap_or(new.pci_hotplug_bridges),
-            extended_config: extended_config
+            extended_config: asked
+                .extended_config
                 .or(record.map(|r| r.extended_config))
                 .unwrap_or(new.extended_config),
-            mmio64: mmio64
+            mmio64: asked
+                .mmio64
                 .or(record.map(|r| r.mmio64_window.is_some()))
                 .unwrap_or(new.mmio64),
+            pci_config_ports: asked
+                .pci_config_ports
+                .or(record.map(|r| r.pci_config_ports))
+                .unwrap_or(new.pci_config_ports),
         })
     }
 }
@@ -220,6 +244,7 @@ pub fn machine_record(props: MachineProps) -> MachineRecord {
         pci_hotplug_bridges: props.pci_hotplug_bridges,
         extended_config: props.extended_config,
         mmio64_window: props.mmio64.then_some((PCI_MMIO64_START, PCI_MMIO64_SIZE)),
+        pci_config_ports: props.pci_config_ports,
         host_bridge_vendor: pci::root::HOST_BRIDGE_VENDOR,
         host_bridge_device: pci::root::HOST_BRIDGE_DEVICE,
         ecam_base: ECAM_START,
@@ -305,8 +330,12 @@ mod tests {
     fn hotplug_props_come_from_the_command_line_then_the_record_then_on() {
         let r = |hp, br| (hp, br);
         let resolve = |hp, br, rec: Option<&MachineRecord>| {
-            MachineProps::resolve(hp, br, None, None, rec)
-                .map(|p| (p.pci_hotplug, p.pci_hotplug_bridges))
+            let asked = AskedProps {
+                pci_hotplug: hp,
+                pci_hotplug_bridges: br,
+                ..AskedProps::default()
+            };
+            MachineProps::resolve(&asked, rec).map(|p| (p.pci_hotplug, p.pci_hotplug_bridges))
         };
         let rec = |hp, br| {
             machine_record(MachineProps {
@@ -461,14 +490,19 @@ mod tests {
 
     #[test]
     fn machine_props_asked_then_recorded_then_new() {
-        let new = MachineProps::resolve(None, None, None, None, None).unwrap();
+        let none = AskedProps::default();
+        let new = MachineProps::resolve(&none, None).unwrap();
         assert_eq!(new, MachineProps::NEW);
         assert_eq!(new.extended_config, ExtendedConfig::AllOnes);
+        assert!(new.pci_config_ports, "a new machine has the type-1 ports");
         let mut old = machine_record(MachineProps::NEW);
         old.pci_hotplug = false;
         old.extended_config = ExtendedConfig::Zero;
         old.mmio64_window = None;
-        let kept = MachineProps::resolve(None, None, None, None, Some(&old)).unwrap();
+        old.pci_config_ports = false;
+        let kept = MachineProps::resolve(&none, Some(&old)).unwrap();
+        assert!(!kept.pci_config_ports);
+        assert!(!machine_record(kept).pci_config_ports);
         assert_eq!(
             (kept.pci_hotplug, kept.extended_config, kept.mmio64),
             (false, ExtendedConfig::Zero, false)
@@ -479,10 +513,13 @@ mod tests {
             Some((0x40_0000_0000, 0x20_0000_0000))
         );
         let asked = MachineProps::resolve(
-            Some(true),
-            None,
-            Some(ExtendedConfig::AllOnes),
-            Some(true),
+            &AskedProps {
+                pci_hotplug: Some(true),
+                extended_config: Some(ExtendedConfig::AllOnes),
+                mmio64: Some(true),
+                pci_config_ports: Some(true),
+                ..AskedProps::default()
+            },
             Some(&old),
         )
         .unwrap();

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use pci::ExtendedConfig;
+use crate::compat::AskedProps;
 
 use crate::cli::RunArgs;
 use crate::device_manager::{self, DeviceSpec};
@@ -33,18 +33,10 @@ pub struct MachineConfig {
     pub cpus: u8,
     /// Devices, as specs (machine file devices merged with `--device`).
     pub devices: Vec<DeviceSpec>,
-    /// ACPI PCI hot-plug as asked for (`--hotplug`, else the machine file); None: what the
-    /// compat record says, or on for a new machine.
-    pub pci_hotplug: Option<bool>,
-    /// ACPI PCI hot-plug behind bridges as asked for (`--hotplug-bridges`, else the machine
-    /// file); None: what the compat record says, or on for a new machine with hot-plug.
-    pub pci_hotplug_bridges: Option<bool>,
-    /// What the functions' extended config space reads, as the machine file asks; None: what
-    /// the compat record says, or all-ones for a new machine.
-    pub extended_config: Option<ExtendedConfig>,
-    /// The 64-bit PCI window as the machine file asks; None: what the compat record says, or
-    /// on for a new machine.
-    pub mmio64_window: Option<bool>,
+    /// The guest-visible machine properties as the command line (over the machine file) asks
+    /// for them; each `None` resolves to what the compat record says, else the new machine's
+    /// ([`crate::compat::MachineProps::resolve`]).
+    pub props: AskedProps,
 }
 
 impl MachineConfig {
@@ -93,10 +85,13 @@ impl MachineConfig {
                 prealloc: args.mem_prealloc,
             },
             cpus,
-            pci_hotplug: args.hotplug.or(file.pci_hotplug),
-            pci_hotplug_bridges: args.hotplug_bridges.or(file.pci_hotplug_bridges),
-            extended_config: file.extended_config,
-            mmio64_window: file.mmio64_window,
+            props: AskedProps {
+                pci_hotplug: args.hotplug.or(file.pci_hotplug),
+                pci_hotplug_bridges: args.hotplug_bridges.or(file.pci_hotplug_bridges),
+                extended_config: file.extended_config,
+                mmio64: file.mmio64_window,
+                pci_config_ports: args.pci_config_ports.or(file.pci_config_ports),
+            },
             devices: merge_devices(&file_devices, cli_devices),
         })
     }

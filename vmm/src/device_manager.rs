@@ -735,7 +735,8 @@ pub fn hotplug_bridge_buses(buses: &Buses) -> Vec<u8> {
 impl DeviceManager {
     /// The fixed devices of the machine on fresh buses: COM1 (guest output to `console`), the
     /// i8042 and ACPI PM port (reporting to `power`), the CMOS clock, and the PCI host bridge
-    /// with its CF8/CFC ports and ECAM window. No PCI device yet.
+    /// with its ECAM window and (unless `props` say otherwise) its CF8/CFC ports. No PCI
+    /// device yet.
     ///
     /// With `hotplug` (ACPI PCI hot-plug on), the hot-plug registers and the GED are on the port
     /// bus too; its `eject` is called on a vCPU thread with the bus and slot the guest ejected
@@ -777,12 +778,14 @@ impl DeviceManager {
         )?;
         let root = Arc::new(PciRoot::with_extended_config(props.extended_config));
         let mapper = Arc::new(BarMapper::new(root.clone(), &pio, &mmio));
-        on_pio(
-            "PCI config ports",
-            PCI_CONFIG_PORT,
-            PCI_CONFIG_PORT_LEN,
-            Arc::new(ConfigPorts::new(root.clone(), mapper.clone())),
-        )?;
+        if props.pci_config_ports {
+            on_pio(
+                "PCI config ports",
+                PCI_CONFIG_PORT,
+                PCI_CONFIG_PORT_LEN,
+                Arc::new(ConfigPorts::new(root.clone(), mapper.clone())),
+            )?;
+        }
         mmio.insert(
             ECAM_START,
             ecam_size(bridges),

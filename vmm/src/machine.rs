@@ -243,14 +243,8 @@ impl Machine {
 
         // Guest-visible: the command line or machine file, else what the record says (the old
         // behaviour for a record from before a property), else the new machine's.
-        let props = MachineProps::resolve(
-            config.pci_hotplug,
-            config.pci_hotplug_bridges,
-            config.extended_config,
-            config.mmio64_window,
-            old.map(|r| &r.machine),
-        )
-        .map_err(Error::Config)?;
+        let props =
+            MachineProps::resolve(&config.props, old.map(|r| &r.machine)).map_err(Error::Config)?;
         if props.mmio64 && config.mem_size() > crate::layout::MAX_RAM_WITH_MMIO64 {
             return Err(Error::Config(format!(
                 "invalid memory size {} MiB: at most {} MiB on a machine with the 64-bit PCI window (machine file: \"mmio64_window\": false lifts it)",
@@ -271,6 +265,7 @@ impl Machine {
             pci_bridges,
             bridges: Vec::new(),
             pci_mmio64: props.mmio64,
+            ecam_only: !props.pci_config_ports,
         };
         let guest = Guest::build(&config, &acpi, &stop, |vm, power| {
             let devices = DeviceManager::new(
@@ -402,6 +397,7 @@ impl Machine {
         m.pci_hotplug_bridges = Some(self.props.pci_hotplug_bridges);
         m.extended_config = Some(self.props.extended_config);
         m.mmio64_window = Some(self.props.mmio64);
+        m.pci_config_ports = Some(self.props.pci_config_ports);
         m.devices = self.with_devices(|list| {
             list.iter()
                 // Every ABI-shaping property with its value, defaults included.
@@ -708,6 +704,7 @@ impl Machine {
             pci_bridges: placement.has_bridges(),
             bridges: Vec::new(),
             pci_mmio64: self.props.mmio64,
+            ecam_only: !self.props.pci_config_ports,
         };
         let setup = self.props.pci_hotplug.then(|| HotplugSetup {
             eject: self.ejects.callback(),

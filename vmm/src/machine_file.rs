@@ -141,6 +141,10 @@ pub struct MachineFile {
     /// record says, else on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mmio64_window: Option<bool>,
+    /// The PCI type-1 config ports 0xcf8-0xcff (guest-visible; see `vmm run --help`,
+    /// `--pci-config-ports`). None: what the compat record says, else on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_config_ports: Option<bool>,
     /// Devices.
     #[serde(default)]
     pub devices: Vec<DeviceEntry>,
@@ -171,6 +175,7 @@ impl MachineFile {
             pci_hotplug_bridges: None,
             extended_config: None,
             mmio64_window: None,
+            pci_config_ports: None,
             devices: Vec::new(),
         }
     }
@@ -339,6 +344,12 @@ mod tests {
         let json = off.to_json();
         assert!(json.contains("\"mmio64_window\": false"), "{json}");
         assert_eq!(MachineFile::from_json(&json).unwrap(), off);
+        assert!(!m.to_json().contains("pci_config_ports"));
+        let mut ecam_only = m.clone();
+        ecam_only.pci_config_ports = Some(false);
+        let json = ecam_only.to_json();
+        assert!(json.contains("\"pci_config_ports\": false"), "{json}");
+        assert_eq!(MachineFile::from_json(&json).unwrap(), ecam_only);
         let bad = file("").replace("\"devices\"", "\"extended_config\":\"ones\",\"devices\"");
         let e = MachineFile::from_json(&bad).unwrap_err();
         assert!(
