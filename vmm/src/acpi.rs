@@ -16,9 +16,10 @@ use acpi_tables::aml;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
 use devices::legacy::{
-    ACPI_PM_PORT, B0EJ_OFFSET, BNUM_OFFSET, GED_GSI, GED_PCI_HOTPLUG, GED_PORT, GED_PORT_LEN,
-    PCID_OFFSET, PCIU_OFFSET, PCI_HOTPLUG_PORT, PCI_HOTPLUG_PORT_LEN, PCI_RMV_OFFSET, RESET_OFFSET,
-    RESET_VALUE, S5_SLEEP_TYPE,
+    slots_in, ACPI_PM_PORT, B0EJ_OFFSET, BNUM_OFFSET, BRIDGE_HOTPLUG_SLOTS, GED_GSI,
+    GED_PCI_HOTPLUG, GED_PORT, GED_PORT_LEN, HOTPLUG_SLOTS, PCID_OFFSET, PCIU_OFFSET,
+    PCI_HOTPLUG_PORT, PCI_HOTPLUG_PORT_LEN, PCI_RMV_OFFSET, RESET_OFFSET, RESET_VALUE,
+    S5_SLEEP_TYPE,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -345,13 +346,13 @@ fn dvnt(slots: impl Iterator<Item = u8>, out: &mut Vec<u8>) {
 fn bus_slots(
     bridges: &[AcpiBridge],
     bus: u8,
-    slots: std::ops::Range<u8>,
+    slots: u32,
     scope: &str,
     out: &mut Vec<u8>,
 ) -> Vec<u8> {
     let on = bridges_on(bridges, bus);
     let mut pluggable = Vec::new();
-    for slot in slots {
+    for slot in slots_in(slots) {
         if !on.iter().any(|b| b.devfn == slot << 3) {
             slot_device(slot, out);
             pluggable.push(slot);
@@ -396,22 +397,42 @@ fn bridge_device(bridges: &[AcpiBridge], b: &AcpiBridge, parent_scope: &str, out
     let mut body = Vec::new();
     aml::Name::new("_ADR".into(), &adr).to_aml_bytes(&mut body);
     aml::Name::new("BSEL".into(), &b.bus).to_aml_bytes(&mut body);
-    let pluggable = bus_slots(bridges, b.bus, 0..32, &scope, &mut body);
+    let pluggable = bus_slots(bridges, b.bus, BRIDGE_HOTPLUG_SLOTS, &scope, &mut body);
     dvnt(pluggable.into_iter(), &mut body);
-    let calls: Vec<aml::MethodCall> = child_pcnts(bridges, b.bus, &scope)
+    pcnt(bridges, b.bus, &scope, None, &mut body);
+    aml::Device::new(name.as_str().into(), vec![&Raw(body)]).to_aml_bytes(out);
+}
+
+/// The PCNT method of bus `bus` (whose object is `scope`): select the bus (`BNUM = BSEL`),
+/// device check for its PCIU slots, eject request for its PCID slots, then the PCNT of each
+/// bridge with hot-plug on the bus. Bus 0's takes the lock (`lock`: its Acquire and Release);
+/// the bridges' run under it.
+fn pcnt(
+    bridges: &[AcpiBridge],
+    bus: u8,
+    scope: &str,
+    lock: Option<(&aml::Acquire, &aml::Release)>,
+    out: &mut Vec<u8>,
+) {
+    let calls: Vec<aml::MethodCall> = child_pcnts(bridges, bus, scope)
         .iter()
         .map(|p| aml::MethodCall::new(p.as_str().into(), vec![]))
         .collect();
-    let bnum = aml::Path::new("BNUM");
-    let bsel = aml::Path::new("BSEL");
+    let (bnum, bsel) = (aml::Path::new("BNUM"), aml::Path::new("BSEL"));
     let store = aml::Store::new(&bnum, &bsel);
     let (pciu, pcid) = (aml::Path::new("PCIU"), aml::Path::new("PCID"));
     let up = aml::MethodCall::new("DVNT".into(), vec![&pciu, &DEVICE_CHECK]);
     let down = aml::MethodCall::new("DVNT".into(), vec![&pcid, &EJECT_REQUEST]);
-    let mut pcnt: Vec<&dyn Aml> = vec![&store, &up, &down];
-    pcnt.extend(calls.iter().map(|c| c as &dyn Aml));
-    aml::Method::new("PCNT".into(), 0, false, pcnt).to_aml_bytes(&mut body);
-    aml::Device::new(name.as_str().into(), vec![&Raw(body)]).to_aml_bytes(out);
+    let mut body: Vec<&dyn Aml> = Vec::new();
+    if let Some((acquire, _)) = lock {
+        body.push(acquire);
+    }
+    body.extend([&store as &dyn Aml, &up, &down]);
+    body.extend(calls.iter().map(|c| c as &dyn Aml));
+    if let Some((_, release)) = lock {
+        body.push(release);
+    }
+    aml::Method::new("PCNT".into(), 0, false, body).to_aml_bytes(out);
 }
 
 /// What hot-plug adds inside `\_SB.PCI0`, after QEMU (`hw/i386/acpi-build.c`):
@@ -445,7 +466,6 @@ fn pci0_hotplug(bridges: &[AcpiBridge]) -> Raw {
     let acquire = aml::Acquire::new("BLCK".into(), 0xffff);
     let release = aml::Release::new("BLCK".into());
     let bnum = aml::Path::new("BNUM");
-    let bsel = aml::Path::new("BSEL");
 
     aml::Name::new("BSEL".into(), &aml::ZERO).to_aml_bytes(&mut out);
     aml::OpRegion::new("PCST".into(), OpRegionSpace::SystemIO, &port, &len).to_aml_bytes(&mut out);
@@ -481,21 +501,15 @@ fn pci0_hotplug(bridges: &[AcpiBridge]) -> Raw {
 
     // The slot objects first (into their own buffer): they tell which slots are hot-pluggable.
     let mut slots = Vec::new();
-    let pluggable = bus_slots(bridges, 0, 1..32, "\\_SB_.PCI0", &mut slots);
+    let pluggable = bus_slots(bridges, 0, HOTPLUG_SLOTS, "\\_SB_.PCI0", &mut slots);
     dvnt(pluggable.into_iter(), &mut out);
-
-    let calls: Vec<aml::MethodCall> = child_pcnts(bridges, 0, "\\_SB_.PCI0")
-        .iter()
-        .map(|p| aml::MethodCall::new(p.as_str().into(), vec![]))
-        .collect();
-    let store = aml::Store::new(&bnum, &bsel);
-    let (pciu, pcid) = (aml::Path::new("PCIU"), aml::Path::new("PCID"));
-    let up = aml::MethodCall::new("DVNT".into(), vec![&pciu, &DEVICE_CHECK]);
-    let down = aml::MethodCall::new("DVNT".into(), vec![&pcid, &EJECT_REQUEST]);
-    let mut pcnt: Vec<&dyn Aml> = vec![&acquire, &store, &up, &down];
-    pcnt.extend(calls.iter().map(|c| c as &dyn Aml));
-    pcnt.push(&release);
-    aml::Method::new("PCNT".into(), 0, false, pcnt).to_aml_bytes(&mut out);
+    pcnt(
+        bridges,
+        0,
+        "\\_SB_.PCI0",
+        Some((&acquire, &release)),
+        &mut out,
+    );
 
     out.extend_from_slice(&slots);
     Raw(out)

@@ -17,7 +17,7 @@ pub use crate::device_config::{parse_device, DeviceError, DeviceSpec, DriverConf
 
 use devices::bus::{Bus, BusDevice};
 use devices::legacy::{
-    AcpiPm, EjectCallback, Ged, PciHotplug, PowerCallback, Rtc, Serial, ACPI_PM_PORT,
+    slots_in, AcpiPm, EjectCallback, Ged, PciHotplug, PowerCallback, Rtc, Serial, ACPI_PM_PORT,
     ACPI_PM_PORT_LEN, GED_GSI, GED_PCI_HOTPLUG, GED_PORT, GED_PORT_LEN, I8042, I8042_COMMAND_PORT,
     I8042_DATA_PORT, PCI_HOTPLUG_PORT, PCI_HOTPLUG_PORT_LEN, RTC_PORT, RTC_PORT_LEN, SERIAL_IRQ,
     SERIAL_PORT, SERIAL_PORT_LEN,
@@ -722,13 +722,10 @@ pub struct HotplugSetup {
 pub fn hotplug_bridge_buses(buses: &Buses) -> Vec<u8> {
     buses
         .info
-        .iter()
-        .filter(|(name, b)| {
-            name.as_str() != ROOT_BUS
-                && b.number != 0
-                && crate::layout::bus_window(b.number).is_some()
-        })
-        .map(|(_, b)| b.number)
+        .values()
+        // None for bus 0 (the root bus) and for the buses above MAX_WINDOWED_BUS.
+        .filter(|b| crate::layout::bus_window(b.number).is_some())
+        .map(|b| b.number)
         .collect()
 }
 
@@ -836,11 +833,12 @@ impl DeviceManager {
         })
     }
 
-    /// Gives every bridge's bus with a BAR window hot-plug registers, when hot-plug behind
-    /// bridges is on (the bridges are all there: they come with the machine's first devices).
-    fn enable_bridge_hotplug(&self) {
+    /// Gives every bridge's bus with a BAR window among `buses` (the device set's, whose lock
+    /// the caller holds) hot-plug registers, when hot-plug behind bridges is on (the bridges
+    /// are all there: they come with the machine's first devices).
+    fn enable_bridge_hotplug(&self, buses: &Buses) {
         if let Some(h) = self.hotplug.as_ref().filter(|h| h.bridges) {
-            for bus in hotplug_bridge_buses(self.set().buses()) {
+            for bus in hotplug_bridge_buses(buses) {
                 h.regs.enable_bus(bus);
             }
         }
@@ -872,20 +870,46 @@ impl DeviceManager {
     /// interrupt). Nothing without hot-plug hardware.
     pub fn notify_plugged(&self, bus: u8, slot: u8) -> Result<(), DeviceManagerError> {
         if let Some(h) = &self.hotplug {
-            h.regs
-                .plugged_on(bus, slot)
-                .map_err(std::io::Error::other)?;
+            h.regs.plugged(bus, slot).map_err(std::io::Error::other)?;
             h.ged.notify(GED_PCI_HOTPLUG)?;
         }
         Ok(())
     }
 
-    /// Asks the guest to eject slot `slot` of bus number `bus` (PCID bit, stays set until the
-    /// eject; GED interrupt). Asking again is harmless.
-    pub fn request_unplug(&self, bus: u8, slot: u8) -> Result<(), DeviceManagerError> {
+    /// Asks the guest to release the slot of device `id` (QMP `device_del` while the guest
+    /// runs): sets the slot's PCID bit and raises the GED event. Refused, with QEMU's words,
+    /// for a device that does not exist, a bridge, a device on a bus without hot-plug, and a
+    /// device whose slot holds a bridge in another function (bridges are cold-plugged only).
+    /// Asking again is harmless.
+    pub fn request_unplug(&self, id: &str) -> Result<(), DeviceManagerError> {
+        let (addr, bus, bridge_in_slot) = self.with_devices(|list| -> Result<_, DeviceError> {
+            let r = list
+                .iter()
+                .find(|r| r.placed.id == id)
+                .ok_or_else(|| DeviceError::NotFound(id.to_string()))?;
+            if r.placed.spec.is_bridge() {
+                return Err(DeviceError::BridgeNotPluggable(id.to_string()));
+            }
+            let addr = r.placed.addr;
+            let bridge_in_slot = list
+                .iter()
+                .find(|b| {
+                    b.placed.spec.is_bridge()
+                        && b.placed.addr.bus() == addr.bus()
+                        && b.placed.addr.device() == addr.device()
+                })
+                .map(|b| b.placed.id.clone());
+            Ok((addr, r.placed.bus.clone(), bridge_in_slot))
+        })?;
+        if !self.bus_hotpluggable(&bus) {
+            return Err(DeviceError::NoHotplugBus(bus).into());
+        }
+        if let Some(b) = bridge_in_slot {
+            return Err(DeviceError::BridgeNotPluggable(b).into());
+        }
         if let Some(h) = &self.hotplug {
             h.regs
-                .unplug_request_on(bus, slot)
+                .unplug_request(addr.bus(), addr.device())
                 .map_err(std::io::Error::other)?;
             h.ged.notify(GED_PCI_HOTPLUG)?;
         }
@@ -897,7 +921,7 @@ impl DeviceManager {
     pub fn unplug_pending(&self, bus: u8, slot: u8) -> bool {
         self.hotplug
             .as_ref()
-            .is_some_and(|h| h.regs.removal_pending_on(bus, slot))
+            .is_some_and(|h| h.regs.removal_pending(bus, slot))
     }
 
     /// Every (bus, slot) whose eject the guest has outstanding.
@@ -906,12 +930,7 @@ impl DeviceManager {
             return Vec::new();
         };
         (0..=255u8)
-            .flat_map(|bus| {
-                let down = h.regs.pending_removals_on(bus);
-                (0..32u8)
-                    .filter(move |s| down & (1 << s) != 0)
-                    .map(move |s| (bus, s))
-            })
+            .flat_map(|bus| slots_in(h.regs.pending_removals(bus)).map(move |s| (bus, s)))
             .collect()
     }
 
@@ -949,7 +968,7 @@ impl DeviceManager {
         for a in addrs {
             dm.mapper.remap(a);
         }
-        dm.enable_bridge_hotplug();
+        dm.enable_bridge_hotplug(dm.set().buses());
         Ok(dm)
     }
 
@@ -975,11 +994,8 @@ impl DeviceManager {
         for a in &addrs {
             self.mapper.remap(*a);
         }
-        let bridges = specs.iter().any(DeviceSpec::is_bridge);
-        if bridges {
-            drop(set);
-            self.enable_bridge_hotplug();
-            set = self.set();
+        if specs.iter().any(DeviceSpec::is_bridge) {
+            self.enable_bridge_hotplug(set.buses());
         }
         let ids = set
             .devices()

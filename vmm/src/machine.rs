@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-use devices::legacy::{EjectCallback, PowerCallback, PowerEvent};
+use devices::legacy::{slots_in, EjectCallback, PowerCallback, PowerEvent, HOTPLUG_BUSES};
 use pci::record::CompatRecord;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -156,7 +156,7 @@ struct Ejects {
 impl Ejects {
     fn new() -> std::io::Result<Self> {
         Ok(Ejects {
-            slots: (0..256).map(|_| AtomicU32::new(0)).collect(),
+            slots: (0..HOTPLUG_BUSES).map(|_| AtomicU32::new(0)).collect(),
             wake: EventFd::new(0)?,
         })
     }
@@ -172,13 +172,8 @@ impl Ejects {
     /// Takes every posted (bus, slot).
     fn take(&self) -> Vec<(u8, u8)> {
         let mut out = Vec::new();
-        for (bus, slots) in self.slots.iter().enumerate() {
-            let s = slots.swap(0, Ordering::AcqRel);
-            out.extend(
-                (0..32u8)
-                    .filter(|i| s & (1 << i) != 0)
-                    .map(|i| (bus as u8, i)),
-            );
+        for (bus, slots) in (0..=255u8).zip(self.slots.iter()) {
+            out.extend(slots_in(slots.swap(0, Ordering::AcqRel)).map(|slot| (bus, slot)));
         }
         out
     }
@@ -588,37 +583,7 @@ impl Machine {
         let removal = self
             .with_guest(|g| -> Result<Removal, Error> {
                 if hot {
-                    let (addr, bus, bridge) = g
-                        .devices
-                        .with_devices(|l| {
-                            l.iter().find(|r| r.placed.id == id).map(|r| {
-                                (
-                                    r.placed.addr,
-                                    r.placed.bus.clone(),
-                                    r.placed.spec.is_bridge(),
-                                )
-                            })
-                        })
-                        .ok_or_else(|| DeviceError::NotFound(id.to_string()))?;
-                    if bridge {
-                        return Err(DeviceError::BridgeNotPluggable(id.to_string()).into());
-                    }
-                    if !g.devices.bus_hotpluggable(&bus) {
-                        return Err(DeviceError::NoHotplugBus(bus).into());
-                    }
-                    // A slot that holds a bridge (in another function) cannot be ejected.
-                    if let Some(b) = g.devices.with_devices(|l| {
-                        l.iter()
-                            .find(|r| {
-                                r.placed.spec.is_bridge()
-                                    && r.placed.addr.bus() == addr.bus()
-                                    && r.placed.addr.device() == addr.device()
-                            })
-                            .map(|r| r.placed.id.clone())
-                    }) {
-                        return Err(DeviceError::BridgeNotPluggable(b).into());
-                    }
-                    g.devices.request_unplug(addr.bus(), addr.device())?;
+                    g.devices.request_unplug(id)?;
                     Ok(Removal::Requested)
                 } else {
                     g.devices.remove(id)?;

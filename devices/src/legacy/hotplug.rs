@@ -5,11 +5,11 @@
 //! How the pieces talk (the DSDT's side is built by the vmm's `acpi` module):
 //!
 //! - Plug: the monitor makes the new function visible on its bus, calls
-//!   [`PciHotplug::plugged_on`] and then [`Ged::notify`]`(`[`GED_PCI_HOTPLUG`]`)`. The guest's GED
+//!   [`PciHotplug::plugged`] and then [`Ged::notify`]`(`[`GED_PCI_HOTPLUG`]`)`. The guest's GED
 //!   driver runs `_EVT`, which calls `\_SB.PCI0.PCNT`: PCNT selects each bus with hot-plug in
 //!   turn (BNUM), reads its PCIU (clearing it) and sends a device-check notification to each
 //!   slot set there; the guest rescans those slots.
-//! - Unplug: the monitor calls [`PciHotplug::unplug_request_on`] and [`Ged::notify`]. PCNT reads
+//! - Unplug: the monitor calls [`PciHotplug::unplug_request`] and [`Ged::notify`]. PCNT reads
 //!   PCID and sends an eject request to each slot set there. The guest unbinds its driver and
 //!   runs the slot's `_EJ0`, which selects the slot's bus and writes the slot's bit to B0EJ. For each slot whose removal was
 //!   requested this clears the slot's PCIU/PCID bits and calls the [`EjectCallback`]; the
@@ -86,6 +86,11 @@ fn bus_slots(bus: u8) -> u32 {
     }
 }
 
+/// The slot numbers set in `bitmap` (bit N = slot N), in ascending order.
+pub fn slots_in(bitmap: u32) -> impl Iterator<Item = u8> {
+    (0..32u8).filter(move |&slot| bitmap & (1 << slot) != 0)
+}
+
 /// The up/down bitmaps of one bus.
 #[derive(Default)]
 struct BusStatus {
@@ -134,12 +139,7 @@ impl PciHotplug {
     pub fn new(eject: EjectCallback) -> Self {
         PciHotplug {
             buses: (0..HOTPLUG_BUSES).map(|_| BusStatus::default()).collect(),
-            enabled: [
-                AtomicU64::new(1),
-                AtomicU64::new(0),
-                AtomicU64::new(0),
-                AtomicU64::new(0),
-            ],
+            enabled: std::array::from_fn(|word| AtomicU64::new(u64::from(word == 0))),
             select: AtomicU32::new(0),
             eject,
         }
@@ -165,53 +165,30 @@ impl PciHotplug {
         Ok((&self.buses[usize::from(bus)], bit))
     }
 
-    /// Monitor side: a device was added at `slot` of bus 0 (sets its PCIU bit). Raise the GED
-    /// event afterwards.
-    pub fn plugged(&self, slot: u8) -> Result<(), BadSlot> {
-        self.plugged_on(0, slot)
-    }
-
     /// Monitor side: a device was added at `slot` of bus `bus`. Raise the GED event afterwards.
-    pub fn plugged_on(&self, bus: u8, slot: u8) -> Result<(), BadSlot> {
+    pub fn plugged(&self, bus: u8, slot: u8) -> Result<(), BadSlot> {
         let (status, bit) = self.slot(bus, slot)?;
         status.up.fetch_or(bit, Ordering::AcqRel);
         Ok(())
     }
 
-    /// Monitor side: ask the guest to release `slot` of bus 0 (sets its PCID bit until the guest
-    /// ejects the slot). Raise the GED event afterwards.
-    pub fn unplug_request(&self, slot: u8) -> Result<(), BadSlot> {
-        self.unplug_request_on(0, slot)
-    }
-
     /// Monitor side: ask the guest to release `slot` of bus `bus`. Raise the GED event
     /// afterwards.
-    pub fn unplug_request_on(&self, bus: u8, slot: u8) -> Result<(), BadSlot> {
+    pub fn unplug_request(&self, bus: u8, slot: u8) -> Result<(), BadSlot> {
         let (status, bit) = self.slot(bus, slot)?;
         status.down.fetch_or(bit, Ordering::AcqRel);
         Ok(())
     }
 
-    /// Whether the removal of `slot` on bus 0 was requested and the guest has not ejected it
-    /// yet. False for slots that cannot be hot-plugged.
-    pub fn removal_pending(&self, slot: u8) -> bool {
-        self.removal_pending_on(0, slot)
-    }
-
     /// Whether the removal of `slot` on bus `bus` is pending. False for slots that cannot be
     /// hot-plugged.
-    pub fn removal_pending_on(&self, bus: u8, slot: u8) -> bool {
+    pub fn removal_pending(&self, bus: u8, slot: u8) -> bool {
         self.slot(bus, slot)
             .is_ok_and(|(s, bit)| s.down.load(Ordering::Acquire) & bit != 0)
     }
 
-    /// The slots of bus 0 whose removal is pending (bit N = slot N).
-    pub fn pending_removals(&self) -> u32 {
-        self.pending_removals_on(0)
-    }
-
     /// The slots of bus `bus` whose removal is pending (bit N = slot N).
-    pub fn pending_removals_on(&self, bus: u8) -> u32 {
+    pub fn pending_removals(&self, bus: u8) -> u32 {
         self.buses[usize::from(bus)].down.load(Ordering::Acquire)
     }
 
@@ -289,10 +266,7 @@ impl PciHotplug {
             return;
         }
         bus.up.fetch_and(!ejected, Ordering::AcqRel);
-        let mut rest = ejected;
-        while rest != 0 {
-            let slot = rest.trailing_zeros() as u8;
-            rest &= rest - 1;
+        for slot in slots_in(ejected) {
             (self.eject)(n, slot);
         }
     }
@@ -438,8 +412,8 @@ mod tests {
     fn pciu_reports_plugged_slots_once() {
         let (d, log) = hp();
         assert_eq!(rd(&*d, PCIU_OFFSET), 0);
-        d.plugged(5).unwrap();
-        d.plugged(31).unwrap();
+        d.plugged(0, 5).unwrap();
+        d.plugged(0, 31).unwrap();
         assert_eq!(rd(&*d, PCIU_OFFSET), (1 << 5) | (1 << 31));
         assert_eq!(rd(&*d, PCIU_OFFSET), 0, "PCIU clears on read");
         assert_eq!(rd(&*d, PCID_OFFSET), 0);
@@ -450,9 +424,9 @@ mod tests {
     fn monitor_side_refuses_slot_0_and_slots_past_31() {
         let (d, _) = hp();
         for slot in [0u8, 32, 255] {
-            assert_eq!(d.plugged(slot), Err(BadSlot { bus: 0, slot }));
-            assert_eq!(d.unplug_request(slot), Err(BadSlot { bus: 0, slot }));
-            assert!(!d.removal_pending(slot));
+            assert_eq!(d.plugged(0, slot), Err(BadSlot { bus: 0, slot }));
+            assert_eq!(d.unplug_request(0, slot), Err(BadSlot { bus: 0, slot }));
+            assert!(!d.removal_pending(0, slot));
         }
         assert_eq!(rd(&*d, PCIU_OFFSET), 0);
         assert_eq!(rd(&*d, PCID_OFFSET), 0);
@@ -465,16 +439,16 @@ mod tests {
     #[test]
     fn pcid_stays_until_the_guest_ejects_and_eject_clears_both_bitmaps() {
         let (d, log) = hp();
-        d.plugged(3).unwrap();
-        d.unplug_request(3).unwrap();
-        assert!(d.removal_pending(3));
-        assert!(!d.removal_pending(4));
+        d.plugged(0, 3).unwrap();
+        d.unplug_request(0, 3).unwrap();
+        assert!(d.removal_pending(0, 3));
+        assert!(!d.removal_pending(0, 4));
         for _ in 0..3 {
             assert_eq!(rd(&*d, PCID_OFFSET), 1 << 3, "PCID does not clear on read");
         }
         wr(&*d, B0EJ_OFFSET, 1 << 3);
         assert_eq!(ejected(&log), [3]);
-        assert!(!d.removal_pending(3));
+        assert!(!d.removal_pending(0, 3));
         assert_eq!(rd(&*d, PCID_OFFSET), 0);
         assert_eq!(rd(&*d, PCIU_OFFSET), 0, "the ejected slot left PCIU too");
         // A second eject of the same slot finds nothing to do.
@@ -485,8 +459,8 @@ mod tests {
     #[test]
     fn eject_only_removes_requested_slots() {
         let (d, log) = hp();
-        d.plugged(7).unwrap(); // plugged, nobody asked to remove it
-                               // Empty slots, a plugged slot without request, bit 0, every bit: nothing happens.
+        d.plugged(0, 7).unwrap(); // plugged, nobody asked to remove it
+                                  // Empty slots, a plugged slot without request, bit 0, every bit: nothing happens.
         for v in [1 << 9, 1 << 7, 1, 0, u32::MAX, 0x8000_0000] {
             wr(&*d, B0EJ_OFFSET, v);
         }
@@ -497,17 +471,17 @@ mod tests {
             "PCIU untouched by refused ejects"
         );
 
-        d.unplug_request(2).unwrap();
-        d.unplug_request(9).unwrap();
-        d.unplug_request(30).unwrap();
+        d.unplug_request(0, 2).unwrap();
+        d.unplug_request(0, 9).unwrap();
+        d.unplug_request(0, 30).unwrap();
         // Several bits: every requested slot among them goes, in slot order, once each;
         // unrequested bits (4, 0) are ignored and 30 (not in the write) stays pending.
         wr(&*d, B0EJ_OFFSET, (1 << 9) | (1 << 2) | (1 << 4) | 1);
         assert_eq!(ejected(&log), [2, 9]);
-        assert_eq!(d.pending_removals(), 1 << 30);
+        assert_eq!(d.pending_removals(0), 1 << 30);
         wr(&*d, B0EJ_OFFSET, u32::MAX);
         assert_eq!(ejected(&log), [30]);
-        assert_eq!(d.pending_removals(), 0);
+        assert_eq!(d.pending_removals(0), 0);
     }
 
     #[test]
@@ -516,8 +490,8 @@ mod tests {
         assert_eq!(rd(&*d, PCI_RMV_OFFSET), 0xffff_fffe);
         assert_eq!(rd(&*d, BNUM_OFFSET), 0);
         assert_eq!(rd(&*d, B0EJ_OFFSET), 0);
-        d.plugged(1).unwrap();
-        d.unplug_request(6).unwrap();
+        d.plugged(0, 1).unwrap();
+        d.unplug_request(0, 6).unwrap();
         for sel in [1u32, 2, 255, 0x8000_0000, u32::MAX] {
             wr(&*d, BNUM_OFFSET, sel);
             assert_eq!(rd(&*d, BNUM_OFFSET), sel);
@@ -541,8 +515,8 @@ mod tests {
     #[test]
     fn read_only_registers_ignore_writes() {
         let (d, log) = hp();
-        d.plugged(4).unwrap();
-        d.unplug_request(5).unwrap();
+        d.plugged(0, 4).unwrap();
+        d.unplug_request(0, 5).unwrap();
         for off in [PCIU_OFFSET, PCID_OFFSET, PCI_RMV_OFFSET] {
             wr(&*d, off, 0);
             wr(&*d, off, u32::MAX);
@@ -558,8 +532,8 @@ mod tests {
     #[test]
     fn odd_widths_and_offsets_read_zero_and_change_nothing() {
         let (d, log) = hp();
-        d.plugged(8).unwrap();
-        d.unplug_request(8).unwrap();
+        d.plugged(0, 8).unwrap();
+        d.unplug_request(0, 8).unwrap();
         wr(&*d, BNUM_OFFSET, 0);
         for len in [0usize, 1, 2, 3, 5, 8, 16] {
             for off in 0..0x20u64 {
@@ -582,9 +556,9 @@ mod tests {
     #[test]
     fn reset_clears_everything_and_returns_pending_removals() {
         let (d, log) = hp();
-        d.plugged(10).unwrap();
-        d.unplug_request(11).unwrap();
-        d.unplug_request(12).unwrap();
+        d.plugged(0, 10).unwrap();
+        d.unplug_request(0, 11).unwrap();
+        d.unplug_request(0, 12).unwrap();
         wr(&*d, BNUM_OFFSET, 3);
         assert_eq!(d.reset(), [(0, (1 << 11) | (1 << 12))]);
         assert!(
@@ -595,10 +569,10 @@ mod tests {
         assert_eq!(rd(&*d, PCIU_OFFSET), 0);
         assert_eq!(rd(&*d, PCID_OFFSET), 0);
         assert_eq!(rd(&*d, PCI_RMV_OFFSET), HOTPLUG_SLOTS);
-        assert!(!d.removal_pending(11));
+        assert!(!d.removal_pending(0, 11));
         assert_eq!(d.reset(), []);
         // Works as before afterwards.
-        d.unplug_request(11).unwrap();
+        d.unplug_request(0, 11).unwrap();
         wr(&*d, B0EJ_OFFSET, 1 << 11);
         assert_eq!(ejected(&log), [11]);
     }
@@ -632,11 +606,11 @@ mod tests {
         for _ in 0..rounds {
             for slot in 1..32u8 {
                 // Request again only once the previous request was served.
-                while d.removal_pending(slot) {
+                while d.removal_pending(0, slot) {
                     wr(&*d, B0EJ_OFFSET, 1 << slot);
                 }
-                d.plugged(slot).unwrap();
-                d.unplug_request(slot).unwrap();
+                d.plugged(0, slot).unwrap();
+                d.unplug_request(0, slot).unwrap();
             }
         }
         for v in vcpus {
@@ -647,7 +621,7 @@ mod tests {
         for slot in 1..32 {
             assert_eq!(counts[slot].load(Ordering::SeqCst), rounds, "slot {slot}");
         }
-        assert_eq!(d.pending_removals(), 0);
+        assert_eq!(d.pending_removals(0), 0);
     }
 
     /// Every (bus, slot) an eject callback was called with.
@@ -674,22 +648,22 @@ mod tests {
         let (d, log) = hp_buses();
         assert!(d.bus_enabled(0));
         assert!(!d.bus_enabled(1));
-        assert_eq!(d.plugged_on(1, 3), Err(BadSlot { bus: 1, slot: 3 }));
-        assert_eq!(d.unplug_request_on(2, 0), Err(BadSlot { bus: 2, slot: 0 }));
+        assert_eq!(d.plugged(1, 3), Err(BadSlot { bus: 1, slot: 3 }));
+        assert_eq!(d.unplug_request(2, 0), Err(BadSlot { bus: 2, slot: 0 }));
         d.enable_bus(1);
         d.enable_bus(64);
         d.enable_bus(255);
         assert!(d.bus_enabled(1) && d.bus_enabled(64) && d.bus_enabled(255));
         assert!(!d.bus_enabled(2) && !d.bus_enabled(63) && !d.bus_enabled(65));
-        d.plugged_on(1, 0).unwrap();
-        d.plugged_on(1, 3).unwrap();
-        d.plugged_on(64, 31).unwrap();
-        d.unplug_request_on(255, 0).unwrap();
-        d.unplug_request_on(1, 5).unwrap();
-        assert_eq!(d.plugged_on(1, 32), Err(BadSlot { bus: 1, slot: 32 }));
-        assert_eq!(d.plugged_on(0, 0), Err(BadSlot { bus: 0, slot: 0 }));
-        assert!(d.removal_pending_on(1, 5) && !d.removal_pending_on(1, 3));
-        assert!(!d.removal_pending(5), "bus 0 is another bus");
+        d.plugged(1, 0).unwrap();
+        d.plugged(1, 3).unwrap();
+        d.plugged(64, 31).unwrap();
+        d.unplug_request(255, 0).unwrap();
+        d.unplug_request(1, 5).unwrap();
+        assert_eq!(d.plugged(1, 32), Err(BadSlot { bus: 1, slot: 32 }));
+        assert_eq!(d.plugged(0, 0), Err(BadSlot { bus: 0, slot: 0 }));
+        assert!(d.removal_pending(1, 5) && !d.removal_pending(1, 3));
+        assert!(!d.removal_pending(0, 5), "bus 0 is another bus");
         // Bus 0 sees nothing of it.
         assert_eq!(rd(&*d, PCIU_OFFSET), 0);
         assert_eq!(rd(&*d, PCID_OFFSET), 0);
@@ -705,7 +679,7 @@ mod tests {
         assert_eq!(rd(&*d, PCID_OFFSET), 1 << 5);
         wr(&*d, B0EJ_OFFSET, (1 << 5) | (1 << 3) | 1);
         assert_eq!(ejected_on(&log), [(1, 5)], "only the requested slot");
-        assert_eq!(d.pending_removals_on(1), 0);
+        assert_eq!(d.pending_removals(1), 0);
         wr(&*d, BNUM_OFFSET, 64);
         assert_eq!(rd(&*d, PCIU_OFFSET), 1 << 31);
         wr(&*d, BNUM_OFFSET, 255);
@@ -713,8 +687,8 @@ mod tests {
         wr(&*d, B0EJ_OFFSET, 1);
         assert_eq!(ejected_on(&log), [(255, 0)], "slot 0 of a bridge's bus");
         // Reset: pending removals of every bus come back; the buses stay enabled.
-        d.unplug_request_on(64, 7).unwrap();
-        d.unplug_request(9).unwrap();
+        d.unplug_request(64, 7).unwrap();
+        d.unplug_request(0, 9).unwrap();
         assert_eq!(d.reset(), [(0, 1 << 9), (64, 1 << 7)]);
         assert_eq!(rd(&*d, BNUM_OFFSET), 0);
         assert!(d.bus_enabled(64));
@@ -729,10 +703,10 @@ mod tests {
         let (d, log) = hp_buses();
         d.enable_bus(1);
         d.enable_bus(3);
-        d.unplug_request_on(1, 2).unwrap();
-        d.unplug_request_on(3, 0).unwrap();
-        d.plugged_on(3, 4).unwrap();
-        d.unplug_request(6).unwrap();
+        d.unplug_request(1, 2).unwrap();
+        d.unplug_request(3, 0).unwrap();
+        d.plugged(3, 4).unwrap();
+        d.unplug_request(0, 6).unwrap();
         let selectors = [
             2u32,
             4,
@@ -760,16 +734,16 @@ mod tests {
             }
             assert!(ejected_on(&log).is_empty(), "selector {sel:#x}");
         }
-        assert_eq!(d.pending_removals_on(1), 1 << 2);
-        assert_eq!(d.pending_removals_on(3), 1);
-        assert_eq!(d.pending_removals(), 1 << 6);
+        assert_eq!(d.pending_removals(1), 1 << 2);
+        assert_eq!(d.pending_removals(3), 1);
+        assert_eq!(d.pending_removals(0), 1 << 6);
         wr(&*d, BNUM_OFFSET, 3);
         assert_eq!(rd(&*d, PCIU_OFFSET), 1 << 4, "PCIU of bus 3 untouched");
         // The monitor side refuses what the guest cannot reach either.
         for bus in [2u8, 4, 255] {
-            assert!(d.plugged_on(bus, 1).is_err());
-            assert!(d.unplug_request_on(bus, 1).is_err());
-            assert!(!d.removal_pending_on(bus, 1));
+            assert!(d.plugged(bus, 1).is_err());
+            assert!(d.unplug_request(bus, 1).is_err());
+            assert!(!d.removal_pending(bus, 1));
         }
     }
 
@@ -814,14 +788,14 @@ mod tests {
         for _ in 0..rounds {
             for (bus, slots) in [(0u8, 1..32u8), (1, 0..32), (7, 0..32)] {
                 for slot in slots {
-                    while d.removal_pending_on(bus, slot) {
+                    while d.removal_pending(bus, slot) {
                         std::thread::yield_now();
                         if vcpus.iter().all(|v| v.is_finished()) {
                             wr(&*d, BNUM_OFFSET, u32::from(bus));
                             wr(&*d, B0EJ_OFFSET, 1 << slot);
                         }
                     }
-                    d.unplug_request_on(bus, slot).unwrap();
+                    d.unplug_request(bus, slot).unwrap();
                 }
             }
         }

@@ -120,7 +120,7 @@ pub fn target_acpi_hotplug(data: &[u8]) {
         match inp.below(10) {
             0 => {
                 let s = slot(&mut inp);
-                let r = hp.plugged(s);
+                let r = hp.plugged(0, s);
                 assert_eq!(r.is_ok(), (1..=31).contains(&s), "plugged({s}): {r:?}");
                 if r.is_ok() {
                     m.up |= 1 << s;
@@ -128,7 +128,7 @@ pub fn target_acpi_hotplug(data: &[u8]) {
             }
             1 => {
                 let s = slot(&mut inp);
-                let r = hp.unplug_request(s);
+                let r = hp.unplug_request(0, s);
                 assert_eq!(
                     r.is_ok(),
                     (1..=31).contains(&s),
@@ -204,10 +204,10 @@ pub fn target_acpi_hotplug(data: &[u8]) {
                 );
             }
         }
-        assert_eq!(hp.pending_removals(), m.down, "pending removals");
+        assert_eq!(hp.pending_removals(0), m.down, "pending removals");
         let s = slot(&mut inp);
         assert_eq!(
-            hp.removal_pending(s),
+            hp.removal_pending(0, s),
             (1..=31).contains(&s) && m.down & (1 << s) != 0,
             "removal_pending({s})"
         );
@@ -221,7 +221,7 @@ pub fn target_acpi_hotplug(data: &[u8]) {
         let wanted = (m.down | inp.u32()) & HOTPLUG_SLOTS;
         for s in 1..32u8 {
             if wanted & (1 << s) != 0 {
-                hp.unplug_request(s).expect("valid slot");
+                hp.unplug_request(0, s).expect("valid slot");
             }
         }
         let bus = Arc::new(bus);
@@ -244,6 +244,6 @@ pub fn target_acpi_hotplug(data: &[u8]) {
         got.sort_unstable();
         let want: Vec<u8> = (1..32u8).filter(|s| wanted & (1 << s) != 0).collect();
         assert_eq!(got, want, "racing ejects: each requested slot once");
-        assert_eq!(hp.pending_removals(), 0, "racing ejects: nothing pending");
+        assert_eq!(hp.pending_removals(0), 0, "racing ejects: nothing pending");
     }
 }
