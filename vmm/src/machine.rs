@@ -50,10 +50,12 @@ pub struct Guest {
 
 impl Guest {
     /// Creates the VM, lets `make_devices` put the devices on it, loads the kernel, initrd and
-    /// ACPI tables, and creates the vCPUs (not running).
+    /// the ACPI tables of a machine with `props` (with PCI bridges if `pci_bridges`), and
+    /// creates the vCPUs (not running).
     fn build(
         config: &MachineConfig,
-        acpi: &AcpiOptions,
+        props: &MachineProps,
+        pci_bridges: bool,
         stop: &Arc<Stop>,
         make_devices: impl FnOnce(Arc<Vm>, PowerCallback) -> Result<DeviceManager, Error>,
     ) -> Result<Guest, Error> {
@@ -73,10 +75,13 @@ impl Guest {
             })
         };
         let devices = make_devices(vm.clone(), power)?;
-        // The bridges' ACPI objects for hot-plug behind them, from the buses just numbered.
         let acpi = &AcpiOptions {
+            pci_hotplug: props.pci_hotplug,
+            pci_bridges,
+            // The bridges' ACPI objects for hot-plug behind them, from the buses just numbered.
             bridges: devices.acpi_hotplug_bridges(),
-            ..acpi.clone()
+            pci_mmio64: props.mmio64,
+            ecam_only: !props.pci_config_ports,
         };
         devices.with_devices(|list| {
             for r in list {
@@ -247,22 +252,14 @@ impl Machine {
                 crate::layout::MAX_RAM_WITH_MMIO64 >> 20
             )));
         }
-        let pci_hotplug = props.pci_hotplug;
         let ejects = Arc::new(Ejects::new()?);
-        let setup = pci_hotplug.then(|| HotplugSetup {
+        let setup = props.pci_hotplug.then(|| HotplugSetup {
             eject: ejects.callback(),
             bridges: props.pci_hotplug_bridges,
         });
         let stop = Arc::new(Stop::new()?);
         let pci_bridges = specs.iter().any(DeviceSpec::is_bridge);
-        let acpi = AcpiOptions {
-            pci_hotplug,
-            pci_bridges,
-            bridges: Vec::new(),
-            pci_mmio64: props.mmio64,
-            ecam_only: !props.pci_config_ports,
-        };
-        let guest = Guest::build(&config, &acpi, &stop, |vm, power| {
+        let guest = Guest::build(&config, &props, pci_bridges, &stop, |vm, power| {
             let devices = DeviceManager::new(
                 vm,
                 power,
@@ -664,27 +661,27 @@ impl Machine {
     /// A new run of the guest (a new VM, its kernel loaded, its tables written) with the
     /// devices of `placement` realized at their power-on state; its vCPUs wait.
     fn build_run(&self, placement: &device_manager::Placement) -> Result<Guest, Error> {
-        let acpi = AcpiOptions {
-            pci_hotplug: self.props.pci_hotplug,
-            pci_bridges: placement.has_bridges(),
-            bridges: Vec::new(),
-            pci_mmio64: self.props.mmio64,
-            ecam_only: !self.props.pci_config_ports,
-        };
         let setup = self.props.pci_hotplug.then(|| HotplugSetup {
             eject: self.ejects.callback(),
             bridges: self.props.pci_hotplug_bridges,
         });
-        Guest::build(&self.config, &acpi, &self.stop, |vm, power| {
-            Ok(DeviceManager::rebuilt(
-                vm,
-                power,
-                Box::new(std::io::stdout()),
-                setup,
-                placement,
-                self.props,
-            )?)
-        })
+        let bridges = placement.has_bridges();
+        Guest::build(
+            &self.config,
+            &self.props,
+            bridges,
+            &self.stop,
+            |vm, power| {
+                Ok(DeviceManager::rebuilt(
+                    vm,
+                    power,
+                    Box::new(std::io::stdout()),
+                    setup,
+                    placement,
+                    self.props,
+                )?)
+            },
+        )
     }
 
     /// Cold-plugs `specs` with a bridge among them (QMP `device_add` before the first `cont`):
