@@ -9,10 +9,7 @@ use integration_tests::ground::{guest_boot, host_script, run_host_scenario, sect
 use integration_tests::probe::{dumps, lspci_decode, parse_dump, probe_elf, run_probe, vmm};
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmm-compat-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    integration_tests::scratch_dir(&format!("compat-{name}"))
 }
 
 fn devices(list: &[&str]) -> Vec<String> {

@@ -19,10 +19,7 @@ const ENOSPC: &str = "No space left on device";
 const LONG: &str = "mode=bench op=null n=2000000000";
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmm-disks-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    integration_tests::scratch_dir(&format!("disks-{name}"))
 }
 
 fn probe_args(cmdline: &str) -> Vec<String> {

@@ -398,10 +398,7 @@ echo "hotplug timing: session $t0..$t1 s, old record $t1..$t2 s (L1 uptime)"
 const SPARE_IMG_LEN: u64 = 1 << 20;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmm-hotplug-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    integration_tests::scratch_dir(&format!("hotplug-{name}"))
 }
 
 /// Devices at fixed addresses (a multi-function slot, a disk), `--hotplug on`, a record.

@@ -127,9 +127,7 @@ impl Drop for Vmm {
 #[test]
 fn two_hundred_cold_plug_cycles_leave_fds_threads_and_gsis_as_they_were() {
     require_kvm();
-    let dir = std::env::temp_dir().join(format!("vmm-leaks-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = integration_tests::scratch_dir("leaks");
     let image = dir.join("disk.img");
     std::fs::write(&image, vec![0u8; 64 << 10]).unwrap();
     let sock = dir.join("qmp.sock");

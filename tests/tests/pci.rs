@@ -642,9 +642,7 @@ fn linux_gets_level_triggered_intx_without_msix() {
 /// bridge, `query-pci`-style nesting aside (unit-tested in the monitor).
 #[test]
 fn records_keep_bus_slot_function_and_abi_diff_reports_a_moved_bridge() {
-    let dir = std::env::temp_dir().join(format!("vmm-bridges-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = integration_tests::scratch_dir("bridges");
     let elf = integration_tests::probe::probe_elf();
     let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
     let run = |devices: &[&str], extra: &[&str]| {
@@ -874,9 +872,7 @@ fn extended_config_space_reads_what_qemu_returns() {
 /// `abi diff` reports it.
 #[test]
 fn an_old_record_keeps_a_zero_extended_config_space() {
-    let dir = std::env::temp_dir().join(format!("vmm-extcfg-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = integration_tests::scratch_dir("extcfg");
     let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
     // A record as the build before the property wrote it: no extended_config.
     let old = r#"{"format":"vmm-pci-compat","version":1,"machine":{"host_bridge_vendor":6966,"host_bridge_device":8,"ecam_base":3758096384,"mmio32_window":[3221225472,536870912],"pci_hotplug":true},"devices":{}}"#;
@@ -984,9 +980,7 @@ fn an_old_record_keeps_a_zero_extended_config_space() {
 /// disabled; `abi diff` reports the change; RAM that would reach the window is refused.
 #[test]
 fn an_old_record_keeps_64_bit_bars_below_4_gib() {
-    let dir = std::env::temp_dir().join(format!("vmm-mmio64-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = integration_tests::scratch_dir("mmio64");
     let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
     // A record as the build before the property wrote it: no mmio64_window.
     let old = r#"{"format":"vmm-pci-compat","version":1,"machine":{"host_bridge_vendor":6966,"host_bridge_device":8,"ecam_base":3758096384,"mmio32_window":[3221225472,536870912],"pci_hotplug":true,"extended_config":"all-ones"},"devices":{}}"#;

@@ -24,9 +24,7 @@ struct Vm {
 impl Vm {
     fn start(name: &str, cmdline: &str, extra: &[&str]) -> Vm {
         require_kvm();
-        let dir = std::env::temp_dir().join(format!("vmm-qmp-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = integration_tests::scratch_dir(&format!("qmp-{name}"));
         let sock = dir.join("qmp.sock");
         let elf = probe_elf();
         let child = Command::new(vmm_binary().unwrap())
@@ -719,9 +717,7 @@ echo "=== GUEST-BEGIN ==="; cat "$TMPDIR/guest.out"; echo "=== GUEST-END rc=$rc 
 /// (and the cold-plugged one where it was), although the first free slot is 02.0.
 #[test]
 fn a_restart_with_the_record_puts_a_hot_plugged_device_where_it_was() {
-    let dir = std::env::temp_dir().join(format!("vmm-qmp-hprec-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = integration_tests::scratch_dir("qmp-hprec");
     let rec = dir.join("rec.json");
     let rec_arg = rec.to_str().unwrap().to_string();
     let vm = Vm::start(
@@ -797,9 +793,7 @@ fn all_pci_devices(v: &Value) -> Vec<Value> {
 /// needs hot-plug.
 #[test]
 fn hot_plug_behind_a_bridge_is_a_recorded_machine_property() {
-    let dir = std::env::temp_dir().join(format!("vmm-qmp-brhp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = integration_tests::scratch_dir("qmp-brhp");
     let rec = dir.join("rec.json");
     let rec_s = rec.to_str().unwrap();
     let bridge = ["--device", "pci-bridge,id=br1,chassis_nr=1,addr=1e.0"];
@@ -956,9 +950,7 @@ fn refused_probe_run(extra: &[&str]) -> String {
 /// and ECAM enumerations agree and `lspci -F` decodes the tree; the record carries the buses.
 #[test]
 fn bridges_cold_plug_with_device_add_before_cont_and_nest_in_info_qtree() {
-    let dir = std::env::temp_dir().join(format!("vmm-qmp-bridges-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = integration_tests::scratch_dir("qmp-bridges");
     let rec = dir.join("rec.json");
     let vm = Vm::start(
         "bridges",
