@@ -64,18 +64,25 @@ fn cf8_and_ecam_enumerations_are_identical() {
 
 #[test]
 fn without_config_ports_the_same_functions_are_reached_through_ecam_alone() {
-    let mut args = DEVICES.to_vec();
-    args.extend(["--pci-config-ports", "off"]);
-    let out = run_probe("mode=probe", &args);
-    let (cf8, ecam) = dumps(&out);
-    assert_eq!(
-        parse_dump(&cf8),
-        Vec::new(),
-        "CF8/CFC answer nothing (all-ones) without the ports:\n{cf8}"
-    );
-    let (_, with_ports) = dumps(probe_run());
-    assert_eq!(parse_dump(&ecam).len(), 6, "{ecam}");
-    assert_eq!(ecam, with_ports, "ECAM sees what it sees with the ports");
+    // Bus 0 alone, and two levels of bridges (config cycles routed by the bridges' numbers).
+    for (devices, with_ports, functions) in [(DEVICES, probe_run(), 6), (BRIDGED, bridged_run(), 6)]
+    {
+        let mut args = devices.to_vec();
+        args.extend(["--pci-config-ports", "off"]);
+        let out = run_probe("mode=probe", &args);
+        let (cf8, ecam) = dumps(&out);
+        assert_eq!(
+            parse_dump(&cf8),
+            Vec::new(),
+            "CF8/CFC answer nothing (all-ones) without the ports:\n{cf8}"
+        );
+        assert_eq!(parse_dump(&ecam).len(), functions, "{ecam}");
+        assert_eq!(
+            ecam,
+            dumps(with_ports).1,
+            "ECAM sees what it sees with the ports"
+        );
+    }
 }
 
 #[test]
