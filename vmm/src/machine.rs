@@ -525,15 +525,7 @@ impl Machine {
         if hot {
             // Hot-plug goes only where it can: a recorded place on a bus without hot-plug (behind
             // a bridge, without hot-plug behind bridges) does not apply.
-            let usable: std::collections::HashSet<String> = hints
-                .values()
-                .map(|h| h.bus.clone())
-                .filter(|b| {
-                    self.with_guest(|g| g.devices.bus_hotpluggable(b))
-                        .unwrap_or(false)
-                })
-                .collect();
-            hints.retain(|_, h| usable.contains(&h.bus));
+            self.with_guest(|g| hints.retain(|_, h| g.devices.bus_hotpluggable(&h.bus)));
         }
         if specs.iter().any(DeviceSpec::is_bridge) {
             return Ok(self
