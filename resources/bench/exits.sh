@@ -6,10 +6,11 @@
 # The same Debian cloud kernel, initramfs and command line (`console=ttyS0 quiet panic=-1
 # reboot=t`), 256 MiB, 1 vCPU, one virtio-rng-pci at 00:04.0, under a real KVM: this host's when
 # it has hardware virtualisation, else the KVM-host image (L1 under TCG with nested SVM,
-# resources/linux/run-scenario.sh --with-qemu), the monitors interleaved (vmm, microvm, pc; RUNS
-# rounds). The guest's /scenario runs `lspci -nn`, prints `=== LSPCI-DONE ===` and sleeps; when
-# the host reads that line on the monitor's console it notes the time (L1's /proc/uptime, 10 ms
-# steps: wall = launch to that line), samples KVM's debugfs counters (they sum over the VMs that
+# resources/linux/run-scenario.sh --with-qemu), the monitors interleaved (vmm, vmm-ecam,
+# microvm, pc; RUNS rounds) after one uncounted warm-up boot. The guest's /scenario runs
+# `lspci -nn`, prints `=== LSPCI-DONE ===` and sleeps; when the host reads that line on the
+# monitor's console it notes the time (L1's /proc/uptime, 10 ms steps: wall = launch to that
+# line), samples KVM's debugfs counters (they sum over the VMs that
 # exist now: only this guest's) and, for our vmm, `query-stats` over QMP; then it stops the
 # monitor (SIGTERM). Prints every run, then the medians per monitor.
 #
@@ -92,14 +93,19 @@ run_one() {
 }
 
 QEMU="qemu-system-x86_64 -accel kvm -cpu host -m 256 -smp 1 -nographic -no-reboot -vga none -nic none"
-VMM_RUN="$VMM run --no-reboot --kernel $GUEST_KERNEL --initrd $TMPDIR/g.cpio.gz --memory 256 --device virtio-rng-pci,id=rng0,addr=04.0 --qmp unix:$S,server=on,wait=off"
+# vmm_run ARGS...: our vmm with this benchmark's guest, devices and QMP socket (exec: run_one's
+# background job is the vmm itself, so that its kill reaches the vmm).
+vmm_run() {
+    exec "$VMM" run --no-reboot --kernel "$GUEST_KERNEL" --initrd "$TMPDIR/g.cpio.gz" --memory 256 \
+        --device virtio-rng-pci,id=rng0,addr=04.0 --qmp "unix:$S,server=on,wait=off" "$@"
+}
 # Warm-up, not counted: under TCG the first guest an L1 boots reaches its lspci ~2 s sooner
 # than every later one (whatever the monitor), which would favour the first monitor of round 1.
-run_one warmup 0 $VMM_RUN --append "$APPEND" > /dev/null
+run_one warmup 0 vmm_run --append "$APPEND" | grep FAILED
 i=1
 while [ "$i" -le "$RUNS" ]; do
-    run_one vmm "$i" $VMM_RUN --append "$APPEND"
-    run_one vmm-ecam "$i" $VMM_RUN --append "$APPEND" --pci-config-ports off
+    run_one vmm "$i" vmm_run --append "$APPEND"
+    run_one vmm-ecam "$i" vmm_run --append "$APPEND" --pci-config-ports off
     run_one microvm "$i" $QEMU -M microvm,pcie=on,rtc=on -kernel "$GUEST_KERNEL" \
         -initrd "$TMPDIR/g.cpio.gz" -append "$APPEND" -device virtio-rng-pci,bus=pcie.0,addr=04.0
     run_one pc "$i" $QEMU -M pc -kernel "$GUEST_KERNEL" -initrd "$TMPDIR/g.cpio.gz" \

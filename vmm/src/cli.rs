@@ -121,7 +121,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     pub hotplug_bridges: Option<bool>,
     /// The PCI type-1 config ports 0xcf8-0xcff. Off, the guest reaches config space through
-    /// ECAM alone (as on QEMU's microvm): one exit per config access instead of two.
+    /// ECAM alone (as on QEMU's microvm): one exit per config access instead of two. Linux
+    /// then logs "PCI: Fatal: No config space access function found" early in boot, as on
+    /// microvm, and takes the ECAM window from ACPI (MCFG) a moment later.
     /// Guest-visible ABI: default on for a new machine, what the compat record says for an
     /// existing one (on for a record written before it existed).
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
