@@ -1184,6 +1184,17 @@ mod tests {
         }
     }
 
+    /// The DSDT of a machine with hot-plug behind four bridges (two levels), byte for byte as
+    /// the build before `pcnt()` built every PCNT method wrote it (fingerprint taken there).
+    #[test]
+    fn the_bridged_hotplug_dsdt_is_pinned() {
+        let d = dsdt(&bridged());
+        assert_eq!(
+            fingerprint(&[(0, d.as_slice().to_vec())]),
+            (0x2794_a0c5_b5de_7e59, 11555)
+        );
+    }
+
     /// The bridges' hot-plug objects come from the bridge list alone: with none listed (what
     /// the device manager gives with hot-plug behind bridges off) a bridged machine's DSDT
     /// names one bus selector, bus 0's; with four listed, five.
