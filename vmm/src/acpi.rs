@@ -339,10 +339,11 @@ fn dvnt(slots: impl Iterator<Item = u8>, out: &mut Vec<u8>) {
     aml::Method::new("DVNT".into(), 2, false, vec![&Raw(body)]).to_aml_bytes(out);
 }
 
-/// The objects of bus `bus`'s slots and bridges, in devfn order: a bridge at function 0 takes
-/// its slot's place (a bridge is not hot-pluggable: no `_SUN`, no `_EJ0`), every other slot in
-/// `slots` is a hot-pluggable slot object, bridges at other functions follow their slot's.
-/// `scope` is the bus's absolute ACPI path. Returns the slots that are hot-pluggable (for DVNT).
+/// The objects of bus `bus`'s slots and bridges, in slot order: each slot of `slots` (bit N =
+/// slot N) without a bridge is a hot-pluggable slot object; a slot with a bridge in it is not
+/// hot-pluggable (no `_SUN`, no `_EJ0`), and each of its bridges with hot-plug behind it gets
+/// its own object there ([`bridge_device`]), function 0 first. `scope` is the bus's absolute
+/// ACPI path. Returns the slots that are hot-pluggable (for DVNT).
 fn bus_slots(
     bridges: &[AcpiBridge],
     bus: u8,

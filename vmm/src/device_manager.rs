@@ -694,6 +694,10 @@ pub struct DeviceManager {
     set: Mutex<DeviceSet>,
     serial: Arc<Serial>,
     hotplug: Option<HotplugHardware>,
+    /// The machine properties it was built with.
+    props: MachineProps,
+    /// The ECAM window covers all 256 buses (the machine has bridges).
+    bridges: bool,
 }
 
 /// The guest-visible side of ACPI PCI hot-plug: QEMU's register block (PCIU/PCID/B0EJ) and the
@@ -830,6 +834,8 @@ impl DeviceManager {
             set: Mutex::new(DeviceSet::with_mmio64(props.mmio64)),
             serial,
             hotplug,
+            props,
+            bridges,
         })
     }
 
@@ -844,14 +850,22 @@ impl DeviceManager {
         }
     }
 
-    /// The ACPI objects of the bridges with hot-plug behind them: every bridge with a BAR
-    /// window when hot-plug behind bridges is on, none otherwise (then the DSDT is the one of
-    /// bus-0 hot-plug, byte for byte).
-    pub fn acpi_hotplug_bridges(&self) -> Vec<crate::acpi::AcpiBridge> {
-        if self.hotplug.as_ref().is_some_and(|h| h.bridges) {
-            acpi_bridges(self.set().buses())
-        } else {
-            Vec::new()
+    /// What the ACPI tables must say of this machine: the hardware built here (hot-plug
+    /// registers, the ECAM window, the config ports, the 64-bit window) and, with hot-plug
+    /// behind bridges, every bridge as numbered now, each marked whether its own bus takes
+    /// hot-plugged devices ([`acpi_bridges`]; without, no bridge: the DSDT of bus-0 hot-plug,
+    /// byte for byte).
+    pub fn acpi_options(&self) -> crate::acpi::AcpiOptions {
+        crate::acpi::AcpiOptions {
+            pci_hotplug: self.hotplug.is_some(),
+            pci_bridges: self.bridges,
+            bridges: if self.hotplug.as_ref().is_some_and(|h| h.bridges) {
+                acpi_bridges(self.set().buses())
+            } else {
+                Vec::new()
+            },
+            pci_mmio64: self.props.mmio64,
+            ecam_only: !self.props.pci_config_ports,
         }
     }
 

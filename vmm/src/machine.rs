@@ -50,12 +50,9 @@ pub struct Guest {
 
 impl Guest {
     /// Creates the VM, lets `make_devices` put the devices on it, loads the kernel, initrd and
-    /// the ACPI tables of a machine with `props` (with PCI bridges if `pci_bridges`), and
-    /// creates the vCPUs (not running).
+    /// the ACPI tables of what they built, and creates the vCPUs (not running).
     fn build(
         config: &MachineConfig,
-        props: &MachineProps,
-        pci_bridges: bool,
         stop: &Arc<Stop>,
         make_devices: impl FnOnce(Arc<Vm>, PowerCallback) -> Result<DeviceManager, Error>,
     ) -> Result<Guest, Error> {
@@ -75,14 +72,7 @@ impl Guest {
             })
         };
         let devices = make_devices(vm.clone(), power)?;
-        let acpi = &AcpiOptions {
-            pci_hotplug: props.pci_hotplug,
-            pci_bridges,
-            // The bridges' ACPI objects for hot-plug behind them, from the buses just numbered.
-            bridges: devices.acpi_hotplug_bridges(),
-            pci_mmio64: props.mmio64,
-            ecam_only: !props.pci_config_ports,
-        };
+        let acpi = &devices.acpi_options();
         devices.with_devices(|list| {
             for r in list {
                 tracing::info!(
@@ -259,7 +249,7 @@ impl Machine {
         });
         let stop = Arc::new(Stop::new()?);
         let pci_bridges = specs.iter().any(DeviceSpec::is_bridge);
-        let guest = Guest::build(&config, &props, pci_bridges, &stop, |vm, power| {
+        let guest = Guest::build(&config, &stop, |vm, power| {
             let devices = DeviceManager::new(
                 vm,
                 power,
@@ -657,23 +647,16 @@ impl Machine {
             eject: self.ejects.callback(),
             bridges: self.props.pci_hotplug_bridges,
         });
-        let bridges = placement.has_bridges();
-        Guest::build(
-            &self.config,
-            &self.props,
-            bridges,
-            &self.stop,
-            |vm, power| {
-                Ok(DeviceManager::rebuilt(
-                    vm,
-                    power,
-                    Box::new(std::io::stdout()),
-                    setup,
-                    placement,
-                    self.props,
-                )?)
-            },
-        )
+        Guest::build(&self.config, &self.stop, |vm, power| {
+            Ok(DeviceManager::rebuilt(
+                vm,
+                power,
+                Box::new(std::io::stdout()),
+                setup,
+                placement,
+                self.props,
+            )?)
+        })
     }
 
     /// Cold-plugs `specs` with a bridge among them (QMP `device_add` before the first `cont`):
