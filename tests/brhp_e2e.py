@@ -21,24 +21,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hotplug_e2e import (  # noqa: E402
-    Failure, Vm, abi_show, emit, emit_guest_write, guest_script, write_host_disk)
+    GUEST_DISK, Failure, Vm, abi_show, emit, emit_guest_write, guest_script, pattern,
+    write_host_disk)
 
-PATTERN = b"".join(b"BR-PATTERN-%04d\n" % i for i in range(512))  # 8192 bytes
+PATTERN_NAME = "BR-PATTERN"
+PATTERN = pattern(PATTERN_NAME)
 HOST_PATTERN = b"".join(b"HOST-BRIDGE-%03d\n" % i for i in range(256))  # 4096 bytes
 HOST_OFFSET = 65536
 
-GUEST = guest_script(r"""dev() { echo "/sys/bus/pci/devices/0000:$1"; }
+GUEST = guest_script(GUEST_DISK + r"""dev() { echo "/sys/bus/pci/devices/0000:$1"; }
 bound() { waitfor "$(dev "$1")/driver" && basename "$(readlink "$(dev "$1")/driver")"; }
 gone() { waitgone "$(dev "$1")" && lspci -n; }
 slots() { for s in /sys/bus/pci/slots/*; do echo "$(basename $s) $(cat $s/address)"; done | sort; }
 hdbound() { bound 01:03.0 && waitfor /dev/vda && cat /sys/block/vda/size; }
-hdhost() { dd if=/dev/vda bs=4096 skip=16 count=1 2>/dev/null | md5sum; }
-hdread() { dd if=/dev/vda bs=4096 skip=1 count=2 2>/dev/null | md5sum; }
-hdwrite() {
-    i=0; while [ $i -lt 512 ]; do printf 'BR-PATTERN-%04d\n' $i; i=$((i+1)); done > /tmp/p
-    dd if=/tmp/p of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null || return 1
-    md5sum < /tmp/p && echo 3 > /proc/sys/vm/drop_caches && hdread
-}
 settled() { bound 00:04.0 && bound 01:01.0 && bound 01:03.0 && waitfor /dev/vda; }
 """)
 
@@ -62,7 +57,7 @@ async def session(vm, args):
     await vm.guest("added-lspci-v", "lspci -v -s 01:03.0")
     await vm.guest("added-slots", "slots")
     await vm.guest("hdb-read-host", "hdhost")
-    await vm.guest("hdb-write", "hdwrite")
+    await vm.guest("hdb-write", f"hdwrite {PATTERN_NAME}")
     emit_guest_write(disk, PATTERN)
     await abi_show(vm, "abi-after-add", rec)
     # A bridge is not hot-pluggable, in either direction.

@@ -30,7 +30,14 @@ import json
 import os
 import sys
 
-PATTERN = b"".join(b"HP-PATTERN-%04d\n" % i for i in range(512))  # 8192 bytes
+
+def pattern(name):
+    """The 8192 bytes the guest's `hdwrite NAME` writes: lines `NAME-0000` to `NAME-0511`."""
+    return b"".join(b"%s-%04d\n" % (name.encode(), i) for i in range(512))
+
+
+PATTERN_NAME = "HP-PATTERN"
+PATTERN = pattern(PATTERN_NAME)
 HOST_PATTERN = b"".join(b"HOST-WROTE-%04d\n" % i for i in range(256))  # 4096 bytes
 HOST_OFFSET = 65536
 
@@ -51,6 +58,18 @@ done
 """
 
 
+# The disk helpers of the drivers with a hot-plugged virtio-blk at /dev/vda: the two blocks at
+# 4 KiB, the host's block at 64 KiB, and `hdwrite NAME`, which writes pattern(NAME) at 4 KiB.
+GUEST_DISK = r"""hdread() { dd if=/dev/vda bs=4096 skip=1 count=2 2>/dev/null | md5sum; }
+hdhost() { dd if=/dev/vda bs=4096 skip=16 count=1 2>/dev/null | md5sum; }
+hdwrite() {
+    i=0; while [ $i -lt 512 ]; do printf '%s-%04d\n' "$1" $i; i=$((i+1)); done > /tmp/p
+    dd if=/tmp/p of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null || return 1
+    md5sum < /tmp/p && echo 3 > /proc/sys/vm/drop_caches && hdread
+}
+"""
+
+
 def guest_script(helpers):
     """The guest's /scenario with `helpers` (sh functions) between the waits and the loop."""
     return GUEST_WAITS + helpers + GUEST_LOOP
@@ -59,19 +78,12 @@ def guest_script(helpers):
 # This driver's guest. One command is a 300-byte line typed at once: longer than the UART's
 # 64-byte receive FIFO and than the 256 bytes Linux's 8250 driver reads per interrupt, it must
 # still arrive whole.
-GUEST = guest_script(r"""dev() { echo "/sys/bus/pci/devices/0000:00:$1"; }
+GUEST = guest_script(GUEST_DISK + r"""dev() { echo "/sys/bus/pci/devices/0000:00:$1"; }
 drv() { basename "$(readlink "$(dev "$1")/driver")"; }
 bound() { waitfor "$(dev "$1")/driver" && drv "$1"; }
 gone() { waitgone "$(dev "$1")" && lspci -nn; }
 slots() { ls /sys/bus/pci/slots | sort -n | tr '\n' ' '; echo; }
 hdbound() { bound 07.0 && waitfor /dev/vda && cat /sys/block/vda/size; }
-hdread() { dd if=/dev/vda bs=4096 skip=1 count=2 2>/dev/null | md5sum; }
-hdhost() { dd if=/dev/vda bs=4096 skip=16 count=1 2>/dev/null | md5sum; }
-hdwrite() {
-    i=0; while [ $i -lt 512 ]; do printf 'HP-PATTERN-%04d\n' $i; i=$((i+1)); done > /tmp/p
-    dd if=/tmp/p of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null || return 1
-    md5sum < /tmp/p && echo 3 > /proc/sys/vm/drop_caches && hdread
-}
 settled() { bound 04.0 && bound 07.0 && waitfor /dev/vda; }
 """)
 
@@ -354,7 +366,7 @@ async def session(vm, args):
     await vm.guest("hd1-lspci-nn", "lspci -nn")
     await vm.guest("hd1-lspci-v-07", "lspci -v -s 07.0")
     await vm.guest("hd1-read-host", "hdhost")
-    await vm.guest("hd1-write", "hdwrite")
+    await vm.guest("hd1-write", f"hdwrite {PATTERN_NAME}")
     emit_guest_write(disk, PATTERN)
     await abi_show(vm, "abi-after-add", rec)
 

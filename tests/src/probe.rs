@@ -100,6 +100,26 @@ pub fn run_probe(cmdline: &str, extra: &[&str]) -> String {
     stdout
 }
 
+/// Runs the probe guest (`mode=hello`) with `extra` vmm arguments that must be refused before
+/// it starts: exit status 1 and nothing on stdout (the guest never ran). Returns the vmm's
+/// stderr.
+pub fn refused_probe_run(extra: &[&str]) -> String {
+    let elf = probe_elf();
+    let mut args = vec![
+        "run",
+        "--no-reboot",
+        "--kernel",
+        elf.to_str().expect("utf-8 path"),
+    ];
+    args.extend(["--append", "mode=hello"]);
+    args.extend_from_slice(extra);
+    let out = vmm(&args, 30);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "not refused: {extra:?}\n{err}");
+    assert!(out.stdout.is_empty(), "the guest must not run: {extra:?}");
+    err
+}
+
 /// One function of a dump: its address line and the bytes of its config space.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FunctionDump {

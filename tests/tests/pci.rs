@@ -7,7 +7,9 @@ use integration_tests::ground::{
     guest_boot, guest_boot_with, host_script, run_host_scenario, section, ScenarioOutput,
     DEFAULT_APPEND,
 };
-use integration_tests::probe::{dumps, lspci_decode, parse_dump, run_probe, vmm, FunctionDump};
+use integration_tests::probe::{
+    dumps, lspci_decode, parse_dump, refused_probe_run, run_probe, vmm, FunctionDump,
+};
 
 const DEVICES: &[&str] = &[
     "--device",
@@ -122,8 +124,6 @@ fn a_machine_without_config_ports_stays_so_from_its_record_and_its_description()
         (0, 6),
         "from the description"
     );
-    let elf = integration_tests::probe::probe_elf();
-    let mut args = vec!["run", "--no-reboot", "--kernel", elf.to_str().unwrap()];
     let strict = with(&[
         "--compat",
         &rec,
@@ -131,11 +131,7 @@ fn a_machine_without_config_ports_stays_so_from_its_record_and_its_description()
         "--pci-config-ports",
         "on",
     ]);
-    args.extend(strict.iter().map(String::as_str));
-    let out = vmm(&args, 30);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(out.stdout.is_empty(), "the guest must not run");
+    let err = refused_probe_run(&strict.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(
         err.contains("machine: pci_config_ports: false -> true"),
         "{err}"
@@ -1013,8 +1009,6 @@ fn an_old_record_keeps_a_zero_extended_config_space() {
     )
     .unwrap();
     let before = std::fs::read(p("rec.json")).unwrap();
-    let elf = integration_tests::probe::probe_elf();
-    let mut args = vec!["run", "--no-reboot", "--kernel", elf.to_str().unwrap()];
     let strict = [
         "--machine-file",
         &p("ones.json"),
@@ -1022,11 +1016,7 @@ fn an_old_record_keeps_a_zero_extended_config_space() {
         &p("rec.json"),
         "--compat-strict",
     ];
-    args.extend(with(&strict).iter().copied());
-    let out = vmm(&args, 30);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(out.stdout.is_empty(), "the guest must not run");
+    let err = refused_probe_run(&with(&strict));
     assert!(
         err.contains("--compat-strict")
             && err.contains("machine: extended_config: zero -> all-ones"),

@@ -12,7 +12,7 @@ use integration_tests::ground::{
     build_part, host_script, last_attempt, run_host_scenario_with, section, vmm_binary,
     BOOT_DEADLINE_SECS, HANG_RETRY_MARKER,
 };
-use integration_tests::probe::{lspci_decode, probe_elf, require_kvm};
+use integration_tests::probe::{lspci_decode, probe_elf, refused_probe_run, require_kvm};
 use integration_tests::qmp::Client;
 use serde_json::{json, Value};
 
@@ -923,25 +923,6 @@ fn hot_plug_behind_a_bridge_is_a_recorded_machine_property() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Runs the probe guest (`mode=hello`) with `extra` vmm arguments that must be refused before
-/// it starts; returns the vmm's stderr.
-fn refused_probe_run(extra: &[&str]) -> String {
-    let out = Command::new(vmm_binary().unwrap())
-        .args([
-            "run",
-            "--kernel",
-            probe_elf().to_str().unwrap(),
-            "--append",
-            "mode=hello",
-        ])
-        .args(extra)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "not refused: {extra:?}\n{err}");
-    err
 }
 
 /// Issue 13: bridges cold-plugged with `device_add` while paused before the first `cont` (two

@@ -460,7 +460,8 @@ mod tests {
     fn eject_only_removes_requested_slots() {
         let (d, log) = hp();
         d.plugged(0, 7).unwrap(); // plugged, nobody asked to remove it
-                                  // Empty slots, a plugged slot without request, bit 0, every bit: nothing happens.
+
+        // Empty slots, a plugged slot without request, bit 0, every bit: nothing happens.
         for v in [1 << 9, 1 << 7, 1, 0, u32::MAX, 0x8000_0000] {
             wr(&*d, B0EJ_OFFSET, v);
         }
