@@ -707,8 +707,9 @@ pub struct ConfigSpace {
 
 /// Validates an access and returns (dword index, bit shift, lane mask).
 fn access(offset: usize, len: usize) -> Option<(usize, u32, u32)> {
+    // `len` is a power of two here: alignment is a mask test (no division on the read path).
     if !matches!(len, 1 | 2 | 4)
-        || !offset.is_multiple_of(len)
+        || offset & (len - 1) != 0
         || offset.checked_add(len)? > CONFIG_SPACE_SIZE
     {
         return None;
@@ -736,11 +737,12 @@ impl ConfigSpace {
         let value = access(offset, data.len())
             .and_then(|(dw, shift, _)| Some(self.regs.get(dw)?.load(Ordering::Acquire) >> shift));
         match value {
-            Some(v) => {
-                for (i, b) in data.iter_mut().enumerate() {
-                    *b = (v >> (8 * i)) as u8;
-                }
-            }
+            // `access` took `data.len()` as 1, 2 or 4; fixed sizes compile to one store each.
+            Some(v) => match data.len() {
+                1 => data[0] = v as u8,
+                2 => data.copy_from_slice(&(v as u16).to_le_bytes()),
+                _ => data.copy_from_slice(&v.to_le_bytes()),
+            },
             None => data.fill(0xff),
         }
     }
