@@ -284,3 +284,57 @@ fn spawn_probe(args: &[&str]) -> std::process::Child {
         .spawn()
         .unwrap()
 }
+
+/// Runs the probe guest (`mode=hello`) with `functions` virtio-rng-pci functions (slots 3 and
+/// on) under the shell's `ulimit LIMITS` (e.g. `-Sn 64`): (exit status, stdout, stderr).
+fn probe_with_open_files_limit(limits: &str, functions: u8) -> (Option<i32>, String, String) {
+    integration_tests::probe::require_kvm();
+    let vmm = integration_tests::ground::vmm_binary().unwrap_or_else(|e| panic!("{e}"));
+    let elf = probe_elf();
+    let mut cmd = std::process::Command::new("timeout");
+    cmd.args([
+        "60",
+        "sh",
+        "-c",
+        &format!("ulimit {limits} && exec \"$0\" \"$@\""),
+    ])
+    .arg(&vmm)
+    .args(["run", "--no-reboot", "--kernel"])
+    .arg(&elf)
+    .args(["--append", "mode=hello"]);
+    for slot in 3..3 + functions {
+        cmd.args(["--device", &format!("virtio-rng-pci,addr={slot:x}.0")]);
+    }
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", vmm.display()));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// 20 virtio functions take ~120 descriptors, past a soft open-files limit of 64: the vmm
+/// raises the soft limit to the hard one (as QEMU does) and the machine starts. (Without the
+/// raise it stopped with "device[8]: host resources: Too many open files".)
+#[test]
+fn a_machine_past_the_soft_open_files_limit_starts() {
+    let (code, out, err) = probe_with_open_files_limit("-Sn 64", 20);
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("Hello from the probe guest"), "{out}");
+}
+
+/// With the hard limit at 64 too, the machine does not fit: refused before the guest runs,
+/// with an error that names the limit to raise.
+#[test]
+fn a_machine_past_the_hard_open_files_limit_is_refused_naming_the_limit() {
+    let (code, out, err) = probe_with_open_files_limit("-n 64", 20);
+    assert_eq!(code, Some(1), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.is_empty(), "the guest must not run:\n{out}");
+    assert!(
+        err.contains("Too many open files") && err.contains("`ulimit -n`"),
+        "{err}"
+    );
+}

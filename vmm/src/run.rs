@@ -26,6 +26,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
             "-S needs --qmp: nothing else can start the guest".into(),
         ));
     }
+    raise_open_files_limit();
     // Before any other thread starts (building the machine starts some), so that they all
     // inherit the signal mask.
     let signals = block_stop_signals();
@@ -95,6 +96,46 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
         other => tracing::info!("guest stopped: {other:?}"),
     }
     Ok(reason.exit_code())
+}
+
+/// Raises this process's soft limit on open files to its hard limit, as QEMU does (since 9.0):
+/// a PCI function holds up to 6 descriptors (a virtio function's ioeventfd, MSI-X irqfds and
+/// INTx eventfds), so the usual soft limit of 1,024 would stop a machine at ~170 functions.
+/// The soft limit only protects programs that use `select()`, and the vmm never does. A limit
+/// that cannot be raised is logged and kept: the machine may still fit in it.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` into the struct we own and pass by pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!("cannot read the open-files limit: {e}");
+        return;
+    }
+    if limit.rlim_cur >= limit.rlim_max {
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: limit.rlim_max,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit only reads the struct we pass; it changes this process's limit alone.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(
+            "cannot raise the open-files limit from {} to {}: {e}",
+            limit.rlim_cur,
+            limit.rlim_max
+        );
+        return;
+    }
+    tracing::debug!(
+        "open-files limit raised from {} to {}",
+        limit.rlim_cur,
+        limit.rlim_max
+    );
 }
 
 /// A QMP thread's set-up that installs `filter`.

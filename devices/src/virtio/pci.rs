@@ -123,11 +123,21 @@ pub enum TransportError {
     #[error("config space: {0}")]
     Config(#[from] pci::config::ConfigError),
     /// A host resource (eventfd, GSI) could not be had.
-    #[error("host resources: {0}")]
+    #[error("host resources: {0}{hint}", hint = open_files_hint(.0))]
     Host(#[from] std::io::Error),
     /// A property out of range.
     #[error("{0}")]
     Property(String),
+}
+
+/// What to add to an error of the open-files limit: which limit, and why a machine reaches it.
+fn open_files_hint(e: &std::io::Error) -> &'static str {
+    if e.raw_os_error() == Some(libc::EMFILE) {
+        " (the open-files limit, `ulimit -n`, is too low for this machine: a PCI function takes \
+         up to 6 descriptors, and the vmm raises the soft limit only as far as the hard one)"
+    } else {
+        ""
+    }
 }
 
 /// The ABI-shaping properties of a virtio-pci function.
@@ -1085,6 +1095,22 @@ mod tests {
     use super::*;
     use crate::virtio::testing::{rng_function, NullHost};
     use vm_memory::GuestAddress;
+
+    #[test]
+    fn running_out_of_descriptors_names_the_open_files_limit() {
+        let full = TransportError::Host(std::io::Error::from_raw_os_error(libc::EMFILE));
+        let msg = full.to_string();
+        assert!(
+            msg.starts_with("host resources: Too many open files"),
+            "{msg}"
+        );
+        assert!(msg.contains("`ulimit -n`"), "{msg}");
+        let other = TransportError::Host(std::io::Error::from_raw_os_error(libc::ENOMEM));
+        assert_eq!(
+            other.to_string(),
+            "host resources: Cannot allocate memory (os error 12)"
+        );
+    }
 
     /// Keeps a clone of every MSI irqfd handed out, to count what was delivered.
     #[derive(Default)]
