@@ -153,6 +153,26 @@ pub fn run_host_scenario_env(
     Ok(ScenarioOutput { stdout, rc, mode })
 }
 
+/// Runs a host scenario whose driver is Python in L1 (the part of `build-python-part.sh`):
+/// writes each of `files` (name, text) into `$W` (`$TMPDIR/<workdir>`), then runs `body`
+/// (sh, sees `$W`). Panics when the ground cannot run it; a scenario that ran and failed is
+/// returned with its `rc`.
+pub fn run_python_scenario(workdir: &str, files: &[(&str, &str)], body: &str) -> ScenarioOutput {
+    let python = build_part("build-python-part.sh").unwrap_or_else(|e| panic!("{e}"));
+    let mut script = format!("W=\"$TMPDIR/{workdir}\"; mkdir -p \"$W\"\n");
+    for (name, text) in files {
+        assert!(
+            !text.contains("PY_EOF"),
+            "{name} contains the here-document's end marker"
+        );
+        let newline = if text.ends_with('\n') { "" } else { "\n" };
+        script += &format!("cat > \"$W/{name}\" <<'PY_EOF'\n{text}{newline}PY_EOF\n");
+    }
+    script += body;
+    run_host_scenario_with(&host_script(&[script]), &[python])
+        .unwrap_or_else(|e| panic!("test ground: {e}"))
+}
+
 /// Runs `resources/linux/<script>` (a build-*-part.sh script that packs tools for L1 and prints
 /// the path of the cpio it wrote on its last line) and returns that path.
 pub fn build_part(script: &str) -> Result<PathBuf, String> {

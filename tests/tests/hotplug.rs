@@ -22,9 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use integration_tests::ground::{
-    build_part, host_script, run_host_scenario_with, section, vmm_binary,
-};
+use integration_tests::ground::{run_python_scenario, section, vmm_binary};
 use integration_tests::probe::{
     dumps, lspci_decode, parse_dump, probe_elf, require_kvm, run_probe_checked,
     spawn_rebooting_probe, vmm, FunctionDump,
@@ -153,13 +151,11 @@ fn line_with<'a>(text: &'a str, a: &str, b: &str) -> Option<&'a str> {
 
 #[test]
 fn linux_hot_plugs_unplugs_reboots_and_keeps_its_view() {
-    let python = build_part("build-python-part.sh").unwrap_or_else(|e| panic!("{e}"));
-    let driver = include_str!("../hotplug_e2e.py");
-    let script = host_script(&[format!(
-        r#"W="$TMPDIR/hp"; mkdir -p "$W"
-cat > "$W/hp.py" <<'HOTPLUG_E2E_EOF'
-{driver}HOTPLUG_E2E_EOF
-python3 "$W/hp.py" guest-script > "$W/guest.sh" || exit 91
+    let out = run_python_scenario(
+        "hp",
+        &[("hp.py", include_str!("../hotplug_e2e.py"))],
+        &format!(
+            r#"python3 "$W/hp.py" guest-script > "$W/guest.sh" || exit 91
 mkguestinitrd "$W/guest.cpio.gz" "$W/guest.sh" || exit 90
 t0=$(cut -d' ' -f1 /proc/uptime)
 echo "=== SESSION-BEGIN ==="
@@ -172,9 +168,8 @@ echo "=== OLDREC-END rc=$? ==="
 t2=$(cut -d' ' -f1 /proc/uptime)
 echo "hotplug timing: session $t0..$t1 s, old record $t1..$t2 s (L1 uptime)"
 "#,
-    )]);
-    let out =
-        run_host_scenario_with(&script, &[python]).unwrap_or_else(|e| panic!("test ground: {e}"));
+        ),
+    );
     let s = Run::new(section(&out.stdout, "SESSION").unwrap_or_else(|| panic!("{}", out.stdout)));
     s.no_failure();
     assert!(
@@ -772,24 +767,21 @@ fn deleted_in(s: &Run, id: &str, step: &str) -> bool {
 /// nothing else ever moves.
 #[test]
 fn linux_hot_plugs_behind_a_bridge() {
-    let python = build_part("build-python-part.sh").unwrap_or_else(|e| panic!("{e}"));
-    let hotplug = include_str!("../hotplug_e2e.py");
-    let driver = include_str!("../brhp_e2e.py");
-    let script = host_script(&[format!(
-        r#"W="$TMPDIR/brhp"; mkdir -p "$W"
-cat > "$W/hotplug_e2e.py" <<'PY_EOF'
-{hotplug}PY_EOF
-cat > "$W/brhp_e2e.py" <<'PY_EOF'
-{driver}PY_EOF
-python3 "$W/brhp_e2e.py" guest-script > "$W/guest.sh" || exit 91
+    let out = run_python_scenario(
+        "brhp",
+        &[
+            ("hotplug_e2e.py", include_str!("../hotplug_e2e.py")),
+            ("brhp_e2e.py", include_str!("../brhp_e2e.py")),
+        ],
+        &format!(
+            r#"python3 "$W/brhp_e2e.py" guest-script > "$W/guest.sh" || exit 91
 mkguestinitrd "$W/guest.cpio.gz" "$W/guest.sh" || exit 90
 echo "=== BRHP-BEGIN ==="
 python3 "$W/brhp_e2e.py" session --vmm "$VMM" --kernel "$GUEST_KERNEL" --initrd "$W/guest.cpio.gz" --workdir "$W" --deadline {SESSION_DEADLINE_SECS} 2>&1
 echo "=== BRHP-END rc=$? ==="
 "#,
-    )]);
-    let out =
-        run_host_scenario_with(&script, &[python]).unwrap_or_else(|e| panic!("test ground: {e}"));
+        ),
+    );
     let s = Run::new(section(&out.stdout, "BRHP").unwrap_or_else(|| panic!("{}", out.stdout)));
     s.no_failure();
     assert!(out.stdout.contains("=== BRHP-END rc=0 ==="), "{}", s.text);

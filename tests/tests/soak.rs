@@ -10,7 +10,7 @@
 //! guest's loops ran with no disk error, no lost ping, and every console line arrived (serial and
 //! virtio-console file); the vmm ends with status 0 on the guest's power-off.
 
-use integration_tests::ground::{build_part, host_script, run_host_scenario_with, section};
+use integration_tests::ground::{run_python_scenario, section};
 use serde_json::Value;
 
 const CYCLES: u32 = 20;
@@ -20,25 +20,22 @@ const DEADLINE_SECS: u32 = 600;
 
 #[test]
 fn linux_soak_short() {
-    let python = build_part("build-python-part.sh").unwrap_or_else(|e| panic!("{e}"));
-    let hotplug = include_str!("../hotplug_e2e.py");
-    let soak = include_str!("../soak_e2e.py");
-    let script = host_script(&[format!(
-        r#"W="$TMPDIR/soak"; mkdir -p "$W"
-cat > "$W/hotplug_e2e.py" <<'PY_EOF'
-{hotplug}PY_EOF
-cat > "$W/soak_e2e.py" <<'PY_EOF'
-{soak}PY_EOF
-t0=$(cut -d' ' -f1 /proc/uptime)
+    let out = run_python_scenario(
+        "soak",
+        &[
+            ("hotplug_e2e.py", include_str!("../hotplug_e2e.py")),
+            ("soak_e2e.py", include_str!("../soak_e2e.py")),
+        ],
+        &format!(
+            r#"t0=$(cut -d' ' -f1 /proc/uptime)
 echo "=== SOAK-BEGIN ==="
 python3 "$W/soak_e2e.py" --vmm "$VMM" --kernel "$GUEST_KERNEL" --workdir "$W" --seconds {LOAD_SECS} --cycles {CYCLES} --deadline {DEADLINE_SECS} 2>&1
 echo "=== SOAK-END rc=$? ==="
 t1=$(cut -d' ' -f1 /proc/uptime)
 echo "soak timing: $t0..$t1 s (L1 uptime)"
 "#
-    )]);
-    let out =
-        run_host_scenario_with(&script, &[python]).unwrap_or_else(|e| panic!("test ground: {e}"));
+        ),
+    );
     let text = section(&out.stdout, "SOAK").unwrap_or_else(|| panic!("{}", out.stdout));
     let lines: Vec<Value> = text
         .lines()
