@@ -99,8 +99,8 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
 }
 
 /// Raises this process's soft limit on open files to its hard limit, as QEMU does (since 9.0):
-/// a PCI function holds up to 6 descriptors (a virtio function's ioeventfd, MSI-X irqfds and
-/// INTx eventfds), so the usual soft limit of 1,024 would stop a machine at ~170 functions.
+/// a PCI function holds up to 5 descriptors (a virtio function's ioeventfd, MSI-X irqfds and
+/// INTx eventfds), so the usual soft limit of 1,024 would stop a machine at ~200 functions.
 /// The soft limit only protects programs that use `select()`, and the vmm never does. A limit
 /// that cannot be raised is logged and kept: the machine may still fit in it.
 fn raise_open_files_limit() {

@@ -56,10 +56,11 @@ const STOP_TOKEN: u64 = u64::MAX;
 
 struct IntxLine {
     gsi: u32,
-    /// The fd number of the trigger eventfd the device holds (names the line on release).
+    /// The fd number of the trigger eventfd (names the line on release).
     key: std::os::fd::RawFd,
     resample: EventFd,
-    trigger: EventFd,
+    /// The device's own trigger (shared, not a duplicate: one descriptor per line).
+    trigger: std::sync::Arc<EventFd>,
     still_pending: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
@@ -434,15 +435,15 @@ impl VirtioHost for Vm {
         &self,
         gsi: u32,
         still_pending: Box<dyn Fn() -> bool + Send + Sync>,
-    ) -> std::io::Result<EventFd> {
+    ) -> std::io::Result<std::sync::Arc<EventFd>> {
         use std::os::fd::AsRawFd;
         use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
-        let trigger = EventFd::new(0)?;
+        let trigger = std::sync::Arc::new(EventFd::new(0)?);
         let resample = EventFd::new(0)?;
         let line = IntxLine {
             gsi,
             key: trigger.as_raw_fd(),
-            trigger: trigger.try_clone()?,
+            trigger: trigger.clone(),
             resample,
             still_pending,
         };

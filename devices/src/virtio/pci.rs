@@ -91,13 +91,14 @@ pub trait VirtioHost: Send + Sync {
     /// Points `gsi` at an MSI message (address, data), or nowhere.
     fn set_msi_route(&self, gsi: u32, msg: Option<(u64, u32)>) -> std::io::Result<()>;
     /// A level-triggered legacy interrupt (INTx) on `gsi`. Returns the eventfd that raises the
-    /// line. The line drops at the guest's EOI; the host then asks `still_pending` and raises it
-    /// again if the device still wants service. Hosts without INTx keep the default (refused).
+    /// line, shared with the host (which raises it again itself: one descriptor for both). The
+    /// line drops at the guest's EOI; the host then asks `still_pending` and raises it again if
+    /// the device still wants service. Hosts without INTx keep the default (refused).
     fn register_intx(
         &self,
         _gsi: u32,
         _still_pending: Box<dyn Fn() -> bool + Send + Sync>,
-    ) -> std::io::Result<EventFd> {
+    ) -> std::io::Result<Arc<EventFd>> {
         Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
     }
     /// Gives back what [`VirtioHost::allocate_msi`] handed out: `event` no longer injects
@@ -134,7 +135,7 @@ pub enum TransportError {
 fn open_files_hint(e: &std::io::Error) -> &'static str {
     if e.raw_os_error() == Some(libc::EMFILE) {
         " (the open-files limit, `ulimit -n`, is too low for this machine: a PCI function takes \
-         up to 6 descriptors, and the vmm raises the soft limit only as far as the hard one)"
+         up to 5 descriptors, and the vmm raises the soft limit only as far as the hard one)"
     } else {
         ""
     }
@@ -196,7 +197,7 @@ struct Interrupts {
     status: AtomicU8,
     /// The INTx line's GSI and the eventfd that raises it, once connected
     /// ([`VirtioPciDevice::connect_intx`]).
-    intx: std::sync::OnceLock<(u32, EventFd)>,
+    intx: std::sync::OnceLock<(u32, Arc<EventFd>)>,
 }
 
 impl Interrupts {
