@@ -45,8 +45,8 @@ pub struct AcpiBridge {
 }
 
 /// What the tables describe beyond the fixed machine. The default is the machine without
-/// hot-plug.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// hot-plug, as machines were before each option existed.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AcpiOptions {
     /// ACPI PCI hot-plug on bus 0: slot objects with `_EJ0`, the hot-plug registers at
     /// [`PCI_HOTPLUG_PORT`] and the GED at [`GED_PORT`] (interrupt [`GED_GSI`]). The vmm must
@@ -66,10 +66,22 @@ pub struct AcpiOptions {
     /// range [`PCI_MMIO64_START`], [`PCI_MMIO64_SIZE`] bytes (cacheable, as QEMU's 64-bit
     /// hole). Without it the `_CRS` is what it always was.
     pub pci_mmio64: bool,
-    /// The machine has no type-1 config ports (machine property `pci_config_ports` off): the
-    /// host bridge's `_CRS` does not claim 0xcf8-0xcff, the guest reaches config space through
-    /// the MCFG's ECAM alone. Without it the `_CRS` is what it always was.
-    pub ecam_only: bool,
+    /// The machine has the type-1 config ports (machine property `pci_config_ports`; on by
+    /// default): the host bridge's `_CRS` claims 0xcf8-0xcff, as it always did. Off, it does
+    /// not, and the guest reaches config space through the MCFG's ECAM alone.
+    pub config_ports: bool,
+}
+
+impl Default for AcpiOptions {
+    fn default() -> Self {
+        AcpiOptions {
+            pci_hotplug: false,
+            pci_bridges: false,
+            bridges: Vec::new(),
+            pci_mmio64: false,
+            config_ports: true,
+        }
+    }
 }
 
 /// The GSI a slot's INTx pin is wired to (IO-APIC pins 16..23, swizzled like QEMU's i440fx).
@@ -162,7 +174,7 @@ fn dsdt(opts: &AcpiOptions) -> Sdt {
         None,
     );
     let mut crs: Vec<&dyn Aml> = vec![&bus];
-    if !opts.ecam_only {
+    if opts.config_ports {
         crs.push(&cfg_io);
     }
     crs.extend([&io_lo as &dyn Aml, &io_hi, &mem32]);
@@ -837,7 +849,7 @@ mod tests {
     fn an_ecam_only_machine_does_not_claim_the_config_ports() {
         let ports = dsdt(&AcpiOptions::default());
         let ecam_only = dsdt(&AcpiOptions {
-            ecam_only: true,
+            config_ports: false,
             ..Default::default()
         });
         // I/O port descriptor (0x47): 16-bit decode, min = max = 0xcf8, alignment 1, 8 ports.
@@ -851,7 +863,7 @@ mod tests {
         sound_tables(
             2,
             &AcpiOptions {
-                ecam_only: true,
+                config_ports: false,
                 ..Default::default()
             },
         );
@@ -1155,7 +1167,7 @@ mod tests {
             pci_hotplug: true,
             pci_bridges: true,
             pci_mmio64: false,
-            ecam_only: false,
+            config_ports: true,
             bridges: vec![
                 AcpiBridge {
                     bus: 1,

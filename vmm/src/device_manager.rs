@@ -865,7 +865,7 @@ impl DeviceManager {
                 Vec::new()
             },
             pci_mmio64: self.props.mmio64,
-            ecam_only: !self.props.pci_config_ports,
+            config_ports: self.props.pci_config_ports,
         }
     }
 
