@@ -285,6 +285,18 @@ fn spawn_probe(args: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
+/// `--device` options for `functions` virtio-rng-pci functions at slots 3 and on of bus 0.
+fn rng_devices(functions: u8) -> Vec<String> {
+    (3..3 + functions)
+        .flat_map(|slot| {
+            [
+                "--device".to_string(),
+                format!("virtio-rng-pci,addr={slot:x}.0"),
+            ]
+        })
+        .collect()
+}
+
 /// Runs the probe guest (`mode=hello`) with `functions` virtio-rng-pci functions (slots 3 and
 /// on) under the shell's `ulimit LIMITS` (e.g. `-Sn 64`): (exit status, stdout, stderr).
 fn probe_with_open_files_limit(limits: &str, functions: u8) -> (Option<i32>, String, String) {
@@ -302,9 +314,7 @@ fn probe_with_open_files_limit(limits: &str, functions: u8) -> (Option<i32>, Str
     .args(["run", "--no-reboot", "--kernel"])
     .arg(&elf)
     .args(["--append", "mode=hello"]);
-    for slot in 3..3 + functions {
-        cmd.args(["--device", &format!("virtio-rng-pci,addr={slot:x}.0")]);
-    }
+    cmd.args(rng_devices(functions));
     let out = cmd
         .stdin(std::process::Stdio::null())
         .output()
@@ -352,9 +362,7 @@ fn descriptors_with(functions: u8) -> usize {
         .arg(probe_elf())
         .args(["--append", "mode=hello", "-S", "--qmp"])
         .arg(format!("unix:{},server=on,wait=off", sock.display()));
-    for slot in 3..3 + functions {
-        cmd.args(["--device", &format!("virtio-rng-pci,addr={slot:x}.0")]);
-    }
+    cmd.args(rng_devices(functions));
     let mut child = cmd
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
