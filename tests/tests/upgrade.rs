@@ -8,8 +8,8 @@
 //! - `round1/`: the compat record and the probe's output under the round-one binary (commit
 //!   e04c682). Fed that record, this build must give the guest the same bytes, and the record
 //!   it writes back must describe the same machine (`vmm abi diff`: no differences).
-//! - `new-machine/`: the same for a new machine (no record) under the build that made the
-//!   files. A change that alters them changes what a new machine looks like: deliberate ones
+//! - `new-machine/` and `new-machine-bridged/` (the machine plus two levels of pci-bridges):
+//!   the same for a new machine (no record) under the build that made the files. A change that alters them changes what a new machine looks like: deliberate ones
 //!   are refreshed with `VMM_BLESS=1` (see the README); old records must keep their bytes.
 
 use std::path::{Path, PathBuf};
@@ -46,15 +46,18 @@ fn machine(dir: &Path, tap: &str) -> Vec<String> {
     .collect()
 }
 
-/// Boots the probe on the machine with `record` as its compat record (read if it exists,
-/// written at the end); returns the probe's output.
-fn probe_with_record(dir: &Path, tap: &str, record: &Path) -> String {
+/// Boots the probe on the machine plus the devices `extra`, with `record` as its compat record
+/// (read if it exists, written at the end); returns the probe's output.
+fn probe_with_record(dir: &Path, tap: &str, record: &Path, extra: &[&str]) -> String {
     require_kvm();
     assert!(
         Path::new("/dev/net/tun").exists(),
         "virtio-net-pci,tap= needs /dev/net/tun (modprobe tun) to create its tap"
     );
     let mut args = machine(dir, tap);
+    for d in extra {
+        args.extend(["--device".to_string(), d.to_string()]);
+    }
     args.extend(["--compat".to_string(), record.display().to_string()]);
     run_probe_checked("mode=probe", &args).0
 }
@@ -125,23 +128,48 @@ fn a_round_one_record_gives_the_round_one_config_space() {
     let dir = integration_tests::scratch_dir("upgrade-r1");
     let record = dir.join("record.json");
     std::fs::copy(golden("round1/record.json"), &record).expect("copy the golden record");
-    let out = probe_with_record(&dir, &tap_name(1), &record);
+    let out = probe_with_record(&dir, &tap_name(1), &record, &[]);
     assert_as_golden("round1", &out, &record);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A new machine (no record) under this build against the golden directory `name`, which
+/// `VMM_BLESS=1` rewrites first (tests/golden/README.md).
+fn new_machine_as_golden(name: &str, tap: u32, extra: &[&str]) {
+    let dir = integration_tests::scratch_dir(&format!("upgrade-{name}"));
+    let record = dir.join("record.json");
+    let out = probe_with_record(&dir, &tap_name(tap), &record, extra);
+    if std::env::var_os("VMM_BLESS").is_some() {
+        std::fs::create_dir_all(golden(name)).expect("golden directory");
+        std::fs::copy(&record, golden(&format!("{name}/record.json"))).expect("bless the record");
+        std::fs::write(golden(&format!("{name}/probe-stdout.txt")), &out)
+            .expect("bless the output");
+        eprintln!("VMM_BLESS: tests/golden/{name} rewritten by this build");
+    }
+    assert_as_golden(name, &out, &record);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_new_machine_gives_the_config_space_of_its_golden_files() {
-    let dir = integration_tests::scratch_dir("upgrade-new");
-    let record = dir.join("record.json");
-    let out = probe_with_record(&dir, &tap_name(2), &record);
-    if std::env::var_os("VMM_BLESS").is_some() {
-        std::fs::copy(&record, golden("new-machine/record.json")).expect("bless the record");
-        std::fs::write(golden("new-machine/probe-stdout.txt"), &out).expect("bless the output");
-        eprintln!("VMM_BLESS: tests/golden/new-machine rewritten by this build");
-    }
-    assert_as_golden("new-machine", &out, &record);
-    let _ = std::fs::remove_dir_all(&dir);
+    new_machine_as_golden("new-machine", 2, &[]);
+}
+
+/// The same machine with two levels of pci-bridges (00:1e.0 -> bus 1, 01:03.0 -> bus 2) and a
+/// virtio-rng behind each (the one on bus 2 INTx-only): bus numbers, windows, the 64-bit
+/// window by bus and INTx swizzling are pinned with the rest.
+#[test]
+fn a_new_machine_with_bridges_gives_the_config_space_of_its_golden_files() {
+    new_machine_as_golden(
+        "new-machine-bridged",
+        3,
+        &[
+            "pci-bridge,id=br1,chassis_nr=1,addr=1e.0",
+            "virtio-rng-pci,id=b1,bus=br1,addr=01.0",
+            "pci-bridge,id=br2,chassis_nr=2,bus=br1,addr=03.0",
+            "virtio-rng-pci,id=b2,bus=br2,addr=04.0,vectors=0",
+        ],
+    );
 }
 
 /// The golden files themselves: the round-one record is from before the machine properties
