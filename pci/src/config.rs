@@ -741,7 +741,8 @@ impl ConfigSpace {
             Some(v) => match data.len() {
                 1 => data[0] = v as u8,
                 2 => data.copy_from_slice(&(v as u16).to_le_bytes()),
-                _ => data.copy_from_slice(&v.to_le_bytes()),
+                4 => data.copy_from_slice(&v.to_le_bytes()),
+                _ => data.fill(0xff),
             },
             None => data.fill(0xff),
         }

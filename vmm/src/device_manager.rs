@@ -1182,7 +1182,8 @@ pub fn realize_one(
         let (slot, pin) = buses.intx_on_root(&p.bus, p.addr.device(), pin - 1);
         let gsi = crate::acpi::intx_gsi(slot, pin);
         cfg.set_raw(PCI_INTERRUPT_LINE, &[gsi as u8]);
-        f.connect_intx(gsi);
+        f.connect_intx(gsi)
+            .map_err(|e| realize_err(e.to_string()))?;
     }
     let no_room = |bar: usize| DeviceError::NoBarSpace {
         device: p.id.clone(),

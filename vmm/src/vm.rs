@@ -56,7 +56,8 @@ const STOP_TOKEN: u64 = u64::MAX;
 
 struct IntxLine {
     gsi: u32,
-    /// The fd number of the trigger eventfd (names the line on release).
+    /// The fd number of the trigger eventfd (names the line on release). It cannot be reused
+    /// while the line is registered: the line holds the eventfd itself (`trigger`).
     key: std::os::fd::RawFd,
     resample: EventFd,
     /// The device's own trigger (shared, not a duplicate: one descriptor per line).

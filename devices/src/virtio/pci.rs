@@ -134,8 +134,9 @@ pub enum TransportError {
 /// What to add to an error of the open-files limit: which limit, and why a machine reaches it.
 fn open_files_hint(e: &std::io::Error) -> &'static str {
     if e.raw_os_error() == Some(libc::EMFILE) {
-        " (the open-files limit, `ulimit -n`, is too low for this machine: a PCI function takes \
-         up to 5 descriptors, and the vmm raises the soft limit only as far as the hard one)"
+        " (the open-files limit, `ulimit -n`, is too low for this machine: a virtio-rng function \
+         takes 5 descriptors, more with more queues, vectors or a backend; the vmm raises the \
+         soft limit only as far as the hard one)"
     } else {
         ""
     }
@@ -456,20 +457,28 @@ impl VirtioPciDevice {
     }
 
     /// Wires the function's INTx pin to `gsi` (level-triggered, with re-assertion after EOI
-    /// while the ISR is non-zero). Without it interrupts need MSI-X.
-    pub fn connect_intx(&self, gsi: u32) {
+    /// while the ISR is non-zero). Without it interrupts need MSI-X. A host without INTx
+    /// ([`std::io::ErrorKind::Unsupported`], the trait's default) leaves the pin unwired; any
+    /// other refusal (out of descriptors) is an error: the guest would see a pin that never
+    /// raises anything.
+    pub fn connect_intx(&self, gsi: u32) -> Result<(), TransportError> {
         let weak = Arc::downgrade(&self.s.irq);
         let pending = Box::new(move || weak.upgrade().is_some_and(|i| i.intx_pending()));
         if self.s.irq.intx.get().is_some() || self.s.released.load(Ordering::Acquire) {
-            return; // one line per function, and none once released
+            return Ok(()); // one line per function, and none once released
         }
         match self.host.register_intx(gsi, pending) {
             Ok(trigger) => {
                 if let Err((gsi, trigger)) = self.s.irq.intx.set((gsi, trigger)) {
                     let _ = self.host.release_intx(gsi, &trigger);
                 }
+                Ok(())
             }
-            Err(e) => tracing::warn!("{}: no INTx on GSI {gsi}: {e}", self.s.name),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                tracing::warn!("{}: no INTx on GSI {gsi}: {e}", self.s.name);
+                Ok(())
+            }
+            Err(e) => Err(TransportError::Host(e)),
         }
     }
 
@@ -1124,6 +1133,8 @@ mod tests {
         released: Mutex<Vec<u32>>,
         /// Route changes asked for (GSIs).
         routes: Mutex<Vec<u32>>,
+        /// `register_intx` fails with this errno (none: the default, unsupported).
+        intx_errno: Option<i32>,
     }
 
     impl VirtioHost for RecordingHost {
@@ -1149,6 +1160,38 @@ mod tests {
         fn device_work(&self) -> DeviceWork {
             self.work.clone().unwrap_or_else(|| self.null.device_work())
         }
+        fn register_intx(
+            &self,
+            gsi: u32,
+            still_pending: Box<dyn Fn() -> bool + Send + Sync>,
+        ) -> std::io::Result<Arc<EventFd>> {
+            match self.intx_errno {
+                Some(errno) => Err(std::io::Error::from_raw_os_error(errno)),
+                None => self.null.register_intx(gsi, still_pending),
+            }
+        }
+    }
+
+    /// A host without INTx leaves the pin unwired (the function still works over MSI-X); a
+    /// host that runs out of descriptors makes it an error that names the limit, not a pin
+    /// that silently never raises anything.
+    #[test]
+    fn intx_is_left_out_without_host_support_and_refused_without_descriptors() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let unsupported = rng_function(mem.clone(), Arc::new(RecordingHost::default()));
+        assert!(unsupported.connect_intx(20).is_ok());
+        let full = rng_function(
+            mem,
+            Arc::new(RecordingHost {
+                intx_errno: Some(libc::EMFILE),
+                ..Default::default()
+            }),
+        );
+        let e = full.connect_intx(20).unwrap_err().to_string();
+        assert!(
+            e.starts_with("host resources: Too many open files") && e.contains("`ulimit -n`"),
+            "{e}"
+        );
     }
 
     fn delivered(host: &RecordingHost, v: usize) -> u64 {
