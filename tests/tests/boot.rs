@@ -349,10 +349,21 @@ fn a_machine_past_the_hard_open_files_limit_is_refused_naming_the_limit() {
     );
 }
 
-/// The open descriptors of a paused vmm (`-S`, the guest never runs) with `functions`
-/// virtio-rng-pci functions at slots 3 and on, counted once its QMP socket is up (the machine
-/// is built by then).
-fn descriptors_with(functions: u8) -> usize {
+/// Kills and reaps the vmm when dropped, also when an assertion fails first.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The eventfds a paused vmm (`-S`, the guest never runs) with `functions` virtio-rng-pci
+/// functions at slots 3 and on holds once its QMP socket is up. Every eventfd exists by then
+/// (the machine is built first); descriptors of other kinds (the console's epolls, the QMP
+/// socket's) come and go around that moment and are not counted.
+fn eventfds_with(functions: u8) -> usize {
     integration_tests::probe::require_kvm();
     let vmm = integration_tests::ground::vmm_binary().unwrap_or_else(|e| panic!("{e}"));
     let dir = integration_tests::scratch_dir(&format!("fds{functions}"));
@@ -363,11 +374,12 @@ fn descriptors_with(functions: u8) -> usize {
         .args(["--append", "mode=hello", "-S", "--qmp"])
         .arg(format!("unix:{},server=on,wait=off", sock.display()));
     cmd.args(rng_devices(functions));
-    let mut child = cmd
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", vmm.display()));
+    let child = Reaped(
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", vmm.display())),
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !sock.exists() {
         assert!(
@@ -376,26 +388,28 @@ fn descriptors_with(functions: u8) -> usize {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let fds = std::fs::read_dir(format!("/proc/{}/fd", child.id()))
-        .expect("the vmm's fd directory")
+    let fd_dir = format!("/proc/{}/fd", child.0.id());
+    let eventfds = std::fs::read_dir(&fd_dir)
+        .unwrap_or_else(|e| panic!("{fd_dir}: {e}"))
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy() == "anon_inode:[eventfd]")
         .count();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let _ = std::fs::remove_dir_all(&dir);
-    fds
+    eventfds
 }
 
 /// What a virtio function costs in descriptors (README "Scale"): 20 virtio-rng functions hold
-/// exactly 50 more than 10 do. Each has its queue's ioeventfd, two MSI-X irqfds, and the INTx
-/// trigger and resample eventfds. The trigger is shared with the INTx resampler, not
-/// duplicated (it was: 6 per function).
+/// exactly 50 eventfds more than 10 do: each has its queue's ioeventfd, two MSI-X irqfds, and
+/// the INTx trigger and resample eventfds. The trigger is shared with the INTx resampler, not duplicated (it was:
+/// 6 per function).
 #[test]
 fn a_virtio_function_holds_five_descriptors() {
-    let ten = descriptors_with(10);
-    let twenty = descriptors_with(20);
+    let ten = eventfds_with(10);
+    let twenty = eventfds_with(20);
     assert_eq!(
         twenty - ten,
         50,
-        "10 functions: {ten} fds, 20 functions: {twenty} fds"
+        "10 functions: {ten} eventfds, 20 functions: {twenty} eventfds"
     );
 }

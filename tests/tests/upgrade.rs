@@ -3,14 +3,16 @@
 //!
 //! One machine with a device of each kind: virtio-rng at 04.0, a virtio-blk, a virtio-net
 //! and a virtio-console placed by the vmm, and a multifunction slot 06 (the second function
-//! INTx-only, `vectors=0`). The probe guest dumps bus 0's config space through CF8 and ECAM.
+//! INTx-only, `vectors=0`). The probe guest dumps the config space of every function it
+//! reaches (bus 0, and the buses behind bridges) through CF8 and ECAM.
 //!
 //! - `round1/`: the compat record and the probe's output under the round-one binary (commit
 //!   e04c682). Fed that record, this build must give the guest the same bytes, and the record
 //!   it writes back must describe the same machine (`vmm abi diff`: no differences).
 //! - `new-machine/` and `new-machine-bridged/` (the machine plus two levels of pci-bridges):
-//!   the same for a new machine (no record) under the build that made the files. A change that alters them changes what a new machine looks like: deliberate ones
-//!   are refreshed with `VMM_BLESS=1` (see the README); old records must keep their bytes.
+//!   the same for a new machine (no record) under the build that made the files. A change
+//!   that alters them changes what a new machine looks like: deliberate ones are refreshed
+//!   with `VMM_BLESS=1` (see the README); old records must keep their bytes.
 
 use std::path::{Path, PathBuf};
 
@@ -139,7 +141,7 @@ fn new_machine_as_golden(name: &str, tap: u32, extra: &[&str]) {
     let dir = integration_tests::scratch_dir(&format!("upgrade-{name}"));
     let record = dir.join("record.json");
     let out = probe_with_record(&dir, &tap_name(tap), &record, extra);
-    if std::env::var_os("VMM_BLESS").is_some() {
+    if std::env::var("VMM_BLESS").is_ok_and(|v| v == "1") {
         std::fs::create_dir_all(golden(name)).expect("golden directory");
         std::fs::copy(&record, golden(&format!("{name}/record.json"))).expect("bless the record");
         std::fs::write(golden(&format!("{name}/probe-stdout.txt")), &out)

@@ -99,8 +99,9 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
 }
 
 /// Raises this process's soft limit on open files to its hard limit, as QEMU does (since 9.0):
-/// a PCI function holds up to 5 descriptors (a virtio function's ioeventfd, MSI-X irqfds and
-/// INTx eventfds), so the usual soft limit of 1,024 would stop a machine at ~200 functions.
+/// a virtio-rng function holds 5 descriptors (its queue's ioeventfd, 2 MSI-X irqfds, the INTx
+/// eventfds), more with more queues, vectors or a backend, so the usual soft limit of 1,024
+/// would stop a machine at ~200 functions.
 /// The soft limit only protects programs that use `select()`, and the vmm never does. A limit
 /// that cannot be raised is logged and kept: the machine may still fit in it.
 fn raise_open_files_limit() {
