@@ -103,7 +103,7 @@ pub fn run(args: &RunArgs) -> Result<i32, Error> {
 /// eventfds), more with more queues, vectors or a backend, so the usual soft limit of 1,024
 /// would stop a machine at ~200 functions.
 /// The soft limit only protects programs that use `select()`, and the vmm never does. A limit
-/// that cannot be raised is logged and kept: the machine may still fit in it.
+/// that cannot be raised is kept with a warning on stderr: the machine may still fit in it.
 fn raise_open_files_limit() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -112,7 +112,7 @@ fn raise_open_files_limit() {
     // SAFETY: getrlimit writes one `rlimit` into the struct we own and pass by pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         let e = std::io::Error::last_os_error();
-        tracing::warn!("cannot read the open-files limit: {e}");
+        eprintln!("vmm: warning: cannot read the open-files limit: {e}");
         return;
     }
     if limit.rlim_cur >= limit.rlim_max {
@@ -125,10 +125,9 @@ fn raise_open_files_limit() {
     // SAFETY: setrlimit only reads the struct we pass; it changes this process's limit alone.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
         let e = std::io::Error::last_os_error();
-        tracing::warn!(
-            "cannot raise the open-files limit from {} to {}: {e}",
-            limit.rlim_cur,
-            limit.rlim_max
+        eprintln!(
+            "vmm: warning: cannot raise the open-files limit from {} to {}: {e}",
+            limit.rlim_cur, limit.rlim_max
         );
         return;
     }
