@@ -22,15 +22,13 @@ fn devices(list: &[&str]) -> Vec<String> {
 fn probe_lspci(extra: &[String]) -> String {
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let out = run_probe("mode=probe ecam=0", &extra);
-    let (cf8, _) = dumps_cf8(&out);
+    let cf8 = cf8_dump(&out);
     lspci_decode(&cf8, &["-n"])
 }
 
-fn dumps_cf8(out: &str) -> (String, ()) {
-    (
-        integration_tests::ground::section(out, "PROBE-CF8").expect("cf8 dump"),
-        (),
-    )
+/// The probe's CF8 dump section (these runs skip ECAM).
+fn cf8_dump(out: &str) -> String {
+    integration_tests::ground::section(out, "PROBE-CF8").expect("cf8 dump")
 }
 
 fn rec_arg(p: &Path) -> Vec<String> {
@@ -89,7 +87,7 @@ fn global_defaults_do_not_change_recorded_devices() {
     ]);
     let bargs: Vec<&str> = b.iter().map(String::as_str).collect();
     let out = run_probe("mode=probe ecam=0", &bargs);
-    let (cf8, _) = dumps_cf8(&out);
+    let cf8 = cf8_dump(&out);
     let old = lspci_decode(&cf8, &["-vv", "-s", "01.0"]);
     let new = lspci_decode(&cf8, &["-vv", "-s", "02.0"]);
     assert!(old.contains("MSI-X: Enable- Count=2"), "{old}");

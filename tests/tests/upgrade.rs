@@ -175,8 +175,9 @@ fn a_new_machine_with_bridges_gives_the_config_space_of_its_golden_files() {
 }
 
 /// The golden files themselves: the round-one record is from before the machine properties
-/// (none of their fields), and the two goldens differ where new machines differ (so neither
-/// test could pass by comparing a file with itself).
+/// (none of their fields), round one and a new machine differ where new machines differ (so
+/// neither test could pass by comparing a file with itself), and the bridged machine has its
+/// bridges and the device behind both.
 #[test]
 fn the_golden_files_are_what_their_readme_says() {
     let r1: serde_json::Value = serde_json::from_str(
@@ -208,4 +209,15 @@ fn the_golden_files_are_what_their_readme_says() {
         diff.contains("machine: extended_config: zero -> all-ones"),
         "round one and a new machine should differ in the extended config space:\n{diff}"
     );
+    let bridged: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(golden("new-machine-bridged/record.json"))
+            .expect("bridged record"),
+    )
+    .expect("bridged record JSON");
+    for (id, addr) in [("br1", "00:1e.0"), ("br2", "01:03.0"), ("b2", "02:04.0")] {
+        assert_eq!(
+            bridged["devices"][id]["addr"], addr,
+            "{id} in the bridged golden record"
+        );
+    }
 }
