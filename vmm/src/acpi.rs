@@ -845,37 +845,39 @@ mod tests {
         assert_eq!(dsdt(&opts).as_slice().len(), 4000);
     }
 
+    /// The DSDT of `changed` against the default machine's: `descriptor` is in one `_CRS` and
+    /// not the other (in `changed`'s when `added`), it is the whole difference in length, and
+    /// `changed`'s tables are sound.
+    fn assert_crs_descriptor_toggled(changed: &AcpiOptions, descriptor: &[u8], added: bool) {
+        let base = dsdt(&AcpiOptions::default());
+        let other = dsdt(changed);
+        let (with, without) = if added {
+            (&other, &base)
+        } else {
+            (&base, &other)
+        };
+        assert!(contains(with.as_slice(), descriptor));
+        assert!(!contains(without.as_slice(), descriptor));
+        assert_eq!(
+            with.as_slice().len(),
+            without.as_slice().len() + descriptor.len()
+        );
+        sound_tables(2, changed);
+    }
+
     #[test]
     fn an_ecam_only_machine_does_not_claim_the_config_ports() {
-        let ports = dsdt(&AcpiOptions::default());
-        let ecam_only = dsdt(&AcpiOptions {
-            config_ports: false,
-            ..Default::default()
-        });
         // I/O port descriptor (0x47): 16-bit decode, min = max = 0xcf8, alignment 1, 8 ports.
         let io = [0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08];
-        assert!(contains(ports.as_slice(), &io));
-        assert!(!contains(ecam_only.as_slice(), &io));
-        assert_eq!(
-            ecam_only.as_slice().len(),
-            ports.as_slice().len() - io.len()
-        );
-        sound_tables(
-            2,
-            &AcpiOptions {
-                config_ports: false,
-                ..Default::default()
-            },
-        );
+        let ecam_only = AcpiOptions {
+            config_ports: false,
+            ..Default::default()
+        };
+        assert_crs_descriptor_toggled(&ecam_only, &io, false);
     }
 
     #[test]
     fn the_64_bit_window_is_a_qword_range_in_the_host_bridges_crs() {
-        let off = dsdt(&AcpiOptions::default());
-        let on = dsdt(&AcpiOptions {
-            pci_mmio64: true,
-            ..Default::default()
-        });
         // QWord address space descriptor (0x8a, length 43): memory, min/max fixed, cacheable
         // read-write, granularity 0, min, max, translation 0, length.
         let mut q = vec![0x8a, 43, 0, 0, 0b1100, 0b011];
@@ -884,16 +886,12 @@ mod tests {
         q.extend_from_slice(&(PCI_MMIO64_START + PCI_MMIO64_SIZE - 1).to_le_bytes());
         q.extend_from_slice(&0u64.to_le_bytes());
         q.extend_from_slice(&PCI_MMIO64_SIZE.to_le_bytes());
-        let has = |d: &Sdt| contains(d.as_slice(), &q);
-        assert!(has(&on) && !has(&off));
-        assert_eq!(on.as_slice().len(), off.as_slice().len() + 46);
-        sound_tables(
-            2,
-            &AcpiOptions {
-                pci_mmio64: true,
-                ..Default::default()
-            },
-        );
+        assert_eq!(q.len(), 46);
+        let mmio64 = AcpiOptions {
+            pci_mmio64: true,
+            ..Default::default()
+        };
+        assert_crs_descriptor_toggled(&mmio64, &q, true);
     }
 
     #[test]
