@@ -77,6 +77,15 @@ pub fn require_kvm() {
     }
 }
 
+/// Asserts a virtio-net-pci with `tap=` can create its tap here (/dev/net/tun); panics loudly
+/// otherwise.
+pub fn require_tun() {
+    assert!(
+        std::path::Path::new("/dev/net/tun").exists(),
+        "virtio-net-pci,tap= needs /dev/net/tun (modprobe tun) to create its tap"
+    );
+}
+
 /// Boots the probe with `cmdline` and the given extra vmm arguments; returns its serial output.
 /// Panics unless the vmm exits 0 (the probe resets at the end).
 pub fn run_probe(cmdline: &str, extra: &[&str]) -> String {

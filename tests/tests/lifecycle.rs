@@ -8,15 +8,12 @@
 //! over a file, virtio-console with `path=`, virtio-net over a tap the vmm creates (the tests
 //! run as root; a tap that cannot be created fails the test, saying why).
 
-use integration_tests::probe::{probe_elf, require_kvm, vmm};
+use integration_tests::probe::{probe_elf, require_kvm, require_tun, vmm};
 
 #[test]
 fn every_device_class_survives_activate_reset_reactivate_under_seccomp_kill() {
     require_kvm();
-    assert!(
-        std::path::Path::new("/dev/net/tun").exists(),
-        "virtio-net-pci,tap= needs /dev/net/tun (modprobe tun) to create its tap"
-    );
+    require_tun();
     let pid = std::process::id();
     let dir = std::env::temp_dir();
     let img = dir.join(format!("lifecycle-{pid}.img"));

@@ -17,7 +17,7 @@
 use std::path::{Path, PathBuf};
 
 use integration_tests::ground::repo_root;
-use integration_tests::probe::{dumps, require_kvm, run_probe_checked, vmm};
+use integration_tests::probe::{dumps, require_kvm, require_tun, run_probe_checked, vmm};
 
 fn golden(name: &str) -> PathBuf {
     repo_root().join("tests/golden").join(name)
@@ -52,10 +52,7 @@ fn machine(dir: &Path, tap: &str) -> Vec<String> {
 /// (read if it exists, written at the end); returns the probe's output.
 fn probe_with_record(dir: &Path, tap: &str, record: &Path, extra: &[&str]) -> String {
     require_kvm();
-    assert!(
-        Path::new("/dev/net/tun").exists(),
-        "virtio-net-pci,tap= needs /dev/net/tun (modprobe tun) to create its tap"
-    );
+    require_tun();
     let mut args = machine(dir, tap);
     for d in extra {
         args.extend(["--device".to_string(), d.to_string()]);

@@ -2,9 +2,8 @@
 
 use std::path::PathBuf;
 
-use crate::compat::AskedProps;
-
 use crate::cli::RunArgs;
+use crate::compat::AskedProps;
 use crate::device_manager::{self, DeviceSpec};
 use crate::machine_file::{merge_devices, MachineFile};
 use crate::Error;
