@@ -512,11 +512,6 @@ impl Machine {
             eprintln!("vmm: warning: {w}");
         }
         let mut hints = compat::hints(&specs, old);
-        if hot {
-            // Hot-plug goes only where it can: a recorded place on a bus without hot-plug (behind
-            // a bridge, without hot-plug behind bridges) does not apply.
-            self.with_guest(|g| hints.retain(|_, h| g.devices.bus_hotpluggable(&h.bus)));
-        }
         if specs.iter().any(DeviceSpec::is_bridge) {
             return Ok(self
                 .cold_plug_bridge(&specs, &hints)?
@@ -526,6 +521,13 @@ impl Machine {
         }
         let added = self
             .with_guest(|g| -> Result<_, Error> {
+                if hot {
+                    // Hot-plug goes only where it can: a recorded place on a bus without
+                    // hot-plug (behind a bridge, without hot-plug behind bridges) does not
+                    // apply. Filtered on the guest the device goes into (bridges, refused hot
+                    // above, never get here hot).
+                    hints.retain(|_, h| g.devices.bus_hotpluggable(&h.bus));
+                }
                 let added = g.devices.add(&specs, &hints)?;
                 if hot {
                     for (_, addr) in &added {
